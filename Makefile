@@ -1,0 +1,25 @@
+# meshplan: `make demo` sets up .venv and plans a job; `make test` sets up .venv and runs every test.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/meshplan estimate --model gpt3-175b --cluster dgx-a100-80gb --nodes 128 --global-batch 1536 \
+	    --seq 2048 --tp 8 --pp 16 --recompute full
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

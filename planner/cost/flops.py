@@ -1,0 +1,45 @@
+"""Model FLOPs of a decoder-only transformer (2 FLOPs per multiply-add, matmuls only).
+
+Convention (Megatron SC21, arXiv:2104.04473 Sec. 5.1, and the Llama 3 paper): attention scores are counted
+for the full s x s matrix even under a causal mask; backward = 2 x forward; the model FLOPs behind MFU do
+not count recomputation.
+"""
+
+from __future__ import annotations
+
+from planner.specs import ModelSpec
+
+
+def layer_forward_flops(m: ModelSpec, tokens: int, seq: int) -> float:
+    """Forward FLOPs of one block over `tokens` tokens in sequences of length `seq`.
+
+    GPT (f = 4h, a = k): 24*b*s*h^2 + 4*b*s^2*h (Narayanan et al. SC21, Sec. 5.1).
+    """
+    h, d, f = m.hidden_size, m.head_dim, m.ffn_size
+    q_out, kv_out = m.num_heads * d, m.kv_heads * d
+    qkv = 2 * tokens * h * (q_out + 2 * kv_out)
+    scores_and_values = 2 * 2 * tokens * seq * q_out          # Q K^T and P V, full s x s
+    proj = 2 * tokens * q_out * h
+    mlp = 2 * tokens * h * f * (3 if m.mlp == "swiglu" else 2)
+    return float(qkv + scores_and_values + proj + mlp)
+
+
+def head_forward_flops(m: ModelSpec, tokens: int) -> float:
+    """Logits: 2*b*s*h*V (the embedding lookup has no matmul)."""
+    return 2.0 * tokens * m.hidden_size * m.vocab_size
+
+
+def model_flops_per_step(m: ModelSpec, sequences: int, seq: int) -> float:
+    """Forward + backward model FLOPs of one optimizer step (no recomputation)."""
+    tokens = sequences * seq
+    return 3.0 * (m.num_layers * layer_forward_flops(m, tokens, seq) + head_forward_flops(m, tokens))
+
+
+def hardware_flops_per_step(m: ModelSpec, sequences: int, seq: int, full_recompute: bool) -> float:
+    """Model FLOPs plus the extra forward of every block under full recomputation.
+
+    With full recompute this is Megatron's 96*B*s*l*h^2*(1 + s/(6h) + V/(16lh)) for GPT models.
+    """
+    tokens = sequences * seq
+    extra = m.num_layers * layer_forward_flops(m, tokens, seq) if full_recompute else 0.0
+    return model_flops_per_step(m, sequences, seq) + extra

@@ -1,0 +1,44 @@
+"""Split the blocks of a model into contiguous pipeline stages.
+
+All blocks of a model are identical, so a stage's time and memory are linear in its block count:
+time_j = n_j * block_time + extra_time_j (embedding on the first stage, LM head and loss on the last) and
+memory_j = n_j * block_bytes_j + base_bytes_j (block_bytes_j grows with the micro-batches stage j holds).
+Minimising the slowest stage under every stage's memory cap is then a min-max allocation of separable
+increasing costs, which the greedy below solves exactly (each block goes to the stage it slows least;
+Ibaraki & Katoh, Resource Allocation Problems, 1988, Ch. 4). Over contiguous ranges this is the same
+optimum as the dynamic program of Galvatron / AMP; tests check it against brute-force enumeration.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+
+def partition_layers(num_layers: int, block_time: float, extra_time: list[float],
+                     block_bytes: list[float] | None = None, base_bytes: list[float] | None = None,
+                     capacity: float = math.inf) -> list[int] | None:
+    """Blocks per stage (each >= 1) minimising the slowest stage subject to memory; None if no split fits.
+
+    Ties go to later stages, which under 1F1B hold fewer micro-batches in flight.
+    """
+    stages = len(extra_time)
+    if stages > num_layers:
+        return None
+    caps = []
+    for j in range(stages):
+        per_block = block_bytes[j] if block_bytes else 0.0
+        room = capacity - (base_bytes[j] if base_bytes else 0.0)
+        caps.append(num_layers if per_block <= 0 else min(num_layers, math.floor(room / per_block)))
+    if min(caps) < 1 or sum(caps) < num_layers:
+        return None
+    counts = [1] * stages
+    heap = [((2 * block_time + extra_time[j]), -j) for j in range(stages) if caps[j] > 1]
+    heapq.heapify(heap)
+    for _ in range(num_layers - stages):
+        _, neg_j = heapq.heappop(heap)
+        j = -neg_j
+        counts[j] += 1
+        if counts[j] < caps[j]:
+            heapq.heappush(heap, ((counts[j] + 1) * block_time + extra_time[j], -j))
+    return counts

@@ -1,0 +1,90 @@
+"""The plan file: everything `meshplan run` and the exporters need, versioned.
+
+A plan carries the same `feasible`, `reason`, `config` and `predicted` objects as `meshplan estimate --json`,
+plus the specs it was made for and the rank layout (which global rank holds which (pp, dp, tp) coordinate,
+on which node and local GPU).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from planner.errors import InputError, first_pydantic_error
+from planner.layout import Layout
+from planner.prediction import Predicted, Prediction, ResolvedConfig
+from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
+
+SCHEMA_VERSION = 1
+
+
+class RankEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rank: int
+    pp: int
+    dp: int
+    tp: int
+    node: int
+    local_gpu: int
+
+
+class SearchStats(BaseModel):
+    """How the search got there (absent for a plan written by `estimate`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    seconds: float
+    candidates: int = Field(description="Configurations enumerated.")
+    evaluated: int = Field(description="Configurations fully costed.")
+    rejected: dict[str, int] = Field(description="Rejections by reason.")
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+    model: ModelSpec
+    cluster: ClusterSpec
+    training: TrainingSpec
+    feasible: bool
+    reason: str
+    config: ResolvedConfig
+    predicted: Predicted
+    rank_layout: list[RankEntry]
+    alternatives: list[Prediction] = Field(default_factory=list, description="Runners-up, best first.")
+    search: SearchStats | None = None
+
+    @property
+    def world_size(self) -> int:
+        return len(self.rank_layout)
+
+
+def make_plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, best: Prediction,
+              alternatives: list[Prediction] | None = None, search: SearchStats | None = None) -> Plan:
+    cfg = best.config
+    layout = Layout(cfg.tp, cfg.pp, cfg.dp, cluster.gpus_per_node, tuple(cfg.layout))
+    return Plan(model=model, cluster=cluster, training=training, feasible=best.feasible, reason=best.reason,
+                config=cfg, predicted=best.predicted,
+                rank_layout=[RankEntry(**row) for row in layout.entries()],
+                alternatives=alternatives or [], search=search)
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and validate a plan file; InputError (exit 2) on anything wrong."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"no such file '{p}'", field="plan")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"'{p}' is not valid JSON (line {exc.lineno})", field="plan") from None
+    if not isinstance(data, dict):
+        raise InputError(f"'{p}' must hold a JSON object", field="plan")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise InputError(f"'{p}' has schema_version {version!r}; this meshplan reads version {SCHEMA_VERSION}",
+                         field="plan")
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as exc:
+        raise first_pydantic_error(exc, str(p)) from None

@@ -1,0 +1,77 @@
+"""What the cost model predicts for one configuration: the JSON `meshplan estimate --json` prints and every
+plan file carries (schema in README.md)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from planner.specs import ParallelConfig
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StageMemory(_Out):
+    """Peak bytes on one GPU of a pipeline stage (the fullest TP/DP rank of that stage)."""
+
+    stage: int
+    layers: int = Field(description="Transformer blocks on this stage (all its chunks).")
+    params: int
+    grads: int
+    optimizer: int = Field(description="fp32 master weights and optimizer moments.")
+    activations: int = Field(description="Activations kept for backward by the micro-batches in flight.")
+    other: int = Field(description="Transient buffers: logits, backward working set, ZeRO-3 gathers, DP buckets.")
+    total: int = Field(description="Sum of the above: the predicted max allocated bytes.")
+    reserved: int = Field(description="total plus the allocator's margin.")
+
+
+class MemoryBreakdown(_Out):
+    capacity_bytes: int = Field(description="Device memory.")
+    usable_bytes: int = Field(description="capacity minus bytes outside the allocator (context, NCCL).")
+    stages: list[StageMemory]
+
+
+class TimeBreakdown(_Out):
+    """Seconds of one step on the critical path; the fields sum to step_time_s."""
+
+    compute: float = Field(description="Forward and backward kernels of the slowest stage, all micro-batches.")
+    recompute: float = Field(description="Extra forward work of activation recomputation.")
+    bubble: float = Field(description="Pipeline fill and drain the slowest stage waits through.")
+    tp_comm: float = Field(description="Tensor-parallel collectives (not overlapped).")
+    pp_comm: float = Field(description="Pipeline sends and receives on the critical path.")
+    dp_comm_exposed: float = Field(description="Data-parallel / ZeRO communication not hidden under compute.")
+    optimizer: float = Field(description="Optimizer step.")
+
+
+class Predicted(_Out):
+    step_time_s: float
+    tokens_per_s: float
+    mfu: float = Field(description="Model FLOPs (no recompute; causal attention counted in full) per second "
+                                   "over the GPUs' dense peak for the recipe's matmul dtype.")
+    tflops_per_gpu: float = Field(description="Model TFLOP/s per GPU (the MFU numerator).")
+    hardware_tflops_per_gpu: float = Field(description="TFLOP/s per GPU including recomputation.")
+    peak_memory_bytes: int = Field(description="Bytes held by tensors on the fullest GPU (max allocated).")
+    peak_reserved_bytes: int = Field(description="peak_memory_bytes plus the allocator margin; feasibility "
+                                                 "compares it with usable_bytes.")
+    critical_stage: int = Field(description="Pipeline stage that sets the steady state.")
+    binding: str = Field(description="What limits this configuration, in words.")
+    memory: MemoryBreakdown
+    time: TimeBreakdown
+    sources: dict[str, str] = Field(default_factory=dict,
+                                    description="Which numbers were measured (profile files) and which computed.")
+
+
+class ResolvedConfig(ParallelConfig):
+    """A ParallelConfig with its defaults resolved (layers per chunk, micro-batches per step)."""
+
+    num_microbatches: int
+    layout: list[str] = Field(default_factory=lambda: ["tp", "dp", "pp"],
+                              description="Rank order, fastest-varying axis first.")
+
+
+class Prediction(_Out):
+    feasible: bool
+    reason: str = Field(description="Empty when feasible; else the stage and the shortfall in GiB.")
+    config: ResolvedConfig
+    predicted: Predicted

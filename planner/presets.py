@@ -1,0 +1,48 @@
+"""Built-in model presets, from each model's published configuration.
+
+GPT-3: Brown et al. 2020 (arXiv:2005.14165) Table 2.1, with Megatron's padded GPT-2 vocabulary of 51,200
+(Narayanan et al. SC21, arXiv:2104.04473). Llama 3 / 3.1 / 3.2: Meta's published config.json files.
+Mistral 7B: Jiang et al. 2023 (arXiv:2310.06825) Table 1.
+"""
+
+from __future__ import annotations
+
+from planner.specs import ModelSpec
+
+
+def _gpt(name: str, layers: int, hidden: int, heads: int, **extra) -> ModelSpec:
+    return ModelSpec(name=name, num_layers=layers, hidden_size=hidden, num_heads=heads, vocab_size=51200,
+                     max_position_embeddings=2048, tied_embeddings=True, norm="layernorm", mlp="gelu",
+                     bias=True, position_embedding="learned", dropout=0.1, attention_kernel="flash", **extra)
+
+
+def _llama(name: str, layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int = 128256,
+           tied: bool = False, max_pos: int = 8192, theta: float = 500000.0, eps: float = 1e-5) -> ModelSpec:
+    return ModelSpec(name=name, num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads,
+                     ffn_hidden_size=ffn, vocab_size=vocab, max_position_embeddings=max_pos,
+                     tied_embeddings=tied, norm="rmsnorm", mlp="swiglu", bias=False,
+                     position_embedding="rope", rope_theta=theta, norm_eps=eps, dropout=0.0,
+                     attention_kernel="flash")
+
+
+PRESETS: dict[str, ModelSpec] = {
+    m.name: m for m in [
+        _gpt("gpt3-1.3b", 24, 2048, 16),
+        _gpt("gpt3-2.7b", 32, 2560, 32),
+        _gpt("gpt3-6.7b", 32, 4096, 32),
+        _gpt("gpt3-13b", 40, 5120, 40),
+        _gpt("gpt3-175b", 96, 12288, 96),
+        # The 1T GPT of Narayanan et al. SC21 Table 1 (128 layers, h 25600, 160 heads).
+        _gpt("gpt-1t", 128, 25600, 160),
+        _llama("llama3-8b", 32, 4096, 32, 8, 14336),
+        _llama("llama3-70b", 80, 8192, 64, 8, 28672),
+        _llama("llama3-405b", 126, 16384, 128, 8, 53248),
+        _llama("llama3.2-1b", 16, 2048, 32, 8, 8192, tied=True),
+        _llama("llama3.2-3b", 28, 3072, 24, 8, 8192, tied=True),
+        _llama("mistral-7b", 32, 4096, 32, 8, 14336, vocab=32000, max_pos=32768, theta=10000.0),
+        # Small models for CPU tests and demos of the runtime.
+        ModelSpec(name="gpt-tiny", num_layers=4, hidden_size=64, num_heads=4, vocab_size=512,
+                  max_position_embeddings=256, dropout=0.0),
+        _llama("llama-tiny", 4, 64, 4, 2, 176, vocab=512, tied=False, max_pos=256, theta=10000.0),
+    ]
+}

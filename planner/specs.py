@@ -1,0 +1,290 @@
+"""Validated input specs: the model, the cluster, the training setup and one parallel configuration.
+
+Units everywhere: bytes, seconds, FLOP/s, bytes/s. Every spec is a pydantic model; the JSON schema of
+each is what `model_json_schema()` returns (written out by `meshplan schema`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+Precision = Literal["bf16", "fp16", "amp-bf16", "fp32"]
+Optimizer = Literal["adam", "adamw", "sgd"]
+Recompute = Literal["none", "selective", "full"]
+Schedule = Literal["gpipe", "1f1b", "interleaved"]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+class ModelSpec(_Spec):
+    """A decoder-only transformer (GPT-2 / GPT-3 or Llama style)."""
+
+    name: str = Field("custom", description="Display name.")
+    num_layers: PositiveInt = Field(description="Transformer blocks.")
+    hidden_size: PositiveInt = Field(description="Model width h.")
+    num_heads: PositiveInt = Field(description="Attention (query) heads a.")
+    num_kv_heads: PositiveInt | None = Field(
+        None, description="Key/value heads k (grouped-query attention); defaults to num_heads.")
+    ffn_hidden_size: PositiveInt | None = Field(
+        None, description="MLP width f; defaults to 4h (gelu) or Llama's 2/3*4h rounded to 256 (swiglu).")
+    vocab_size: PositiveInt = Field(description="Vocabulary size V.")
+    max_position_embeddings: PositiveInt = Field(2048, description="Longest sequence the positions allow.")
+    tied_embeddings: bool = Field(True, description="LM head shares the input embedding matrix.")
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    bias: bool = Field(True, description="Linear layers (and LayerNorm) carry biases.")
+    qkv_bias: bool | None = Field(None, description="Bias on q, k, v only (Qwen2); defaults to `bias`.")
+    position_embedding: Literal["learned", "rope"] = "learned"
+    rope_theta: PositiveFloat = 10000.0
+    norm_eps: PositiveFloat = 1e-5
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability (hidden and attention).")
+    attention_kernel: Literal["flash", "eager"] = Field(
+        "flash", description="flash: fused kernel, no score matrix kept; eager: softmax(QK^T)V materialised.")
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelSpec":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.kv_heads}")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.mlp == "gelu":
+            return 4 * self.hidden_size
+        # Llama (Touvron et al. 2023, Sec. 2.2): 2/3 * 4h, rounded up to a multiple of 256.
+        return -(-(8 * self.hidden_size // 3) // 256) * 256
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
+
+# ----------------------------------------------------------------------------------------------
+# Cluster
+# ----------------------------------------------------------------------------------------------
+class EfficiencyModel(_Spec):
+    """How close real kernels get to the spec sheet on this GPU (fitted once per GPU type).
+
+    A GEMM of shape (M, N, K) runs at peak * gemm_max * prod(x / (x + gemm_tile) for x in M, N, K)
+    unless memory-bound; every kernel takes at least `kernel_overhead_s` (the host issue rate).
+    """
+
+    gemm_max: float = Field(0.8, gt=0, le=1, description="Fraction of dense peak reached by large GEMMs.")
+    gemm_tile: float = Field(64.0, ge=0, description="Elements; a GEMM dimension x is used at x/(x+gemm_tile).")
+    flash_attention: float = Field(0.5, gt=0, le=1, description="Fraction of dense peak reached by fused attention.")
+    memory: float = Field(0.8, gt=0, le=1, description="Fraction of HBM bandwidth reached by elementwise kernels.")
+    kernel_overhead_s: float = Field(
+        10e-6, ge=0, description="Seconds of host time to issue one kernel; the floor of any kernel's time.")
+
+
+class GPUSpec(_Spec):
+    """One accelerator type (or a CPU socket acting as one device)."""
+
+    name: str
+    memory_bytes: PositiveInt = Field(description="Device memory, bytes.")
+    peak_flops: dict[Literal["bf16", "fp16", "tf32", "fp32"], PositiveFloat] = Field(
+        description="Dense peak FLOP/s per matmul dtype.")
+    hbm_bandwidth: PositiveFloat = Field(description="Device memory bandwidth, bytes/s.")
+    efficiency: EfficiencyModel = EfficiencyModel()
+    runtime_reserved_bytes: int = Field(
+        0, ge=0, description="Bytes outside the framework's allocator (CUDA context, NCCL buffers).")
+    allocator_margin: float = Field(
+        0.05, ge=0, le=1, description="Reserved-but-unallocated bytes, as a fraction of the allocated peak.")
+
+    @model_validator(mode="after")
+    def _check_peaks(self) -> "GPUSpec":
+        if "fp32" not in self.peak_flops:
+            raise ValueError("peak_flops needs at least an fp32 entry")
+        return self
+
+    def peak(self, dtype: str) -> float:
+        """Dense peak FLOP/s for matmuls in `dtype` (falls back to fp32 when the type has no such unit)."""
+        return self.peak_flops.get(dtype, self.peak_flops["fp32"])
+
+
+class LinkSpec(_Spec):
+    """A class of links: alpha-beta parameters of one direction."""
+
+    bandwidth: PositiveFloat = Field(description="Bytes/s in one direction (per GPU intra-node, per NIC inter-node).")
+    latency: float = Field(ge=0, description="Seconds per message (alpha).")
+    efficiency: float = Field(1.0, gt=0, le=1, description="Fraction of `bandwidth` collectives reach (bus bandwidth).")
+
+    @property
+    def effective_bandwidth(self) -> float:
+        return self.bandwidth * self.efficiency
+
+
+class NodeGroup(_Spec):
+    count: PositiveInt = Field(1, description="Number of nodes.")
+    gpus_per_node: PositiveInt = 8
+    gpu_type: str = Field(description="Key into ClusterSpec.gpu_types.")
+
+
+class LinkMatrix(_Spec):
+    """Measured point-to-point links between ranks (from `meshplan profile cluster`)."""
+
+    world_size: PositiveInt
+    bandwidth: list[list[float]] = Field(description="bandwidth[i][j]: bytes/s from rank i to j (diagonal 0).")
+    latency: list[list[float]] = Field(description="latency[i][j]: seconds (diagonal 0).")
+
+    @model_validator(mode="after")
+    def _check_square(self) -> "LinkMatrix":
+        for name in ("bandwidth", "latency"):
+            rows = getattr(self, name)
+            if len(rows) != self.world_size or any(len(r) != self.world_size for r in rows):
+                raise ValueError(f"{name} must be a {self.world_size}x{self.world_size} matrix")
+        return self
+
+
+class CollectiveMeasurement(_Spec):
+    op: Literal["all_reduce", "all_gather", "reduce_scatter"]
+    group_size: PositiveInt
+    contiguous: bool
+    message_bytes: PositiveInt
+    bus_bandwidth: PositiveFloat = Field(description="nccl-tests bus bandwidth, bytes/s.")
+    time_s: PositiveFloat
+
+
+class ClusterSpec(_Spec):
+    """Nodes of identical devices joined by an intra-node fabric and NICs."""
+
+    name: str
+    description: str = ""
+    backend: Literal["nccl", "gloo"] = "nccl"
+    gpu_types: dict[str, GPUSpec]
+    nodes: NodeGroup
+    intra_node: LinkSpec = Field(description="GPU-to-GPU inside a node (NVLink/NVSwitch): per GPU, one direction.")
+    inter_node: LinkSpec = Field(description="One NIC: bandwidth per NIC, one direction.")
+    nics_per_node: PositiveInt = 8
+    overlap_slowdown: float = Field(
+        0.1, ge=0, le=1, description="Fraction of overlapped communication time still lost to compute slow-down.")
+    link_matrix: LinkMatrix | None = None
+    collectives: list[CollectiveMeasurement] = Field(default_factory=list)
+    measured: bool = Field(False, description="True when written by `meshplan profile cluster`.")
+
+    @model_validator(mode="after")
+    def _check_refs(self) -> "ClusterSpec":
+        if self.nodes.gpu_type not in self.gpu_types:
+            raise ValueError(f"nodes.gpu_type '{self.nodes.gpu_type}' is not one of gpu_types "
+                             f"({', '.join(self.gpu_types)})")
+        if self.link_matrix is not None and self.link_matrix.world_size != self.world_size:
+            raise ValueError(f"link_matrix covers {self.link_matrix.world_size} ranks but the cluster has "
+                             f"{self.world_size} GPUs")
+        return self
+
+    @property
+    def gpu(self) -> GPUSpec:
+        return self.gpu_types[self.nodes.gpu_type]
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.nodes.gpus_per_node
+
+    @property
+    def num_nodes(self) -> int:
+        return self.nodes.count
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes.count * self.nodes.gpus_per_node
+
+    def resized(self, nodes: int | None = None, gpus_per_node: int | None = None) -> "ClusterSpec":
+        """The same hardware with other node / GPU counts (a measured link matrix no longer applies)."""
+        if nodes is None and gpus_per_node is None:
+            return self
+        group = self.nodes.model_copy(update={
+            "count": nodes or self.nodes.count,
+            "gpus_per_node": gpus_per_node or self.nodes.gpus_per_node})
+        keep_matrix = group.count * group.gpus_per_node == self.world_size and group == self.nodes
+        return self.model_copy(update={"nodes": group, "link_matrix": self.link_matrix if keep_matrix else None})
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and parallel configuration
+# ----------------------------------------------------------------------------------------------
+class TrainingSpec(_Spec):
+    """What one optimizer step processes and how numbers are kept."""
+
+    global_batch: PositiveInt = Field(description="Sequences per optimizer step.")
+    seq_len: PositiveInt = Field(description="Tokens per sequence.")
+    precision: Precision = Field(
+        "bf16",
+        description="bf16/fp16: Megatron-style mixed precision, 16-bit weights with fp32 master weights and "
+                    "fp32 (bf16) or 16-bit (fp16) gradients; amp-bf16: autocast over fp32 parameters with a "
+                    "plain optimizer; fp32: everything fp32.")
+    optimizer: Optimizer = "adamw"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+
+class ParallelConfig(_Spec):
+    """One way to split the job over the GPUs."""
+
+    tp: PositiveInt = Field(1, description="Tensor-parallel degree.")
+    pp: PositiveInt = Field(1, description="Pipeline-parallel degree (stages).")
+    dp: PositiveInt = Field(1, description="Data-parallel degree.")
+    vpp: PositiveInt = Field(1, description="Virtual pipeline stages (model chunks) per GPU.")
+    mbs: PositiveInt = Field(1, description="Micro-batch size, sequences.")
+    zero: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage over the data-parallel group.")
+    recompute: Recompute = "none"
+    sp: bool = Field(False, description="Sequence parallelism (with tp > 1).")
+    schedule: Schedule = "1f1b"
+    layers_per_stage: list[int] | None = Field(
+        None, description="Layers of each model chunk, in pipeline order (pp*vpp entries); default balanced.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ParallelConfig":
+        if self.vpp > 1 and self.schedule != "interleaved":
+            raise ValueError(f"vpp {self.vpp} > 1 needs schedule 'interleaved' (got '{self.schedule}')")
+        if self.schedule == "interleaved" and self.vpp < 2:
+            raise ValueError("schedule 'interleaved' needs vpp >= 2")
+        if self.schedule == "interleaved" and self.pp < 2:
+            raise ValueError("schedule 'interleaved' needs pp >= 2")
+        if self.sp and self.tp == 1:
+            raise ValueError("sp (sequence parallelism) needs tp > 1")
+        if self.layers_per_stage is not None:
+            if len(self.layers_per_stage) != self.pp * self.vpp:
+                raise ValueError(f"layers_per_stage has {len(self.layers_per_stage)} entries; pp*vpp = "
+                                 f"{self.pp * self.vpp}")
+            if any(n < 0 for n in self.layers_per_stage):
+                raise ValueError("layers_per_stage entries must be >= 0")
+        return self
+
+    @property
+    def num_gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def microbatches(self, global_batch: int) -> int:
+        return global_batch // (self.dp * self.mbs)
+
+    def short(self) -> str:
+        """A compact one-line label, e.g. 'tp8 pp4 dp2 mbs1 z1 full sp 1f1b'."""
+        parts = [f"tp{self.tp}", f"pp{self.pp}", f"dp{self.dp}"]
+        if self.vpp > 1:
+            parts.append(f"v{self.vpp}")
+        parts += [f"mbs{self.mbs}", f"z{self.zero}", self.recompute]
+        if self.sp:
+            parts.append("sp")
+        parts.append(self.schedule)
+        return " ".join(parts)

@@ -1,0 +1,53 @@
+"""Check that a parallel configuration fits the model, the cluster and the batch; one InputError if not."""
+
+from __future__ import annotations
+
+from planner.errors import InputError
+from planner.specs import ClusterSpec, ModelSpec, ParallelConfig, TrainingSpec
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_config(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, cfg: ParallelConfig) -> None:
+    """Raise InputError naming the offending field and the valid choices."""
+    if model.num_heads % cfg.tp or model.kv_heads % cfg.tp:
+        common = [d for d in divisors(model.kv_heads) if model.num_heads % d == 0]
+        raise InputError(f"tp {cfg.tp} must divide num_heads {model.num_heads} and num_kv_heads "
+                         f"{model.kv_heads} (valid: {', '.join(map(str, common))})", field="--tp")
+    gpus = cluster.world_size
+    if cfg.num_gpus != gpus:
+        raise InputError(f"tp*pp*dp = {cfg.tp}*{cfg.pp}*{cfg.dp} = {cfg.num_gpus} but the cluster has {gpus} "
+                         f"GPUs ({cluster.num_nodes} nodes x {cluster.gpus_per_node}); with tp {cfg.tp} and "
+                         f"pp {cfg.pp}, dp must be {gpus // (cfg.tp * cfg.pp)}"
+                         if gpus % (cfg.tp * cfg.pp) == 0 else
+                         f"tp*pp = {cfg.tp * cfg.pp} does not divide the cluster's {gpus} GPUs",
+                         field="--dp")
+    if training.global_batch % (cfg.dp * cfg.mbs):
+        valid = [b for b in divisors(training.global_batch) if (training.global_batch // b) % cfg.dp == 0]
+        raise InputError(f"global batch {training.global_batch} is not divisible by dp*mbs = {cfg.dp}*{cfg.mbs}"
+                         f" (valid mbs for dp {cfg.dp}: {', '.join(map(str, valid)) or 'none'})", field="--mbs")
+    m = cfg.microbatches(training.global_batch)
+    chunks = cfg.pp * cfg.vpp
+    if chunks > model.num_layers:
+        raise InputError(f"pp*vpp = {chunks} exceeds the model's {model.num_layers} layers", field="--pp")
+    if cfg.schedule == "interleaved":
+        if m % cfg.pp:
+            raise InputError(f"interleaved 1F1B needs micro-batches ({m}) divisible by pp {cfg.pp} "
+                             f"(Megatron-LM's and torch.distributed.pipelining's rule)", field="--schedule")
+        if cfg.layers_per_stage is None and model.num_layers % chunks:
+            raise InputError(f"interleaved 1F1B needs layers ({model.num_layers}) divisible by pp*vpp = {chunks}"
+                             f" unless layers_per_stage is given", field="--vpp")
+    if cfg.layers_per_stage is not None:
+        if sum(cfg.layers_per_stage) != model.num_layers:
+            raise InputError(f"layers_per_stage sums to {sum(cfg.layers_per_stage)}, the model has "
+                             f"{model.num_layers} layers", field="layers_per_stage")
+        if min(cfg.layers_per_stage) < 1:
+            raise InputError("every pipeline chunk needs at least one layer", field="layers_per_stage")
+    if cfg.sp and training.seq_len % cfg.tp:
+        raise InputError(f"sequence parallelism needs seq {training.seq_len} divisible by tp {cfg.tp}",
+                         field="--sp")
+    if model.position_embedding == "learned" and training.seq_len > model.max_position_embeddings:
+        raise InputError(f"seq {training.seq_len} exceeds the model's {model.max_position_embeddings} learned "
+                         f"positions", field="--seq")
