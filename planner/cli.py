@@ -119,10 +119,8 @@ def estimate(
     for value, field in ((tp, "--tp"), (pp, "--pp"), (mbs, "--mbs"), (vpp, "--vpp")):
         if value < 1:
             raise InputError(f"must be >= 1 (got {value})", field=field)
-    if dp is None:
-        if c.world_size % (tp * pp):
-            raise InputError(f"tp*pp = {tp * pp} does not divide the cluster's {c.world_size} GPUs", field="--tp")
-        dp = c.world_size // (tp * pp)
+    if dp is None:   # a non-dividing tp*pp is reported by the config check, after the heads check
+        dp = max(1, c.world_size // (tp * pp))
     cfg = parse_spec(ParallelConfig, dict(tp=tp, pp=pp, dp=dp, mbs=mbs, vpp=vpp, zero=zero, recompute=recompute,
                                           sp=sp, schedule=schedule,
                                           layers_per_stage=parse_int_list(layers_per_stage, "--layers-per-stage")),
@@ -182,6 +180,15 @@ def schema(
              "prediction": Prediction, "plan": Plan}
     _choice(kind, "kind", tuple(kinds))
     print(json.dumps(kinds[kind].model_json_schema(), indent=1))
+
+
+# ---------------------------------------------------------------------------------------------- torch commands
+# `run` and `profile` live with the code they drive; their modules import torch only inside the commands.
+from profiler.cli import profile_app  # noqa: E402
+from runtime.cli import run_command  # noqa: E402
+
+app.command("run")(run_command)
+app.add_typer(profile_app, name="profile")
 
 
 # ---------------------------------------------------------------------------------------------- entry point
