@@ -1,0 +1,26 @@
+"""Shared fixtures: paths to the reference data and the repository."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT.parent / "shared" / "reference"
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def read_reference_csv(name: str) -> list[dict[str, str]]:
+    """Rows of a reference CSV, skipping its leading '#' source line."""
+    with open(REFERENCE / name) as f:
+        lines = [line for line in f if not line.startswith("#")]
+    return list(csv.DictReader(lines))
+
+
+@pytest.fixture
+def reference():
+    if not REFERENCE.is_dir():
+        pytest.skip(f"reference data not found at {REFERENCE}")
+    return read_reference_csv
