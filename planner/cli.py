@@ -21,7 +21,8 @@ app = typer.Typer(
     help="Plan, predict and run data / tensor / pipeline parallel training of transformer models.\n\n"
          "Start with `meshplan estimate` (predict one configuration) or `meshplan plan` (search for the best).")
 
-stdout = Console(highlight=False)
+# Tables need room: when output is not a terminal (pipes, CI logs), lay it out 120 columns wide.
+stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 stderr = Console(stderr=True, highlight=False)
 
 # ---------------------------------------------------------------------------------------------- options
@@ -134,6 +135,160 @@ def estimate(
         return
     from planner.report import render_prediction
     render_prediction(stdout, m, c, t, pred)
+    if output is not None:
+        stdout.print(f"plan written to {output}")
+
+
+# ---------------------------------------------------------------------------------------------- plan
+def parse_compare(text: str, world_size: int):
+    """A configuration to compare: 'tp=8,pp=4,mbs=1,zero=1,recompute=full,sp,schedule=1f1b' or a plan / estimate
+    JSON file (its `config`)."""
+    from planner.layout import DEFAULT_ORDER
+    from planner.loaders import parse_spec, read_data_file
+    from planner.search.space import Candidate
+    from planner.specs import ParallelConfig
+    path = Path(text)
+    if path.suffix in (".json", ".yaml", ".yml") or path.exists():
+        data = read_data_file(path, "--compare")
+        data = data.get("config", data)
+        order = tuple(data.get("layout", DEFAULT_ORDER))
+        fields = {k: v for k, v in data.items() if k in ParallelConfig.model_fields}
+    else:
+        fields, order = {}, DEFAULT_ORDER
+        for item in filter(None, (x.strip() for x in text.split(","))):
+            key, _, value = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if key not in ParallelConfig.model_fields or key == "layers_per_stage":
+                raise InputError(f"unknown key '{key}' (use tp, pp, dp, vpp, mbs, zero, recompute, sp, schedule)",
+                                 field="--compare")
+            fields[key] = value.strip() if value else "true"
+        for key, value in fields.items():
+            if key == "sp":
+                fields[key] = value.lower() in ("1", "true", "yes")
+            elif key in ("tp", "pp", "dp", "vpp", "mbs", "zero"):
+                if not value.isdigit():
+                    raise InputError(f"{key}={value} is not a whole number", field="--compare")
+                fields[key] = int(value)
+    tp, pp = int(fields.get("tp", 1)), int(fields.get("pp", 1))
+    fields.setdefault("dp", max(1, world_size // (tp * pp)))
+    cfg = parse_spec(ParallelConfig, fields, "--compare")
+    if len(order) != 3 or sorted(order) != ["dp", "pp", "tp"]:
+        raise InputError(f"layout {list(order)} must order tp, dp and pp", field="--compare")
+    return cfg, Candidate(cfg.tp, cfg.pp, cfg.dp, cfg.vpp, cfg.mbs, cfg.zero, cfg.recompute, cfg.sp, cfg.schedule,
+                          order)
+
+
+def _fit_hints(closest, constraints, model, cluster, training) -> str:
+    """What would make the closest candidate fit."""
+    from planner.cost.memory import GIB, state_bytes
+    from planner.cost.params import total_params
+    hints = []
+    c = closest.config
+    if c.recompute != "full":
+        hints.append("full activation recomputation" + (" (drop --recompute)" if constraints.recompute else ""))
+    if c.zero < 3:
+        hints.append("ZeRO-3" + (" (drop --zero / --no-zero3)" if constraints.zero is not None
+                                 or constraints.max_zero < 3 else ""))
+    if c.mbs > 1:
+        hints.append("micro-batch 1" + (" (drop --mbs)" if constraints.mbs else ""))
+    states = total_params(model) * state_bytes(training.precision, training.optimizer).total
+    usable = closest.predicted.memory.usable_bytes
+    gpus = -(-states // (0.8 * usable))
+    nodes = max(cluster.num_nodes + 1, -(-int(gpus) // cluster.gpus_per_node))
+    hints.append(f"more GPUs: the model states alone are {states / GIB:,.0f} GiB, so at least ~{int(gpus):,} GPUs "
+                 f"(--nodes {nodes} or more)")
+    return "; ".join(hints)
+
+
+@app.command()
+def plan(
+    model: str = ModelOpt, cluster: str = ClusterOpt, nodes: Optional[int] = NodesOpt,
+    gpus_per_node: Optional[int] = GpnOpt, global_batch: int = BatchOpt, seq: int = SeqOpt,
+    precision: str = PrecisionOpt, optimizer: str = OptimizerOpt,
+    tp: Optional[int] = typer.Option(None, "--tp", help="Pin the tensor-parallel degree."),
+    pp: Optional[int] = typer.Option(None, "--pp", help="Pin the pipeline degree."),
+    dp: Optional[int] = typer.Option(None, "--dp", help="Pin the data-parallel degree."),
+    mbs: Optional[int] = typer.Option(None, "--mbs", help="Pin the micro-batch size."),
+    vpp: Optional[int] = typer.Option(None, "--vpp", help="Pin the virtual stages per GPU."),
+    zero: Optional[int] = typer.Option(None, "--zero", help="Pin the ZeRO stage (0-3)."),
+    recompute: Optional[str] = typer.Option(None, "--recompute", help="Pin recomputation: none | selective | full."),
+    sp: Optional[bool] = typer.Option(None, "--sp/--no-sp", help="Pin sequence parallelism on or off."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="Pin the schedule: gpipe | 1f1b | interleaved."),
+    max_tp: Optional[int] = typer.Option(None, "--max-tp", help="Largest tensor-parallel degree to consider."),
+    max_pp: Optional[int] = typer.Option(None, "--max-pp", help="Largest pipeline degree to consider."),
+    max_mbs: Optional[int] = typer.Option(None, "--max-mbs", help="Largest micro-batch to consider."),
+    no_zero3: bool = typer.Option(False, "--no-zero3", help="Consider ZeRO stages 0-2 only."),
+    allow_cross_node_tp: bool = typer.Option(False, "--allow-cross-node-tp",
+                                             help="Let tensor-parallel groups span nodes."),
+    top: int = typer.Option(5, "--top", "-k", help="How many plans to list."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="Rank a configuration against the winner: "
+                                          "'tp=8,pp=4,mbs=1,zero=1,recompute=full,sp' or a plan/estimate JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan JSON (runners-up under `alternatives`)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the winning plan for `meshplan run`."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
+):
+    """Search every parallel configuration and pick the fastest that fits in memory.
+
+    Example: meshplan plan -m llama3-70b -c dgx-h100 --nodes 64 -b 1024 --seq 8192 -o plan.json
+    """
+    from planner.cost.model import CostModel
+    from planner.errors import NoFeasiblePlan
+    from planner.plan import SearchStats, make_plan
+    from planner.search.search import search
+    from planner.search.space import Constraints
+
+    m, c, t = load_inputs(model, cluster, nodes, gpus_per_node, global_batch, seq, precision, optimizer)
+    if recompute is not None:
+        _choice(recompute, "--recompute", ("none", "selective", "full"))
+    if schedule is not None:
+        _choice(schedule, "--schedule", ("gpipe", "1f1b", "interleaved"))
+    if zero is not None and zero not in (0, 1, 2, 3):
+        raise InputError(f"{zero} is not one of 0, 1, 2, 3", field="--zero")
+    for value, field in ((tp, "--tp"), (pp, "--pp"), (dp, "--dp"), (mbs, "--mbs"), (vpp, "--vpp"),
+                         (max_tp, "--max-tp"), (max_pp, "--max-pp"), (max_mbs, "--max-mbs"), (top, "--top")):
+        if value is not None and value < 1:
+            raise InputError(f"must be >= 1 (got {value})", field=field)
+    constraints = Constraints(tp=tp, pp=pp, dp=dp, vpp=vpp, mbs=mbs, zero=zero, recompute=recompute, sp=sp,
+                              schedule=schedule, max_tp=max_tp, max_pp=max_pp, max_mbs=max_mbs,
+                              max_zero=2 if no_zero3 else 3, allow_cross_node_tp=allow_cross_node_tp)
+    cost = CostModel(m, c, t)
+    compare_cand = None
+    if compare is not None:
+        from planner.validate import check_config
+        compare_cfg, compare_cand = parse_compare(compare, c.world_size)
+        check_config(m, c, t, compare_cfg)
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    with Progress(TextColumn("searching"), BarColumn(), TextColumn("{task.completed}/{task.total} costed"),
+                  TimeElapsedColumn(), console=stderr, transient=True, disable=as_json) as bar:
+        task = bar.add_task("search", total=0)
+        result = search(m, c, t, constraints, top_k=top, compare=compare_cand, cost=cost,
+                        progress=lambda done, total: bar.update(task, completed=done, total=total))
+    stats = SearchStats(seconds=result.seconds, candidates=result.candidates, evaluated=result.evaluated,
+                        rejected=dict(result.rejected))
+    if not result.top:
+        closest = cost.prediction(result.closest) if result.closest else None
+        if closest is None:
+            raise NoFeasiblePlan("no configuration satisfies the pins and limits (nothing divides evenly); "
+                                 "relax --tp/--pp/--dp/--mbs or the --max-* limits", field="plan")
+        message = (f"no configuration fits in memory ({result.candidates:,} candidates); the closest, "
+                   f"{closest.config.short()}, {closest.reason.removeprefix('out of memory: ')}. To fit, try "
+                   f"{_fit_hints(closest, constraints, m, c, t)}")
+        if as_json:
+            print(json.dumps({"feasible": False, "reason": message, "closest": closest.model_dump(),
+                              "search": stats.model_dump()}, indent=1))
+            raise typer.Exit(NoFeasiblePlan.exit_code)
+        raise NoFeasiblePlan(message)
+    preds = [cost.prediction(core) for core in result.top]
+    the_plan = make_plan(m, c, t, preds[0], alternatives=preds[1:], search=stats)
+    if output is not None:
+        write_new_file(output, the_plan.model_dump_json(indent=1), force, "--output")
+    if as_json:
+        print(the_plan.model_dump_json(indent=1))
+        return
+    from planner.report import render_plan
+    compare_pred = cost.prediction(result.compare) if result.compare is not None else None
+    render_plan(stdout, m, c, t, preds, stats.model_dump(), compare_pred, result.compare_rank)
     if output is not None:
         stdout.print(f"plan written to {output}")
 

@@ -57,7 +57,7 @@ def _layers(layers: list[int] | None) -> str:
         return "-"
     if len(set(layers)) == 1:
         return f"{layers[0]} x {len(layers)}"
-    return ",".join(map(str, layers)) if len(layers) <= 16 else f"{layers[0]},...,{layers[-1]}"
+    return ",".join(map(str, layers)) if len(layers) <= 16 else f"{min(layers)}-{max(layers)} x {len(layers)}"
 
 
 def time_bars(pred: Prediction) -> Table:
@@ -101,3 +101,59 @@ def render_prediction(console: Console, model: ModelSpec, cluster: ClusterSpec, 
     console.print(time_bars(pred))
     console.print()
     console.print(memory_table(pred))
+
+
+def why_slower(winner: Prediction, other: Prediction) -> str:
+    """The two parts of the step that grew most against the winner, e.g. 'bubble +0.81 s, TP comm +0.30 s'."""
+    a, b = winner.predicted.time.model_dump(), other.predicted.time.model_dump()
+    deltas = sorted(((b[k] - a[k], k) for k in a), reverse=True)
+    parts = [f"{TIME_LABELS[k]} +{_fmt_time(d)}" for d, k in deltas[:2] if d > 0]
+    if not parts:
+        return "ties on time, holds more memory"
+    return ", ".join(parts)
+
+
+def plan_table(preds: list[Prediction], title: str) -> Table:
+    t = Table(title=title, title_justify="left", box=None, pad_edge=False)
+    for col in ("#", "configuration", "layout", "step", "tokens/s", "MFU", "peak GiB", "bubble"):
+        t.add_column(col, justify="left" if col in ("configuration", "layout") else "right")
+    for i, p in enumerate(preds, 1):
+        q = p.predicted
+        t.add_row(str(i), p.config.short(), "-".join(p.config.layout), _fmt_time(q.step_time_s),
+                  f"{q.tokens_per_s:,.0f}", f"{q.mfu:.1%}", f"{q.peak_reserved_bytes / GIB:.1f}",
+                  f"{q.time.bubble / q.step_time_s:.1%}", style="bold" if i == 1 else "")
+    return t
+
+
+def runner_up_reasons(preds: list[Prediction]) -> list[str]:
+    """One line per runner-up: how much slower than the winner, and where the time went."""
+    best = preds[0].predicted.step_time_s
+    return [f"#{i}: +{p.predicted.step_time_s / best - 1:.2%} step time: {why_slower(preds[0], p)}"
+            for i, p in enumerate(preds[1:], 2)]
+
+
+def render_plan(console: Console, model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
+                preds: list[Prediction], stats: dict, compare: Prediction | None, compare_rank: int | None) -> None:
+    best = preds[0]
+    console.print(Panel(Group(header(model, cluster, training), Text(""), summary_table(best)),
+                        title="meshplan plan: [green]best configuration[/]", title_align="left"))
+    console.print(plan_table(preds, f"top {len(preds)} of {stats['candidates']:,} candidates"))
+    for line in runner_up_reasons(preds):
+        console.print(f"  [dim]{line}[/]")
+    console.print()
+    console.print(time_bars(best))
+    console.print()
+    console.print(memory_table(best))
+    console.print()
+    rej = stats["rejected"]
+    console.print(f"searched {stats['candidates']:,} distinct candidates in {stats['seconds']:.2f} s: "
+                  f"{stats['evaluated']:,} fully costed; rejected {rej.get('out_of_memory', 0):,} out of memory, "
+                  f"{rej.get('indivisible', 0):,} indivisible, {rej.get('dominated', 0):,} dominated "
+                  f"(duplicates, or bounded above the top {len(preds)})")
+    if compare is not None:
+        cs = compare.predicted.step_time_s
+        gain = cs / best.predicted.step_time_s - 1
+        status = "" if compare.feasible else f" [red](does not fit: {compare.reason})[/]"
+        console.print(f"your configuration {compare.config.short()}: step {_fmt_time(cs)}, MFU "
+                      f"{compare.predicted.mfu:.1%}{status}; ranks #{compare_rank} among feasible candidates; "
+                      f"the winner is {gain:+.1%} faster ({why_slower(best, compare) if gain > 0 else 'no gain'})")

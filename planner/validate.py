@@ -36,9 +36,6 @@ def check_config(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
         if m % cfg.pp:
             raise InputError(f"interleaved 1F1B needs micro-batches ({m}) divisible by pp {cfg.pp} "
                              f"(Megatron-LM's and torch.distributed.pipelining's rule)", field="--schedule")
-        if cfg.layers_per_stage is None and model.num_layers % chunks:
-            raise InputError(f"interleaved 1F1B needs layers ({model.num_layers}) divisible by pp*vpp = {chunks}"
-                             f" unless layers_per_stage is given", field="--vpp")
     if cfg.layers_per_stage is not None:
         if sum(cfg.layers_per_stage) != model.num_layers:
             raise InputError(f"layers_per_stage sums to {sum(cfg.layers_per_stage)}, the model has "

@@ -2,19 +2,20 @@
 
 Pure functions of the specs, with caches for the per-block work that many configurations share (the
 search evaluates thousands of configurations through one CostModel). Nothing here imports torch.
+`evaluate_core` returns plain floats for the search; `evaluate` wraps the same numbers in a Prediction.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from planner.cost.comm import Group, Network
 from planner.cost.flops import hardware_flops_per_step, model_flops_per_step
 from planner.cost.kernels import Dtypes, Pass, block_work, embedding_work, head_work, pass_time
 from planner.cost.memory import (DDP_BUCKET_BYTES, GIB, block_activation_bytes, block_backward_transient_bytes,
                                  embedding_activation_bytes, head_activation_bytes, head_transient_bytes,
-                                 in_flight_microbatches, interleaved_in_flight_chunks, model_state_bytes,
-                                 state_bytes)
+                                 in_flight_microbatches, interleaved_in_flight_chunks, state_bytes)
 from planner.cost.params import embedding_params, final_norm_params, layer_params, position_params
 from planner.cost.pipeline import pipeline_time
 from planner.layout import DEFAULT_ORDER, Layout
@@ -46,26 +47,53 @@ class PassCost:
     compute: float     # kernels, seconds
     comm: float        # TP collectives, seconds
 
+    @property
+    def total(self) -> float:
+        return self.compute + self.comm
+
 
 @dataclass(frozen=True)
 class BlockCost:
+    """One block, one micro-batch, one TP rank."""
+
     forward: PassCost
     backward: PassCost
     recompute: PassCost
-    activation_bytes: float
-    transient_bytes: float
+    activation_bytes: float      # kept for backward
+    transient_bytes: float       # backward working set
+
+    @property
+    def total(self) -> float:
+        return self.forward.total + self.backward.total + self.recompute.total
+
+
+@dataclass(frozen=True)
+class EndsCost:
+    """Embedding (first stage) and LM head with loss (last stage), one micro-batch."""
+
+    emb_fwd: PassCost
+    emb_bwd: PassCost
+    head_fwd: PassCost
+    head_bwd: PassCost
 
 
 @dataclass
-class DeviceTimes:
-    """Per-micro-batch seconds on one pipeline device, split as the breakdown reports them."""
+class Core:
+    """Everything `evaluate` reports, as plain numbers."""
 
-    compute: float = 0.0
-    recompute: float = 0.0
-    tp_comm: float = 0.0
-    forward: float = 0.0      # all forward work (compute + comm)
-    backward: float = 0.0     # all backward work including recomputation
-    zero_exposed: float = 0.0  # ZeRO-2/3 per-micro-batch communication left exposed
+    cfg: ParallelConfig           # or a search Candidate, which has the same fields
+    order: tuple[str, str, str]
+    chunks: list[int]
+    nmb: int
+    step: float
+    crit: int
+    time: dict[str, float]
+    stages: list[tuple[int, float, float, float, float, float]]   # layers, params, grads, optimizer, acts, other
+    peak_total: float
+    peak_reserved: float
+    fullest: int
+    feasible: bool
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 class CostModel:
@@ -79,249 +107,386 @@ class CostModel:
         self.net = Network(cluster)
         self.layer = layer_params(model)
         self.seq = training.seq_len
+        self.usable_bytes = self.gpu.memory_bytes - self.gpu.runtime_reserved_bytes
+        self.margin = 1.0 + self.gpu.allocator_margin
+        self.opt_seconds_per_param = (optimizer_bytes_per_param(training.precision, training.optimizer)
+                                      / (self.gpu.hbm_bandwidth * self.gpu.efficiency.memory))
         self._blocks: dict[tuple, BlockCost] = {}
-        self._ends: dict[tuple, tuple[PassCost, PassCost, PassCost, PassCost]] = {}
+        self._ends: dict[tuple, EndsCost] = {}
+        self._layouts: dict[tuple, tuple[Layout, Group, Group]] = {}
+        self._held_cache: dict[tuple, list[int]] = {}
+        self._end_bytes_cache: dict[tuple, tuple[float, float, float]] = {}
+        self._p2p_cache: dict[tuple, float] = {}
+        self._signatures: dict[tuple, tuple] = {}
+        self._work_cache: dict[tuple, float] = {}
+        self._state_bounds_cache: dict[tuple, tuple[float, float, float, float]] = {}
 
-    # ------------------------------------------------------------------ per-block and end pieces
+    # ------------------------------------------------------------------ cached pieces
+    def layout(self, tp: int, pp: int, dp: int, order: tuple[str, str, str]) -> tuple[Layout, Group, Group]:
+        """(layout, a TP group, a DP group)."""
+        key = (tp, pp, dp, order)
+        hit = self._layouts.get(key)
+        if hit is None:
+            lay = Layout(tp, pp, dp, self.cluster.gpus_per_node, order)
+            hit = self._layouts[key] = (lay, lay.group("tp"), lay.group("dp"))
+        return hit
+
     def _pass_cost(self, p: Pass, tp_group: Group) -> PassCost:
         comm = sum(self.net.collective(c.op, c.bytes, tp_group) for c in p.collectives)
         return PassCost(pass_time(p, self.gpu, self.dt.matmul), comm)
 
     def block(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group) -> BlockCost:
-        key = (tp, mbs, sp, recompute, tp_group.nodes)
+        key = (tp, mbs, sp, recompute, tp_group.nodes, tp_group.ranks if self.net.matrix else None)
         cost = self._blocks.get(key)
         if cost is None:
             w = block_work(self.model, mbs, self.seq, tp, sp, recompute, self.dt)
-            cost = BlockCost(
+            cost = self._blocks[key] = BlockCost(
                 self._pass_cost(w.forward, tp_group), self._pass_cost(w.backward, tp_group),
                 self._pass_cost(w.recompute, tp_group),
                 block_activation_bytes(self.model, mbs, self.seq, tp, sp, recompute, self.dt),
                 block_backward_transient_bytes(self.model, mbs, self.seq, tp, sp, recompute, self.dt))
-            self._blocks[key] = cost
         return cost
 
-    def ends(self, tp: int, mbs: int, sp: bool, tp_group: Group) -> tuple[PassCost, PassCost, PassCost, PassCost]:
-        """(embedding fwd, embedding bwd, head fwd, head bwd)."""
-        key = (tp, mbs, sp, tp_group.nodes)
+    def ends(self, tp: int, mbs: int, sp: bool, tp_group: Group) -> EndsCost:
+        key = (tp, mbs, sp, tp_group.nodes, tp_group.ranks if self.net.matrix else None)
         cost = self._ends.get(key)
         if cost is None:
             ef, eb = embedding_work(self.model, mbs, self.seq, tp, sp, self.dt)
             hf, hb = head_work(self.model, mbs, self.seq, tp, sp, self.dt)
-            cost = tuple(self._pass_cost(p, tp_group) for p in (ef, eb, hf, hb))
-            self._ends[key] = cost
+            cost = self._ends[key] = EndsCost(*(self._pass_cost(p, tp_group) for p in (ef, eb, hf, hb)))
         return cost
 
-    # ------------------------------------------------------------------ parameters per device
+    # ------------------------------------------------------------------ parameters and memory
     def device_params(self, cfg: ParallelConfig, device: int, layers: int) -> float:
         """Parameters one TP rank of pipeline device `device` holds (elements)."""
-        m, tp, last = self.model, cfg.tp, cfg.pp - 1
+        m, tp = self.model, cfg.tp
         params = layers * self.layer.per_tp_rank(tp)
         if device == 0:
             params += embedding_params(m) / tp + position_params(m)
-        if device == last:
+        if device == cfg.pp - 1:
             params += final_norm_params(m)
             if not m.tied_embeddings or cfg.pp > 1:      # untied head, or the tied copy on the last stage
                 params += embedding_params(m) / tp
         return params
 
-    # ------------------------------------------------------------------ default layer split
-    def default_layers(self, cfg: ParallelConfig, tp_group: Group) -> list[int]:
-        """Balanced blocks per chunk, the embedding and head counted; equal chunks when interleaved."""
-        m, chunks = self.model, cfg.pp * cfg.vpp
-        if cfg.vpp > 1 or cfg.pp == 1:
-            base, rest = divmod(m.num_layers, chunks)
-            return [base + (1 if j >= chunks - rest else 0) for j in range(chunks)]
-        blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group)
-        ef, eb, hf, hb = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group)
-        per_block = sum(x.compute + x.comm for x in (blk.forward, blk.backward, blk.recompute))
-        extra = [0.0] * cfg.pp
-        extra[0] += ef.compute + ef.comm + eb.compute + eb.comm
-        extra[-1] += hf.compute + hf.comm + hb.compute + hb.comm
-        nmb = cfg.microbatches(self.training.global_batch)
-        per_layer_bytes, base_bytes = [], []
-        for i in range(cfg.pp):
-            fixed = self._device_memory(cfg, i, 0, nmb, blk, tp_group)
-            one = self._device_memory(cfg, i, 1, nmb, blk, tp_group)
-            per_layer_bytes.append(one - fixed)
-            base_bytes.append(fixed)
-        capacity = self.usable_bytes / (1 + self.gpu.allocator_margin)
-        split = partition_layers(m.num_layers, per_block, extra, per_layer_bytes, base_bytes, capacity)
-        return split or partition_layers(m.num_layers, per_block, extra)
+    def _state_bytes_per_param(self, zero: int, dp: int) -> tuple[float, float, float]:
+        """(weights, grads, optimizer) bytes per local parameter after ZeRO sharding (arXiv:1910.02054 Sec. 5)."""
+        s = self.states
+        return (s.weights / (dp if zero >= 3 else 1), s.grads / (dp if zero >= 2 else 1),
+                (s.master + s.optimizer) / (dp if zero >= 1 else 1))
 
-    @property
-    def usable_bytes(self) -> float:
-        return self.gpu.memory_bytes - self.gpu.runtime_reserved_bytes
+    def _held(self, cfg: ParallelConfig, device: int, nmb: int) -> list[int]:
+        """Micro-batches in flight for each local chunk of a device at its peak."""
+        key = (cfg.schedule, cfg.pp, cfg.vpp, device, nmb)
+        held = self._held_cache.get(key)
+        if held is None:
+            if cfg.schedule == "interleaved":
+                held = interleaved_in_flight_chunks(cfg.pp, cfg.vpp, device, nmb)
+            else:
+                held = [in_flight_microbatches(cfg.schedule, cfg.pp, device, nmb)]
+            self._held_cache[key] = held
+        return held
 
-    # ------------------------------------------------------------------ memory
-    def _device_memory(self, cfg: ParallelConfig, device: int, layers: int, nmb: int, blk: BlockCost,
-                       tp_group: Group) -> float:
-        """Total bytes of a device holding `layers` blocks in one chunk (used by the layer split)."""
-        return sum(self._memory_parts(cfg, device, [layers], nmb, blk))
-
-    def _memory_parts(self, cfg: ParallelConfig, device: int, chunk_layers: list[int], nmb: int,
-                      blk: BlockCost) -> tuple[float, float, float, float, float]:
-        """(params, grads, optimizer, activations, other) bytes on one GPU of a pipeline device, whose
-        chunks (in local order) hold `chunk_layers` blocks."""
-        m, tp, sp, mbs, dt = self.model, cfg.tp, cfg.sp, cfg.mbs, self.dt
-        layers = sum(chunk_layers)
-        states = model_state_bytes(self.device_params(cfg, device, layers), self.states, cfg.zero, cfg.dp)
-        first, last = device == 0, device == cfg.pp - 1
-        if cfg.schedule == "interleaved":
-            held = interleaved_in_flight_chunks(cfg.pp, cfg.vpp, device, nmb)
-        else:
-            held = [in_flight_microbatches(cfg.schedule, cfg.pp, device, nmb)]
-        acts = sum(n * blk.activation_bytes * h for n, h in zip(chunk_layers, held))
-        if first:
-            acts += embedding_activation_bytes(m, mbs, self.seq, tp, sp) * held[0]
-        if last:
-            acts += head_activation_bytes(m, mbs, self.seq, tp, sp, dt) * (held[-1] if cfg.pp > 1 else held[0])
-        transient = blk.transient_bytes if layers else 0.0
-        if last:
-            transient = max(transient, head_transient_bytes(m, mbs, self.seq, tp, dt))
-        other = transient
-        if cfg.zero == 3 and cfg.dp > 1:
+    def _buffers(self, cfg: ParallelConfig) -> float:
+        """Data-parallel communication buffers (bytes)."""
+        if cfg.dp == 1:
+            return 0.0
+        if cfg.zero == 3:
             # FSDP keeps the block it computes and the prefetched next one unsharded, plus one block's
             # unsharded gradients before their reduce-scatter
-            block_params = self.layer.per_tp_rank(tp)
-            other += block_params * (2 * self.states.weights + self.states.grads)
-        elif cfg.dp > 1:
-            other += 2 * DDP_BUCKET_BYTES
-        return states.params, states.grads, states.optimizer, acts, other
+            return self.layer.per_tp_rank(cfg.tp) * (2 * self.states.weights + self.states.grads)
+        return 2 * DDP_BUCKET_BYTES
+
+    def _end_bytes(self, tp: int, mbs: int, sp: bool) -> tuple[float, float, float]:
+        """(embedding activations, head activations, head transient) bytes per micro-batch."""
+        key = (tp, mbs, sp)
+        hit = self._end_bytes_cache.get(key)
+        if hit is None:
+            m, dt = self.model, self.dt
+            hit = self._end_bytes_cache[key] = (embedding_activation_bytes(m, mbs, self.seq, tp, sp),
+                                                head_activation_bytes(m, mbs, self.seq, tp, sp, dt),
+                                                head_transient_bytes(m, mbs, self.seq, tp, dt))
+        return hit
+
+    def stage_memory(self, cfg: ParallelConfig, device: int, chunk_layers: list[int], nmb: int,
+                     blk: BlockCost) -> tuple[float, float, float, float, float]:
+        """(params, grads, optimizer, activations, other) bytes on one GPU of a pipeline device whose local
+        chunks hold `chunk_layers` blocks. Affine in the block count, which the layer split relies on."""
+        params = self.device_params(cfg, device, sum(chunk_layers))
+        w, g, o = self._state_bytes_per_param(cfg.zero, cfg.dp)
+        held = self._held(cfg, device, nmb)
+        emb_act, head_act, head_transient = self._end_bytes(cfg.tp, cfg.mbs, cfg.sp)
+        acts = blk.activation_bytes * sum(n * h for n, h in zip(chunk_layers, held))
+        other = blk.transient_bytes
+        if device == 0:
+            acts += emb_act * held[0]
+        if device == cfg.pp - 1:
+            acts += head_act * held[-1]
+            other = max(other, head_transient)
+        return params * w, params * g, params * o, acts, other + self._buffers(cfg)
+
+    # ------------------------------------------------------------------ layer split
+    def default_layers(self, cfg: ParallelConfig, blk: BlockCost, ends: EndsCost) -> list[int]:
+        """Blocks per chunk: for one chunk per device, the split minimising the slowest stage under every
+        stage's memory (falling back to time alone when nothing fits); near-equal chunks when interleaved."""
+        m, chunks = self.model, cfg.pp * cfg.vpp
+        if cfg.vpp > 1 or cfg.pp == 1:
+            # near-equal chunks; the remainder goes to the chunks without the embedding or the head
+            base, rest = divmod(m.num_layers, chunks)
+            order = list(range(1, chunks - 1)) + [0, chunks - 1] if chunks > 2 else list(range(chunks))
+            split = [base] * chunks
+            for j in order[:rest]:
+                split[j] += 1
+            return split
+        extra = [0.0] * cfg.pp
+        extra[0] += ends.emb_fwd.total + ends.emb_bwd.total
+        extra[-1] += ends.head_fwd.total + ends.head_bwd.total
+        nmb = cfg.microbatches(self.training.global_batch)
+        w, g, o = self._state_bytes_per_param(cfg.zero, cfg.dp)
+        per_block_states = self.layer.per_tp_rank(cfg.tp) * (w + g + o)
+        per_block, base = [], []
+        for i in range(cfg.pp):
+            per_block.append(per_block_states + blk.activation_bytes * self._held(cfg, i, nmb)[0])
+            base.append(sum(self.stage_memory(cfg, i, [0], nmb, blk)))
+        split = partition_layers(m.num_layers, blk.total, extra, per_block, base, self.usable_bytes / self.margin)
+        return split or partition_layers(m.num_layers, blk.total, extra)
+
+    # ------------------------------------------------------------------ lower bounds for the search
+    def bounds(self, cfg: ParallelConfig, order: tuple[str, str, str] = DEFAULT_ORDER) -> tuple[float, float]:
+        """(step seconds, peak reserved bytes) that no layer split of `cfg` can beat.
+
+        Time: with total work W per micro-batch over p devices, every schedule's closed form is at least its
+        balanced value, (m + p - 1) W/p, or (m + (p-1)/v) W/p interleaved; the optimizer step of the device
+        with the most parameters takes at least that of the average device.
+        Memory: the fullest stage holds at least L / sum_i 1/a_i, a_i = one block's states plus its
+        activations times the micro-batches stage i holds (the continuous relaxation of the split), with
+        the sum bounded above by an integral; plus the transient and buffer bytes every stage has.
+        """
+        layout, tp_group, dp_group = self.layout(cfg.tp, cfg.pp, cfg.dp, order)
+        blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group)
+        work = self._work(cfg, blk, tp_group)
+        per_cycle, post, block_states, buffers = self._state_bounds(cfg, order, dp_group)
+        nmb = cfg.microbatches(self.training.global_batch)
+        p, L = cfg.pp, self.model.num_layers
+        interleaved = cfg.schedule == "interleaved"
+        fill = (p - 1) / cfg.vpp if interleaved else p - 1
+        # GPipe's closed form charges transfers per phase, not per device cycle
+        transfers = 0.0 if p == 1 or cfg.schedule == "gpipe" else \
+            (2 * cfg.vpp if interleaved else 2) * self._p2p(layout, self._act_msg(cfg))
+        time_lb = (nmb + fill) * (work / p + transfers + per_cycle) + post
+        s, a = block_states, blk.activation_bytes
+        if cfg.schedule == "gpipe":
+            inv_sum = p / (s + a * nmb)
+        else:   # 1F1B holds min(p - i, m); interleaving holds more, so this bound holds for it too
+            k = min(p, nmb)
+            inv_sum = math.log1p(a * k / s) / a if a > 0 else k / s
+            inv_sum += (p - k) / (s + a * k)
+        mem_lb = (L / inv_sum + blk.transient_bytes + buffers) * self.margin
+        return time_lb, mem_lb
+
+    def _work(self, cfg: ParallelConfig, blk: BlockCost, tp_group: Group) -> float:
+        """Seconds of all forward and backward work of one micro-batch over the whole model (one TP rank)."""
+        key = (cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group.nodes)
+        work = self._work_cache.get(key)
+        if work is None:
+            ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group)
+            work = self._work_cache[key] = (self.model.num_layers * blk.total + ends.emb_fwd.total
+                                            + ends.emb_bwd.total + ends.head_fwd.total + ends.head_bwd.total)
+        return work
+
+    def _state_bounds(self, cfg: ParallelConfig, order: tuple[str, str, str],
+                      dp_group: Group) -> tuple[float, float, float, float]:
+        """(exposed DP seconds per cycle, seconds after the last backward, one block's state bytes, buffer bytes)
+        for the average device: the parts of the bounds that depend only on the degrees and ZeRO."""
+        key = (cfg.tp, cfg.pp, cfg.dp, cfg.zero, order)
+        hit = self._state_bounds_cache.get(key)
+        if hit is None:
+            avg_params = self._total_params_per_tp_rank(cfg) / cfg.pp
+            per_cycle, post = self._dp_comm_bounds(cfg, avg_params, dp_group)
+            post += avg_params / (cfg.dp if cfg.zero >= 1 else 1) * self.opt_seconds_per_param
+            w, g, o = self._state_bytes_per_param(cfg.zero, cfg.dp)
+            hit = self._state_bounds_cache[key] = (per_cycle, post, self.layer.per_tp_rank(cfg.tp) * (w + g + o),
+                                                   self._buffers(cfg))
+        return hit
+
+    def _dp_comm_bounds(self, cfg: ParallelConfig, params: float, dp_group: Group) -> tuple[float, float]:
+        """Lower bounds on the data-parallel communication a device with `params` parameters leaves exposed:
+        (per micro-batch cycle, after the last backward). Overlapped communication costs at least the
+        overlap slow-down times itself; collectives are affine in bytes, so the average device bounds the
+        busiest one."""
+        if cfg.dp == 1:
+            return 0.0, 0.0
+        kappa, net = self.cluster.overlap_slowdown, self.net
+        grads, weights = params * self.states.grads, params * self.states.weights
+        if cfg.zero == 0:
+            return 0.0, kappa * net.collective("all_reduce", grads, dp_group)
+        if cfg.zero == 1:
+            return 0.0, kappa * net.collective("reduce_scatter", grads, dp_group) + net.collective(
+                "all_gather", weights, dp_group)
+        rs = kappa * net.collective("reduce_scatter", grads, dp_group)
+        if cfg.zero == 2:
+            return rs, net.collective("all_gather", weights, dp_group)
+        return rs + 2 * kappa * net.collective("all_gather", weights, dp_group), 0.0
+
+    def placement_signature(self, tp: int, pp: int, dp: int, order: tuple[str, str, str]) -> tuple:
+        """What the cost model sees of a rank order: nodes spanned by the TP and DP groups and which pipeline
+        boundaries cross nodes (with a measured link matrix, the ranks themselves)."""
+        key = (tp, pp, dp, order)
+        sig = self._signatures.get(key)
+        if sig is None:
+            layout, tp_group, dp_group = self.layout(tp, pp, dp, order)
+            node = self.cluster.gpus_per_node
+            crossings = tuple(layout.rank(i, 0, 0) // node != layout.rank(i + 1, 0, 0) // node
+                              for i in range(pp - 1))
+            sig = order if self.net.matrix is not None else (tp_group.nodes, dp_group.nodes, crossings)
+            self._signatures[key] = sig
+        return sig
+
+    def _total_params_per_tp_rank(self, cfg: ParallelConfig) -> float:
+        return sum(self.device_params(cfg, i, 0) for i in {0, cfg.pp - 1}) + \
+            self.model.num_layers * self.layer.per_tp_rank(cfg.tp)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, cfg: ParallelConfig, order: tuple[str, str, str] = DEFAULT_ORDER,
-                 validate: bool = True) -> Prediction:
-        """Predict step time, throughput and memory of `cfg`."""
-        m, tr, gpu = self.model, self.training, self.gpu
-        if validate:
-            check_config(m, self.cluster, tr, cfg)
-        nmb = cfg.microbatches(tr.global_batch)
-        layout = Layout(cfg.tp, cfg.pp, cfg.dp, self.cluster.gpus_per_node, order)
-        tp_group, dp_group = layout.group("tp"), layout.group("dp")
-        blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group)
-        ef, eb, hf, hb = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group)
-        chunks = list(cfg.layers_per_stage) if cfg.layers_per_stage else self.default_layers(cfg, tp_group)
-        device_chunks = [chunks[i::cfg.pp] for i in range(cfg.pp)]
+    def _act_msg(self, cfg: ParallelConfig) -> float:
+        """Bytes of the activation one micro-batch sends between stages (sequence-sharded under SP)."""
+        return cfg.mbs * self.seq * self.model.hidden_size * self.dt.act / (cfg.tp if cfg.sp else 1)
 
-        # --- per-device, per-micro-batch times
-        devices = []
-        for i, local in enumerate(device_chunks):
-            n = sum(local)
-            d = DeviceTimes()
-            parts_f = [(blk.forward, n)]
-            parts_b = [(blk.backward, n)]
-            if i == 0:
-                parts_f.append((ef, 1))
-                parts_b.append((eb, 1))
-            if i == cfg.pp - 1:
-                parts_f.append((hf, 1))
-                parts_b.append((hb, 1))
-            for pc, k in parts_f + parts_b:
-                d.compute += k * pc.compute
-                d.tp_comm += k * pc.comm
-            d.recompute = n * blk.recompute.compute
-            d.tp_comm += n * blk.recompute.comm
-            d.forward = sum(k * (pc.compute + pc.comm) for pc, k in parts_f)
-            d.backward = (sum(k * (pc.compute + pc.comm) for pc, k in parts_b)
-                          + n * (blk.recompute.compute + blk.recompute.comm))
-            devices.append(d)
+    def _p2p(self, layout: Layout, nbytes: float) -> float:
+        """The slowest activation transfer between neighbouring stages."""
+        key = (layout.tp, layout.pp, layout.dp, layout.order, nbytes)
+        t = self._p2p_cache.get(key)
+        if t is None:
+            t = self._p2p_cache[key] = max(
+                (self.net.p2p(nbytes, layout.rank(i, 0, 0), layout.rank(i + 1, 0, 0)) for i in range(layout.pp - 1)),
+                default=0.0)
+        return t
+
+    def evaluate_core(self, cfg: ParallelConfig, order: tuple[str, str, str] = DEFAULT_ORDER) -> Core:
+        """Step time, its breakdown and memory per stage of a valid `cfg` (see `evaluate`)."""
+        m, tr = self.model, self.training
+        nmb = cfg.microbatches(tr.global_batch)
+        layout, tp_group, dp_group = self.layout(cfg.tp, cfg.pp, cfg.dp, order)
+        blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group)
+        ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group)
+        chunks = list(cfg.layers_per_stage) if cfg.layers_per_stage else self.default_layers(cfg, blk, ends)
+        pp, last = cfg.pp, cfg.pp - 1
+        device_chunks = [chunks[i::pp] for i in range(pp)]
+        layers = [sum(c) for c in device_chunks]
+        params = [self.device_params(cfg, i, n) for i, n in enumerate(layers)]
+
+        # --- per-device, per-micro-batch times (embedding on the first device, head and loss on the last)
+        fwd = [n * blk.forward.total for n in layers]
+        bwd = [n * (blk.backward.total + blk.recompute.total) for n in layers]
+        fwd[0] += ends.emb_fwd.total
+        bwd[0] += ends.emb_bwd.total
+        fwd[last] += ends.head_fwd.total
+        bwd[last] += ends.head_bwd.total
 
         # --- ZeRO-2/3 communication every micro-batch, overlapped with that micro-batch's compute
-        device_params = [self.device_params(cfg, i, sum(c)) for i, c in enumerate(device_chunks)]
         kappa = self.cluster.overlap_slowdown
+        zero_exposed = [0.0] * pp
         if cfg.zero >= 2 and cfg.dp > 1:
-            for i, d in enumerate(devices):
-                grads_rs = self.net.collective("reduce_scatter", device_params[i] * self.states.grads, dp_group)
-                fwd_ag = bwd_ag = 0.0
-                if cfg.zero == 3:
-                    nblocks = max(1, sum(device_chunks[i]))
+            for i in range(pp):
+                grads_rs = self.net.collective("reduce_scatter", params[i] * self.states.grads, dp_group)
+                gather = 0.0
+                if cfg.zero == 3:   # FSDP gathers block by block, in forward and again in backward
+                    nblocks = max(1, layers[i])
                     gather = nblocks * self.net.collective(
-                        "all_gather", device_params[i] / nblocks * self.states.weights, dp_group)
-                    fwd_ag = bwd_ag = gather
-                fwd_exposed = _exposed(fwd_ag, d.forward, kappa)
-                bwd_exposed = _exposed(bwd_ag + grads_rs, d.backward, kappa)
-                d.zero_exposed = fwd_exposed + bwd_exposed
-                d.forward += fwd_exposed
-                d.backward += bwd_exposed
+                        "all_gather", params[i] / nblocks * self.states.weights, dp_group)
+                fwd_exposed = _exposed(gather, fwd[i], kappa)
+                bwd_exposed = _exposed(gather + grads_rs, bwd[i], kappa)
+                zero_exposed[i] = fwd_exposed + bwd_exposed
+                fwd[i] += fwd_exposed
+                bwd[i] += bwd_exposed
 
         # --- pipeline
-        act_msg = cfg.mbs * self.seq * m.hidden_size * self.dt.act / (cfg.tp if cfg.sp else 1)
-        p2p = max((self.net.p2p(act_msg, layout.rank(i, 0, 0), layout.rank(i + 1, 0, 0))
-                   for i in range(cfg.pp - 1)), default=0.0)
-        pipe, crit = pipeline_time(cfg.schedule, nmb, [d.forward for d in devices],
-                                   [d.backward for d in devices], p2p, cfg.vpp)
+        p2p = self._p2p(layout, self._act_msg(cfg))
+        pipe, crit = pipeline_time(cfg.schedule, nmb, fwd, bwd, p2p, cfg.vpp)
 
         # --- after the last backward: DP gradient reduction, tied-embedding sync, optimizer
-        post, post_parts = [], []
-        opt_bytes = optimizer_bytes_per_param(tr.precision, tr.optimizer)
-        for i, d in enumerate(devices):
-            params = device_params[i]
+        post = []
+        for i in range(pp):
             comm = 0.0
             if cfg.dp > 1:
-                grads, weights = params * self.states.grads, params * self.states.weights
+                grads, weights = params[i] * self.states.grads, params[i] * self.states.weights
                 if cfg.zero == 0:
-                    comm = _exposed(self.net.collective("all_reduce", grads, dp_group), d.backward, kappa)
+                    comm = _exposed(self.net.collective("all_reduce", grads, dp_group), bwd[i], kappa)
                 elif cfg.zero == 1:
-                    comm = (_exposed(self.net.collective("reduce_scatter", grads, dp_group), d.backward, kappa)
+                    comm = (_exposed(self.net.collective("reduce_scatter", grads, dp_group), bwd[i], kappa)
                             + self.net.collective("all_gather", weights, dp_group))
                 elif cfg.zero == 2:
                     comm = self.net.collective("all_gather", weights, dp_group)
-            if m.tied_embeddings and cfg.pp > 1 and i in (0, cfg.pp - 1):
-                first, last = layout.rank(0, 0, 0), layout.rank(cfg.pp - 1, 0, 0)
-                comm += self.net.collective("all_reduce", embedding_params(m) / cfg.tp * self.states.grads,
-                                            Group.of((first, last), self.cluster.gpus_per_node))
-            local = params / (cfg.dp if cfg.zero >= 1 else 1)
-            opt = local * opt_bytes / (gpu.hbm_bandwidth * gpu.efficiency.memory)
-            post.append(comm + opt)
-            post_parts.append((comm, opt))
-        last_dev = max(range(cfg.pp), key=post.__getitem__)
-        step = pipe + post[last_dev]
+            if m.tied_embeddings and pp > 1 and i in (0, last):
+                pair = Group.of((layout.rank(0, 0, 0), layout.rank(last, 0, 0)), self.cluster.gpus_per_node)
+                comm += self.net.collective("all_reduce", embedding_params(m) / cfg.tp * self.states.grads, pair)
+            opt = params[i] / (cfg.dp if cfg.zero >= 1 else 1) * self.opt_seconds_per_param
+            post.append((comm + opt, comm, opt))
+        post_total, post_comm, post_opt = max(post)
+        step = pipe + post_total
 
         # --- time breakdown on the critical path (sums to step)
-        c = devices[crit]
-        transfers = (2 * cfg.vpp if cfg.schedule == "interleaved" else 2) * p2p if cfg.pp > 1 else 0.0
-        time = TimeBreakdown(
-            compute=nmb * c.compute, recompute=nmb * c.recompute, tp_comm=nmb * c.tp_comm,
-            pp_comm=nmb * transfers, dp_comm_exposed=nmb * c.zero_exposed + post_parts[last_dev][0],
-            optimizer=post_parts[last_dev][1], bubble=0.0)
-        time.bubble = max(0.0, step - sum(time.model_dump().values()))
+        n = layers[crit]
+        recompute = n * blk.recompute.compute
+        tp_comm = n * (blk.forward.comm + blk.backward.comm + blk.recompute.comm)
+        for is_end, parts in ((crit == 0, (ends.emb_fwd, ends.emb_bwd)), (crit == last, (ends.head_fwd, ends.head_bwd))):
+            if is_end:
+                tp_comm += parts[0].comm + parts[1].comm
+        compute = fwd[crit] + bwd[crit] - zero_exposed[crit] - recompute - tp_comm
+        transfers = (2 * cfg.vpp if cfg.schedule == "interleaved" else 2) * p2p if pp > 1 else 0.0
+        time = dict(compute=nmb * compute, recompute=nmb * recompute, tp_comm=nmb * tp_comm,
+                    pp_comm=nmb * transfers, dp_comm_exposed=nmb * zero_exposed[crit] + post_comm,
+                    optimizer=post_opt)
+        time["bubble"] = max(0.0, step - sum(time.values()))
 
         # --- memory
-        stages = []
-        for i, local in enumerate(device_chunks):
-            parts = self._memory_parts(cfg, i, local, nmb, blk)
-            total = sum(parts)
-            stages.append(StageMemory(stage=i, layers=sum(local), params=round(parts[0]), grads=round(parts[1]),
-                                      optimizer=round(parts[2]), activations=round(parts[3]),
-                                      other=round(parts[4]), total=round(total),
-                                      reserved=round(total * (1 + gpu.allocator_margin))))
-        fullest = max(stages, key=lambda s: s.reserved)
+        stages = [(layers[i], *self.stage_memory(cfg, i, device_chunks[i], nmb, blk)) for i in range(pp)]
+        totals = [sum(st[1:]) for st in stages]
+        fullest = max(range(pp), key=totals.__getitem__)
+        peak_total = totals[fullest]
+        peak_reserved = peak_total * self.margin
+        return Core(cfg=cfg, order=order, chunks=chunks, nmb=nmb, step=step, crit=crit, time=time, stages=stages,
+                    peak_total=peak_total, peak_reserved=peak_reserved, fullest=fullest,
+                    feasible=peak_reserved <= self.usable_bytes)
+
+    def evaluate(self, cfg: ParallelConfig, order: tuple[str, str, str] = DEFAULT_ORDER,
+                 validate: bool = True) -> Prediction:
+        """Predict step time, throughput and memory of `cfg` (validated against the specs first)."""
+        if validate:
+            check_config(self.model, self.cluster, self.training, cfg)
+        return self.prediction(self.evaluate_core(cfg, order))
+
+    def prediction(self, core: Core) -> Prediction:
+        """The Prediction of an evaluated configuration."""
+        m, tr, gpu, cfg = self.model, self.training, self.gpu, core.cfg
         usable = self.usable_bytes
-        feasible = fullest.reserved <= usable
-        reason = "" if feasible else (
+        stages = [StageMemory(stage=i, layers=s[0], params=round(s[1]), grads=round(s[2]), optimizer=round(s[3]),
+                              activations=round(s[4]), other=round(s[5]), total=round(sum(s[1:])),
+                              reserved=round(sum(s[1:]) * self.margin)) for i, s in enumerate(core.stages)]
+        fullest = stages[core.fullest]
+        reason = "" if core.feasible else (
             f"out of memory: stage {fullest.stage} needs {fullest.reserved / GIB:.1f} GiB, "
             f"{(fullest.reserved - usable) / GIB:.1f} GiB more than the {usable / GIB:.1f} GiB usable")
-
-        # --- throughput
+        time = TimeBreakdown(**core.time)
+        step, gpus = core.step, cfg.tp * cfg.pp * cfg.dp
         model_flops = model_flops_per_step(m, tr.global_batch, self.seq)
         hw_flops = hardware_flops_per_step(m, tr.global_batch, self.seq, cfg.recompute == "full")
-        gpus = cfg.num_gpus
-        peak = gpu.peak(self.dt.matmul)
         predicted = Predicted(
             step_time_s=step, tokens_per_s=tr.tokens_per_step / step,
-            mfu=model_flops / (step * gpus * peak), tflops_per_gpu=model_flops / (step * gpus) / 1e12,
+            mfu=model_flops / (step * gpus * gpu.peak(self.dt.matmul)),
+            tflops_per_gpu=model_flops / (step * gpus) / 1e12,
             hardware_tflops_per_gpu=hw_flops / (step * gpus) / 1e12,
-            peak_memory_bytes=fullest.total, peak_reserved_bytes=fullest.reserved, critical_stage=crit,
-            binding=_binding(time, step, fullest, usable, feasible),
+            peak_memory_bytes=fullest.total, peak_reserved_bytes=fullest.reserved, critical_stage=core.crit,
+            binding=_binding(time, step, fullest, usable, core.feasible),
             memory=MemoryBreakdown(capacity_bytes=gpu.memory_bytes, usable_bytes=round(usable), stages=stages),
-            time=time)
-        resolved = ResolvedConfig(**cfg.model_dump(exclude={"layers_per_stage"}), layers_per_stage=chunks,
-                                  num_microbatches=nmb, layout=list(order))
-        return Prediction(feasible=feasible, reason=reason, config=resolved, predicted=predicted)
+            time=time, sources=core.sources)
+        fields = {k: getattr(cfg, k) for k in ParallelConfig.model_fields if k != "layers_per_stage"}
+        resolved = ResolvedConfig(**fields, layers_per_stage=core.chunks, num_microbatches=core.nmb,
+                                  layout=list(core.order))
+        return Prediction(feasible=core.feasible, reason=reason, config=resolved, predicted=predicted)
 
 
 def _binding(time: TimeBreakdown, step: float, fullest: StageMemory, usable: float, feasible: bool) -> str:
-    """One line: the largest share of the step and how full the fullest GPU is."""
+    """One line: the largest shares of the step and how full the fullest GPU is."""
     shares = sorted(time.model_dump().items(), key=lambda kv: -kv[1])
     top = ", ".join(f"{k} {v / step:.0%}" for k, v in shares[:3] if v > 0)
     mem = f"stage {fullest.stage} memory {fullest.reserved / GIB:.1f} of {usable / GIB:.1f} GiB"
@@ -336,4 +501,3 @@ def _binding(time: TimeBreakdown, step: float, fullest: StageMemory, usable: flo
 def estimate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, cfg: ParallelConfig) -> Prediction:
     """Predict one configuration (validates it first)."""
     return CostModel(model, cluster, training).evaluate(cfg)
-

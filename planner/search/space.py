@@ -1,0 +1,125 @@
+"""The search space: every parallel configuration worth costing, and why the others were dropped."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
+
+from planner.layout import DEFAULT_ORDER
+from planner.specs import ClusterSpec, ModelSpec, ParallelConfig, TrainingSpec
+from planner.validate import divisors
+
+ORDERS: tuple[tuple[str, str, str], ...] = (DEFAULT_ORDER, ("tp", "pp", "dp"))
+
+
+class Candidate(NamedTuple):
+    """A configuration with its rank order; duck-types ParallelConfig for the cost model."""
+
+    tp: int
+    pp: int
+    dp: int
+    vpp: int
+    mbs: int
+    zero: int
+    recompute: str
+    sp: bool
+    schedule: str
+    order: tuple[str, str, str] = DEFAULT_ORDER
+    layers_per_stage: None = None
+
+    def microbatches(self, global_batch: int) -> int:
+        return global_batch // (self.dp * self.mbs)
+
+    @property
+    def num_gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def config(self) -> ParallelConfig:
+        return ParallelConfig(tp=self.tp, pp=self.pp, dp=self.dp, vpp=self.vpp, mbs=self.mbs, zero=self.zero,
+                              recompute=self.recompute, sp=self.sp, schedule=self.schedule)
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Pinned values (None: search) and limits on the search."""
+
+    tp: int | None = None
+    pp: int | None = None
+    dp: int | None = None
+    vpp: int | None = None
+    mbs: int | None = None
+    zero: int | None = None
+    recompute: str | None = None
+    sp: bool | None = None
+    schedule: str | None = None
+    max_tp: int | None = None
+    max_pp: int | None = None
+    max_mbs: int | None = None
+    max_zero: int = 3
+    allow_cross_node_tp: bool = False
+
+    def pinned(self) -> dict[str, object]:
+        keys = ("tp", "pp", "dp", "vpp", "mbs", "zero", "recompute", "sp", "schedule")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+def _pick(pin, values):
+    return [v for v in values if pin is None or v == pin]
+
+
+def enumerate_space(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, c: Constraints,
+                    rejected: Counter) -> Iterator[Candidate]:
+    """Every distinct valid candidate. `rejected` counts what was dropped: 'indivisible' (degree and batch
+    combinations that break a divisibility rule or a limit) and 'dominated' (exact duplicates of another
+    candidate: ZeRO without data parallelism, selective recompute without a score matrix to drop, rank orders
+    that place every group identically)."""
+    gpus, L, B = cluster.world_size, model.num_layers, training.global_batch
+    node = cluster.gpus_per_node
+    selective_is_none = model.attention_kernel == "flash"
+    for tp in _pick(c.tp, divisors(gpus)):
+        if (model.num_heads % tp or model.kv_heads % tp or (c.max_tp and tp > c.max_tp)
+                or (tp > node and not c.allow_cross_node_tp) or (c.sp and tp == 1)):
+            rejected["indivisible"] += 1
+            continue
+        for pp in _pick(c.pp, divisors(gpus // tp)):
+            dp = gpus // (tp * pp)
+            if pp > L or (c.max_pp and pp > c.max_pp) or (c.dp is not None and dp != c.dp) or B % dp:
+                rejected["indivisible"] += 1
+                continue
+            for mbs in _pick(c.mbs, divisors(B // dp)):
+                if c.max_mbs and mbs > c.max_mbs:
+                    rejected["indivisible"] += 1
+                    continue
+                m = B // (dp * mbs)
+                for schedule, vpp in _schedules(pp, m, L, c, rejected):
+                    for zero in _pick(c.zero, range(c.max_zero + 1)):
+                        if dp == 1 and zero > 0 and c.zero is None:
+                            rejected["dominated"] += 1
+                            continue
+                        for recompute in _pick(c.recompute, ("none", "selective", "full")):
+                            if recompute == "selective" and selective_is_none and c.recompute is None:
+                                rejected["dominated"] += 1
+                                continue
+                            for sp in _pick(c.sp, (False, True) if tp > 1 else (False,)):
+                                if sp and training.seq_len % tp:
+                                    rejected["indivisible"] += 1
+                                    continue
+                                for order in ORDERS:
+                                    if order != DEFAULT_ORDER and (pp == 1 or dp == 1):
+                                        rejected["dominated"] += 1   # both orders place every group alike
+                                        continue
+                                    yield Candidate(tp, pp, dp, vpp, mbs, zero, recompute, sp, schedule, order)
+
+
+def _schedules(pp: int, m: int, L: int, c: Constraints, rejected: Counter) -> list[tuple[str, int]]:
+    """(schedule, vpp) pairs for a pipeline of pp stages and m micro-batches."""
+    if pp == 1:
+        if c.schedule in (None, "1f1b") and c.vpp in (None, 1):
+            return [("1f1b", 1)]
+        rejected["indivisible"] += 1
+        return []
+    out = [(s, 1) for s in _pick(c.schedule, ("gpipe", "1f1b")) if c.vpp in (None, 1)]
+    if c.schedule in (None, "interleaved") and m % pp == 0:
+        out += [("interleaved", v) for v in _pick(c.vpp, range(2, L // pp + 1))]
+    return out

@@ -1,0 +1,89 @@
+"""The search returns the top of an exhaustive enumeration under the same cost model."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from planner.cost.model import CostModel
+from planner.layout import DEFAULT_ORDER
+from planner.loaders import load_cluster
+from planner.search.search import search
+from planner.search.space import Constraints, enumerate_space
+from planner.specs import ModelSpec, TrainingSpec
+
+
+def exhaustive(model, cluster, training, constraints, k):
+    """Cost every candidate; keep the feasible ones, best first, one per (config, score) as the search does."""
+    cost = CostModel(model, cluster, training)
+    rows = []
+    for i, cand in enumerate(enumerate_space(model, cluster, training, constraints, Counter())):
+        core = cost.evaluate_core(cand, cand.order)
+        if core.feasible:
+            rows.append(((core.step, core.peak_reserved), i, cand, core))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    out, seen = [], set()
+    for key, _, cand, core in rows:
+        twin = (cand._replace(order=DEFAULT_ORDER), key)
+        if twin not in seen:
+            seen.add(twin)
+            out.append(core)
+    return out[:k]
+
+
+@st.composite
+def problems(draw):
+    heads = draw(st.sampled_from([4, 8, 16]))
+    llama = draw(st.booleans())
+    model = ModelSpec(num_layers=draw(st.integers(2, 12)), hidden_size=heads * draw(st.sampled_from([64, 128, 256])),
+                      num_heads=heads, num_kv_heads=(heads // 2 if llama else None), vocab_size=32000,
+                      max_position_embeddings=4096, mlp="swiglu" if llama else "gelu",
+                      attention_kernel=draw(st.sampled_from(["flash", "eager"])), dropout=draw(st.sampled_from([0, .1])))
+    gpn = draw(st.sampled_from([2, 4, 8]))
+    cluster = load_cluster(draw(st.sampled_from(["dgx-a100-40gb", "dgx-h100"])), nodes=draw(st.sampled_from([1, 2])),
+                           gpus_per_node=gpn)
+    # memory pressure from a tight GPU makes some candidates infeasible
+    gpu = cluster.gpu.model_copy(update={"memory_bytes": draw(st.sampled_from([4, 8, 80])) * 2 ** 30})
+    cluster = cluster.model_copy(update={"gpu_types": {cluster.nodes.gpu_type: gpu}})
+    training = TrainingSpec(global_batch=draw(st.sampled_from([8, 16, 32])), seq_len=draw(st.sampled_from([512, 2048])),
+                            precision=draw(st.sampled_from(["bf16", "fp16"])))
+    return model, cluster, training
+
+
+@given(problems(), st.integers(1, 4))
+@settings(max_examples=40, deadline=None)
+def test_search_equals_exhaustive_enumeration(problem, k):
+    model, cluster, training = problem
+    result = search(model, cluster, training, Constraints(), top_k=k)
+    expected = exhaustive(model, cluster, training, Constraints(), k)
+    assert [round(c.step, 12) for c in result.top] == [round(c.step, 12) for c in expected]
+    assert [c.peak_reserved for c in result.top] == pytest.approx([c.peak_reserved for c in expected])
+    if expected:
+        assert result.top[0].cfg == expected[0].cfg
+    assert result.evaluated <= result.candidates
+
+
+@given(problems())
+@settings(max_examples=25, deadline=None)
+def test_pinned_degrees_are_respected(problem):
+    model, cluster, training = problem
+    pins = Constraints(tp=2 if model.kv_heads % 2 == 0 else 1, recompute="full", zero=1)
+    result = search(model, cluster, training, pins, top_k=3)
+    for core in result.top:
+        assert core.cfg.tp == pins.tp and core.cfg.recompute == "full" and core.cfg.zero == 1
+    expected = exhaustive(model, cluster, training, pins, 3)
+    assert [round(c.step, 12) for c in result.top] == [round(c.step, 12) for c in expected]
+
+
+def test_limits_are_respected():
+    model = ModelSpec(num_layers=8, hidden_size=1024, num_heads=16, vocab_size=32000, max_position_embeddings=2048)
+    cluster = load_cluster("dgx-a100-80gb", nodes=2)
+    training = TrainingSpec(global_batch=64, seq_len=2048)
+    result = search(model, cluster, training, Constraints(max_tp=2, max_pp=2, max_zero=2, max_mbs=2), top_k=10)
+    assert result.top
+    for core in result.top:
+        c = core.cfg
+        assert c.tp <= 2 and c.pp <= 2 and c.zero <= 2 and c.mbs <= 2
