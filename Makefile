@@ -15,8 +15,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/meshplan estimate --model gpt3-175b --cluster dgx-a100-80gb --nodes 128 --global-batch 1536 \
-	    --seq 2048 --tp 8 --pp 16 --recompute full
+	$(BIN)/meshplan plan --model gpt3-175b --cluster dgx-a100-80gb --nodes 128 --global-batch 1536 --seq 2048
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

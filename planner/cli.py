@@ -109,7 +109,6 @@ def estimate(
     """
     from planner.cost.model import CostModel
     from planner.loaders import parse_spec
-    from planner.plan import make_plan
     from planner.specs import ParallelConfig
 
     m, c, t = load_inputs(model, cluster, nodes, gpus_per_node, global_batch, seq, precision, optimizer)
@@ -129,6 +128,7 @@ def estimate(
     cost = CostModel(m, c, t)
     pred = cost.evaluate(cfg)
     if output is not None:
+        from planner.plan import make_plan
         write_new_file(output, make_plan(m, c, t, pred).model_dump_json(indent=1), force, "--output")
     if as_json:
         print(pred.model_dump_json(indent=1))

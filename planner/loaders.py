@@ -15,6 +15,7 @@ from planner.presets import PRESETS
 from planner.specs import ClusterSpec, ModelSpec
 
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster_specs"
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml when present: 10x faster
 
 
 def read_data_file(path: Path, field: str) -> dict[str, Any]:
@@ -26,7 +27,7 @@ def read_data_file(path: Path, field: str) -> dict[str, Any]:
     except OSError as exc:
         raise InputError(f"cannot read '{path}': {exc.strerror}", field=field) from None
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_YAML_LOADER)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         line = getattr(exc, "lineno", None) or getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + (0 if path.suffix == '.json' else 1)})" if line is not None else ""
