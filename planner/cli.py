@@ -37,6 +37,9 @@ SeqOpt = typer.Option(2048, "--seq", "-s", help="Tokens per sequence.")
 PrecisionOpt = typer.Option("bf16", "--precision", help="bf16 | fp16 (Megatron-style mixed precision), amp-bf16 "
                                                         "(autocast over fp32 params), fp32.")
 OptimizerOpt = typer.Option("adamw", "--optimizer", help="adam | adamw | sgd (with momentum).")
+ProfileOpt = typer.Option(None, "--profile", help="A `meshplan profile model` file: its measured layer times and "
+                                                  "activation bytes replace the analytical ones where model, "
+                                                  "precision and sequence match.")
 
 
 def _choice(value: str, field: str, choices: tuple[str, ...]) -> str:
@@ -73,6 +76,15 @@ def write_new_file(path: Path, text: str, force: bool, field: str) -> None:
     tmp.replace(path)
 
 
+def cost_model(model, cluster, training, profile: Optional[Path]):
+    """The cost model, with measured layer costs when a profile file is given."""
+    from planner.cost.model import CostModel
+    if profile is None:
+        return CostModel(model, cluster, training)
+    from planner.profile_data import load_profile
+    return CostModel(model, cluster, training, load_profile(profile), profile_name=profile.name)
+
+
 def parse_int_list(text: Optional[str], field: str) -> Optional[list[int]]:
     if text is None:
         return None
@@ -98,7 +110,7 @@ def estimate(
     schedule: str = typer.Option("1f1b", "--schedule", help="Pipeline schedule: gpipe | 1f1b | interleaved."),
     layers_per_stage: Optional[str] = typer.Option(None, "--layers-per-stage",
                                                    help="Blocks per pipeline chunk, e.g. 7,8,8,9."),
-    precision: str = PrecisionOpt, optimizer: str = OptimizerOpt,
+    precision: str = PrecisionOpt, optimizer: str = OptimizerOpt, profile: Optional[Path] = ProfileOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (schema in README) to stdout."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write a plan file for `meshplan run`."),
     force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
@@ -107,7 +119,6 @@ def estimate(
 
     Example: meshplan estimate -m gpt3-175b -c dgx-a100-80gb --nodes 128 -b 1536 --tp 8 --pp 16 --recompute full
     """
-    from planner.cost.model import CostModel
     from planner.loaders import parse_spec
     from planner.specs import ParallelConfig
 
@@ -125,7 +136,7 @@ def estimate(
                                           sp=sp, schedule=schedule,
                                           layers_per_stage=parse_int_list(layers_per_stage, "--layers-per-stage")),
                      "config")
-    cost = CostModel(m, c, t)
+    cost = cost_model(m, c, t, profile)
     pred = cost.evaluate(cfg)
     if output is not None:
         from planner.plan import make_plan
@@ -204,7 +215,7 @@ def _fit_hints(closest, constraints, model, cluster, training) -> str:
 def plan(
     model: str = ModelOpt, cluster: str = ClusterOpt, nodes: Optional[int] = NodesOpt,
     gpus_per_node: Optional[int] = GpnOpt, global_batch: int = BatchOpt, seq: int = SeqOpt,
-    precision: str = PrecisionOpt, optimizer: str = OptimizerOpt,
+    precision: str = PrecisionOpt, optimizer: str = OptimizerOpt, profile: Optional[Path] = ProfileOpt,
     tp: Optional[int] = typer.Option(None, "--tp", help="Pin the tensor-parallel degree."),
     pp: Optional[int] = typer.Option(None, "--pp", help="Pin the pipeline degree."),
     dp: Optional[int] = typer.Option(None, "--dp", help="Pin the data-parallel degree."),
@@ -231,7 +242,6 @@ def plan(
 
     Example: meshplan plan -m llama3-70b -c dgx-h100 --nodes 64 -b 1024 --seq 8192 -o plan.json
     """
-    from planner.cost.model import CostModel
     from planner.errors import NoFeasiblePlan
     from planner.plan import SearchStats, make_plan
     from planner.search.search import search
@@ -251,7 +261,7 @@ def plan(
     constraints = Constraints(tp=tp, pp=pp, dp=dp, vpp=vpp, mbs=mbs, zero=zero, recompute=recompute, sp=sp,
                               schedule=schedule, max_tp=max_tp, max_pp=max_pp, max_mbs=max_mbs,
                               max_zero=2 if no_zero3 else 3, allow_cross_node_tp=allow_cross_node_tp)
-    cost = CostModel(m, c, t)
+    cost = cost_model(m, c, t, profile)
     compare_cand = None
     if compare is not None:
         from planner.validate import check_config

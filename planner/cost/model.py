@@ -8,11 +8,12 @@ search evaluates thousands of configurations through one CostModel). Nothing her
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from planner.cost.comm import Group, Network
 from planner.cost.flops import hardware_flops_per_step, model_flops_per_step
 from planner.cost.kernels import Dtypes, Pass, block_work, embedding_work, head_work, pass_time
+from planner.cost.measured import MeasuredCosts
 from planner.cost.memory import (DDP_BUCKET_BYTES, GIB, block_activation_bytes, block_backward_transient_bytes,
                                  embedding_activation_bytes, head_activation_bytes, head_transient_bytes,
                                  in_flight_microbatches, interleaved_in_flight_chunks, state_bytes)
@@ -20,6 +21,7 @@ from planner.cost.params import embedding_params, final_norm_params, layer_param
 from planner.cost.pipeline import pipeline_time
 from planner.layout import DEFAULT_ORDER, Layout
 from planner.partition import partition_layers
+from planner.profile_data import ModelProfile
 from planner.prediction import (MemoryBreakdown, Predicted, Prediction, ResolvedConfig, StageMemory,
                                 TimeBreakdown)
 from planner.specs import ClusterSpec, ModelSpec, ParallelConfig, TrainingSpec
@@ -93,13 +95,13 @@ class Core:
     peak_reserved: float
     fullest: int
     feasible: bool
-    sources: dict[str, str] = field(default_factory=dict)
 
 
 class CostModel:
     """Costs of parallel configurations for one (model, cluster, training)."""
 
-    def __init__(self, model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec):
+    def __init__(self, model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
+                 profile: ModelProfile | None = None, profile_name: str = "profile"):
         self.model, self.cluster, self.training = model, cluster, training
         self.gpu = cluster.gpu
         self.dt = Dtypes.of(training.precision)
@@ -111,6 +113,10 @@ class CostModel:
         self.margin = 1.0 + self.gpu.allocator_margin
         self.opt_seconds_per_param = (optimizer_bytes_per_param(training.precision, training.optimizer)
                                       / (self.gpu.hbm_bandwidth * self.gpu.efficiency.memory))
+        self.measured = MeasuredCosts(profile, model, training, self.gpu, profile_name) if profile else None
+        self.sources = self._sources(profile_name)
+        if self.measured and self.measured.optimizer_s_per_param:
+            self.opt_seconds_per_param = self.measured.optimizer_s_per_param
         self._blocks: dict[tuple, BlockCost] = {}
         self._ends: dict[tuple, EndsCost] = {}
         self._layouts: dict[tuple, tuple[Layout, Group, Group]] = {}
@@ -120,6 +126,22 @@ class CostModel:
         self._signatures: dict[tuple, tuple] = {}
         self._work_cache: dict[tuple, float] = {}
         self._state_bounds_cache: dict[tuple, tuple[float, float, float, float]] = {}
+
+    def _sources(self, profile_name: str) -> dict[str, str]:
+        """Which numbers are measured and which computed, for the report."""
+        links = ("measured link matrix" if self.cluster.link_matrix is not None
+                 else f"alpha-beta from the {self.cluster.name} spec")
+        out = {"layer times and activation bytes": "computed (analytical kernels)", "communication": links}
+        if self.measured is not None:
+            if self.measured.mismatch:
+                out["layer times and activation bytes"] = f"computed ({profile_name} not used: {self.measured.mismatch})"
+            else:
+                out["layer times and activation bytes"] = f"measured ({profile_name})"
+                if self.measured.optimizer_s_per_param:
+                    out["optimizer"] = f"measured ({profile_name})"
+        if self.cluster.measured:
+            out["device efficiency"] = "measured (profiled cluster)"
+        return out
 
     # ------------------------------------------------------------------ cached pieces
     def layout(self, tp: int, pp: int, dp: int, order: tuple[str, str, str]) -> tuple[Layout, Group, Group]:
@@ -140,10 +162,15 @@ class CostModel:
         cost = self._blocks.get(key)
         if cost is None:
             w = block_work(self.model, mbs, self.seq, tp, sp, recompute, self.dt)
+            fwd, bwd, rec = (self._pass_cost(p, tp_group) for p in (w.forward, w.backward, w.recompute))
+            acts = block_activation_bytes(self.model, mbs, self.seq, tp, sp, recompute, self.dt)
+            factors = self.measured.block(tp, mbs, recompute) if self.measured and not self.measured.mismatch else None
+            if factors is not None:   # measured kernels; TP collectives stay on the cluster's links
+                fwd, bwd, rec = (PassCost(pc.compute * k, pc.comm) for pc, k in
+                                 ((fwd, factors.forward), (bwd, factors.backward), (rec, factors.backward)))
+                acts *= factors.activations
             cost = self._blocks[key] = BlockCost(
-                self._pass_cost(w.forward, tp_group), self._pass_cost(w.backward, tp_group),
-                self._pass_cost(w.recompute, tp_group),
-                block_activation_bytes(self.model, mbs, self.seq, tp, sp, recompute, self.dt),
+                fwd, bwd, rec, acts,
                 block_backward_transient_bytes(self.model, mbs, self.seq, tp, sp, recompute, self.dt))
         return cost
 
@@ -153,7 +180,14 @@ class CostModel:
         if cost is None:
             ef, eb = embedding_work(self.model, mbs, self.seq, tp, sp, self.dt)
             hf, hb = head_work(self.model, mbs, self.seq, tp, sp, self.dt)
-            cost = self._ends[key] = EndsCost(*(self._pass_cost(p, tp_group) for p in (ef, eb, hf, hb)))
+            parts = [self._pass_cost(p, tp_group) for p in (ef, eb, hf, hb)]
+            if self.measured and not self.measured.mismatch:
+                for i, part in ((0, "embedding"), (2, "head")):
+                    factors = self.measured.end(part, tp, mbs)
+                    if factors is not None:
+                        parts[i] = PassCost(parts[i].compute * factors.forward, parts[i].comm)
+                        parts[i + 1] = PassCost(parts[i + 1].compute * factors.backward, parts[i + 1].comm)
+            cost = self._ends[key] = EndsCost(*parts)
         return cost
 
     # ------------------------------------------------------------------ parameters and memory
@@ -448,6 +482,15 @@ class CostModel:
                     peak_total=peak_total, peak_reserved=peak_reserved, fullest=fullest,
                     feasible=peak_reserved <= self.usable_bytes)
 
+    def sources_for(self, cfg: ParallelConfig) -> dict[str, str]:
+        """`sources` with where this configuration's block numbers came from."""
+        out = dict(self.sources)
+        if self.measured is not None and not self.measured.mismatch:
+            factors = self.measured.block(cfg.tp, cfg.mbs, cfg.recompute)
+            if factors is not None:
+                out["layer times and activation bytes"] += f": {factors.measured_at}"
+        return out
+
     def evaluate(self, cfg: ParallelConfig, order: tuple[str, str, str] = DEFAULT_ORDER,
                  validate: bool = True) -> Prediction:
         """Predict step time, throughput and memory of `cfg` (validated against the specs first)."""
@@ -478,7 +521,7 @@ class CostModel:
             peak_memory_bytes=fullest.total, peak_reserved_bytes=fullest.reserved, critical_stage=core.crit,
             binding=_binding(time, step, fullest, usable, core.feasible),
             memory=MemoryBreakdown(capacity_bytes=gpu.memory_bytes, usable_bytes=round(usable), stages=stages),
-            time=time, sources=core.sources)
+            time=time, sources=self.sources_for(cfg))
         fields = {k: getattr(cfg, k) for k in ParallelConfig.model_fields if k != "layers_per_stage"}
         resolved = ResolvedConfig(**fields, layers_per_stage=core.chunks, num_microbatches=core.nmb,
                                   layout=list(core.order))

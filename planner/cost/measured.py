@@ -1,0 +1,103 @@
+"""Measured per-layer costs (a `meshplan profile model` file) in place of the analytical ones.
+
+A measurement is used as a correction of the analytical number at the same point: factor = measured /
+analytical. At a (tp, micro-batch) that was not measured, the factor is interpolated over the measured points
+of the same recompute mode (inverse-distance weights in log2 tp and log2 micro-batch, exact at measured
+points) and multiplies the analytical value there, so shapes between and beyond the measured ones keep the
+analytical model's scaling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from planner.cost.kernels import Dtypes, block_work, embedding_work, head_work, pass_time
+from planner.cost.memory import block_activation_bytes, embedding_activation_bytes, head_activation_bytes
+from planner.profile_data import ModelProfile
+from planner.specs import GPUSpec, ModelSpec, TrainingSpec
+
+
+@dataclass(frozen=True)
+class Factors:
+    forward: float
+    backward: float          # backward including recomputation
+    activations: float
+    measured_at: str         # "measured" or "interpolated from tp 2 mbs 1, tp 4 mbs 1"
+
+
+def _interpolate(points: list[tuple[int, int, tuple[float, float, float]]], tp: int, mbs: int) -> tuple[tuple, str]:
+    """Inverse-distance (power 2) weighting in (log2 tp, log2 mbs); exact at a measured point."""
+    weights, values, names = [], [], []
+    for ptp, pmbs, value in points:
+        d2 = (math.log2(ptp / tp)) ** 2 + (math.log2(pmbs / mbs)) ** 2
+        if d2 == 0:
+            return value, "measured"
+        weights.append(1 / d2)
+        values.append(value)
+        names.append(f"tp {ptp} mbs {pmbs}")
+    total = sum(weights)
+    blended = tuple(sum(w * v[i] for w, v in zip(weights, values)) / total for i in range(3))
+    return blended, "interpolated from " + ", ".join(names)
+
+
+class MeasuredCosts:
+    """Correction factors for blocks, embedding and head from one profile, for one model and training."""
+
+    def __init__(self, profile: ModelProfile, model: ModelSpec, training: TrainingSpec, gpu: GPUSpec,
+                 source: str = "profile"):
+        self.profile, self.source = profile, source
+        self.mismatch = self._mismatch(profile, model, training)
+        self._blocks: dict[str, list] = {}
+        self._ends: dict[str, list] = {}
+        if self.mismatch:
+            return
+        dt = Dtypes.of(training.precision)
+        seq = training.seq_len
+        for b in profile.blocks:
+            w = block_work(model, b.mbs, seq, b.tp, False, b.recompute, dt)
+            fwd = pass_time(w.forward, gpu, dt.matmul)
+            bwd = pass_time(w.backward, gpu, dt.matmul) + pass_time(w.recompute, gpu, dt.matmul)
+            act = block_activation_bytes(model, b.mbs, seq, b.tp, False, b.recompute, dt)
+            self._blocks.setdefault(b.recompute, []).append(
+                (b.tp, b.mbs, (b.forward_s / fwd, b.backward_s / bwd, b.activation_bytes / act if act else 1.0)))
+        for e in profile.ends:
+            work = (embedding_work if e.part == "embedding" else head_work)(model, e.mbs, seq, e.tp, False, dt)
+            act = (embedding_activation_bytes(model, e.mbs, seq, e.tp, False) if e.part == "embedding"
+                   else head_activation_bytes(model, e.mbs, seq, e.tp, False, dt))
+            self._ends.setdefault(e.part, []).append(
+                (e.tp, e.mbs, (e.forward_s / pass_time(work[0], gpu, dt.matmul),
+                               e.backward_s / pass_time(work[1], gpu, dt.matmul), e.activation_bytes / act)))
+
+    @staticmethod
+    def _mismatch(profile: ModelProfile, model: ModelSpec, training: TrainingSpec) -> str:
+        ours = model.model_dump(exclude={"name"})
+        theirs = profile.model.model_dump(exclude={"name"})
+        if ours != theirs:
+            diff = sorted(k for k in ours if ours[k] != theirs.get(k))
+            return f"profile is of another model ({', '.join(diff)} differ)"
+        if profile.precision != training.precision:
+            return f"profile precision {profile.precision} != {training.precision}"
+        if profile.seq_len != training.seq_len:
+            return f"profile sequence {profile.seq_len} != {training.seq_len}"
+        return ""
+
+    def block(self, tp: int, mbs: int, recompute: str) -> Factors | None:
+        points = self._blocks.get(recompute) or self._blocks.get("none")
+        if not points:
+            return None
+        (f, b, a), where = _interpolate(points, tp, mbs)
+        if recompute not in self._blocks:
+            where = f"{where} (recompute none)"
+        return Factors(f, b, a, where)
+
+    def end(self, part: str, tp: int, mbs: int) -> Factors | None:
+        points = self._ends.get(part)
+        if not points:
+            return None
+        (f, b, a), where = _interpolate(points, tp, mbs)
+        return Factors(f, b, a, where)
+
+    @property
+    def optimizer_s_per_param(self) -> float | None:
+        return None if self.mismatch else self.profile.optimizer_s_per_param

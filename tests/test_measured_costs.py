@@ -1,0 +1,71 @@
+"""Measured layer costs (a model profile) replace the analytical ones where they match."""
+
+from __future__ import annotations
+
+import pytest
+
+from planner.cost.kernels import Dtypes, block_work, pass_time
+from planner.cost.memory import block_activation_bytes
+from planner.cost.model import CostModel
+from planner.loaders import load_cluster
+from planner.presets import PRESETS
+from planner.profile_data import BlockMeasurement, DeviceInfo, ModelProfile
+from planner.specs import ParallelConfig, TrainingSpec
+
+MODEL = PRESETS["llama3.2-1b"]
+CLUSTER = load_cluster("dgx-h100", nodes=1)
+TRAINING = TrainingSpec(global_batch=64, seq_len=2048, precision="bf16")
+
+
+def analytical(tp, mbs, recompute="none"):
+    dt = Dtypes.of("bf16")
+    w = block_work(MODEL, mbs, 2048, tp, False, recompute, dt)
+    return (pass_time(w.forward, CLUSTER.gpu, "bf16"),
+            pass_time(w.backward, CLUSTER.gpu, "bf16") + pass_time(w.recompute, CLUSTER.gpu, "bf16"),
+            block_activation_bytes(MODEL, mbs, 2048, tp, False, recompute, dt))
+
+
+def profile(scale_time: float, scale_bytes: float, points=((1, 1), (2, 1), (1, 2)), model=MODEL, seq=2048):
+    blocks = []
+    for tp, mbs in points:
+        f, b, a = analytical(tp, mbs)
+        blocks.append(BlockMeasurement(tp=tp, mbs=mbs, recompute="none", forward_s=f * scale_time,
+                                       backward_s=b * scale_time, activation_bytes=int(a * scale_bytes)))
+    return ModelProfile(model=model, precision="bf16", seq_len=seq,
+                        device=DeviceInfo(type="cuda", name="test", torch_version="2.13.0"), blocks=blocks)
+
+
+def test_measured_point_replaces_the_analytical_one():
+    cost = CostModel(MODEL, CLUSTER, TRAINING, profile(1.5, 1.2), "p.json")
+    _, tp_group, _ = cost.layout(2, 1, 4, ("tp", "dp", "pp"))
+    blk = cost.block(2, 1, False, "none", tp_group)
+    f, b, a = analytical(2, 1)
+    assert blk.forward.compute == pytest.approx(1.5 * f)
+    assert blk.backward.compute == pytest.approx(1.5 * b)
+    assert blk.activation_bytes == pytest.approx(1.2 * a, rel=1e-6)
+    pred = cost.evaluate(ParallelConfig(tp=2, dp=4))
+    assert pred.predicted.sources["layer times and activation bytes"] == "measured (p.json): measured"
+    plain = CostModel(MODEL, CLUSTER, TRAINING).evaluate(ParallelConfig(tp=2, dp=4))
+    assert pred.predicted.step_time_s > 1.2 * plain.predicted.step_time_s
+    assert pred.predicted.peak_memory_bytes > plain.predicted.peak_memory_bytes
+
+
+def test_unmeasured_shapes_are_interpolated_and_recompute_falls_back():
+    cost = CostModel(MODEL, CLUSTER, TRAINING, profile(2.0, 1.0), "p.json")
+    _, tp_group, _ = cost.layout(4, 1, 2, ("tp", "dp", "pp"))
+    blk = cost.block(4, 2, False, "full", tp_group)
+    f, b, _ = analytical(4, 2, "full")
+    assert blk.forward.compute == pytest.approx(2.0 * f)                    # every point says x2
+    assert blk.backward.compute + blk.recompute.compute == pytest.approx(2.0 * b)
+    src = cost.sources_for(ParallelConfig(tp=4, dp=2, mbs=2, recompute="full"))
+    assert "interpolated from" in src["layer times and activation bytes"]
+
+
+def test_profile_of_another_model_or_sequence_is_not_used():
+    other = PRESETS["llama3.2-3b"]
+    for prof in (profile(2.0, 1.0, model=other), profile(2.0, 1.0, seq=4096)):
+        cost = CostModel(MODEL, CLUSTER, TRAINING, prof, "p.json")
+        pred = cost.evaluate(ParallelConfig(tp=1, dp=8))
+        plain = CostModel(MODEL, CLUSTER, TRAINING).evaluate(ParallelConfig(tp=1, dp=8))
+        assert pred.predicted.step_time_s == pytest.approx(plain.predicted.step_time_s)
+        assert "not used" in pred.predicted.sources["layer times and activation bytes"]
