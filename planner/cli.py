@@ -211,6 +211,24 @@ def _fit_hints(closest, constraints, model, cluster, training) -> str:
     return "; ".join(hints)
 
 
+def _check_pins(model, cluster, training, tp, pp, dp, mbs) -> None:
+    """Pinned degrees that can never work, as the same one-line errors `estimate` gives."""
+    from planner.validate import divisors
+    gpus = cluster.world_size
+    if tp is not None and (model.num_heads % tp or model.kv_heads % tp or gpus % tp):
+        valid = [d for d in divisors(model.kv_heads) if model.num_heads % d == 0 and gpus % d == 0]
+        raise InputError(f"tp {tp} must divide num_heads {model.num_heads}, num_kv_heads {model.kv_heads} and the "
+                         f"{gpus} GPUs (valid: {', '.join(map(str, valid))})", field="--tp")
+    if pp is not None and (pp > model.num_layers or gpus % pp):
+        raise InputError(f"pp {pp} must divide the {gpus} GPUs and be at most the {model.num_layers} layers",
+                         field="--pp")
+    if dp is not None and (gpus % dp or training.global_batch % dp):
+        raise InputError(f"dp {dp} must divide the {gpus} GPUs and the global batch {training.global_batch}",
+                         field="--dp")
+    if mbs is not None and training.global_batch % mbs:
+        raise InputError(f"mbs {mbs} must divide the global batch {training.global_batch}", field="--mbs")
+
+
 @app.command()
 def plan(
     model: str = ModelOpt, cluster: str = ClusterOpt, nodes: Optional[int] = NodesOpt,
@@ -258,6 +276,7 @@ def plan(
                          (max_tp, "--max-tp"), (max_pp, "--max-pp"), (max_mbs, "--max-mbs"), (top, "--top")):
         if value is not None and value < 1:
             raise InputError(f"must be >= 1 (got {value})", field=field)
+    _check_pins(m, c, t, tp, pp, dp, mbs)
     constraints = Constraints(tp=tp, pp=pp, dp=dp, vpp=vpp, mbs=mbs, zero=zero, recompute=recompute, sp=sp,
                               schedule=schedule, max_tp=max_tp, max_pp=max_pp, max_mbs=max_mbs,
                               max_zero=2 if no_zero3 else 3, allow_cross_node_tp=allow_cross_node_tp)
