@@ -1,7 +1,135 @@
-"""`meshplan run` (being written: issue 4)."""
+"""`meshplan run`: train with a plan through torchrun and compare measured against predicted.
+
+Imports nothing heavy at module level (planner/cli.py registers `run_command` for every meshplan command,
+and `meshplan estimate` must stay fast); torch itself is imported only by the ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
 import typer
 
 
-def run_command(plan: str = typer.Argument(..., help="Plan file")):
-    """Train with a plan through torchrun and compare measured against predicted."""
-    raise typer.Exit(1)
+def run_command(
+    plan: Path = typer.Argument(..., help="Plan file from `meshplan estimate -o` or `meshplan plan -o`."),
+    steps: int = typer.Option(10, "--steps", help="Optimizer steps (with --resume: the step to reach)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial weights, the data and dropout."),
+    lr: float = typer.Option(1e-3, "--lr", help="Learning rate (constant)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Flat binary file of token ids (nanoGPT / "
+                                                            "Megatron .bin); default: synthetic tokens."),
+    data_dtype: str = typer.Option("uint16", "--data-dtype", help="Token id type of --data: uint16 | uint32."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Where checkpoints go."),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Save every K steps (0: never)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --checkpoint-dir."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the run report (JSON) here."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --report if it exists."),
+    print_command: bool = typer.Option(False, "--print-command",
+                                       help="Print each node's torchrun command instead of running."),
+    nnodes: Optional[int] = typer.Option(None, "--nnodes", help="Nodes (default: the plan's)."),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank",
+                                            help="With --print-command: print only this node's command."),
+    rdzv_endpoint: str = typer.Option("NODE0_HOST:29500", "--rdzv-endpoint",
+                                      help="host:port of node 0 for a multi-node rendezvous."),
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node",
+                                                 help="Processes per node (default: the plan's GPUs per node)."),
+):
+    """Train with a plan through torchrun, show progress, and compare measured against predicted.
+
+    Example: meshplan run plan.json --steps 20 --report run.json
+    """
+    from rich.console import Console
+
+    from planner.errors import InputError
+    from planner.plan import load_plan
+    from runtime import checkpoint as ckpt
+    from runtime.checks import check_run
+    from runtime.launch import Launch, format_command, torchrun_command
+
+    out = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+    p = load_plan(plan)
+    nodes = nnodes if nnodes is not None else p.cluster.num_nodes
+    per_node = nproc_per_node if nproc_per_node is not None else p.cluster.gpus_per_node
+    for value, field in ((nodes, "--nnodes"), (per_node, "--nproc-per-node")):
+        if value < 1:
+            raise InputError(f"must be >= 1 (got {value})", field=field)
+    if data_dtype not in ("uint16", "uint32"):
+        raise InputError(f"'{data_dtype}' is not one of uint16, uint32", field="--data-dtype")
+    args = _TrainArgs(steps, seed, lr, str(data) if data else None, data_dtype,
+                      str(checkpoint_dir) if checkpoint_dir else None, checkpoint_every, resume)
+    check_run(p, nodes * per_node, args)
+    if not p.feasible:
+        err.print(f"[yellow]warning:[/] the plan is predicted not to fit: {p.reason}")
+    fp = ckpt.fingerprint(p.model_dump(mode="json"), seed, lr, args.data)
+    if resume:
+        ckpt.check_resumable(checkpoint_dir, fp, steps)
+    if report is not None:
+        if report.exists() and not force:
+            raise InputError(f"'{report}' exists; pass --force to overwrite it", field="--report")
+        if not report.resolve().parent.is_dir():
+            raise InputError(f"directory '{report.parent}' does not exist", field="--report")
+
+    train_args = ["--plan", str(plan.resolve()), "--steps", str(steps), "--seed", str(seed), "--lr", repr(lr)]
+    if data:
+        train_args += ["--data", str(data.resolve()), "--data-dtype", data_dtype]
+    if checkpoint_dir:
+        train_args += ["--checkpoint-dir", str(checkpoint_dir.resolve())]
+    if checkpoint_every:
+        train_args += ["--checkpoint-every", str(checkpoint_every)]
+    if resume:
+        train_args.append("--resume")
+
+    if print_command:
+        if node_rank is not None and not 0 <= node_rank < nodes:
+            raise InputError(f"must be in 0..{nodes - 1} (got {node_rank})", field="--node-rank")
+        if report is not None:
+            train_args += ["--report", str(report.resolve())]
+        ranks = [node_rank] if node_rank is not None else list(range(nodes))
+        for r in ranks:
+            cmd = torchrun_command(train_args, per_node, nodes, r, rdzv_endpoint)
+            if nodes > 1:
+                print(f"# node {r} of {nodes}")
+            print(format_command(cmd))
+        return
+    if nodes > 1:
+        raise InputError(f"the plan spans {nodes} nodes; run `meshplan run {plan} --print-command` and start "
+                         f"each node's command there", field="--nnodes")
+
+    job_dir = Path(tempfile.mkdtemp(prefix="meshplan-run-"))
+    try:
+        report_path = report.resolve() if report is not None else job_dir / "report.json"
+        train_args += ["--report", str(report_path), "--job-dir", str(job_dir), "--progress-protocol"]
+        cmd = torchrun_command(train_args, per_node)
+        err.print(f"launching {per_node} processes: {format_command(cmd)}", soft_wrap=True)
+        launch = Launch(cmd, job_dir, err)
+        rc = launch.run()
+        if rc != 0:
+            failure = launch.failure()
+            if failure.kind == "input":
+                raise InputError(failure.message)
+            who = f"rank {failure.rank}" if failure.rank is not None else "a rank"
+            err.print(f"[red]error:[/] {who} failed: {failure.message}", soft_wrap=True)
+            raise typer.Exit(1)
+        if not report_path.is_file():
+            err.print("[red]error:[/] the ranks finished but rank 0 wrote no report")
+            raise typer.Exit(1)
+        from runtime.report import render_report
+        render_report(out, json.loads(report_path.read_text()))
+        if report is not None:
+            out.print(f"run report written to {report}")
+    finally:
+        shutil.rmtree(job_dir, ignore_errors=True)
+
+
+class _TrainArgs:
+    """The subset of runtime.train's arguments that runtime.checks.check_run reads."""
+
+    def __init__(self, steps, seed, lr, data, data_dtype, checkpoint_dir, checkpoint_every, resume):
+        self.steps, self.seed, self.lr = steps, seed, lr
+        self.data, self.data_dtype = data, data_dtype
+        self.checkpoint_dir, self.checkpoint_every, self.resume = checkpoint_dir, checkpoint_every, resume

@@ -340,9 +340,14 @@ class Embedding(nn.Module):
         super().__init__()
         _check_tp(spec, tp_degree)
         self.dropout_p = spec.dropout
-        self.tok = nn.Embedding(spec.vocab_size // tp_degree, spec.hidden_size)
-        self.pos = (nn.Embedding(spec.max_position_embeddings, spec.hidden_size)
-                    if spec.position_embedding == "learned" else None)
+        # `_weight` skips nn.Embedding's own normal_ init (init_weights sets the values; on the meta device
+        # that init would import torch._dynamo, seconds of start-up)
+        v, h = spec.vocab_size // tp_degree, spec.hidden_size
+        self.tok = nn.Embedding(v, h, _weight=torch.empty(v, h))
+        self.pos = None
+        if spec.position_embedding == "learned":
+            p = spec.max_position_embeddings
+            self.pos = nn.Embedding(p, h, _weight=torch.empty(p, h))
         if not _on_meta(self):
             init_weights(self, seed=0, prefix="embed.")
 

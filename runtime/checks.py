@@ -1,0 +1,67 @@
+"""Everything about a run that can be wrong before training starts, checked without torch (so that
+`meshplan run` can refuse bad input before it launches anything, and every rank checks again).
+
+Each check raises `planner.errors.InputError` (one line naming the field; exit 2).
+"""
+
+from __future__ import annotations
+
+from planner.errors import InputError
+from planner.plan import Plan
+from planner.validate import check_config
+from runtime.data import check_data_file
+
+
+def rank_grid(plan: Plan) -> list[list[list[int]]]:
+    """grid[pp][dp][tp] = global rank, from the plan's rank layout; InputError if the layout is not a
+    permutation of 0..world-1 over the (pp, dp, tp) coordinates."""
+    cfg = plan.config
+    world = cfg.pp * cfg.dp * cfg.tp
+    grid = [[[-1] * cfg.tp for _ in range(cfg.dp)] for _ in range(cfg.pp)]
+    seen = set()
+    for row in plan.rank_layout:
+        if not (0 <= row.pp < cfg.pp and 0 <= row.dp < cfg.dp and 0 <= row.tp < cfg.tp):
+            raise InputError(f"rank {row.rank} has coordinate (pp {row.pp}, dp {row.dp}, tp {row.tp}) outside "
+                             f"pp {cfg.pp} x dp {cfg.dp} x tp {cfg.tp}", field="rank_layout")
+        if not 0 <= row.rank < world or row.rank in seen:
+            raise InputError(f"rank {row.rank} is out of range or listed twice (world size {world})",
+                             field="rank_layout")
+        if grid[row.pp][row.dp][row.tp] != -1:
+            raise InputError(f"coordinate (pp {row.pp}, dp {row.dp}, tp {row.tp}) is given to two ranks",
+                             field="rank_layout")
+        seen.add(row.rank)
+        grid[row.pp][row.dp][row.tp] = row.rank
+    if len(seen) != world:
+        raise InputError(f"the rank layout lists {len(seen)} ranks; tp*pp*dp = {world}", field="rank_layout")
+    return grid
+
+
+def check_run(plan: Plan, world_size: int, args) -> None:
+    """Everything that can be wrong before training starts, for `world_size` processes; `args` carries
+    steps, checkpoint_every, checkpoint_dir, resume, data and data_dtype (runtime.train's arguments)."""
+    cfg = plan.config
+    if plan.world_size != world_size:
+        raise InputError(f"the plan is for {plan.world_size} processes (tp {cfg.tp} x pp {cfg.pp} x dp {cfg.dp}) "
+                         f"but {world_size} were started", field="plan")
+    check_config(plan.model, plan.cluster, plan.training, cfg)
+    for name in ("vocab_size", "ffn_size"):
+        value = getattr(plan.model, name)
+        if value % cfg.tp:
+            raise InputError(f"tp {cfg.tp} does not divide the model's {name} {value}", field="plan.config.tp")
+    if not cfg.layers_per_stage or len(cfg.layers_per_stage) != cfg.pp * cfg.vpp:
+        raise InputError("the plan has no layers_per_stage with pp*vpp entries", field="plan.config")
+    if cfg.num_microbatches != cfg.microbatches(plan.training.global_batch):
+        raise InputError(f"num_microbatches {cfg.num_microbatches} is not global_batch / (dp * mbs) = "
+                         f"{cfg.microbatches(plan.training.global_batch)}", field="plan.config")
+    if cfg.pp > 1 and cfg.schedule != "gpipe" and cfg.num_microbatches < cfg.pp:
+        raise InputError(f"1F1B needs at least as many micro-batches ({cfg.num_microbatches}) as stages "
+                         f"({cfg.pp})", field="plan.config")
+    rank_grid(plan)
+    if args.steps < 1:
+        raise InputError(f"must be >= 1 (got {args.steps})", field="--steps")
+    if args.checkpoint_every < 0:
+        raise InputError(f"must be >= 0 (got {args.checkpoint_every})", field="--checkpoint-every")
+    if (args.checkpoint_every or args.resume) and not args.checkpoint_dir:
+        raise InputError("needs --checkpoint-dir", field="--checkpoint-every" if args.checkpoint_every else "--resume")
+    if args.data is not None:
+        check_data_file(args.data, args.data_dtype, plan.training.seq_len, plan.model.vocab_size)

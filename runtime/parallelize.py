@@ -1,0 +1,218 @@
+"""Apply a plan's parallelism to the model chunks of one rank with PyTorch's own APIs.
+
+Order (torchtitan's, and the one DESIGN.md Sec. 7 verified on CPU/gloo): build each chunk on the meta
+device, tensor parallelism (`parallelize_module`, colwise/rowwise, sequence parallel), activation
+checkpointing (a per-block switch), data parallelism (FSDP2 `fully_shard` for ZeRO 1-3, FSDP2-based
+`replicate` for ZeRO 0, both of which accept TP's DTensor parameters), then materialise the parameters
+and initialise them from the full model's deterministic values. Pipeline stages wrap the result
+(`runtime.pipeline`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from planner.plan import Plan
+from runtime.checks import rank_grid
+from runtime.models import ModelChunk, init_weights
+
+MESH_DIMS = ("pp", "dp", "tp")
+
+
+# ----------------------------------------------------------------------------------------------
+# Mesh
+# ----------------------------------------------------------------------------------------------
+def build_mesh(plan: Plan, device_type: str) -> DeviceMesh:
+    """The (pp, dp, tp) DeviceMesh over the world, each coordinate on the rank the plan gives it."""
+    grid = torch.tensor(rank_grid(plan), dtype=torch.int)
+    return DeviceMesh(device_type, grid, mesh_dim_names=MESH_DIMS)
+
+
+@dataclass(frozen=True)
+class Coords:
+    pp: int
+    dp: int
+    tp: int
+
+
+def my_coords(plan: Plan, rank: int) -> Coords:
+    row = next(r for r in plan.rank_layout if r.rank == rank)
+    return Coords(row.pp, row.dp, row.tp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensor parallelism
+# ----------------------------------------------------------------------------------------------
+def apply_tensor_parallel(chunk: ModelChunk, tp_mesh: DeviceMesh, sp: bool, loss_parallel: bool) -> None:
+    """Megatron-style TP (Shoeybi et al. 2019) on one chunk: q/k/v, fc1 (gate/up) column-parallel,
+    output and fc2 (down) projections row-parallel, the token embedding and the LM head split by
+    vocabulary. With `sp` the norms, dropouts and residual stream are sharded along the sequence
+    (Korthikanti et al. 2022): one all-gather before attention and before the MLP, one reduce-scatter
+    after each. With `loss_parallel` the head's logits stay vocabulary-sharded (a DTensor) for
+    `torch.distributed.tensor.parallel.loss_parallel`."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+                                                   RowwiseParallel, SequenceParallel, parallelize_module)
+
+    seq_shard = Shard(1)
+    for block in chunk.layers.values():
+        plan = {
+            "attn.q_proj": ColwiseParallel(),
+            "attn.k_proj": ColwiseParallel(),
+            "attn.v_proj": ColwiseParallel(),
+            "attn.o_proj": RowwiseParallel(output_layouts=seq_shard if sp else Replicate()),
+        }
+        if block.mlp.swiglu:
+            plan.update({"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+                         "mlp.down_proj": RowwiseParallel(output_layouts=seq_shard if sp else Replicate())})
+        else:
+            plan.update({"mlp.fc1": ColwiseParallel(),
+                         "mlp.fc2": RowwiseParallel(output_layouts=seq_shard if sp else Replicate())})
+        if sp:
+            # the norms run on sequence shards; attention and MLP gather the sequence once each
+            plan.update({
+                "norm1": SequenceParallel(), "norm2": SequenceParallel(),
+                "attn": PrepareModuleInput(input_layouts=(seq_shard,), desired_input_layouts=(Replicate(),)),
+                "mlp": PrepareModuleInput(input_layouts=(seq_shard,), desired_input_layouts=(Replicate(),)),
+            })
+        parallelize_module(block, tp_mesh, plan)
+    if chunk.embed is not None:
+        plan = {"tok": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
+        parallelize_module(chunk.embed, tp_mesh, plan)
+        if sp:
+            # positions and dropout run on the whole sequence; the residual stream leaves sharded
+            parallelize_module(chunk.embed, tp_mesh, PrepareModuleOutput(
+                output_layouts=Replicate(), desired_output_layouts=seq_shard, use_local_output=True))
+    if chunk.head is not None:
+        plan = {"proj": ColwiseParallel(input_layouts=seq_shard if sp else Replicate(),
+                                        output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                        use_local_output=not loss_parallel)}
+        if sp:
+            plan["norm"] = SequenceParallel()
+        parallelize_module(chunk.head, tp_mesh, plan)
+    chunk.tie_weights()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data parallelism
+# ----------------------------------------------------------------------------------------------
+def apply_data_parallel(chunk: ModelChunk, dp_mesh: DeviceMesh, zero: int, mp_policy=None) -> None:
+    """ZeRO 1-3 with FSDP2 (`fully_shard` per block, then the chunk for the embedding and head);
+    ZeRO-3 reshards each block's parameters after its forward, ZeRO 1-2 keep them until backward.
+    ZeRO 0 with FSDP2's `replicate` (DDP semantics; plain `DDP(process_group=...)` rejects TP's DTensor
+    parameters). Gradients are averaged over the data-parallel group."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = mp_policy or MixedPrecisionPolicy()
+    if zero == 0:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+        for block in chunk.layers.values():
+            replicate(block, mesh=dp_mesh, mp_policy=policy)
+        replicate(chunk, mesh=dp_mesh, mp_policy=policy)
+        return
+    for block in chunk.layers.values():
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=(zero == 3), mp_policy=policy)
+    fully_shard(chunk, mesh=dp_mesh, reshard_after_forward=False, mp_policy=policy)
+
+
+def set_gradient_sync(chunk: nn.Module, enabled: bool) -> None:
+    """Reduce gradients over the data-parallel group in the coming backward (FSDP2 / replicate modules);
+    a no-op without data parallelism."""
+    from torch.distributed.fsdp import FSDPModule
+    if isinstance(chunk, FSDPModule):
+        chunk.set_requires_gradient_sync(enabled)
+
+
+# ----------------------------------------------------------------------------------------------
+# One rank's chunks
+# ----------------------------------------------------------------------------------------------
+def chunk_layer_ids(layers_per_stage: list[int]) -> list[list[int]]:
+    """Global block indices of each model chunk, in pipeline order."""
+    out, start = [], 0
+    for n in layers_per_stage:
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
+
+
+def local_chunk_indices(pp: int, vpp: int, pp_rank: int) -> list[int]:
+    """Chunks (pipeline stages) held by pipeline rank `pp_rank`: chunk j lives on rank j % pp."""
+    return [j for j in range(pp * vpp) if j % pp == pp_rank]
+
+
+def build_chunks(plan: Plan, mesh: DeviceMesh, coords: Coords, device: torch.device, seed: int,
+                 mp_policy=None, loss_parallel: bool = True) -> tuple[list[int], list[ModelChunk]]:
+    """This rank's model chunks, parallelised as the plan says and initialised from `seed`.
+
+    Returns (stage indices, chunks). Parameters are created on the meta device, sharded, then materialised
+    on `device`, so no rank ever holds more than its shard of a layer plus one full parameter at a time.
+    """
+    cfg, spec = plan.config, plan.model
+    ids = chunk_layer_ids(list(cfg.layers_per_stage))
+    stages = local_chunk_indices(cfg.pp, cfg.vpp, coords.pp)
+    nchunks = cfg.pp * cfg.vpp
+    chunks = []
+    for j in stages:
+        with torch.device("meta"):
+            chunk = ModelChunk(spec, ids[j], first=(j == 0), last=(j == nchunks - 1), recompute=cfg.recompute)
+        if cfg.tp > 1:
+            apply_tensor_parallel(chunk, mesh["tp"], cfg.sp, loss_parallel)
+        if cfg.dp > 1:
+            apply_data_parallel(chunk, mesh["dp"], cfg.zero, mp_policy)
+        chunk.to_empty(device=device)
+        for block in chunk.layers.values():
+            block.attn.reset_buffers(device)
+        init_weights(chunk, seed)
+        chunks.append(chunk)
+    return stages, chunks
+
+
+class RankModel(nn.Module):
+    """All the parameters one rank holds, named as in the whole model ('embed.tok.weight',
+    'layers.7.attn.q_proj.weight', 'head.norm.weight'): the root for its optimizer and checkpoints."""
+
+    def __init__(self, chunks: list[ModelChunk]):
+        super().__init__()
+        self.embed = next((c.embed for c in chunks if c.embed is not None), None)
+        self.layers = nn.ModuleDict({k: v for c in chunks for k, v in c.layers.items()})
+        self.head = next((c.head for c in chunks if c.head is not None), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tied embeddings across pipeline stages
+# ----------------------------------------------------------------------------------------------
+class TiedEmbeddingSync:
+    """With tied embeddings and pp > 1 the first stage's token embedding and the last stage's head
+    projection are two copies of one matrix (initialised equal): after each backward their gradients
+    are summed between the two ranks of each (dp, tp) coordinate (Megatron-LM's embedding group), so the
+    copies stay equal."""
+
+    def __init__(self, plan: Plan, coords: Coords, model: RankModel):
+        cfg = plan.config
+        self.param = None
+        self.group = None
+        if not (plan.model.tied_embeddings and cfg.pp > 1):
+            return
+        grid = rank_grid(plan)
+        for dp in range(cfg.dp):
+            for tp in range(cfg.tp):
+                ranks = [grid[0][dp][tp], grid[cfg.pp - 1][dp][tp]]
+                group = dist.new_group(ranks)          # every rank creates every group, in the same order
+                if (dp, tp) == (coords.dp, coords.tp) and coords.pp in (0, cfg.pp - 1):
+                    self.group = group
+        if coords.pp == 0:
+            self.param = model.embed.tok.weight
+        elif coords.pp == cfg.pp - 1:
+            self.param = model.head.proj.weight
+
+    def __call__(self) -> None:
+        if self.group is None or self.param is None:
+            return
+        grad = self.param.grad
+        local = grad.to_local() if hasattr(grad, "to_local") else grad
+        dist.all_reduce(local, group=self.group)

@@ -1,0 +1,123 @@
+"""Shared pieces of the runtime tests: plans for any layout, and the single-process reference run that
+every parallel layout must reproduce."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from planner.cost.model import CostModel
+from planner.loaders import load_cluster
+from planner.plan import Plan, make_plan
+from planner.presets import PRESETS
+from planner.specs import ModelSpec, ParallelConfig, TrainingSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def make_test_plan(model: str | ModelSpec = "gpt-tiny", global_batch: int = 8, seq: int = 32,
+                   precision: str = "fp32", optimizer: str = "adamw", **config) -> Plan:
+    """A plan for cpu-local resized to tp*pp*dp processes on one node."""
+    spec = PRESETS[model] if isinstance(model, str) else model
+    cfg = ParallelConfig(**config)
+    cluster = load_cluster("cpu-local", nodes=1, gpus_per_node=cfg.num_gpus)
+    training = TrainingSpec(global_batch=global_batch, seq_len=seq, precision=precision, optimizer=optimizer)
+    return make_plan(spec, cluster, training, CostModel(spec, cluster, training).evaluate(cfg))
+
+
+def reference_losses(spec: ModelSpec, global_batch: int, seq: int, steps: int, seed: int = 0,
+                     lr: float = 1e-3, optimizer: str = "adamw", data: str | None = None,
+                     data_dtype: str = "uint16") -> list[float]:
+    """The single-process run: the whole model, the whole global batch in one forward, mean token cross
+    entropy, the optimizer of runtime.train. No parallel code (no DTensor, pipeline or FSDP) is involved."""
+    import torch
+
+    from runtime.data import TokenData
+    from runtime.models import build_model, lm_loss
+    from runtime.train import _make_optimizer
+
+    torch.manual_seed(seed)
+    model = build_model(spec, seed)
+    opt = _make_optimizer(list(model.parameters()), optimizer, lr)
+    data = TokenData(seed, global_batch, seq, spec.vocab_size, data, data_dtype)
+    losses = []
+    for step in range(1, steps + 1):
+        tokens = torch.from_numpy(data.global_batch(step))
+        opt.zero_grad(set_to_none=True)
+        loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def torchrun(nproc: int, module_args: list[str], timeout: float = 600, env: dict | None = None,
+             cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m torch.distributed.run --standalone --nproc-per-node N -m <module_args>`."""
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+           *module_args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=str(cwd or ROOT))
+
+
+def relative_error(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------------------------
+# Many layouts in one torchrun launch: `torchrun --nproc-per-node N tests/runtime_helpers.py IN OUT`
+# ----------------------------------------------------------------------------------------------
+def run_layouts(layouts: list[dict], nproc: int, tmp: Path, timeout: float = 600) -> dict[str, dict]:
+    """Train each layout ({'name', 'model', 'global_batch', 'seq', 'steps', 'config': {...}}) for its steps
+    on `nproc` processes, all in one launch; returns {name: {'losses': [...], 'seconds': s}} from rank 0."""
+    import json
+    spec_file, out_file = tmp / "layouts.json", tmp / "losses.json"
+    spec_file.write_text(json.dumps(layouts))
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(Path(__file__).resolve()), str(spec_file), str(out_file)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT),
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        raise AssertionError(f"layouts launch failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return json.loads(out_file.read_text())
+
+
+def _layouts_worker(spec_file: str, out_file: str) -> None:
+    import argparse
+    import json
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from runtime.train import DEFAULT_LR, run_plan
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    results = {}
+    try:
+        for lay in json.loads(Path(spec_file).read_text()):
+            t0 = time.perf_counter()
+            plan = make_test_plan(lay.get("model", "gpt-tiny"), lay.get("global_batch", 8), lay.get("seq", 32),
+                                  **lay["config"])
+            args = argparse.Namespace(steps=lay.get("steps", 3), seed=lay.get("seed", 0), lr=DEFAULT_LR,
+                                      data=None, data_dtype="uint16", checkpoint_dir=None, checkpoint_every=0,
+                                      plan=None)
+            losses, _, _ = run_plan(plan, args, rank, torch.device("cpu"))
+            dist.barrier()
+            results[lay["name"]] = {"losses": losses, "seconds": time.perf_counter() - t0}
+            if rank == 0:
+                print(f"{lay['name']}: {losses} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        if rank == 0:
+            Path(out_file).write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _layouts_worker(sys.argv[1], sys.argv[2])
