@@ -44,9 +44,8 @@ def _interpolate(points: list[tuple[int, int, tuple[float, float, float]]], tp: 
 class MeasuredCosts:
     """Correction factors for blocks, embedding and head from one profile, for one model and training."""
 
-    def __init__(self, profile: ModelProfile, model: ModelSpec, training: TrainingSpec, gpu: GPUSpec,
-                 source: str = "profile"):
-        self.profile, self.source = profile, source
+    def __init__(self, profile: ModelProfile, model: ModelSpec, training: TrainingSpec, gpu: GPUSpec):
+        self.profile = profile
         self.mismatch = self._mismatch(profile, model, training)
         self._blocks: dict[str, list] = {}
         self._ends: dict[str, list] = {}
@@ -100,4 +99,4 @@ class MeasuredCosts:
 
     @property
     def optimizer_s_per_param(self) -> float | None:
-        return None if self.mismatch else self.profile.optimizer_s_per_param
+        return self.profile.optimizer_s_per_param

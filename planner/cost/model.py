@@ -113,8 +113,9 @@ class CostModel:
         self.margin = 1.0 + self.gpu.allocator_margin
         self.opt_seconds_per_param = (optimizer_bytes_per_param(training.precision, training.optimizer)
                                       / (self.gpu.hbm_bandwidth * self.gpu.efficiency.memory))
-        self.measured = MeasuredCosts(profile, model, training, self.gpu, profile_name) if profile else None
-        self.sources = self._sources(profile_name)
+        measured = MeasuredCosts(profile, model, training, self.gpu) if profile else None
+        self.sources = self._sources(profile_name, measured)
+        self.measured = measured if measured and not measured.mismatch else None
         if self.measured and self.measured.optimizer_s_per_param:
             self.opt_seconds_per_param = self.measured.optimizer_s_per_param
         self._blocks: dict[tuple, BlockCost] = {}
@@ -127,17 +128,17 @@ class CostModel:
         self._work_cache: dict[tuple, float] = {}
         self._state_bounds_cache: dict[tuple, tuple[float, float, float, float]] = {}
 
-    def _sources(self, profile_name: str) -> dict[str, str]:
+    def _sources(self, profile_name: str, measured: MeasuredCosts | None) -> dict[str, str]:
         """Which numbers are measured and which computed, for the report."""
         links = ("measured link matrix" if self.cluster.link_matrix is not None
                  else f"alpha-beta from the {self.cluster.name} spec")
         out = {"layer times and activation bytes": "computed (analytical kernels)", "communication": links}
-        if self.measured is not None:
-            if self.measured.mismatch:
-                out["layer times and activation bytes"] = f"computed ({profile_name} not used: {self.measured.mismatch})"
+        if measured is not None:
+            if measured.mismatch:
+                out["layer times and activation bytes"] = f"computed ({profile_name} not used: {measured.mismatch})"
             else:
                 out["layer times and activation bytes"] = f"measured ({profile_name})"
-                if self.measured.optimizer_s_per_param:
+                if measured.optimizer_s_per_param:
                     out["optimizer"] = f"measured ({profile_name})"
         if self.cluster.measured:
             out["device efficiency"] = "measured (profiled cluster)"
@@ -164,7 +165,7 @@ class CostModel:
             w = block_work(self.model, mbs, self.seq, tp, sp, recompute, self.dt)
             fwd, bwd, rec = (self._pass_cost(p, tp_group) for p in (w.forward, w.backward, w.recompute))
             acts = block_activation_bytes(self.model, mbs, self.seq, tp, sp, recompute, self.dt)
-            factors = self.measured.block(tp, mbs, recompute) if self.measured and not self.measured.mismatch else None
+            factors = self.measured.block(tp, mbs, recompute) if self.measured else None
             if factors is not None:   # measured kernels; TP collectives stay on the cluster's links
                 fwd, bwd, rec = (PassCost(pc.compute * k, pc.comm) for pc, k in
                                  ((fwd, factors.forward), (bwd, factors.backward), (rec, factors.backward)))
@@ -181,7 +182,7 @@ class CostModel:
             ef, eb = embedding_work(self.model, mbs, self.seq, tp, sp, self.dt)
             hf, hb = head_work(self.model, mbs, self.seq, tp, sp, self.dt)
             parts = [self._pass_cost(p, tp_group) for p in (ef, eb, hf, hb)]
-            if self.measured and not self.measured.mismatch:
+            if self.measured:
                 for i, part in ((0, "embedding"), (2, "head")):
                     factors = self.measured.end(part, tp, mbs)
                     if factors is not None:
@@ -485,7 +486,7 @@ class CostModel:
     def sources_for(self, cfg: ParallelConfig) -> dict[str, str]:
         """`sources` with where this configuration's block numbers came from."""
         out = dict(self.sources)
-        if self.measured is not None and not self.measured.mismatch:
+        if self.measured is not None:
             factors = self.measured.block(cfg.tp, cfg.mbs, cfg.recompute)
             if factors is not None:
                 out["layer times and activation bytes"] += f": {factors.measured_at}"
