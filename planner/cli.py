@@ -294,7 +294,7 @@ def plan(
         result = search(m, c, t, constraints, top_k=top, compare=compare_cand, cost=cost,
                         progress=lambda done, total: bar.update(task, completed=done, total=total))
     stats = SearchStats(seconds=result.seconds, candidates=result.candidates, evaluated=result.evaluated,
-                        rejected=dict(result.rejected))
+                        rejected=dict(result.rejected), naive_step_time_s=result.naive_step)
     if not result.top:
         closest = cost.prediction(result.closest) if result.closest else None
         if closest is None:

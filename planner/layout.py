@@ -2,6 +2,8 @@
 
 A layout is an order of the three axes, fastest-varying first. The default ("tp", "dp", "pp") is
 Megatron-LM's: TP groups are consecutive ranks (inside a node), DP next, pipeline stages outermost.
+Rank r runs on device r (node r // gpus_per_node) unless `devices` gives another device for each rank:
+the placement search uses that to move ranks onto faster measured links.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ class Layout:
     dp: int
     gpus_per_node: int
     order: tuple[str, str, str] = DEFAULT_ORDER
+    devices: tuple[int, ...] | None = None     # device of each rank; None: rank r on device r
+
+    def device(self, rank: int) -> int:
+        return rank if self.devices is None else self.devices[rank]
 
     def size(self, axis: str) -> int:
         return getattr(self, axis)
@@ -38,20 +44,29 @@ class Layout:
         coords = {"pp": pp, "dp": dp, "tp": tp}
         return sum(coords[a] * self.stride(a) for a in AXES)
 
-    def group(self, axis: str, pp: int = 0, dp: int = 0, tp: int = 0) -> Group:
-        """The group along `axis` through the given coordinate (rank 0's by default)."""
-        coords = {"pp": pp, "dp": dp, "tp": tp}
-        ranks = []
+    def _devices_along(self, axis: str, coords: dict[str, int]) -> tuple[int, ...]:
+        out = []
         for i in range(self.size(axis)):
             coords[axis] = i
-            ranks.append(self.rank(**coords))
-        return Group.of(tuple(ranks), self.gpus_per_node)
+            out.append(self.device(self.rank(**coords)))
+        return tuple(out)
+
+    def group(self, axis: str, all_groups: bool = False) -> Group:
+        """The group along `axis` through rank 0, as devices; with `all_groups`, every parallel group along the
+        axis rides along as its peers (a measured network is as slow as its slowest group)."""
+        peers = ()
+        if all_groups:
+            others = [a for a in AXES if a != axis]
+            peers = tuple(self._devices_along(axis, {others[0]: i, others[1]: j})
+                          for i in range(self.size(others[0])) for j in range(self.size(others[1])))
+        return Group.of(self._devices_along(axis, {"pp": 0, "dp": 0, "tp": 0}), self.gpus_per_node, peers)
 
     def entries(self) -> list[dict[str, int]]:
         """Every rank with its coordinate, node and local GPU index, sorted by rank."""
         rows = []
         for pp, dp, tp in product(range(self.pp), range(self.dp), range(self.tp)):
             r = self.rank(pp, dp, tp)
-            rows.append({"rank": r, "pp": pp, "dp": dp, "tp": tp, "node": r // self.gpus_per_node,
-                         "local_gpu": r % self.gpus_per_node})
+            d = self.device(r)
+            rows.append({"rank": r, "pp": pp, "dp": dp, "tp": tp, "node": d // self.gpus_per_node,
+                         "local_gpu": d % self.gpus_per_node})
         return sorted(rows, key=lambda row: row["rank"])

@@ -38,6 +38,9 @@ class SearchStats(BaseModel):
     candidates: int = Field(description="Configurations enumerated.")
     evaluated: int = Field(description="Configurations fully costed.")
     rejected: dict[str, int] = Field(description="Rejections by reason.")
+    naive_step_time_s: float | None = Field(
+        None, description="The best configuration's step with rank r on device r, before placement on measured "
+                          "links (equal to the winner's when links are not measured).")
 
 
 class Plan(BaseModel):
@@ -62,7 +65,8 @@ class Plan(BaseModel):
 def make_plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, best: Prediction,
               alternatives: list[Prediction] | None = None, search: SearchStats | None = None) -> Plan:
     cfg = best.config
-    layout = Layout(cfg.tp, cfg.pp, cfg.dp, cluster.gpus_per_node, tuple(cfg.layout))
+    layout = Layout(cfg.tp, cfg.pp, cfg.dp, cluster.gpus_per_node, tuple(cfg.layout),
+                    tuple(cfg.placement) if cfg.placement is not None else None)
     return Plan(model=model, cluster=cluster, training=training, feasible=best.feasible, reason=best.reason,
                 config=cfg, predicted=best.predicted,
                 rank_layout=[RankEntry(**row) for row in layout.entries()],

@@ -68,6 +68,8 @@ class ResolvedConfig(ParallelConfig):
     num_microbatches: int
     layout: list[str] = Field(default_factory=lambda: ["tp", "dp", "pp"],
                               description="Rank order, fastest-varying axis first.")
+    placement: list[int] | None = Field(None, description="Device (node * gpus_per_node + local GPU) of each "
+                                                          "rank, when not rank r on device r.")
 
 
 class Prediction(_Out):

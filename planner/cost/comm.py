@@ -7,7 +7,7 @@ A group spanning nodes runs hierarchically: reduce-scatter inside each node, the
 a node communicates at once, so each gets its node's NIC bandwidth divided by the GPUs per node.
 Every collective and transfer is at least one kernel launch (the GPU's `kernel_overhead_s`): small messages
 hide under the host's issue time. A measured link matrix (from `meshplan profile cluster`) replaces the spec-sheet links: a flat ring over the
-group's ranks runs at the slowest measured pair on it.
+group's devices runs at the slowest measured pair on it, and the slowest of the parallel groups sets the time.
 """
 
 from __future__ import annotations
@@ -19,18 +19,20 @@ from planner.specs import ClusterSpec
 
 @dataclass(frozen=True)
 class Group:
-    """A communicator: its ranks (one representative group of a parallel dimension) and the nodes it spans."""
+    """A communicator: the devices of one representative group of a parallel dimension and the nodes it spans;
+    `peers` optionally lists every parallel group of the dimension (they run at once)."""
 
     ranks: tuple[int, ...]
     nodes: int
+    peers: tuple[tuple[int, ...], ...] = ()
 
     @property
     def size(self) -> int:
         return len(self.ranks)
 
     @staticmethod
-    def of(ranks: tuple[int, ...], gpus_per_node: int) -> "Group":
-        return Group(ranks, len({r // gpus_per_node for r in ranks}))
+    def of(ranks: tuple[int, ...], gpus_per_node: int, peers: tuple[tuple[int, ...], ...] = ()) -> "Group":
+        return Group(ranks, len({r // gpus_per_node for r in ranks}), peers)
 
 
 def ring_time(op: str, n: int, nbytes: float, latency: float, bandwidth: float) -> float:
@@ -62,7 +64,7 @@ class Network:
     def _collective(self, op: str, nbytes: float, group: Group) -> float:
         n = group.size
         if self.matrix is not None:
-            return self._measured_ring(op, nbytes, group.ranks)
+            return max(self._measured_ring(op, nbytes, ranks) for ranks in (group.peers or (group.ranks,)))
         if group.nodes == 1:
             return ring_time(op, n, nbytes, self.intra_latency, self.intra_bw)
         local = n // group.nodes

@@ -95,6 +95,7 @@ class Core:
     peak_reserved: float
     fullest: int
     feasible: bool
+    devices: tuple[int, ...] | None = None   # placement: device of each rank (None: rank r on device r)
 
 
 class CostModel:
@@ -145,13 +146,16 @@ class CostModel:
         return out
 
     # ------------------------------------------------------------------ cached pieces
-    def layout(self, tp: int, pp: int, dp: int, order: tuple[str, str, str]) -> tuple[Layout, Group, Group]:
-        """(layout, a TP group, a DP group)."""
-        key = (tp, pp, dp, order)
+    def layout(self, tp: int, pp: int, dp: int, order: tuple[str, str, str],
+               devices: tuple[int, ...] | None = None) -> tuple[Layout, Group, Group]:
+        """(layout, the TP groups, the DP groups): a representative group, with every parallel group as its
+        peers when links are measured (the slowest one sets the pace)."""
+        key = (tp, pp, dp, order, devices)
         hit = self._layouts.get(key)
         if hit is None:
-            lay = Layout(tp, pp, dp, self.cluster.gpus_per_node, order)
-            hit = self._layouts[key] = (lay, lay.group("tp"), lay.group("dp"))
+            lay = Layout(tp, pp, dp, self.cluster.gpus_per_node, order, devices)
+            every = self.net.matrix is not None
+            hit = self._layouts[key] = (lay, lay.group("tp", every), lay.group("dp", every))
         return hit
 
     def _pass_cost(self, p: Pass, tp_group: Group) -> PassCost:
@@ -159,7 +163,7 @@ class CostModel:
         return PassCost(pass_time(p, self.gpu, self.dt.matmul), comm)
 
     def block(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group) -> BlockCost:
-        key = (tp, mbs, sp, recompute, tp_group.nodes, tp_group.ranks if self.net.matrix else None)
+        key = (tp, mbs, sp, recompute, tp_group if self.net.matrix else tp_group.nodes)
         cost = self._blocks.get(key)
         if cost is None:
             w = block_work(self.model, mbs, self.seq, tp, sp, recompute, self.dt)
@@ -176,7 +180,7 @@ class CostModel:
         return cost
 
     def ends(self, tp: int, mbs: int, sp: bool, tp_group: Group) -> EndsCost:
-        key = (tp, mbs, sp, tp_group.nodes, tp_group.ranks if self.net.matrix else None)
+        key = (tp, mbs, sp, tp_group if self.net.matrix else tp_group.nodes)
         cost = self._ends.get(key)
         if cost is None:
             ef, eb = embedding_work(self.model, mbs, self.seq, tp, sp, self.dt)
@@ -321,7 +325,7 @@ class CostModel:
 
     def _work(self, cfg: ParallelConfig, blk: BlockCost, tp_group: Group) -> float:
         """Seconds of all forward and backward work of one micro-batch over the whole model (one TP rank)."""
-        key = (cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group.nodes)
+        key = (cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group if self.net.matrix else tp_group.nodes)
         work = self._work_cache.get(key)
         if work is None:
             ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group)
@@ -387,20 +391,32 @@ class CostModel:
         return cfg.mbs * self.seq * self.model.hidden_size * self.dt.act / (cfg.tp if cfg.sp else 1)
 
     def _p2p(self, layout: Layout, nbytes: float) -> float:
-        """The slowest activation transfer between neighbouring stages."""
-        key = (layout.tp, layout.pp, layout.dp, layout.order, nbytes)
+        """The slowest activation transfer between neighbouring stages (over every rank pair when measured)."""
+        key = (layout, nbytes)
         t = self._p2p_cache.get(key)
         if t is None:
+            coords = ([(d, k) for d in range(layout.dp) for k in range(layout.tp)] if self.net.matrix is not None
+                      else [(0, 0)])
             t = self._p2p_cache[key] = max(
-                (self.net.p2p(nbytes, layout.rank(i, 0, 0), layout.rank(i + 1, 0, 0)) for i in range(layout.pp - 1)),
-                default=0.0)
+                (self.net.p2p(nbytes, layout.device(layout.rank(i, d, k)), layout.device(layout.rank(i + 1, d, k)))
+                 for i in range(layout.pp - 1) for d, k in coords), default=0.0)
         return t
 
-    def evaluate_core(self, cfg: ParallelConfig, order: tuple[str, str, str] = DEFAULT_ORDER) -> Core:
-        """Step time, its breakdown and memory per stage of a valid `cfg` (see `evaluate`)."""
+    def _tied_pair(self, layout: Layout) -> Group:
+        """First and last stage devices that all-reduce the tied embedding's gradients."""
+        def pair(d: int, k: int) -> tuple[int, int]:
+            return layout.device(layout.rank(0, d, k)), layout.device(layout.rank(layout.pp - 1, d, k))
+        peers = (tuple(pair(d, k) for d in range(layout.dp) for k in range(layout.tp))
+                 if self.net.matrix is not None else ())
+        return Group.of(pair(0, 0), self.cluster.gpus_per_node, peers)
+
+    def evaluate_core(self, cfg: ParallelConfig, order: tuple[str, str, str] = DEFAULT_ORDER,
+                      devices: tuple[int, ...] | None = None) -> Core:
+        """Step time, its breakdown and memory per stage of a valid `cfg` (see `evaluate`); `devices` places
+        rank r on device devices[r]."""
         m, tr = self.model, self.training
         nmb = cfg.microbatches(tr.global_batch)
-        layout, tp_group, dp_group = self.layout(cfg.tp, cfg.pp, cfg.dp, order)
+        layout, tp_group, dp_group = self.layout(cfg.tp, cfg.pp, cfg.dp, order, devices)
         blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group)
         ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group)
         chunks = list(cfg.layers_per_stage) if cfg.layers_per_stage else self.default_layers(cfg, blk, ends)
@@ -452,8 +468,8 @@ class CostModel:
                 elif cfg.zero == 2:
                     comm = self.net.collective("all_gather", weights, dp_group)
             if m.tied_embeddings and pp > 1 and i in (0, last):
-                pair = Group.of((layout.rank(0, 0, 0), layout.rank(last, 0, 0)), self.cluster.gpus_per_node)
-                comm += self.net.collective("all_reduce", embedding_params(m) / cfg.tp * self.states.grads, pair)
+                comm += self.net.collective("all_reduce", embedding_params(m) / cfg.tp * self.states.grads,
+                                            self._tied_pair(layout))
             opt = params[i] / (cfg.dp if cfg.zero >= 1 else 1) * self.opt_seconds_per_param
             post.append((comm + opt, comm, opt))
         post_total, post_comm, post_opt = max(post)
@@ -481,7 +497,7 @@ class CostModel:
         peak_reserved = peak_total * self.margin
         return Core(cfg=cfg, order=order, chunks=chunks, nmb=nmb, step=step, crit=crit, time=time, stages=stages,
                     peak_total=peak_total, peak_reserved=peak_reserved, fullest=fullest,
-                    feasible=peak_reserved <= self.usable_bytes)
+                    feasible=peak_reserved <= self.usable_bytes, devices=devices)
 
     def sources_for(self, cfg: ParallelConfig) -> dict[str, str]:
         """`sources` with where this configuration's block numbers came from."""
@@ -525,7 +541,8 @@ class CostModel:
             time=time, sources=self.sources_for(cfg))
         fields = {k: getattr(cfg, k) for k in ParallelConfig.model_fields if k != "layers_per_stage"}
         resolved = ResolvedConfig(**fields, layers_per_stage=core.chunks, num_microbatches=core.nmb,
-                                  layout=list(core.order))
+                                  layout=list(core.order),
+                                  placement=list(core.devices) if core.devices is not None else None)
         return Prediction(feasible=core.feasible, reason=reason, config=resolved, predicted=predicted)
 
 

@@ -5,7 +5,8 @@ at the cost of a few dictionary look-ups; candidates whose memory bound already 
 memory, the rest are costed in increasing order of their time bound, and the search stops when the next
 bound exceeds the k-th best step time found (nothing after it can enter the top k). The result is the top k
 of an exhaustive enumeration under the same cost model (tests check exactly that).
-Ranking: step time, ties broken by lower peak memory.
+Ranking: step time, ties broken by lower peak memory. With a measured link matrix, the top k are then placed
+on devices by `placement.py` (a local search, reported against the naive placement) and re-ranked.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable
 
 from planner.cost.model import Core, CostModel
 from planner.layout import DEFAULT_ORDER
+from planner.search.placement import improve_placement
 from planner.search.space import Candidate, Constraints, enumerate_space
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
 
@@ -34,6 +36,7 @@ class SearchResult:
     seconds: float = 0.0
     compare: Core | None = None              # the user's configuration, costed
     compare_rank: int | None = None          # 1 + feasible candidates strictly faster than it
+    naive_step: float | None = None          # the winner's step with rank r on device r (before placement)
 
 
 def rank_key(core: Core) -> tuple[float, float]:
@@ -103,6 +106,9 @@ def search(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, const
             heapq.heapreplace(top, ((-key[0], -key[1]), -tie, core))
     rejected["dominated"] += len(queue)
     ranked = [entry[2] for entry in sorted(top, key=lambda e: (-e[0][0], -e[0][1], -e[1]))]
+    naive_step = ranked[0].step if ranked else None
+    if cost.net.matrix is not None and ranked:
+        ranked = sorted((improve_placement(cost, core.cfg, core) for core in ranked), key=rank_key)
     if not ranked and closest_lb is not None:
         lb_core = cost.evaluate_core(closest_lb[2], closest_lb[2].order)
         if closest is None or lb_core.peak_reserved < closest.peak_reserved:
@@ -111,4 +117,5 @@ def search(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, const
         progress(total, total)
     return SearchResult(top=ranked, closest=None if ranked else closest, candidates=count, evaluated=evaluated,
                         rejected=rejected, seconds=time.perf_counter() - start, compare=compare_core,
-                        compare_rank=(faster_than_compare + 1) if compare_core is not None else None)
+                        compare_rank=(faster_than_compare + 1) if compare_core is not None else None,
+                        naive_step=naive_step)
