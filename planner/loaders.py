@@ -45,6 +45,19 @@ def parse_spec(cls: type[BaseModel], data: dict[str, Any], source: str):
         raise first_pydantic_error(exc, source) from None
 
 
+def load_versioned(path: str | Path, field: str, cls: type[BaseModel], version: int, kind: str | None = None,
+                   what: str = "file"):
+    """A JSON/YAML file written by meshplan: checks its `kind` and `schema_version`, then validates it."""
+    p = Path(path)
+    data = read_data_file(p, field)
+    if kind is not None and data.get("kind") != kind:
+        raise InputError(f"'{p}' is not a {what}", field=field)
+    if data.get("schema_version") != version:
+        raise InputError(f"'{p}' has schema_version {data.get('schema_version')!r}; this meshplan reads "
+                         f"version {version}", field=field)
+    return parse_spec(cls, data, str(p))
+
+
 def load_model(arg: str) -> ModelSpec:
     """A preset name, a YAML/JSON ModelSpec file, or a Hugging Face config.json file."""
     if arg in PRESETS:

@@ -7,12 +7,10 @@ on which node and local GPU).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from planner.errors import InputError, first_pydantic_error
 from planner.layout import Layout
 from planner.prediction import Predicted, Prediction, ResolvedConfig
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
@@ -75,20 +73,5 @@ def make_plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, be
 
 def load_plan(path: str | Path) -> Plan:
     """Read and validate a plan file; InputError (exit 2) on anything wrong."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"no such file '{p}'", field="plan")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"'{p}' is not valid JSON (line {exc.lineno})", field="plan") from None
-    if not isinstance(data, dict):
-        raise InputError(f"'{p}' must hold a JSON object", field="plan")
-    version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise InputError(f"'{p}' has schema_version {version!r}; this meshplan reads version {SCHEMA_VERSION}",
-                         field="plan")
-    try:
-        return Plan.model_validate(data)
-    except ValidationError as exc:
-        raise first_pydantic_error(exc, str(p)) from None
+    from planner.loaders import load_versioned
+    return load_versioned(path, "plan", Plan, SCHEMA_VERSION)
