@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
 from planner.errors import InputError, first_pydantic_error
-from planner.specs import ModelSpec, Precision, Recompute
+from planner.specs import ModelSpec, Optimizer, Precision, Recompute
 
 PROFILE_SCHEMA_VERSION = 1
 
@@ -59,11 +59,15 @@ class ModelProfile(_P):
     kind: Literal["model_profile"] = "model_profile"
     model: ModelSpec
     precision: Precision
+    run_precision: Precision | None = Field(
+        None, description="Precision the pieces actually ran in, when it differs from `precision` (the runtime "
+                          "computes in fp32 on CPU whatever the plan asks).")
     seq_len: PositiveInt
     device: DeviceInfo
     blocks: list[BlockMeasurement]
     ends: list[EndMeasurement] = Field(default_factory=list)
     optimizer_s_per_param: float | None = Field(None, ge=0, description="Optimizer step seconds per parameter.")
+    optimizer: Optimizer | None = Field(None, description="The optimizer `optimizer_s_per_param` was measured with.")
     complete: bool = Field(True, description="False while a run is still filling it in (resumable).")
 
 
