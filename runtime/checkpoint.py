@@ -27,11 +27,19 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 INFO_FILE = "meshplan.json"
 
 
-def fingerprint(plan_dict: dict, seed: int, lr: float, data: str | None) -> str:
-    """What a checkpoint must agree with to be resumed exactly (sha256 hex of the canonical JSON)."""
-    keep = {"model": plan_dict["model"], "training": plan_dict["training"], "config": plan_dict["config"],
-            "rank_layout": plan_dict["rank_layout"], "seed": seed, "lr": lr,
-            "data": os.path.abspath(data) if data else None}
+CONFIG_KEYS = ("tp", "pp", "dp", "vpp", "mbs", "zero", "recompute", "sp", "schedule", "layers_per_stage",
+               "num_microbatches")
+
+
+def fingerprint(plan, seed: int, lr: float, data: str | None) -> str:
+    """What a checkpoint must agree with to be resumed exactly: the model, the training setup, the parallel
+    configuration and which process holds which coordinate, the seed, learning rate and data file
+    (sha256 hex of their canonical JSON; other plan fields, such as predictions, do not matter)."""
+    from runtime.checks import rank_grid
+    cfg = plan.config
+    keep = {"model": plan.model.model_dump(mode="json"), "training": plan.training.model_dump(mode="json"),
+            "config": {k: getattr(cfg, k) for k in CONFIG_KEYS}, "grid": rank_grid(plan),
+            "seed": seed, "lr": lr, "data": os.path.abspath(data) if data else None}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 
@@ -78,11 +86,21 @@ def check_resumable(root: str | Path, expected_fingerprint: str, steps: int) -> 
     return step, path
 
 
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    # flat optimizer keys ("state.layers.3.attn.q_proj.weight.exp_avg"), one entry per parameter, so that
+    # every rank's entries survive DCP's merge of the ranks' plans
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 def _state(model, optimizer, rank: int):
     import torch
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    return {"model": model_sd, "optim": optim_sd, f"rng_rank{rank}": torch.get_rng_state()}
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+    state = {"model": model_sd, "optim": optim_sd, f"rng_rank{rank}": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state[f"cuda_rng_rank{rank}"] = torch.cuda.get_rng_state()
+    return state
 
 
 def save(root: str | Path, step: int, model, optimizer, info: dict, rank: int) -> Path:
@@ -118,6 +136,9 @@ def load(path: str | Path, model, optimizer, rank: int) -> dict:
 
     state = _state(model, optimizer, rank)
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_options())
     torch.set_rng_state(state[f"rng_rank{rank}"])
+    if f"cuda_rng_rank{rank}" in state:
+        torch.cuda.set_rng_state(state[f"cuda_rng_rank{rank}"])
     return json.loads((Path(path) / INFO_FILE).read_text())

@@ -12,27 +12,40 @@ from planner.validate import check_config
 from runtime.data import check_data_file
 
 
+def device_of(row, gpus_per_node: int) -> int:
+    """The process (torchrun global rank) that runs a rank-layout row: node * gpus_per_node + local GPU.
+    It is the row's rank unless the plan placed ranks on other devices."""
+    return row.node * gpus_per_node + row.local_gpu
+
+
 def rank_grid(plan: Plan) -> list[list[list[int]]]:
-    """grid[pp][dp][tp] = global rank, from the plan's rank layout; InputError if the layout is not a
-    permutation of 0..world-1 over the (pp, dp, tp) coordinates."""
+    """grid[pp][dp][tp] = the process (torchrun global rank, i.e. device node * gpus_per_node + local GPU)
+    holding that coordinate, from the plan's rank layout; InputError unless the layout maps the
+    (pp, dp, tp) coordinates one-to-one onto ranks 0..world-1 and onto devices 0..world-1."""
     cfg = plan.config
+    gpn = plan.cluster.gpus_per_node
     world = cfg.pp * cfg.dp * cfg.tp
     grid = [[[-1] * cfg.tp for _ in range(cfg.dp)] for _ in range(cfg.pp)]
-    seen = set()
+    ranks, devices = set(), set()
     for row in plan.rank_layout:
         if not (0 <= row.pp < cfg.pp and 0 <= row.dp < cfg.dp and 0 <= row.tp < cfg.tp):
             raise InputError(f"rank {row.rank} has coordinate (pp {row.pp}, dp {row.dp}, tp {row.tp}) outside "
                              f"pp {cfg.pp} x dp {cfg.dp} x tp {cfg.tp}", field="rank_layout")
-        if not 0 <= row.rank < world or row.rank in seen:
+        if not 0 <= row.rank < world or row.rank in ranks:
             raise InputError(f"rank {row.rank} is out of range or listed twice (world size {world})",
                              field="rank_layout")
+        device = device_of(row, gpn)
+        if not 0 <= row.local_gpu < gpn or not 0 <= device < world or device in devices:
+            raise InputError(f"rank {row.rank} is placed on node {row.node} GPU {row.local_gpu}, outside the "
+                             f"{world} devices or on a device given to another rank", field="rank_layout")
         if grid[row.pp][row.dp][row.tp] != -1:
             raise InputError(f"coordinate (pp {row.pp}, dp {row.dp}, tp {row.tp}) is given to two ranks",
                              field="rank_layout")
-        seen.add(row.rank)
-        grid[row.pp][row.dp][row.tp] = row.rank
-    if len(seen) != world:
-        raise InputError(f"the rank layout lists {len(seen)} ranks; tp*pp*dp = {world}", field="rank_layout")
+        ranks.add(row.rank)
+        devices.add(device)
+        grid[row.pp][row.dp][row.tp] = device
+    if len(ranks) != world:
+        raise InputError(f"the rank layout lists {len(ranks)} ranks; tp*pp*dp = {world}", field="rank_layout")
     return grid
 
 

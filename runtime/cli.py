@@ -65,7 +65,7 @@ def run_command(
     check_run(p, nodes * per_node, args)
     if not p.feasible:
         err.print(f"[yellow]warning:[/] the plan is predicted not to fit: {p.reason}")
-    fp = ckpt.fingerprint(p.model_dump(mode="json"), seed, lr, args.data)
+    fp = ckpt.fingerprint(p, seed, lr, args.data)
     if resume:
         ckpt.check_resumable(checkpoint_dir, fp, steps)
     if report is not None:

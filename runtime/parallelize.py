@@ -28,7 +28,8 @@ MESH_DIMS = ("pp", "dp", "tp")
 # Mesh
 # ----------------------------------------------------------------------------------------------
 def build_mesh(plan: Plan, device_type: str) -> DeviceMesh:
-    """The (pp, dp, tp) DeviceMesh over the world, each coordinate on the rank the plan gives it."""
+    """The (pp, dp, tp) DeviceMesh over the world, each coordinate on the process (device) the plan's rank
+    layout gives it."""
     grid = torch.tensor(rank_grid(plan), dtype=torch.int)
     return DeviceMesh(device_type, grid, mesh_dim_names=MESH_DIMS)
 
@@ -40,8 +41,11 @@ class Coords:
     tp: int
 
 
-def my_coords(plan: Plan, rank: int) -> Coords:
-    row = next(r for r in plan.rank_layout if r.rank == rank)
+def my_coords(plan: Plan, process_rank: int) -> Coords:
+    """The (pp, dp, tp) coordinate the plan gives to the process with this torchrun global rank."""
+    from runtime.checks import device_of
+    gpn = plan.cluster.gpus_per_node
+    row = next(r for r in plan.rank_layout if device_of(r, gpn) == process_rank)
     return Coords(row.pp, row.dp, row.tp)
 
 

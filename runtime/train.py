@@ -221,7 +221,7 @@ def train(args: argparse.Namespace) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     check_run(plan, world, args)
-    fp = ckpt.fingerprint(plan.model_dump(mode="json"), args.seed, args.lr, args.data)
+    fp = ckpt.fingerprint(plan, args.seed, args.lr, args.data)
     resume_from = ckpt.check_resumable(args.checkpoint_dir, fp, args.steps) if args.resume else None
     fault = _fault(rank)
 

@@ -18,10 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 
+def model_spec(model: str | ModelSpec = "gpt-tiny", update: dict | None = None) -> ModelSpec:
+    """A preset (or a spec), with some fields changed."""
+    spec = PRESETS[model] if isinstance(model, str) else model
+    return ModelSpec(**{**spec.model_dump(), **(update or {})})
+
+
 def make_test_plan(model: str | ModelSpec = "gpt-tiny", global_batch: int = 8, seq: int = 32,
                    precision: str = "fp32", optimizer: str = "adamw", **config) -> Plan:
     """A plan for cpu-local resized to tp*pp*dp processes on one node."""
-    spec = PRESETS[model] if isinstance(model, str) else model
+    spec = model_spec(model)
     cfg = ParallelConfig(**config)
     cluster = load_cluster("cpu-local", nodes=1, gpus_per_node=cfg.num_gpus)
     training = TrainingSpec(global_batch=global_batch, seq_len=seq, precision=precision, optimizer=optimizer)
@@ -54,16 +60,6 @@ def reference_losses(spec: ModelSpec, global_batch: int, seq: int, steps: int, s
     return losses
 
 
-def torchrun(nproc: int, module_args: list[str], timeout: float = 600, env: dict | None = None,
-             cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m torch.distributed.run --standalone --nproc-per-node N -m <module_args>`."""
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
-           *module_args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
-                          cwd=str(cwd or ROOT))
-
-
 def relative_error(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
@@ -72,8 +68,11 @@ def relative_error(a: list[float], b: list[float]) -> float:
 # Many layouts in one torchrun launch: `torchrun --nproc-per-node N tests/runtime_helpers.py IN OUT`
 # ----------------------------------------------------------------------------------------------
 def run_layouts(layouts: list[dict], nproc: int, tmp: Path, timeout: float = 600) -> dict[str, dict]:
-    """Train each layout ({'name', 'model', 'global_batch', 'seq', 'steps', 'config': {...}}) for its steps
-    on `nproc` processes, all in one launch; returns {name: {'losses': [...], 'seconds': s}} from rank 0."""
+    """Train each layout for its steps on `nproc` processes, all in one launch; returns
+    {name: {'losses': [...], 'seconds': s}} from rank 0. A layout: {'name', 'config': {tp, pp, ...}} and
+    optionally 'model' (preset), 'model_update' (fields to change), 'global_batch', 'seq', 'steps',
+    'optimizer', 'lr', 'checkpoint_every' (checkpoints go to tmp/<name>), and 'resume': [name, step] to
+    build the layout afresh and continue from that layout's checkpoint at that step."""
     import json
     spec_file, out_file = tmp / "layouts.json", tmp / "losses.json"
     spec_file.write_text(json.dumps(layouts))
@@ -103,12 +102,18 @@ def _layouts_worker(spec_file: str, out_file: str) -> None:
     try:
         for lay in json.loads(Path(spec_file).read_text()):
             t0 = time.perf_counter()
-            plan = make_test_plan(lay.get("model", "gpt-tiny"), lay.get("global_batch", 8), lay.get("seq", 32),
-                                  **lay["config"])
-            args = argparse.Namespace(steps=lay.get("steps", 3), seed=lay.get("seed", 0), lr=DEFAULT_LR,
-                                      data=None, data_dtype="uint16", checkpoint_dir=None, checkpoint_every=0,
-                                      plan=None)
-            losses, _, _ = run_plan(plan, args, rank, torch.device("cpu"))
+            spec = model_spec(lay.get("model", "gpt-tiny"), lay.get("model_update"))
+            plan = make_test_plan(spec, lay.get("global_batch", 8), lay.get("seq", 32),
+                                  optimizer=lay.get("optimizer", "adamw"), **lay["config"])
+            every = lay.get("checkpoint_every", 0)
+            args = argparse.Namespace(steps=lay.get("steps", 4), seed=lay.get("seed", 0), lr=lay.get("lr", DEFAULT_LR),
+                                      data=None, data_dtype="uint16", checkpoint_every=every, plan=None,
+                                      checkpoint_dir=str(Path(out_file).parent / lay["name"]) if every else None)
+            resume_from = None
+            if "resume" in lay:
+                source, step = lay["resume"]
+                resume_from = (step, Path(out_file).parent / source / f"step_{step:08d}")
+            losses, _, _ = run_plan(plan, args, rank, torch.device("cpu"), resume_from)
             dist.barrier()
             results[lay["name"]] = {"losses": losses, "seconds": time.perf_counter() - t0}
             if rank == 0:

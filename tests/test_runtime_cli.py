@@ -1,0 +1,163 @@
+"""`meshplan run` end to end: a 2x2x2 plan on 8 CPU processes with checkpoints, a crashing rank and the
+resumed run, bad input refused before launch, the multi-node command lines. (Bit-exact resume under
+TP + SP + ZeRO-3 + interleaved 1F1B is in test_runtime_exactness.py.)"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from planner.cost.model import CostModel
+from planner.loaders import load_cluster
+from planner.plan import make_plan
+from planner.specs import ParallelConfig, TrainingSpec
+from tests.runtime_helpers import PYTHON, ROOT, make_test_plan, model_spec, reference_losses, relative_error
+
+E2E_STEPS = 5
+
+
+def meshplan(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "planner.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=str(ROOT), env={**os.environ, **(env or {})})
+
+
+def write_plan(path, **kwargs):
+    path.write_text(make_test_plan(**kwargs).model_dump_json(indent=1))
+    return path
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    """`meshplan run` of a tp2 pp2 dp2 plan for 5 steps, checkpointing every 2 steps."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    plan = write_plan(tmp / "plan.json", global_batch=8, seq=64, tp=2, pp=2, dp=2)
+    proc = meshplan("run", plan, "--steps", E2E_STEPS, "--report", tmp / "run.json",
+                    "--checkpoint-dir", tmp / "ckpt", "--checkpoint-every", 2, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return tmp, plan, proc, json.loads((tmp / "run.json").read_text())
+
+
+def test_end_to_end_2x2x2_matches_single_process_and_reports(e2e):
+    tmp, _, proc, report = e2e
+    want = reference_losses(model_spec("gpt-tiny"), 8, 64, E2E_STEPS)
+    assert relative_error(report["losses"], want) < 1e-5, (report["losses"], want)
+    m = report["measured"]
+    assert len(m["per_rank"]) == 8
+    assert sorted(r["rank"] for r in m["per_rank"]) == list(range(8))
+    assert {(r["pp"], r["dp"], r["tp"]) for r in m["per_rank"]} == {(p, d, t) for p in (0, 1) for d in (0, 1)
+                                                                       for t in (0, 1)}
+    assert all(len(r["step_times_s"]) == E2E_STEPS for r in m["per_rank"])
+    assert m["step_time_s"] > 0 and m["tokens_per_s"] == pytest.approx(8 * 64 / m["step_time_s"])
+    assert m["memory_kind"] == "cpu_peak_rss"
+    assert m["peak_memory_bytes"] == max(r["peak_memory_bytes"] for r in m["per_rank"]) > 0
+    assert 0 < m["peak_memory_increase_bytes"] < m["peak_memory_bytes"]
+    for key in ("step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_memory_bytes"):
+        assert report["predicted"][key] > 0 and report["error_pct"][key] is not None
+    assert report["plan"]["config"]["tp"] == 2 and report["run"]["world_size"] == 8
+    # the table on stdout, the progress bar on stderr
+    assert "predicted" in proc.stdout and "measured" in proc.stdout and "step time" in proc.stdout
+    assert f"{E2E_STEPS}/{E2E_STEPS}" in proc.stderr
+    # atomic checkpoints: complete step directories only
+    assert sorted(p.name for p in (tmp / "ckpt").iterdir()) == ["step_00000002", "step_00000004"]
+
+
+def test_a_crashing_rank_is_named_and_the_run_resumes(tmp_path):
+    """Rank 1 fails at step 3 of 4 (after the step-2 checkpoint): `meshplan run` names it and exits 1;
+    `--resume` then finishes the run, and the whole curve matches the single-process run."""
+    plan = write_plan(tmp_path / "plan.json", dp=2, mbs=2)
+    common = ["--steps", 4, "--checkpoint-dir", tmp_path / "ckpt"]
+    proc = meshplan("run", plan, *common, "--checkpoint-every", 2, env={"MESHPLAN_INJECT_FAULT": "1:3"})
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "rank 1 failed: RuntimeError: injected fault on rank 1 at step 3" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000002"]
+    proc = meshplan("run", plan, *common, "--resume", "--report", tmp_path / "run.json")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "run.json").read_text())
+    assert report["run"]["resumed_from_step"] == 2
+    assert relative_error(report["losses"], reference_losses(model_spec("gpt-tiny"), 8, 32, 4)) < 1e-5
+
+
+def _edit(path, out, fn):
+    data = json.loads(path.read_text())
+    fn(data)
+    out.write_text(json.dumps(data))
+    return out
+
+
+def test_bad_input_is_refused_before_launch(tmp_path):
+    plan = write_plan(tmp_path / "plan.json", tp=2)
+    short = tmp_path / "short.bin"
+    np.arange(20, dtype=np.uint16).tofile(short)
+    wide = tmp_path / "wide.bin"
+    (np.arange(4096) % 500 + 1).astype(np.uint32).tofile(wide)
+    (tmp_path / "exists.json").write_text("{}")
+    cases = [
+        (["--nproc-per-node", 4], "the plan is for 2 processes (tp 2 x pp 1 x dp 1) but 4 were started"),
+        (["--data", short], "holds 20 tokens; one training sequence needs seq_len + 1 = 33"),
+        (["--data", wide], "looks like uint32 token ids"),
+        (["--report", tmp_path / "exists.json"], "exists; pass --force"),
+        (["--resume"], "needs --checkpoint-dir"),
+        (["--checkpoint-dir", tmp_path / "none", "--resume"], "no complete checkpoint"),
+    ]
+    old = _edit(plan, tmp_path / "old.json", lambda d: d.update(schema_version=0))
+    heads = _edit(plan, tmp_path / "heads.json", lambda d: d["model"].update(num_heads=1))
+    for target, args, match in [(plan, a, m) for a, m in cases] + [
+            (old, [], "has schema_version 0; this meshplan reads version 1"),
+            (heads, [], "tp 2 must divide num_heads 1")]:
+        proc = meshplan("run", target, *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert match in proc.stderr, (args, proc.stderr)
+        assert "launching" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_ranks_refuse_a_plan_for_another_world_size(tmp_path):
+    """Started under torchrun with the wrong process count (as a hand-written torchrun line would), the
+    ranks stop before training with exit 2, and `meshplan run`'s launcher reports bad input."""
+    from rich.console import Console
+
+    from runtime.launch import Launch, torchrun_command
+
+    plan = write_plan(tmp_path / "plan.json", dp=4)
+    cmd = torchrun_command(["--plan", str(plan), "--job-dir", str(tmp_path)], nproc_per_node=2)
+    launch = Launch(cmd, tmp_path, Console(file=io.StringIO()))
+    assert launch.run() != 0
+    assert any(re.search(r"exitcode\s*:\s*2", line) for line in launch.stderr_tail)
+    failure = launch.failure()
+    assert failure.kind == "input"
+    assert failure.message == "plan: the plan is for 4 processes (tp 1 x pp 1 x dp 4) but 2 were started"
+
+
+def test_print_command_for_a_multi_node_plan(tmp_path):
+    spec = model_spec("gpt-tiny")
+    cluster = load_cluster("cpu-local", nodes=2, gpus_per_node=4)
+    training = TrainingSpec(global_batch=8, seq_len=32, precision="fp32")
+    cfg = ParallelConfig(tp=2, pp=2, dp=2)
+    plan = tmp_path / "plan.json"
+    plan.write_text(make_plan(spec, cluster, training, CostModel(spec, cluster, training).evaluate(cfg))
+                    .model_dump_json())
+    proc = meshplan("run", plan, "--print-command", "--rdzv-endpoint", "head0:29411", "--steps", 3)
+    assert proc.returncode == 0, proc.stderr
+    lines = [x for x in proc.stdout.splitlines() if "torch.distributed.run" in x]
+    assert len(lines) == 2
+    for node, line in enumerate(lines):
+        assert line.startswith(sys.executable)
+        for part in ("--nnodes=2", f"--node-rank={node}", "--nproc-per-node=4", "--master-addr=head0",
+                     "--master-port=29411", "-m runtime.train", f"--plan {plan}", "--steps 3"):
+            assert part in line, (part, line)
+    one = meshplan("run", plan, "--print-command", "--rdzv-endpoint", "head0:29411", "--node-rank", 1)
+    assert one.stdout.count("torch.distributed.run") == 1 and "--node-rank=1" in one.stdout
+    refused = meshplan("run", plan)
+    assert refused.returncode == 2 and "--print-command" in refused.stderr
+
+
+def test_cli_module_does_not_import_torch():
+    code = "import sys, planner.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([PYTHON, "-c", code], cwd=str(ROOT)).returncode == 0

@@ -1,0 +1,126 @@
+"""runtime.data, runtime.checkpoint bookkeeping and runtime.report arithmetic (no processes launched)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from planner.errors import InputError
+from runtime import checkpoint as ckpt
+from runtime.data import TokenData, check_data_file, synthetic_batch
+from runtime.report import aggregate_step_time, build_report, error_pct
+from tests.runtime_helpers import make_test_plan
+
+
+def test_synthetic_batches_depend_on_seed_and_step_only():
+    a = synthetic_batch(0, 3, 8, 32, 512)
+    assert a.shape == (8, 33) and a.dtype == np.int64 and a.min() >= 0 and a.max() < 512
+    assert np.array_equal(a, synthetic_batch(0, 3, 8, 32, 512))
+    assert not np.array_equal(a, synthetic_batch(0, 4, 8, 32, 512))
+    assert not np.array_equal(a, synthetic_batch(1, 3, 8, 32, 512))
+
+
+@pytest.mark.parametrize("dp", [1, 2, 4, 8])
+def test_data_parallel_ranks_split_the_same_global_batch(dp):
+    data = TokenData(5, 8, 16, 512)
+    whole = data.global_batch(2)
+    parts = [data.local_batch(2, r, dp) for r in range(dp)]
+    assert np.array_equal(np.concatenate([x for x, _ in parts]), whole[:, :-1])
+    assert np.array_equal(np.concatenate([y for _, y in parts]), whole[:, 1:])
+
+
+def test_token_file_windows_are_slices_of_the_file(tmp_path):
+    tokens = (np.arange(10_000) * 7 % 500).astype(np.uint32)      # token i+1 = token i + 7 (mod 500)
+    path = tmp_path / "tokens.bin"
+    tokens.tofile(path)
+    data = TokenData(1, 4, 16, 512, str(path), "uint32")
+    batch = data.global_batch(7)
+    assert batch.shape == (4, 17) and batch.dtype == np.int64
+    assert np.array_equal((batch[:, :-1] + 7) % 500, batch[:, 1:])
+    assert np.array_equal(batch, TokenData(1, 4, 16, 512, str(path), "uint32").global_batch(7))
+    assert not np.array_equal(batch, data.global_batch(8))
+
+
+def _write(path, values, dtype):
+    np.asarray(values, dtype=dtype).tofile(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing", "no such file"),
+    ("odd-bytes", "not a whole number"),
+    ("too-short", "one training sequence needs"),
+    ("uint32-as-uint16", "looks like uint32"),
+    ("out-of-vocab", "outside the model's vocabulary"),
+    ("uint16-as-uint32", "uint16 ids read as uint32"),
+])
+def test_bad_data_files_are_refused(tmp_path, case, match):
+    p = tmp_path / "t.bin"
+    dtype = "uint16"
+    if case == "odd-bytes":
+        p.write_bytes(b"\x01" * 101)
+    elif case == "too-short":
+        _write(p, np.arange(20), np.uint16)
+    elif case == "uint32-as-uint16":
+        _write(p, np.arange(1000) % 400 + 1, np.uint32)
+    elif case == "out-of-vocab":
+        _write(p, np.arange(1000) % 600, np.uint16)
+    elif case == "uint16-as-uint32":
+        _write(p, np.arange(1000) % 400 + 1, np.uint16)
+        dtype = "uint32"
+    with pytest.raises(InputError, match=match):
+        check_data_file(p, dtype, 32, 512)
+
+
+def test_latest_checkpoint_ignores_partial_and_incomplete(tmp_path):
+    def make(name, complete=True):
+        d = tmp_path / name
+        d.mkdir()
+        if complete:
+            (d / ".metadata").write_text("x")
+            (d / ckpt.INFO_FILE).write_text(json.dumps({"fingerprint": "f", "losses": [1.0]}))
+        return d
+
+    make("step_00000002")
+    make("step_00000006.partial")          # a save killed before the rename
+    make("step_00000005", complete=False)  # no metadata
+    assert ckpt.latest(tmp_path) == (2, tmp_path / "step_00000002")
+    assert ckpt.check_resumable(tmp_path, "f", 4)[0] == 2
+    with pytest.raises(InputError, match="different plan"):
+        ckpt.check_resumable(tmp_path, "other", 4)
+    with pytest.raises(InputError, match="nothing to run"):
+        ckpt.check_resumable(tmp_path, "f", 2)
+    with pytest.raises(InputError, match="no complete checkpoint"):
+        ckpt.check_resumable(tmp_path / "nowhere", "f", 4)
+
+
+def test_fingerprint_follows_what_changes_the_numbers():
+    plan = make_test_plan(dp=2)
+    base = ckpt.fingerprint(plan, 0, 1e-3, None)
+    assert base == ckpt.fingerprint(make_test_plan(dp=2), 0, 1e-3, None)
+    assert base != ckpt.fingerprint(plan, 1, 1e-3, None)
+    assert base != ckpt.fingerprint(plan, 0, 2e-3, None)
+    assert base != ckpt.fingerprint(make_test_plan(dp=2, zero=3), 0, 1e-3, None)
+
+
+def test_report_figures_from_rank_measurements():
+    plan = make_test_plan(dp=2)
+    ranks = [
+        {"rank": 0, "step_times_s": [5.0, 1.0, 2.0, 1.0], "memory_kind": "cpu_peak_rss",
+         "peak_memory_bytes": 300, "peak_reserved_bytes": None, "peak_memory_increase_bytes": 100},
+        {"rank": 1, "step_times_s": [6.0, 1.5, 1.0, 3.0], "memory_kind": "cpu_peak_rss",
+         "peak_memory_bytes": 250, "peak_reserved_bytes": None, "peak_memory_increase_bytes": 120},
+    ]
+    # slowest rank per step, first step dropped: [1.5, 2.0, 3.0] -> median 2.0
+    assert aggregate_step_time(ranks) == 2.0
+    report = build_report(plan, {"world_size": 2, "device": "cpu"}, [6.0, 5.9, 5.8, 5.7], ranks)
+    m, p, e = report["measured"], report["predicted"], report["error_pct"]
+    assert m["step_time_s"] == 2.0
+    assert m["tokens_per_s"] == pytest.approx(8 * 32 / 2.0)
+    assert m["peak_memory_bytes"] == 300 and m["peak_memory_increase_bytes"] == 120
+    assert e["step_time_s"] == pytest.approx(100 * (2.0 - p["step_time_s"]) / p["step_time_s"])
+    assert e["peak_memory_bytes"] == pytest.approx(100 * (120 - p["peak_memory_bytes"]) / p["peak_memory_bytes"])
+    assert m["mfu"] == pytest.approx(p["mfu"] * p["step_time_s"] / 2.0)
+    assert error_pct(None, 1.0) is None and error_pct(1.0, 0.0) is None
