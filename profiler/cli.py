@@ -36,7 +36,7 @@ def _int_list(text: str, field: str) -> list[int]:
 
 def _console():
     from rich.console import Console
-    return Console(highlight=False)
+    return Console(highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -154,6 +154,13 @@ def profile_cluster(
     if reps < 1 or timeout <= 0 or collective_timeout <= 0:
         raise InputError("--reps, --timeout and --collective-timeout must be positive", field="--reps")
 
+    if not force:
+        known = {"world_size": nproc, "gpus_per_node": nproc, "reps": reps}
+        for key, text, minimum in (("p2p_sizes", p2p_sizes, 3), ("collective_sizes", collective_sizes, 1)):
+            if text is not None:
+                known[key] = parse_sizes(text, minimum, key)
+        precheck_partial(partial_path(output), known)
+
     args = ["-o", str(output), "--reps", str(reps), "--timeout", str(timeout),
             "--collective-timeout", str(collective_timeout)]
     for flag, value in (("--name", name), ("--p2p-sizes", p2p_sizes), ("--collective-sizes", collective_sizes),
@@ -174,6 +181,23 @@ def profile_cluster(
     if rc != 0:
         raise ProfileFailed(f"torchrun exited with code {rc} without a report; see {log}")
     Path(log).unlink(missing_ok=True)
+
+
+def precheck_partial(path: Path, known: dict) -> None:
+    """Refuse, before starting any process, partial results measured with other settings than those
+    known here (the workers check the full configuration again)."""
+    import json
+    if not path.exists():
+        return
+    try:
+        config = json.loads(path.read_text()).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        raise InputError(f"cannot read the partial results '{path}'; delete it or pass --force",
+                         field="--output") from None
+    diff = sorted(k for k, v in known.items() if k in config and config[k] != v)
+    if diff:
+        raise InputError(f"partial results '{path}' were measured with other settings ({', '.join(diff)}); "
+                         f"rerun with the same ones to resume, or pass --force to start over", field="--output")
 
 
 def launch_cluster_profile(nproc: int, args: list[str]) -> tuple[int, list[tuple[str, str]], str]:

@@ -46,7 +46,7 @@ def _iters_for(nbytes: int, small: int = 1 << 16) -> int:
 
 
 def measure_pair(a: int, b: int, rank: int, sizes: list[int], device: torch.device, reps: int = 10,
-                 warmup: int = 2, retries: int = 2) -> dict[str, list[float]]:
+                 warmup: int = 2, retries: int = 4, asymmetry: float = 1.5) -> dict[str, list[float]]:
     """Round-trip seconds (M bytes one way, a 4-byte acknowledgement back) for the direction this rank
     sends, per size: {"src->dst": [seconds per size]}. Both ranks of the pair call it.
 
@@ -54,13 +54,16 @@ def measure_pair(a: int, b: int, rank: int, sizes: list[int], device: torch.devi
     burst of host noise lands on all of them alike rather than on one size or one direction. Each value
     is the minimum over repetitions of the mean round trip of a sample: the link's time with the least
     interference from the host (process scheduling, and on virtual machines the wake-up of halted
-    cores, which on a shared CPU adds milliseconds to a fraction of the samples). When a direction's
-    times do not grow with size (`profiler.fit.consistent`), the pair measures again, up to `retries`
-    more passes, keeping the minimum.
+    cores, which on a shared CPU adds milliseconds to a fraction of the samples).
+
+    Host noise comes in bursts that can outlast a pass. So when a direction's times do not grow with
+    size, or the two directions of the pair differ by more than `asymmetry` times at some size, the pair
+    measures again (up to `retries` more passes, keeping the minimum): both directions of a link are
+    nearly always alike, so a gap usually means a disturbed sample, while a real asymmetry survives the
+    repeats and is reported as measured.
     """
     peer = b if rank == a else a
     ack = torch.zeros(ACK_BYTES, dtype=torch.uint8, device=device)
-    flag = torch.zeros(1, dtype=torch.uint8, device=device)
     bufs = {m: torch.zeros(m, dtype=torch.uint8, device=device) for m in sizes}
     best = {(src, m): float("inf") for src in (a, b) for m in sizes}
 
@@ -84,19 +87,27 @@ def measure_pair(a: int, b: int, rank: int, sizes: list[int], device: torch.devi
 
     one_pass(reps, warmup)
     for _ in range(retries):
-        # both ends agree on a retry: each says whether its own direction looks undisturbed
-        flag[0] = 1 if consistent(sizes, [best[(rank, m)] for m in sizes]) else 0
-        theirs = torch.zeros_like(flag)
+        # both ends exchange their direction's times and take the same decision
+        mine = torch.tensor([best[(rank, m)] for m in sizes], dtype=torch.float64, device=device)
+        theirs = torch.zeros_like(mine)
         if rank == a:
-            dist.send(flag, peer)
+            dist.send(mine, peer)
             dist.recv(theirs, peer)
         else:
             dist.recv(theirs, peer)
-            dist.send(flag, peer)
-        if flag.item() and theirs.item():
+            dist.send(mine, peer)
+        if settled(sizes, mine.tolist(), theirs.tolist(), asymmetry):
             break
         one_pass(reps, 0)
     return {f"{rank}->{peer}": [best[(rank, m)] for m in sizes]}
+
+
+def settled(sizes: list[int], forward: list[float], backward: list[float], asymmetry: float) -> bool:
+    """Whether a pair's measurement needs no repeat: both directions' times grow with size, and at no
+    size do the two directions differ by more than `asymmetry` times."""
+    if not (consistent(sizes, forward) and consistent(sizes, backward)):
+        return False
+    return all(max(f, b) <= asymmetry * min(f, b) for f, b in zip(forward, backward))
 
 
 def measure_round(pairs: list[tuple[int, int]], rank: int, sizes: list[int], device: torch.device,

@@ -1,0 +1,234 @@
+"""`meshplan profile cluster` and `meshplan profile model` end to end on CPU with gloo.
+
+Few launches (each costs seconds of process start-up on a 2-core machine): one 2-process run through the
+CLI, one 4-process run through torchrun directly (the multi-node form), one failing run and its resume.
+Timings are never asserted (the machine is shared); structure and agreement with independent sources are.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from planner.cli import main as meshplan
+from planner.cost.kernels import Dtypes
+from planner.cost.memory import block_activation_bytes
+from planner.loaders import load_cluster
+from planner.presets import PRESETS
+from planner.profile_data import load_profile
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = ["--p2p-sizes", "4K,256K,2M", "--collective-sizes", "64K,1M", "--reps", "3"]
+LAUNCH_TIMEOUT = 300
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+    """`meshplan ...` in a fresh process (what a user runs)."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "planner.cli", *args], cwd=REPO, env=full_env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def call(capsys, *args: str) -> tuple[int, str, str]:
+    """`meshplan ...` in this process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        meshplan(list(args))
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+@pytest.fixture(scope="module")
+def cluster2(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("c2") / "cluster.yaml"
+    r = run_cli("profile", "cluster", "--nproc", "2", "-o", str(out), "--no-progress", *SMALL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "wrote" in r.stdout and "p2p" in r.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster4(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("c4") / "cluster.json"
+    raw = out.with_name("raw.json")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                        "-m", "profiler.cluster", "-o", str(out), "--raw", str(raw), "--no-progress", *SMALL],
+                       cwd=REPO, text=True, capture_output=True, timeout=LAUNCH_TIMEOUT,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def _assert_measured_cluster(path: Path, world: int) -> None:
+    c = load_cluster(str(path))                    # exactly what `--cluster` does
+    assert c.measured and c.backend == "gloo" and c.world_size == world
+    assert c.num_nodes == 1 and c.gpus_per_node == world
+    gpu = c.gpu
+    assert gpu.memory_bytes > 0 and gpu.peak_flops["fp32"] > 1e8 and gpu.hbm_bandwidth > 1e8
+    assert 0 < gpu.efficiency.gemm_max <= 1 and gpu.efficiency.gemm_tile >= 0
+    assert 0 < gpu.efficiency.kernel_overhead_s < 1e-2
+    lm = c.link_matrix
+    assert lm is not None and lm.world_size == world
+    for i in range(world):
+        assert lm.bandwidth[i][i] == 0 and lm.latency[i][i] == 0
+    ratios = []
+    for i, j in itertools.permutations(range(world), 2):
+        assert lm.bandwidth[i][j] > 1e7, f"link {i}->{j}: {lm.bandwidth[i][j]} B/s"
+        assert 0 <= lm.latency[i][j] < 0.05
+        ratios.append(abs(math.log(lm.bandwidth[i][j] / lm.bandwidth[j][i])))
+    # one machine, loopback both ways: each direction of a pair within 4x of the other (host noise on a
+    # shared 2-core VM is large), and typically (median) within 2x
+    assert max(ratios) < math.log(4), ratios
+    assert sorted(ratios)[len(ratios) // 2] < math.log(2), ratios
+    seen = {(m.op, m.group_size, m.contiguous) for m in c.collectives}
+    for g in (d for d in range(2, world + 1) if world % d == 0):
+        for op in ("all_reduce", "all_gather", "reduce_scatter"):
+            assert (op, g, True) in seen
+            if g < world:
+                assert (op, g, False) in seen
+    assert all(m.bus_bandwidth > 0 and m.time_s > 0 for m in c.collectives)
+    assert 0 <= c.overlap_slowdown <= 1
+
+
+def test_two_process_cluster_profile_is_a_valid_measured_cluster(cluster2):
+    _assert_measured_cluster(cluster2, 2)
+    assert "single node" in load_cluster(str(cluster2)).description
+
+
+def test_four_process_cluster_profile_is_a_valid_measured_cluster(cluster4):
+    _assert_measured_cluster(cluster4, 4)
+    raw = json.loads(cluster4.with_name("raw.json").read_text())
+    assert len(raw["links"]) == 3                  # 4 ranks: a tournament of 3 parallel rounds
+    assert all(len(r) == 4 for r in raw["links"].values())   # 2 pairs x 2 directions each round
+
+
+def test_estimate_reads_the_measured_cluster_and_predicts_differently(cluster4, capsys):
+    args = ["-m", "gpt-tiny", "-b", "8", "--seq", "64", "--tp", "2", "--precision", "fp32", "--json"]
+    rc, out, err = call(capsys, "estimate", "--cluster", str(cluster4), *args)
+    assert rc == 0, err
+    measured = json.loads(out)
+    rc, out, err = call(capsys, "estimate", "--cluster", "cpu-local", "--gpus-per-node", "4", *args)
+    assert rc == 0, err
+    spec_sheet = json.loads(out)
+    assert measured["feasible"] and spec_sheet["feasible"]
+    a, b = measured["predicted"]["step_time_s"], spec_sheet["predicted"]["step_time_s"]
+    assert a > 0 and b > 0 and a != pytest.approx(b, rel=1e-3)
+
+
+def test_a_hung_rank_is_named_and_a_rerun_resumes(tmp_path):
+    out = tmp_path / "cluster.json"
+    r = run_cli("profile", "cluster", "--nproc", "2", "-o", str(out), "--no-progress", "--timeout", "5", *SMALL,
+                env={"MESHPLAN_PROFILE_INJECT": "1:links:hang"})
+    assert r.returncode == 4, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert "rank 1" in line and "hung in 'links round 1/1'" in line and "--timeout" in line
+    partial = json.loads((tmp_path / "cluster.json.partial.json").read_text())
+    assert partial["done"] == ["devices"] and not out.exists()
+
+    r = run_cli("profile", "cluster", "--nproc", "2", "-o", str(out), "--no-progress", *SMALL)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming" in r.stdout and "3 of 4 steps" in r.stdout
+    assert load_cluster(str(out)).measured
+    assert not (tmp_path / "cluster.json.partial.json").exists()
+
+    r = run_cli("profile", "cluster", "--nproc", "2", "-o", str(out), *SMALL)   # exists, no --force
+    assert r.returncode == 2 and "--force" in r.stderr
+
+
+def test_resume_refuses_partial_results_of_other_settings(tmp_path, capsys):
+    out = tmp_path / "cluster.json"
+    (tmp_path / "cluster.json.partial.json").write_text(json.dumps(
+        {"kind": "cluster_profile_raw", "schema_version": 1, "config": {"world_size": 8}, "done": []}))
+    rc, _, err = call(capsys, "profile", "cluster", "--nproc", "2", "-o", str(out), "--no-progress", *SMALL)
+    assert rc == 2 and "other settings (world_size)" in err and "--force" in err
+
+
+def test_cluster_input_errors_are_one_line(capsys, tmp_path):
+    rc, _, err = call(capsys, "profile", "cluster", "--nproc", "1", "-o", str(tmp_path / "c.json"))
+    assert rc == 2 and "--nproc" in err
+    rc, _, err = call(capsys, "profile", "cluster", "--nproc", "2", "-o", str(tmp_path / "c.json"),
+                      "--p2p-sizes", "4K,1M")
+    assert rc == 2 and "at least 3" in err
+    rc, _, err = call(capsys, "profile", "cluster", "--nproc", "2", "-o", str(tmp_path / "c.txt"))
+    assert rc == 2 and "must end in" in err
+
+
+# ---------------------------------------------------------------------------------------------- model
+def _check_blocks_against_cost_model(path: Path) -> None:
+    prof = load_profile(path)
+    dt = Dtypes.of(prof.run_precision or prof.precision)
+    for b in prof.blocks:
+        expect = block_activation_bytes(prof.model, b.mbs, prof.seq_len, b.tp, False, b.recompute, dt)
+        assert b.activation_bytes == pytest.approx(expect, rel=0.05), b
+        assert b.forward_s > 0 and b.backward_s > 0
+
+
+def test_model_profile_of_gpt_tiny(tmp_path, capsys):
+    out = tmp_path / "gpt.json"
+    rc, stdout, err = call(capsys, "profile", "model", "-m", "gpt-tiny", "--seq", "64", "--tp", "1,2", "--mbs", "1,2",
+                           "--precision", "fp32", "--recompute", "none,selective,full", "-o", str(out),
+                           "--no-progress", "--reps", "2", "--warmup", "1", "--threads", "1")
+    assert rc == 0, err
+    assert "about" in stdout and "wrote" in stdout
+    prof = load_profile(out)                      # validates (what --profile reads)
+    assert prof.complete and prof.model == PRESETS["gpt-tiny"] and prof.seq_len == 64
+    assert prof.device.type == "cpu" and prof.run_precision is None
+    assert {(b.tp, b.mbs, b.recompute) for b in prof.blocks} == set(
+        itertools.product([1, 2], [1, 2], ["none", "selective", "full"]))
+    assert {(e.part, e.tp, e.mbs) for e in prof.ends} == set(itertools.product(["embedding", "head"], [1, 2], [1, 2]))
+    assert prof.optimizer_s_per_param and prof.optimizer == "adamw"
+    _check_blocks_against_cost_model(out)
+
+    # the planner takes it: estimate says the layer numbers are measured
+    rc, stdout, err = call(capsys, "estimate", "-m", "gpt-tiny", "-c", "cpu-local", "-b", "8", "--seq", "64",
+                           "--precision", "fp32", "--tp", "2", "--profile", str(out), "--json")
+    assert rc == 0, err
+    sources = json.loads(stdout)["predicted"]["sources"]
+    assert sources["layer times and activation bytes"].startswith("measured")
+
+
+def test_model_profile_resumes_and_labels_the_precision_that_ran(tmp_path, capsys):
+    """llama-tiny asked in bf16: on CPU the runtime computes fp32, and the file says so. A partial file
+    with some measurements is resumed: those are kept, the rest measured."""
+    out = tmp_path / "llama.json"
+    args = ["profile", "model", "-m", "llama-tiny", "--seq", "64", "--tp", "1,2", "--mbs", "1,2",
+            "--precision", "bf16", "-o", str(out), "--no-progress", "--reps", "2", "--warmup", "1", "--threads", "1"]
+    rc, _, err = call(capsys, *args)
+    assert rc == 0, err
+    full = load_profile(out)
+    assert full.precision == "bf16" and full.run_precision == "fp32"
+    _check_blocks_against_cost_model(out)
+
+    partial = full.model_copy(deep=True)
+    partial.blocks = partial.blocks[:3]
+    partial.ends = []
+    partial.complete = False
+    (tmp_path / "llama.json.partial.json").write_text(partial.model_dump_json())
+    rc, stdout, err = call(capsys, *args)
+    assert rc == 2 and "--force" in err            # the output exists
+    out.unlink()
+    rc, stdout, err = call(capsys, *args)
+    assert rc == 0, err
+    assert "resuming" in stdout and f"{len(full.blocks) - 3 + 8} of {len(full.blocks) + 8 + 1}" in stdout
+    again = load_profile(out)
+    assert again.blocks[:3] == full.blocks[:3] and len(again.blocks) == len(full.blocks) and len(again.ends) == 8
+
+
+def test_model_profile_input_errors_and_timeout(tmp_path, capsys):
+    rc, _, err = call(capsys, "profile", "model", "-m", "gpt-tiny", "--tp", "3", "--seq", "64",
+                      "-o", str(tmp_path / "p.json"))
+    assert rc == 2 and "--tp" in err and "does not divide" in err
+    rc, _, err = call(capsys, "profile", "model", "-m", "gpt-tiny", "--seq", "4096", "-o", str(tmp_path / "p.json"))
+    assert rc == 2 and "max_position_embeddings" in err
+    rc, _, err = call(capsys, "profile", "model", "-m", "gpt-tiny", "--recompute", "some", "--seq", "64",
+                      "-o", str(tmp_path / "p.json"))
+    assert rc == 2 and "--recompute" in err
+    r = run_cli("profile", "model", "-m", "gpt-tiny", "--seq", "64", "--tp", "1", "--mbs", "1", "--timeout", "1e-6",
+                "-o", str(tmp_path / "p.json"), "--no-progress", "--threads", "1")
+    assert r.returncode == 4 and "block tp1 mbs1 none" in r.stderr and "--timeout" in r.stderr
