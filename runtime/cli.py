@@ -104,7 +104,7 @@ def run_command(
     try:
         report_path = report.resolve() if report is not None else job_dir / "report.json"
         train_args += ["--report", str(report_path), "--job-dir", str(job_dir), "--progress-protocol"]
-        cmd = torchrun_command(train_args, per_node)
+        cmd = torchrun_command(train_args, per_node, log_dir=str(job_dir / "logs"))
         err.print(f"launching {per_node} processes: {format_command(cmd)}", soft_wrap=True)
         launch = Launch(cmd, job_dir, err)
         rc = launch.run()

@@ -27,14 +27,16 @@ SUMMARY_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)")
 
 
 def torchrun_command(train_args: list[str], nproc_per_node: int, nnodes: int = 1, node_rank: int | None = None,
-                     rdzv_endpoint: str | None = None, python: str | None = None) -> list[str]:
+                     rdzv_endpoint: str | None = None, python: str | None = None,
+                     log_dir: str | None = None) -> list[str]:
     """The torchrun command line of one node. Single node: a standalone rendezvous on a free port, with
-    each rank's stderr tee'd (prefixed with its rank). Several nodes: static rendezvous at
+    each rank's stderr tee'd (prefixed with its rank; torchrun's copies go to `log_dir`, or a temporary
+    directory of torchrun's). Several nodes: static rendezvous at
     `rdzv_endpoint` (host:port of node 0) with this node's `node_rank`, so that node i runs global ranks
     i*nproc .. (i+1)*nproc - 1 as the plan's rank layout assumes."""
     cmd = [python or sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
     if nnodes == 1:
-        cmd += ["--standalone", "--nnodes=1", "--tee=2"]
+        cmd += ["--standalone", "--nnodes=1", "--tee=2"] + ([f"--log-dir={log_dir}"] if log_dir else [])
     else:
         host, _, port = (rdzv_endpoint or "").rpartition(":")
         cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=static",

@@ -236,6 +236,12 @@ def train(args: argparse.Namespace) -> int:
     started = time.time()
     dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
     try:
+        # the distributed modules the run uses are imported before the baseline, so that on CPU the RSS
+        # increase counts tensors and buffers rather than Python modules
+        import torch._dynamo  # noqa: F401  (DTensor construction imports it anyway)
+        import torch.distributed.fsdp  # noqa: F401
+        import torch.distributed.pipelining  # noqa: F401
+        import torch.distributed.tensor.parallel  # noqa: F401
         meter.baseline()
 
         def on_step(step, loss, dt):

@@ -8,25 +8,31 @@ a scale wrong (data-parallel averaging, micro-batch averaging, tied-embedding su
 
 from __future__ import annotations
 
+import math
+
 from tests.runtime_helpers import model_spec, reference_losses, relative_error, run_layouts
 
 TOL = 1e-5
 EAGER = {"attention_kernel": "eager"}
 
 TWO_PROCESS = [
-    {"name": "tp2", "config": {"tp": 2}},
+    {"name": "tp2", "config": {"tp": 2, "mbs": 2}},
     {"name": "pp2-1f1b", "config": {"pp": 2}},
     {"name": "dp2-zero0", "config": {"dp": 2}},
     {"name": "dp2-zero3", "config": {"dp": 2, "zero": 3}},
     {"name": "pp2-interleaved-vpp2", "config": {"pp": 2, "vpp": 2, "schedule": "interleaved"}},
     {"name": "dp2-recompute-full", "config": {"dp": 2, "recompute": "full"}},
-    {"name": "tp2-recompute-selective-eager", "model_update": EAGER, "config": {"tp": 2, "recompute": "selective"}},
+    {"name": "tp2-recompute-selective-eager", "model_update": EAGER,
+     "config": {"tp": 2, "recompute": "selective", "mbs": 4}},
     {"name": "tp2-sp-llama", "model": "llama-tiny", "config": {"tp": 2, "sp": True, "mbs": 2}},
     {"name": "pp2-gpipe-uneven-sgd", "optimizer": "sgd", "lr": 0.1,
      "config": {"pp": 2, "schedule": "gpipe", "layers_per_stage": [1, 3]}},
     {"name": "dp2-zero1-sgd", "optimizer": "sgd", "lr": 0.1, "config": {"dp": 2, "zero": 1, "mbs": 2}},
     {"name": "dp2-zero2-sgd-llama", "model": "llama-tiny", "optimizer": "sgd", "lr": 0.1,
      "config": {"dp": 2, "zero": 2}},
+    # dropout draws different random numbers in every layout: it must run, not reproduce
+    {"name": "tp2-sp-dropout", "smoke": True, "model_update": {"dropout": 0.1}, "steps": 2,
+     "config": {"tp": 2, "sp": True, "mbs": 4}},
 ]
 
 COMPOSED = {"tp": 2, "pp": 2, "dp": 2, "sp": True, "zero": 3, "vpp": 2, "schedule": "interleaved"}
@@ -51,6 +57,8 @@ def _reference(lay: dict) -> list[float]:
 def _check(layouts: list[dict], results: dict) -> None:
     failures = []
     for lay in layouts:
+        if lay.get("smoke"):
+            continue
         got, want = results[lay["name"]]["losses"], _reference(lay)
         assert len(got) == len(want) == lay.get("steps", 4)
         err = relative_error(got, want)
@@ -69,7 +77,11 @@ def test_reference_is_sensitive_to_training():
 
 
 def test_two_process_layouts_match_single_process(tmp_path):
-    _check(TWO_PROCESS, run_layouts(TWO_PROCESS, 2, tmp_path, timeout=900))
+    results = run_layouts(TWO_PROCESS, 2, tmp_path, timeout=900)
+    _check(TWO_PROCESS, results)
+    dropped = results["tp2-sp-dropout"]["losses"]
+    assert all(math.isfinite(x) for x in dropped)
+    assert relative_error(dropped, _reference(TWO_PROCESS[0])[:2]) > TOL     # dropout was active
 
 
 def test_eight_process_layouts_match_single_process_and_resume_exactly(tmp_path):
