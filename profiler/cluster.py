@@ -27,10 +27,10 @@ from profiler.io import check_output, load_raw, partial_path, save_raw, write_cl
 EXIT_INPUT = 2
 INJECT_ENV = "MESHPLAN_PROFILE_INJECT"   # "<rank>:<step label prefix>:<error|hang|exit>", for testing failures
 
-CPU_DEFAULTS = {"p2p_sizes": [4 << 10, 64 << 10, 512 << 10, 2 << 20], "collective_sizes": [64 << 10, 1 << 20, 8 << 20]}
+CPU_DEFAULTS = {"p2p_sizes": [4 << 10, 64 << 10, 512 << 10, 2 << 20], "collective_sizes": [64 << 10, 1 << 20, 4 << 20]}
 CUDA_DEFAULTS = {"p2p_sizes": [8 << 10, 1 << 20, 32 << 20, 256 << 20],
                  "collective_sizes": [1 << 20, 64 << 20, 512 << 20]}
-OVERLAP = {"cpu": {"gemm_n": 256, "message_bytes": 4 << 20}, "cuda": {"gemm_n": 8192, "message_bytes": 512 << 20}}
+OVERLAP = {"cpu": {"gemm_n": 256, "message_bytes": 2 << 20}, "cuda": {"gemm_n": 8192, "message_bytes": 512 << 20}}
 
 
 def parse_size(text: str) -> int:
@@ -253,7 +253,7 @@ def run_step(kind: str, arg, rank: int, world: int, local_world: int, device, co
         from profiler.devices import main_dtype
         from profiler.overlap import measure_overlap
         o = OVERLAP[device.type]
-        return measure_overlap(device, main_dtype(device), o["gemm_n"], o["message_bytes"], reps)
+        return measure_overlap(device, main_dtype(device), o["gemm_n"], o["message_bytes"], max(3, reps - 2))
     raise ValueError(f"unknown step kind {kind}")
 
 
