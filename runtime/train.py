@@ -173,6 +173,8 @@ def run_plan(plan, args: argparse.Namespace, rank: int, device, resume_from=None
         step0, path = resume_from
         info = ckpt.load(path, model, optimizer, rank)
         losses = list(info.get("losses", []))[:step0]
+        scaler.scale = info.get("loss_scale", scaler.scale)
+        scaler.good = info.get("loss_scale_good_steps", 0)
         first_step = step0 + 1
     else:
         torch.manual_seed(args.seed * 100003 + 7919 * coords.dp + 31 * coords.pp)   # dropout stream
@@ -204,6 +206,7 @@ def run_plan(plan, args: argparse.Namespace, rank: int, device, resume_from=None
         if args.checkpoint_every and step % args.checkpoint_every == 0:
             ckpt.save(args.checkpoint_dir, step, model, optimizer,
                       {"step": step, "losses": losses, "fingerprint": fingerprint, "seed": args.seed,
+                       "loss_scale": scaler.scale, "loss_scale_good_steps": scaler.good,
                        "plan": os.path.abspath(args.plan) if getattr(args, "plan", None) else None}, rank)
     mine = {"rank": rank, "pp": coords.pp, "dp": coords.dp, "tp": coords.tp,
             "step_times_s": timer.times, "step_time_s": median_excluding_first(timer.times)}

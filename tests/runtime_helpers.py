@@ -77,7 +77,7 @@ def run_layouts(layouts: list[dict], nproc: int, tmp: Path, timeout: float = 600
     spec_file, out_file = tmp / "layouts.json", tmp / "losses.json"
     spec_file.write_text(json.dumps(layouts))
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(Path(__file__).resolve()), str(spec_file), str(out_file)]
+           f"--log-dir={tmp / 'torchrun-logs'}", str(Path(__file__).resolve()), str(spec_file), str(out_file)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT),
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:

@@ -124,3 +124,22 @@ def test_report_figures_from_rank_measurements():
     assert e["peak_memory_bytes"] == pytest.approx(100 * (120 - p["peak_memory_bytes"]) / p["peak_memory_bytes"])
     assert m["mfu"] == pytest.approx(p["mfu"] * p["step_time_s"] / 2.0)
     assert error_pct(None, 1.0) is None and error_pct(1.0, 0.0) is None
+
+
+def test_rank_layout_placement_decides_which_process_holds_which_coordinate():
+    from runtime.checks import rank_grid
+    from runtime.parallelize import my_coords
+
+    plan = make_test_plan(tp=2, pp=2, dp=2)
+    assert rank_grid(plan) == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
+    # place plan rank r on device 7 - r (as a placement search may): process p holds rank 7 - p's coordinate
+    rows = [row.model_copy(update={"local_gpu": 7 - row.rank}) for row in plan.rank_layout]
+    moved = plan.model_copy(update={"rank_layout": rows})
+    assert rank_grid(moved) == [[[7, 6], [5, 4]], [[3, 2], [1, 0]]]
+    for process in range(8):
+        row = plan.rank_layout[7 - process]
+        c = my_coords(moved, process)
+        assert (c.pp, c.dp, c.tp) == (row.pp, row.dp, row.tp)
+    clash = [row.model_copy(update={"local_gpu": 0}) if row.rank == 1 else row for row in plan.rank_layout]
+    with pytest.raises(InputError, match="device given to another rank"):
+        rank_grid(plan.model_copy(update={"rank_layout": clash}))
