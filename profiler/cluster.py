@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         est = estimate_seconds(world, cuda, config["p2p_sizes"], config["collective_sizes"], args.reps)
         what = "resuming" if setup[0]["resumed"] else "profiling"
         progress.note(f"{what} {world} {device.type} ranks ({world // local_world} node(s) x {local_world}), "
-                      f"backend {backend}: {len(todo)} of {len(steps)} steps, about {est:.0f} s")
+                      f"backend {backend}: {len(todo)} of {len(steps)} steps, about {est:.0f} s of measurement")
     t_start = time.perf_counter()
     for key, label, kind, arg in todo:
         if progress:

@@ -188,3 +188,12 @@ def test_partial_results_resume_only_with_the_same_settings(tmp_path):
     path.write_text(json.dumps({"kind": "other"}))
     with pytest.raises(InputError, match="not a partial cluster profile"):
         load_raw(path, cfg, restart=False)
+
+
+def test_the_cli_modules_import_no_torch():
+    """`meshplan estimate` must stay fast: loading the CLI (which registers `profile`) imports no torch."""
+    import subprocess
+    import sys
+    code = "import sys, planner.cli, profiler.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
