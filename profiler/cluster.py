@@ -240,7 +240,7 @@ def run_step(kind: str, arg, rank: int, world: int, local_world: int, device, co
     reps = config["reps"]
     if kind == "devices":
         from profiler.devices import measure_device
-        return measure_device(device, local_world)
+        return measure_device(device, local_world, sync=dist.barrier)
     if kind == "links":
         from profiler.links import measure_round
         return measure_round(arg, rank, config["p2p_sizes"], device, 2 * reps)

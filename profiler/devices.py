@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import socket
+from typing import Callable
 
 import torch
 
@@ -88,10 +89,13 @@ def describe(device: torch.device, local_world_size: int) -> dict:
 
 
 def measure_gemms(device: torch.device, shapes: list[tuple[str, int, int, int]], reps: int = 5,
-                  min_rep_s: float = 0.005) -> list[dict]:
-    """Median seconds of C = A @ B for each (dtype, M, N, K)."""
+                  min_rep_s: float = 0.005, sync: Callable[[], None] | None = None) -> list[dict]:
+    """Median seconds of C = A @ B for each (dtype, M, N, K); `sync()` (a barrier) before each shape keeps
+    processes that share a CPU measuring the same thing at the same time."""
     out = []
     for dtype, m, n, k in shapes:
+        if sync is not None:
+            sync()
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
         a = torch.randn(m, k, device=device).to(DTYPES[dtype])
@@ -105,7 +109,7 @@ def measure_gemms(device: torch.device, shapes: list[tuple[str, int, int, int]],
     return out
 
 
-def measure_memory(device: torch.device, nbytes: int, reps: int = 5) -> dict:
+def measure_memory(device: torch.device, nbytes: int, reps: int = 5, min_rep_s: float = 0.02) -> dict:
     """Copy bandwidth (bytes read + written per second, the STREAM 'copy' convention), elementwise
     bandwidth of an out-of-place add (two reads, one write) and the per-kernel overhead (seconds per
     call of an add on one-element tensors)."""
@@ -113,18 +117,18 @@ def measure_memory(device: torch.device, nbytes: int, reps: int = 5) -> dict:
     x = torch.ones(n, device=device)
     y = torch.empty_like(x)
     z = torch.empty_like(x)
-    copy = time_op(lambda: y.copy_(x), device, reps=reps, min_rep_s=0.02)
-    add = time_op(lambda: torch.add(x, y, out=z), device, reps=reps, min_rep_s=0.02)
+    copy = time_op(lambda: y.copy_(x), device, reps=reps, min_rep_s=min_rep_s)
+    add = time_op(lambda: torch.add(x, y, out=z), device, reps=reps, min_rep_s=min_rep_s)
     del x, y, z
     one_a, one_b = torch.ones(1, device=device), torch.ones(1, device=device)
     one_c = torch.empty(1, device=device)
-    tiny = time_op(lambda: torch.add(one_a, one_b, out=one_c), device, reps=reps, min_rep_s=0.01)
+    tiny = time_op(lambda: torch.add(one_a, one_b, out=one_c), device, reps=reps, min_rep_s=min_rep_s)
     return {"buffer_bytes": 4 * n, "copy_bandwidth": 2 * 4 * n / copy.median_s,
             "elementwise_bandwidth": 3 * 4 * n / add.median_s, "kernel_overhead_s": tiny.median_s}
 
 
 def measure_attention(device: torch.device, dtype: str, batch: int, heads: int, seq: int, head_dim: int,
-                      reps: int = 3) -> dict:
+                      reps: int = 3, min_rep_s: float = 0.02) -> dict:
     """Seconds of a causal fused attention (scaled_dot_product_attention) forward plus backward, and the
     FLOPs the cost model charges for it: 0.5 * 4 * b * s^2 * heads * d forward, 2.5x that backward."""
     dt = DTYPES[dtype]
@@ -135,21 +139,36 @@ def measure_attention(device: torch.device, dtype: str, batch: int, heads: int, 
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         o.sum().backward()
 
-    t = time_op(step, device, warmup=1, reps=reps, min_rep_s=0.02)
+    t = time_op(step, device, warmup=1, reps=reps, min_rep_s=min_rep_s)
     flops = 0.5 * 4 * batch * seq * seq * heads * head_dim * 3.5
     return {"dtype": dtype, "shape": [batch, heads, seq, head_dim], "time_s": t.median_s, "flops": flops}
 
 
-def measure_device(device: torch.device, local_world_size: int) -> dict:
-    """All single-device measurements of this process (run on every rank at once)."""
+def measure_device(device: torch.device, local_world_size: int, sync: Callable[[], None] | None = None) -> dict:
+    """All single-device measurements of this process (run on every rank at once).
+
+    When more threads than cores share a CPU, a timed repetition lasts at least 50 ms, several scheduler
+    time slices, so that it sees this process's share of the cores rather than a whole core for the
+    length of one slice, and `sync()` (a barrier over the processes) runs before each measurement, so that
+    none of them measures while the others have finished and left it the whole CPU.
+    """
     torch.manual_seed(0)
     info = describe(device, local_world_size)
     cuda = device.type == "cuda"
-    info["gemm"] = measure_gemms(device, CUDA_GEMMS if cuda else CPU_GEMMS)
-    info["memory"] = measure_memory(device, (1 << 30) if cuda else (16 << 20))
+    shared = not cuda and local_world_size * torch.get_num_threads() > (os.cpu_count() or 1)
+    rep_s, reps = (0.05, 3) if shared else (0.005, 5)
+    sync = sync if shared else None
+    info["gemm"] = measure_gemms(device, CUDA_GEMMS if cuda else CPU_GEMMS, reps=reps, min_rep_s=rep_s, sync=sync)
+    if sync is not None:
+        sync()
+    info["memory"] = measure_memory(device, (1 << 30) if cuda else (16 << 20), reps=reps,
+                                    min_rep_s=max(rep_s, 0.02))
+    if sync is not None:
+        sync()
     info["attention"] = (measure_attention(device, "bf16", 4, 32, 4096, 128) if cuda
-                         else measure_attention(device, "fp32", 1, 4, 256, 32))
+                         else measure_attention(device, "fp32", 1, 4, 256, 32, min_rep_s=max(rep_s, 0.02)))
     info["main_dtype"] = main_dtype(device)
+    info["shared_cpu"] = shared
     if cuda:
         torch.cuda.empty_cache()
     return info
