@@ -185,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     for key, label, kind, arg in todo:
         if progress:
             progress.start(label)
-        result = None
         t_step = time.perf_counter()
         with coord.step(label):
             _inject(rank, label)

@@ -136,9 +136,18 @@ def _estimate(spec: ModelSpec, seq: int, tps: list[int], mbss: list[int], todo: 
     lo = min(blocks, key=lambda t: _flops(spec, t, seq))
     hi = max(blocks, key=lambda t: _flops(spec, t, seq))
     probes = []
+    import torch
     for task in (lo, lo, hi):
         t0 = time.perf_counter()
-        r = layers.measure_block(spec, task.tp, task.mbs, seq, "none", precision, device, warmup=1, reps=1)
+        try:
+            r = layers.measure_block(spec, task.tp, task.mbs, seq, "none", precision, device, warmup=1, reps=1)
+        except torch.OutOfMemoryError:   # the dearest block may not fit: scale from the cheapest alone
+            if not probes:
+                raise ProfileFailed(f"the smallest block ({task.label}) does not fit in device memory") from None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            probes.append(probes[-1])
+            continue
         wall = time.perf_counter() - t0
         probes.append((_flops(spec, task, seq), r.forward_s + r.backward_s, wall))
     (w_lo, p_lo, wall_lo), (w_hi, p_hi, _) = probes[1], probes[2]

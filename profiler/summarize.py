@@ -165,6 +165,10 @@ def summarize(raw: dict, name: str | None = None) -> tuple[ClusterSpec, dict]:
         return max(rows, key=lambda c: c["message_bytes"])["bus_bandwidth"] if rows else None
 
     notes = []
+    blocks = [{devices[r]["host"] for r in range(n * gpn, (n + 1) * gpn)} for n in range(nodes)]
+    if any(len(b) != 1 for b in blocks) or len(set().union(*blocks)) != nodes:
+        notes.append("ranks are not numbered node by node (rank // gpus_per_node is not the host): intra/inter "
+                     "link summaries follow rank order")
     intra = _median_link(bw, lat, intra_pairs)
     inter = _median_link(bw, lat, inter_pairs)
     if intra is None:    # one device per node: the only links are across nodes
