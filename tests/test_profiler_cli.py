@@ -115,6 +115,9 @@ def test_two_processes_a_hung_rank_is_named_and_a_rerun_resumes_to_a_valid_clust
     assert r.returncode == 4, r.stderr[-2000:]
     line = r.stderr.strip().splitlines()[-1]
     assert "rank 1" in line and "hung in 'links round 1/1'" in line and "--timeout" in line
+    log = Path(line.rsplit("log ", 1)[1].rstrip(")"))
+    assert log.is_file()                           # torchrun's own output, kept for a failed run
+    log.unlink()
     partial = json.loads((tmp_path / "cluster.yaml.partial.json").read_text())
     assert partial["done"] == ["devices"] and not out.exists()
 
