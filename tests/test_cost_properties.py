@@ -75,9 +75,10 @@ def test_memory_non_increasing_in_zero_stage(setup):
     m, cluster, training, cfg = setup
     cfg = fixed_layers(m, cfg)
     peaks = [peak(m, cluster, training, cfg.model_copy(update={"zero": z})) for z in (0, 1, 2, 3)]
-    # ZeRO-3 adds the gathered blocks back; with dp == 1 nothing is sharded at all
+    # ZeRO-3 holds two gathered blocks and one block's gradients: it saves memory once a stage's sharded
+    # weights outweigh that, i.e. with enough blocks per stage (>= 8 at dp >= 4 for every recipe here)
     assert peaks[0] >= peaks[1] >= peaks[2]
-    if cfg.dp >= 4:
+    if cfg.dp >= 4 and min(cfg.layers_per_stage) >= 8:
         assert peaks[2] >= peaks[3]
 
 

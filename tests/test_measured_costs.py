@@ -32,7 +32,7 @@ def profile(scale_time: float, scale_bytes: float, points=((1, 1), (2, 1), (1, 2
         blocks.append(BlockMeasurement(tp=tp, mbs=mbs, recompute="none", forward_s=f * scale_time,
                                        backward_s=b * scale_time, activation_bytes=int(a * scale_bytes)))
     return ModelProfile(model=model, precision="bf16", seq_len=seq,
-                        device=DeviceInfo(type="cuda", name="test", torch_version="2.13.0"), blocks=blocks)
+                        device=DeviceInfo(type="cuda", name=CLUSTER.gpu.name, torch_version="2.13.0"), blocks=blocks)
 
 
 def test_measured_point_replaces_the_analytical_one():
@@ -61,9 +61,13 @@ def test_unmeasured_shapes_are_interpolated_and_recompute_falls_back():
     assert "interpolated from" in src["layer times and activation bytes"]
 
 
-def test_profile_of_another_model_or_sequence_is_not_used():
+def test_profile_of_another_model_sequence_or_device_is_not_used():
     other = PRESETS["llama3.2-3b"]
-    for prof in (profile(2.0, 1.0, model=other), profile(2.0, 1.0, seq=4096)):
+    cpu = profile(2.0, 1.0)
+    cpu = cpu.model_copy(update={"device": cpu.device.model_copy(update={"type": "cpu", "name": "x86"})})
+    a100 = profile(2.0, 1.0)
+    a100 = a100.model_copy(update={"device": a100.device.model_copy(update={"name": "NVIDIA A100-SXM4-80GB"})})
+    for prof in (profile(2.0, 1.0, model=other), profile(2.0, 1.0, seq=4096), cpu, a100):
         cost = CostModel(MODEL, CLUSTER, TRAINING, prof, "p.json")
         pred = cost.evaluate(ParallelConfig(tp=1, dp=8))
         plain = CostModel(MODEL, CLUSTER, TRAINING).evaluate(ParallelConfig(tp=1, dp=8))

@@ -7,7 +7,9 @@ A group spanning nodes runs hierarchically: reduce-scatter inside each node, the
 a node communicates at once, so each gets its node's NIC bandwidth divided by the GPUs per node.
 Every collective and transfer is at least one kernel launch (the GPU's `kernel_overhead_s`): small messages
 hide under the host's issue time. A measured link matrix (from `meshplan profile cluster`) replaces the spec-sheet links: a flat ring over the
-group's devices runs at the slowest measured pair on it, and the slowest of the parallel groups sets the time.
+group's devices runs at the slowest measured pair on it times the link class's collective efficiency, and the
+slowest of the parallel groups sets the time. Measured collective times, when the cluster file has them,
+take precedence for the collectives they cover.
 """
 
 from __future__ import annotations
@@ -48,23 +50,31 @@ class Network:
 
     def __init__(self, cluster: ClusterSpec):
         self.gpus_per_node = cluster.gpus_per_node
-        self.intra_latency = cluster.intra_node.latency
-        self.intra_bw = cluster.intra_node.effective_bandwidth
-        self.inter_latency = cluster.inter_node.latency
-        self.inter_bw = cluster.nics_per_node * cluster.inter_node.effective_bandwidth / cluster.gpus_per_node
+        intra, inter = cluster.intra_node, cluster.inter_node
+        nic_share = cluster.nics_per_node / cluster.gpus_per_node      # NICs per GPU when every GPU sends
+        self.intra_latency, self.inter_latency = intra.latency, inter.latency
+        self.intra_bw, self.inter_bw = intra.effective_bandwidth, inter.effective_bandwidth * nic_share
+        self.intra_p2p_bw, self.inter_p2p_bw = intra.bandwidth, inter.bandwidth * nic_share
+        self.intra_eff, self.inter_eff = intra.efficiency, inter.efficiency
         self.matrix = cluster.link_matrix
         self.floor = cluster.gpu.efficiency.kernel_overhead_s
+        self.table = _CollectiveTable(cluster.collectives) if cluster.collectives else None
 
     def collective(self, op: str, nbytes: float, group: Group) -> float:
-        """Seconds for one collective of a `nbytes` buffer over `group`."""
+        """Seconds for one collective of a `nbytes` buffer over `group` (the slowest of its peers)."""
         if group.size <= 1 or nbytes <= 0:
             return 0.0
         return max(self.floor, self._collective(op, nbytes, group))
 
     def _collective(self, op: str, nbytes: float, group: Group) -> float:
         n = group.size
+        if self.table is not None:
+            measured = self.table.time(op, nbytes, group)
+            if measured is not None:
+                return measured
         if self.matrix is not None:
-            return max(self._measured_ring(op, nbytes, ranks) for ranks in (group.peers or (group.ranks,)))
+            eff = self.intra_eff if group.nodes == 1 else self.inter_eff
+            return max(self._measured_ring(op, nbytes, ranks, eff) for ranks in (group.peers or (group.ranks,)))
         if group.nodes == 1:
             return ring_time(op, n, nbytes, self.intra_latency, self.intra_bw)
         local = n // group.nodes
@@ -79,20 +89,63 @@ class Network:
         return intra + inter
 
     def p2p(self, nbytes: float, src: int, dst: int) -> float:
-        """Seconds to send `nbytes` from rank src to rank dst."""
+        """Seconds to send `nbytes` from device src to device dst (a point-to-point transfer runs at the link's
+        own bandwidth; only collectives pay the ring efficiency)."""
         if nbytes <= 0 or src == dst:
             return 0.0
         if self.matrix is not None:
             t = self.matrix.latency[src][dst] + nbytes / self.matrix.bandwidth[src][dst]
         elif src // self.gpus_per_node == dst // self.gpus_per_node:
-            t = self.intra_latency + nbytes / self.intra_bw
+            t = self.intra_latency + nbytes / self.intra_p2p_bw
         else:
-            t = self.inter_latency + nbytes / self.inter_bw
+            t = self.inter_latency + nbytes / self.inter_p2p_bw
         return max(self.floor, t)
 
-    def _measured_ring(self, op: str, nbytes: float, ranks: tuple[int, ...]) -> float:
+    def _measured_ring(self, op: str, nbytes: float, ranks: tuple[int, ...], efficiency: float) -> float:
         n = len(ranks)
         pairs = [(ranks[i], ranks[(i + 1) % n]) for i in range(n)]
-        bandwidth = min(self.matrix.bandwidth[a][b] for a, b in pairs)
+        bandwidth = min(self.matrix.bandwidth[a][b] for a, b in pairs) * efficiency
         latency = max(self.matrix.latency[a][b] for a, b in pairs)
         return ring_time(op, n, nbytes, latency, bandwidth)
+
+
+class _CollectiveTable:
+    """Measured collective times (`meshplan profile cluster`), fitted per (op, group size, contiguity) to
+    t = a + M * b by least squares over the measured message sizes. A group size that was not measured
+    scales the nearest measured one by the ring's step counts: a by (n-1), b by (n-1)/n."""
+
+    def __init__(self, rows):
+        points: dict[tuple[str, int, bool], list[tuple[float, float]]] = {}
+        for r in rows:
+            points.setdefault((r.op, r.group_size, r.contiguous), []).append((float(r.message_bytes), r.time_s))
+        self.fits = {key: _fit_affine(pts) for key, pts in points.items()}
+
+    def time(self, op: str, nbytes: float, group: Group) -> float | None:
+        ranks = sorted(group.ranks)
+        contiguous = ranks[-1] - ranks[0] == len(ranks) - 1
+        options = [k for k in self.fits if k[0] == op and k[2] == contiguous] or \
+                  [k for k in self.fits if k[0] == op]
+        if not options:
+            return None
+        n = group.size
+        key = min(options, key=lambda k: (abs(k[1] - n), -k[1]))
+        a, b = self.fits[key]
+        m = key[1]
+        if m != n and m > 1:
+            a *= (n - 1) / (m - 1)
+            b *= ((n - 1) / n) / ((m - 1) / m)
+        return a + nbytes * b
+
+
+def _fit_affine(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(a, b) >= 0 of t = a + M b through the points (one point: all of it bandwidth)."""
+    if len(points) == 1:
+        size, t = points[0]
+        return 0.0, t / size
+    n = len(points)
+    mx = sum(p[0] for p in points) / n
+    my = sum(p[1] for p in points) / n
+    var = sum((p[0] - mx) ** 2 for p in points)
+    b = max(0.0, sum((p[0] - mx) * (p[1] - my) for p in points) / var) if var > 0 else 0.0
+    a = max(0.0, my - b * mx)
+    return a, b

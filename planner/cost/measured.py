@@ -44,9 +44,10 @@ def _interpolate(points: list[tuple[int, int, tuple[float, float, float]]], tp: 
 class MeasuredCosts:
     """Correction factors for blocks, embedding and head from one profile, for one model and training."""
 
-    def __init__(self, profile: ModelProfile, model: ModelSpec, training: TrainingSpec, gpu: GPUSpec):
+    def __init__(self, profile: ModelProfile, model: ModelSpec, training: TrainingSpec, gpu: GPUSpec,
+                 backend: str):
         self.profile = profile
-        self.mismatch = self._mismatch(profile, model, training)
+        self.mismatch = self._mismatch(profile, model, training, gpu, backend)
         self._blocks: dict[str, list] = {}
         self._ends: dict[str, list] = {}
         if self.mismatch:
@@ -69,7 +70,12 @@ class MeasuredCosts:
                                e.backward_s / pass_time(work[1], gpu, dt.matmul), e.activation_bytes / act)))
 
     @staticmethod
-    def _mismatch(profile: ModelProfile, model: ModelSpec, training: TrainingSpec) -> str:
+    def _mismatch(profile: ModelProfile, model: ModelSpec, training: TrainingSpec, gpu: GPUSpec, backend: str) -> str:
+        device = profile.device
+        if (device.type == "cuda") != (backend == "nccl"):
+            return f"profiled on {device.type} ({device.name}), the cluster runs {backend}"
+        if device.type == "cuda" and device.name.lower() != gpu.name.lower():
+            return f"profiled on {device.name}, the cluster has {gpu.name}"
         ours = model.model_dump(exclude={"name"})
         theirs = profile.model.model_dump(exclude={"name"})
         if ours != theirs:

@@ -14,7 +14,7 @@ from planner.cost.comm import Group, Network
 from planner.cost.flops import hardware_flops_per_step, model_flops_per_step
 from planner.cost.kernels import Dtypes, Pass, block_work, embedding_work, head_work, pass_time
 from planner.cost.measured import MeasuredCosts
-from planner.cost.memory import (DDP_BUCKET_BYTES, GIB, block_activation_bytes, block_backward_transient_bytes,
+from planner.cost.memory import (GIB, block_activation_bytes, block_backward_transient_bytes,
                                  embedding_activation_bytes, head_activation_bytes, head_transient_bytes,
                                  in_flight_microbatches, interleaved_in_flight_chunks, state_bytes)
 from planner.cost.params import embedding_params, final_norm_params, layer_params, position_params
@@ -114,7 +114,7 @@ class CostModel:
         self.margin = 1.0 + self.gpu.allocator_margin
         self.opt_seconds_per_param = (optimizer_bytes_per_param(training.precision, training.optimizer)
                                       / (self.gpu.hbm_bandwidth * self.gpu.efficiency.memory))
-        measured = MeasuredCosts(profile, model, training, self.gpu) if profile else None
+        measured = MeasuredCosts(profile, model, training, self.gpu, cluster.backend) if profile else None
         self.sources = self._sources(profile_name, measured)
         self.measured = measured if measured and not measured.mismatch else None
         if self.measured and self.measured.optimizer_s_per_param:
@@ -227,14 +227,13 @@ class CostModel:
         return held
 
     def _buffers(self, cfg: ParallelConfig) -> float:
-        """Data-parallel communication buffers (bytes)."""
-        if cfg.dp == 1:
+        """Data-parallel communication buffers (bytes). ZeRO-3 keeps the block it computes and the prefetched
+        next one unsharded, plus one block's unsharded gradients before their reduce-scatter; the other
+        stages reduce the gradient buffers in place (Megatron's contiguous grad buffer, FSDP2's per-module
+        reduction)."""
+        if cfg.dp == 1 or cfg.zero < 3:
             return 0.0
-        if cfg.zero == 3:
-            # FSDP keeps the block it computes and the prefetched next one unsharded, plus one block's
-            # unsharded gradients before their reduce-scatter
-            return self.layer.per_tp_rank(cfg.tp) * (2 * self.states.weights + self.states.grads)
-        return 2 * DDP_BUCKET_BYTES
+        return self.layer.per_tp_rank(cfg.tp) * (2 * self.states.weights + self.states.grads)
 
     def _end_bytes(self, tp: int, mbs: int, sp: bool) -> tuple[float, float, float]:
         """(embedding activations, head activations, head transient) bytes per micro-batch."""

@@ -119,7 +119,8 @@ def _schedules(pp: int, m: int, L: int, c: Constraints, rejected: Counter) -> li
             return [("1f1b", 1)]
         rejected["indivisible"] += 1
         return []
-    out = [(s, 1) for s in _pick(c.schedule, ("gpipe", "1f1b")) if c.vpp in (None, 1)]
+    # torch.distributed.pipelining's 1F1B needs m >= pp; with fewer micro-batches it is GPipe anyway
+    out = [(s, 1) for s in _pick(c.schedule, ("gpipe", "1f1b")) if c.vpp in (None, 1) and (s == "gpipe" or m >= pp)]
     if c.schedule in (None, "interleaved") and m % pp == 0:
         out += [("interleaved", v) for v in _pick(c.vpp, range(2, L // pp + 1))]
     return out

@@ -1,0 +1,52 @@
+"""Collective costs: nccl-tests' bus-bandwidth convention, hierarchy across nodes, measured tables."""
+
+from __future__ import annotations
+
+import pytest
+
+from planner.cost.comm import Group, Network, ring_time
+from planner.loaders import load_cluster
+from planner.specs import CollectiveMeasurement
+
+
+@pytest.mark.parametrize("op,factor", [("all_reduce", lambda n: 2 * (n - 1) / n),
+                                       ("all_gather", lambda n: (n - 1) / n), ("reduce_scatter", lambda n: (n - 1) / n)])
+@pytest.mark.parametrize("n", [2, 4, 8, 64])
+def test_ring_bus_bandwidth_equals_link_bandwidth(op, factor, n):
+    """nccl-tests PERFORMANCE.md: busbw = algbw * 2(n-1)/n (all-reduce), (n-1)/n (all-gather, reduce-scatter);
+    a latency-free ring runs at bus bandwidth = link bandwidth."""
+    size, link = 2 ** 30, 100e9
+    t = ring_time(op, n, size, 0.0, link)
+    assert size / t * factor(n) == pytest.approx(link)
+
+
+def test_hierarchical_all_reduce_across_nodes():
+    """Reduce-scatter in the node, all-reduce of 1/g across nodes on the GPU's NIC share, all-gather in the node."""
+    c = load_cluster("dgx-h100", nodes=4)
+    net = Network(c)
+    group = Group.of(tuple(range(32)), 8)          # 4 nodes x 8 GPUs
+    size = 1e9
+    intra_bw = c.intra_node.bandwidth * c.intra_node.efficiency
+    nic = c.inter_node.bandwidth * c.inter_node.efficiency * c.nics_per_node / 8
+    expected = (2 * ring_time("reduce_scatter", 8, size, c.intra_node.latency, intra_bw)
+                + ring_time("all_reduce", 4, size / 8, c.inter_node.latency, nic))
+    assert net.collective("all_reduce", size, group) == pytest.approx(expected)
+    # a strided group with one GPU per node crosses the NICs for everything
+    strided = Group.of((0, 8, 16, 24), 8)
+    assert net.collective("all_reduce", size, strided) == pytest.approx(
+        ring_time("all_reduce", 4, size, c.inter_node.latency, nic))
+
+
+def test_measured_collective_table_takes_precedence():
+    rows = [CollectiveMeasurement(op="all_reduce", group_size=4, contiguous=True, message_bytes=m, time_s=t,
+                                  bus_bandwidth=m / t * 1.5) for m, t in ((1 << 20, 2e-3), (4 << 20, 5e-3))]
+    c = load_cluster("cpu-local").model_copy(update={"collectives": rows})
+    net = Network(c)
+    four = Group.of((0, 1, 2, 3), 8)
+    assert net.collective("all_reduce", 1 << 20, four) == pytest.approx(2e-3)
+    assert net.collective("all_reduce", 4 << 20, four) == pytest.approx(5e-3)
+    assert net.collective("all_reduce", 2 << 20, four) == pytest.approx(3e-3)     # on the fitted line
+    eight = Group.of(tuple(range(8)), 8)                                          # scaled by the ring steps
+    a, b = 1e-3, 1e-3 / (1 << 20)
+    expected = a * 7 / 3 + (4 << 20) * b * (7 / 8) / (3 / 4)
+    assert net.collective("all_reduce", 4 << 20, eight) == pytest.approx(expected)
