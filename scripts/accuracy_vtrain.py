@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import least_squares
 from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from planner.calibrate import fit, with_params  # noqa: E402
 from planner.cost.model import CostModel  # noqa: E402
 from planner.loaders import load_cluster  # noqa: E402
 from planner.specs import ClusterSpec, ModelSpec, ParallelConfig, TrainingSpec  # noqa: E402
@@ -52,27 +51,6 @@ def read_rows(path: Path = DATA) -> list[dict[str, int | float]]:
             row = dict(zip(names, rec))
             rows.append({k: (float(v) if k == "ms" else int(v)) for k, v in row.items()})
     return rows
-
-
-def with_params(cluster: ClusterSpec, values: dict[str, float]) -> ClusterSpec:
-    """A copy of `cluster` with the dotted-path parameters replaced."""
-    data = cluster.model_dump()
-    gpu_key = cluster.nodes.gpu_type
-    for path, value in values.items():
-        parts = path.split(".")
-        node = data["gpu_types"][gpu_key] if parts[0] == "gpu" else data[parts[0]]
-        for p in parts[1:-1]:
-            node = node[p]
-        node[parts[-1]] = value
-    return ClusterSpec.model_validate(data)
-
-
-def get_param(cluster: ClusterSpec, path: str) -> float:
-    parts = path.split(".")
-    node = cluster.gpu if parts[0] == "gpu" else getattr(cluster, parts[0])
-    for p in parts[1:]:
-        node = getattr(node, p)
-    return float(node)
 
 
 def predict_all(rows, cluster: ClusterSpec) -> np.ndarray:
@@ -108,19 +86,8 @@ def report(rows, pred: np.ndarray) -> None:
               f"{ape.max():>10.1f} {rho:>9.4f}")
 
 
-def fit(rows, cluster: ClusterSpec) -> ClusterSpec:
-    meas = np.array([r["ms"] for r in rows])
-    x0 = [get_param(cluster, p) for p, _, _ in FITTED]
-    scale = np.array(x0)
-
-    def residuals(x):
-        c = with_params(cluster, {p: v for (p, _, _), v in zip(FITTED, x * scale)})
-        return np.log(predict_all(rows, c) / meas)
-
-    lo = [b[1] / s for b, s in zip(FITTED, scale)]
-    hi = [b[2] / s for b, s in zip(FITTED, scale)]
-    res = least_squares(residuals, np.ones(len(x0)), bounds=(lo, hi), diff_step=1e-3, verbose=0)
-    values = {p: float(v) for (p, _, _), v in zip(FITTED, res.x * scale)}
+def refit(rows, cluster: ClusterSpec) -> ClusterSpec:
+    values = fit(cluster, FITTED, [r["ms"] / 1e3 for r in rows], lambda c: predict_all(rows, c) / 1e3)
     for p, v in values.items():
         print(f"  {p} = {v:.6g}")
     return with_params(cluster, values)
@@ -135,7 +102,7 @@ def main() -> None:
     cluster = load_cluster(args.cluster)
     if args.fit:
         print("fitted parameters:")
-        cluster = fit(rows, cluster)
+        cluster = refit(rows, cluster)
     print(f"vTrain single-node A100 rows: {len(rows)}; cluster {cluster.name}")
     report(rows, predict_all(rows, cluster))
 

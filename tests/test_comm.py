@@ -40,7 +40,7 @@ def test_hierarchical_all_reduce_across_nodes():
 def test_measured_collective_table_takes_precedence():
     rows = [CollectiveMeasurement(op="all_reduce", group_size=4, contiguous=True, message_bytes=m, time_s=t,
                                   bus_bandwidth=m / t * 1.5) for m, t in ((1 << 20, 2e-3), (4 << 20, 5e-3))]
-    c = load_cluster("cpu-local").model_copy(update={"collectives": rows})
+    c = load_cluster("dgx-h100").model_copy(update={"collectives": rows})
     net = Network(c)
     four = Group.of((0, 1, 2, 3), 8)
     assert net.collective("all_reduce", 1 << 20, four) == pytest.approx(2e-3)

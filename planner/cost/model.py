@@ -351,7 +351,7 @@ class CostModel:
         """Lower bounds on the data-parallel communication a device with `params` parameters leaves exposed:
         (per micro-batch cycle, after the last backward). Overlapped communication costs at least the
         overlap slow-down times itself; collectives are affine in bytes, so the average device bounds the
-        busiest one."""
+        busiest one, and one call bounds the block-by-block calls `_dp_collective` makes."""
         if cfg.dp == 1:
             return 0.0, 0.0
         kappa, net = self.cluster.overlap_slowdown, self.net
@@ -365,6 +365,12 @@ class CostModel:
         if cfg.zero == 2:
             return rs, net.collective("all_gather", weights, dp_group)
         return rs + 2 * kappa * net.collective("all_gather", weights, dp_group), 0.0
+
+    def _dp_collective(self, op: str, nbytes: float, blocks: int, dp_group: Group) -> float:
+        """A data-parallel collective issued block by block (FSDP2's per-module groups; Megatron's buckets hold
+        about a block of a large model): one call per block plus one for the embedding, head and norms."""
+        pieces = blocks + 1
+        return pieces * self.net.collective(op, nbytes / pieces, dp_group)
 
     def placement_signature(self, tp: int, pp: int, dp: int, order: tuple[str, str, str]) -> tuple:
         """What the cost model sees of a rank order: nodes spanned by the TP and DP groups and which pipeline
@@ -437,12 +443,10 @@ class CostModel:
         zero_exposed = [0.0] * pp
         if cfg.zero >= 2 and cfg.dp > 1:
             for i in range(pp):
-                grads_rs = self.net.collective("reduce_scatter", params[i] * self.states.grads, dp_group)
+                grads_rs = self._dp_collective("reduce_scatter", params[i] * self.states.grads, layers[i], dp_group)
                 gather = 0.0
                 if cfg.zero == 3:   # FSDP gathers block by block, in forward and again in backward
-                    nblocks = max(1, layers[i])
-                    gather = nblocks * self.net.collective(
-                        "all_gather", params[i] / nblocks * self.states.weights, dp_group)
+                    gather = self._dp_collective("all_gather", params[i] * self.states.weights, layers[i], dp_group)
                 fwd_exposed = _exposed(gather, fwd[i], kappa)
                 bwd_exposed = _exposed(gather + grads_rs, bwd[i], kappa)
                 zero_exposed[i] = fwd_exposed + bwd_exposed
@@ -458,14 +462,14 @@ class CostModel:
         for i in range(pp):
             comm = 0.0
             if cfg.dp > 1:
-                grads, weights = params[i] * self.states.grads, params[i] * self.states.weights
+                grads, weights, n = params[i] * self.states.grads, params[i] * self.states.weights, layers[i]
                 if cfg.zero == 0:
-                    comm = _exposed(self.net.collective("all_reduce", grads, dp_group), bwd[i], kappa)
+                    comm = _exposed(self._dp_collective("all_reduce", grads, n, dp_group), bwd[i], kappa)
                 elif cfg.zero == 1:
-                    comm = (_exposed(self.net.collective("reduce_scatter", grads, dp_group), bwd[i], kappa)
-                            + self.net.collective("all_gather", weights, dp_group))
+                    comm = (_exposed(self._dp_collective("reduce_scatter", grads, n, dp_group), bwd[i], kappa)
+                            + self._dp_collective("all_gather", weights, n, dp_group))
                 elif cfg.zero == 2:
-                    comm = self.net.collective("all_gather", weights, dp_group)
+                    comm = self._dp_collective("all_gather", weights, n, dp_group)
             if m.tied_embeddings and pp > 1 and i in (0, last):
                 comm += self.net.collective("all_reduce", embedding_params(m) / cfg.tp * self.states.grads,
                                             self._tied_pair(layout))
