@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/python -m compileall -q planner profiler runtime    # an editable install has no bytecode yet
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -19,6 +20,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python scripts/accuracy_vtrain.py
+	$(BIN)/python scripts/bench_estimate.py
+	$(BIN)/python scripts/bench_search.py
+	$(BIN)/python scripts/bench_profile_cluster.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
