@@ -29,7 +29,8 @@ def partition_layers(num_layers: int, block_time: float, extra_time: list[float]
     for j in range(stages):
         per_block = block_bytes[j] if block_bytes else 0.0
         room = capacity - (base_bytes[j] if base_bytes else 0.0)
-        caps.append(num_layers if per_block <= 0 else min(num_layers, math.floor(room / per_block)))
+        fits = num_layers if per_block <= 0 or math.isinf(room) else math.floor(room / per_block)
+        caps.append(min(num_layers, fits))
     if min(caps) < 1 or sum(caps) < num_layers:
         return None
     counts = [1] * stages

@@ -180,8 +180,18 @@ def test_model_profile_of_gpt_tiny(tmp_path, capsys):
     rc, stdout, err = call(capsys, "estimate", "-m", "gpt-tiny", "-c", "cpu-local", "-b", "8", "--seq", "64",
                            "--precision", "fp32", "--tp", "2", "--profile", str(out), "--json")
     assert rc == 0, err
-    sources = json.loads(stdout)["predicted"]["sources"]
-    assert sources["layer times and activation bytes"].startswith("measured")
+    measured = json.loads(stdout)["predicted"]
+    assert measured["sources"]["layer times and activation bytes"].startswith("measured")
+    rc, stdout, err = call(capsys, "estimate", "-m", "gpt-tiny", "-c", "cpu-local", "-b", "8", "--seq", "64",
+                           "--precision", "fp32", "--tp", "2", "--json")
+    computed = json.loads(stdout)["predicted"]
+    assert computed["sources"]["layer times and activation bytes"].startswith("computed")
+    assert measured["step_time_s"] != pytest.approx(computed["step_time_s"], rel=1e-3)
+    # and so does the search
+    rc, stdout, err = call(capsys, "plan", "-m", "gpt-tiny", "-c", "cpu-local", "-b", "8", "--seq", "64",
+                           "--precision", "fp32", "--profile", str(out), "--json")
+    assert rc == 0, err
+    assert json.loads(stdout)["predicted"]["sources"]["layer times and activation bytes"].startswith("measured")
 
 
 def test_model_profile_resumes_and_labels_the_precision_that_ran(tmp_path, capsys):
