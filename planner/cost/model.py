@@ -561,7 +561,3 @@ def _binding(time: TimeBreakdown, step: float, fullest: StageMemory, usable: flo
             "dp_comm_exposed": "DP-communication-bound", "optimizer": "optimizer-bound"}[shares[0][0]]
     return f"{kind} ({top}); {mem}" + (" (tight)" if fullest.reserved > 0.9 * usable else "")
 
-
-def estimate(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, cfg: ParallelConfig) -> Prediction:
-    """Predict one configuration (validates it first)."""
-    return CostModel(model, cluster, training).evaluate(cfg)

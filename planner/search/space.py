@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
 from planner.layout import DEFAULT_ORDER
-from planner.specs import ClusterSpec, ModelSpec, ParallelConfig, TrainingSpec
+from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
 from planner.validate import divisors
 
 ORDERS: tuple[tuple[str, str, str], ...] = (DEFAULT_ORDER, ("tp", "pp", "dp"))
@@ -35,10 +35,6 @@ class Candidate(NamedTuple):
     def num_gpus(self) -> int:
         return self.tp * self.pp * self.dp
 
-    def config(self) -> ParallelConfig:
-        return ParallelConfig(tp=self.tp, pp=self.pp, dp=self.dp, vpp=self.vpp, mbs=self.mbs, zero=self.zero,
-                              recompute=self.recompute, sp=self.sp, schedule=self.schedule)
-
 
 @dataclass(frozen=True)
 class Constraints:
@@ -58,10 +54,6 @@ class Constraints:
     max_mbs: int | None = None
     max_zero: int = 3
     allow_cross_node_tp: bool = False
-
-    def pinned(self) -> dict[str, object]:
-        keys = ("tp", "pp", "dp", "vpp", "mbs", "zero", "recompute", "sp", "schedule")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 def _pick(pin, values):
