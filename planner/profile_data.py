@@ -7,13 +7,11 @@ collectives, which the cost model adds from the cluster's links.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
-from planner.errors import InputError, first_pydantic_error
 from planner.specs import ModelSpec, Optimizer, Precision, Recompute
 
 PROFILE_SCHEMA_VERSION = 1
@@ -73,19 +71,6 @@ class ModelProfile(_P):
 
 def load_profile(path: str | Path) -> ModelProfile:
     """Read and validate a model profile; InputError (exit 2) on anything wrong."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"no such file '{p}'", field="--profile")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"'{p}' is not valid JSON (line {exc.lineno})", field="--profile") from None
-    if not isinstance(data, dict) or data.get("kind") != "model_profile":
-        raise InputError(f"'{p}' is not a model profile (written by `meshplan profile model`)", field="--profile")
-    if data.get("schema_version") != PROFILE_SCHEMA_VERSION:
-        raise InputError(f"'{p}' has schema_version {data.get('schema_version')!r}; this meshplan reads "
-                         f"{PROFILE_SCHEMA_VERSION}", field="--profile")
-    try:
-        return ModelProfile.model_validate(data)
-    except ValidationError as exc:
-        raise first_pydantic_error(exc, str(p)) from None
+    from planner.loaders import load_versioned
+    return load_versioned(path, "--profile", ModelProfile, PROFILE_SCHEMA_VERSION, kind="model_profile",
+                          what="model profile (written by `meshplan profile model`)")
