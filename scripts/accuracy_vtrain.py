@@ -7,7 +7,8 @@ recomputation, 1F1B, eager (non-flash) attention with dropout, ZeRO off.
     python scripts/accuracy_vtrain.py            # MAPE and Spearman per GPU count with cluster_specs/dgx-a100-80gb.yaml
     python scripts/accuracy_vtrain.py --fit      # refit the cluster file's efficiency parameters (prints them)
 
-The fit adjusts only the physically meaningful parameters listed in FITTED, once, for all rows.
+The fit adjusts only the physically meaningful parameters listed in FITTED, once, for all rows. The data is
+read from ../shared/reference, or from its copy in tests/data/reference.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from planner.cost.model import CostModel  # noqa: E402
 from planner.loaders import load_cluster  # noqa: E402
 from planner.specs import ClusterSpec, ModelSpec, ParallelConfig, TrainingSpec  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "reference" / "vtrain_single_node_a100.csv"
+DATA = next((p for p in (ROOT.parent / "shared" / "reference" / "vtrain_single_node_a100.csv",
+                          ROOT / "tests" / "data" / "reference" / "vtrain_single_node_a100.csv") if p.is_file()))
 CLUSTER = "dgx-a100-80gb"
 
 # (dotted path in the cluster spec, lower bound, upper bound)
