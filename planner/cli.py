@@ -37,6 +37,9 @@ SeqOpt = typer.Option(2048, "--seq", "-s", help="Tokens per sequence.")
 PrecisionOpt = typer.Option("bf16", "--precision", help="bf16 | fp16 (Megatron-style mixed precision), amp-bf16 "
                                                         "(autocast over fp32 params), fp32.")
 OptimizerOpt = typer.Option("adamw", "--optimizer", help="adam | adamw | sgd (with momentum).")
+OverlapOpt = typer.Option(True, "--overlap-grad-reduce/--no-overlap-grad-reduce",
+                          help="Whether the data-parallel gradient reduction overlaps the backward (PyTorch "
+                               "DDP/FSDP2, Megatron --overlap-grad-reduce) or follows it (DeepSpeed's engine).")
 ProfileOpt = typer.Option(None, "--profile", help="A `meshplan profile model` file: its measured layer times and "
                                                   "activation bytes replace the analytical ones where model, "
                                                   "precision and sequence match.")
@@ -49,7 +52,7 @@ def _choice(value: str, field: str, choices: tuple[str, ...]) -> str:
 
 
 def load_inputs(model: str, cluster: str, nodes: Optional[int], gpus_per_node: Optional[int], global_batch: int,
-                seq: int, precision: str, optimizer: str):
+                seq: int, precision: str, optimizer: str, overlap_grad_reduce: bool = True):
     """Specs from CLI arguments, validated."""
     from planner.loaders import load_cluster, load_model, parse_spec
     from planner.specs import TrainingSpec
@@ -61,7 +64,7 @@ def load_inputs(model: str, cluster: str, nodes: Optional[int], gpus_per_node: O
         if value < 1:
             raise InputError(f"must be >= 1 (got {value})", field=field)
     t = parse_spec(TrainingSpec, dict(global_batch=global_batch, seq_len=seq, precision=precision,
-                                      optimizer=optimizer), "training")
+                                      optimizer=optimizer, overlap_grad_reduce=overlap_grad_reduce), "training")
     return m, c, t
 
 
@@ -110,7 +113,8 @@ def estimate(
     schedule: str = typer.Option("1f1b", "--schedule", help="Pipeline schedule: gpipe | 1f1b | interleaved."),
     layers_per_stage: Optional[str] = typer.Option(None, "--layers-per-stage",
                                                    help="Blocks per pipeline chunk, e.g. 7,8,8,9."),
-    precision: str = PrecisionOpt, optimizer: str = OptimizerOpt, profile: Optional[Path] = ProfileOpt,
+    precision: str = PrecisionOpt, optimizer: str = OptimizerOpt, overlap_grad_reduce: bool = OverlapOpt,
+    profile: Optional[Path] = ProfileOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (schema in README) to stdout."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write a plan file for `meshplan run`."),
     force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
@@ -122,7 +126,8 @@ def estimate(
     from planner.loaders import parse_spec
     from planner.specs import ParallelConfig
 
-    m, c, t = load_inputs(model, cluster, nodes, gpus_per_node, global_batch, seq, precision, optimizer)
+    m, c, t = load_inputs(model, cluster, nodes, gpus_per_node, global_batch, seq, precision, optimizer,
+                          overlap_grad_reduce)
     _choice(recompute, "--recompute", ("none", "selective", "full"))
     _choice(schedule, "--schedule", ("gpipe", "1f1b", "interleaved"))
     if zero not in (0, 1, 2, 3):
@@ -233,7 +238,8 @@ def _check_pins(model, cluster, training, tp, pp, dp, mbs) -> None:
 def plan(
     model: str = ModelOpt, cluster: str = ClusterOpt, nodes: Optional[int] = NodesOpt,
     gpus_per_node: Optional[int] = GpnOpt, global_batch: int = BatchOpt, seq: int = SeqOpt,
-    precision: str = PrecisionOpt, optimizer: str = OptimizerOpt, profile: Optional[Path] = ProfileOpt,
+    precision: str = PrecisionOpt, optimizer: str = OptimizerOpt, overlap_grad_reduce: bool = OverlapOpt,
+    profile: Optional[Path] = ProfileOpt,
     tp: Optional[int] = typer.Option(None, "--tp", help="Pin the tensor-parallel degree."),
     pp: Optional[int] = typer.Option(None, "--pp", help="Pin the pipeline degree."),
     dp: Optional[int] = typer.Option(None, "--dp", help="Pin the data-parallel degree."),
@@ -265,7 +271,8 @@ def plan(
     from planner.search.search import search
     from planner.search.space import Constraints
 
-    m, c, t = load_inputs(model, cluster, nodes, gpus_per_node, global_batch, seq, precision, optimizer)
+    m, c, t = load_inputs(model, cluster, nodes, gpus_per_node, global_batch, seq, precision, optimizer,
+                          overlap_grad_reduce)
     if recompute is not None:
         _choice(recompute, "--recompute", ("none", "selective", "full"))
     if schedule is not None:

@@ -232,6 +232,10 @@ class TrainingSpec(_Spec):
                     "fp32 (bf16) or 16-bit (fp16) gradients; amp-bf16: autocast over fp32 parameters with a "
                     "plain optimizer; fp32: everything fp32.")
     optimizer: Optimizer = "adamw"
+    overlap_grad_reduce: bool = Field(
+        True, description="Data-parallel gradient reduction overlaps the backward (PyTorch DDP / FSDP2, "
+                          "Megatron-LM --overlap-grad-reduce); false: it runs after the backward (DeepSpeed's "
+                          "engine, Megatron-LM's default).")
 
     @property
     def tokens_per_step(self) -> int:

@@ -32,6 +32,7 @@ from planner.specs import ClusterSpec, ModelSpec, ParallelConfig, TrainingSpec  
 DATA = next((p for p in (ROOT.parent / "shared" / "reference" / "vtrain_single_node_a100.csv",
                           ROOT / "tests" / "data" / "reference" / "vtrain_single_node_a100.csv") if p.is_file()))
 CLUSTER = "dgx-a100-80gb"
+GPUS_PER_NODE = 8          # vTrain's A100 nodes
 
 # (dotted path in the cluster spec, lower bound, upper bound)
 FITTED = [
@@ -67,9 +68,12 @@ def predict_all(rows, cluster: ClusterSpec) -> np.ndarray:
                               hidden_size=r["hidden"], num_heads=r["heads"], vocab_size=51200,
                               max_position_embeddings=r["seq"], tied_embeddings=True, dropout=0.1,
                               attention_kernel="eager")
+            # DeepSpeed's engine all-reduces the gradients after the backward, not under it
             training = TrainingSpec(global_batch=r["global_batch"], seq_len=r["seq"], precision="fp16",
-                                    optimizer="adam")
-            cm = models[key] = CostModel(model, cluster.resized(1, r["gpus"]), training)
+                                    optimizer="adam", overlap_grad_reduce=False)
+            gpus_per_node = min(r["gpus"], GPUS_PER_NODE)
+            nodes = -(-r["gpus"] // gpus_per_node)
+            cm = models[key] = CostModel(model, cluster.resized(nodes, gpus_per_node), training)
         cfg = ParallelConfig(tp=r["tp"], pp=r["pp"], dp=r["dp"], mbs=r["mbs"], recompute="full",
                              schedule="1f1b")
         out.append(cm.evaluate(cfg).predicted.step_time_s * 1e3)

@@ -116,3 +116,17 @@ def test_time_breakdown_sums_to_step_and_feasibility_matches_memory(setup):
     assert all(v >= 0 for v in p.time.model_dump().values())
     assert pred.feasible == (p.peak_reserved_bytes <= p.memory.usable_bytes)
     assert (pred.reason == "") == pred.feasible
+
+
+@given(setups())
+@settings(max_examples=40, deadline=None)
+def test_gradient_reduction_after_backward_costs_its_full_time(setup):
+    """Without overlap the ZeRO-0 all-reduce adds its whole alpha-beta time after the backward; with overlap
+    at most that much, and with no data parallelism nothing changes."""
+    m, cluster, training, cfg = setup
+    cfg = cfg.model_copy(update={"zero": 0})
+    on = CostModel(m, cluster, training).evaluate(cfg).predicted
+    off = CostModel(m, cluster, training.model_copy(update={"overlap_grad_reduce": False})).evaluate(cfg).predicted
+    assert off.step_time_s >= on.step_time_s * (1 - 1e-12)
+    if cfg.dp == 1:
+        assert off.step_time_s == pytest.approx(on.step_time_s, rel=1e-12)

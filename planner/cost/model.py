@@ -355,13 +355,14 @@ class CostModel:
         if cfg.dp == 1:
             return 0.0, 0.0
         kappa, net = self.cluster.overlap_slowdown, self.net
+        grad_kappa = kappa if self.training.overlap_grad_reduce else 1.0   # not overlapped: all of it shows
         grads, weights = params * self.states.grads, params * self.states.weights
         if cfg.zero == 0:
-            return 0.0, kappa * net.collective("all_reduce", grads, dp_group)
+            return 0.0, grad_kappa * net.collective("all_reduce", grads, dp_group)
         if cfg.zero == 1:
-            return 0.0, kappa * net.collective("reduce_scatter", grads, dp_group) + net.collective(
+            return 0.0, grad_kappa * net.collective("reduce_scatter", grads, dp_group) + net.collective(
                 "all_gather", weights, dp_group)
-        rs = kappa * net.collective("reduce_scatter", grads, dp_group)
+        rs = grad_kappa * net.collective("reduce_scatter", grads, dp_group)
         if cfg.zero == 2:
             return rs, net.collective("all_gather", weights, dp_group)
         return rs + 2 * kappa * net.collective("all_gather", weights, dp_group), 0.0
@@ -438,8 +439,10 @@ class CostModel:
         fwd[last] += ends.head_fwd.total
         bwd[last] += ends.head_bwd.total
 
-        # --- ZeRO-2/3 communication every micro-batch, overlapped with that micro-batch's compute
+        # --- ZeRO-2/3 communication every micro-batch, overlapped with that micro-batch's compute (gradient
+        # reduction only when the framework overlaps it)
         kappa = self.cluster.overlap_slowdown
+        overlap = 1.0 if tr.overlap_grad_reduce else 0.0
         zero_exposed = [0.0] * pp
         if cfg.zero >= 2 and cfg.dp > 1:
             for i in range(pp):
@@ -448,7 +451,7 @@ class CostModel:
                 if cfg.zero == 3:   # FSDP gathers block by block, in forward and again in backward
                     gather = self._dp_collective("all_gather", params[i] * self.states.weights, layers[i], dp_group)
                 fwd_exposed = _exposed(gather, fwd[i], kappa)
-                bwd_exposed = _exposed(gather + grads_rs, bwd[i], kappa)
+                bwd_exposed = _exposed(gather, bwd[i], kappa) + _exposed(grads_rs, bwd[i] * overlap, kappa)
                 zero_exposed[i] = fwd_exposed + bwd_exposed
                 fwd[i] += fwd_exposed
                 bwd[i] += bwd_exposed
@@ -464,9 +467,10 @@ class CostModel:
             if cfg.dp > 1:
                 grads, weights, n = params[i] * self.states.grads, params[i] * self.states.weights, layers[i]
                 if cfg.zero == 0:
-                    comm = _exposed(self._dp_collective("all_reduce", grads, n, dp_group), bwd[i], kappa)
+                    comm = _exposed(self._dp_collective("all_reduce", grads, n, dp_group), bwd[i] * overlap, kappa)
                 elif cfg.zero == 1:
-                    comm = (_exposed(self._dp_collective("reduce_scatter", grads, n, dp_group), bwd[i], kappa)
+                    comm = (_exposed(self._dp_collective("reduce_scatter", grads, n, dp_group), bwd[i] * overlap,
+                                     kappa)
                             + self._dp_collective("all_gather", weights, n, dp_group))
                 elif cfg.zero == 2:
                     comm = self._dp_collective("all_gather", weights, n, dp_group)
