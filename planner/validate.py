@@ -10,6 +10,16 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def tp_shards(model: ModelSpec, tp: int) -> str | None:
+    """Why a tensor-parallel degree cannot split this model's layers evenly (None when it can): it must divide
+    heads, kv heads, MLP width and vocabulary (the runtime shards all four; Megatron pads the vocabulary)."""
+    for name, value in (("num_heads", model.num_heads), ("num_kv_heads", model.kv_heads),
+                        ("ffn_hidden_size", model.ffn_size), ("vocab_size", model.vocab_size)):
+        if value % tp:
+            return f"tp {tp} does not divide {name} {value}"
+    return None
+
+
 def check_config(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, cfg: ParallelConfig) -> None:
     """Raise InputError naming the offending field and the valid choices."""
     if model.num_heads % cfg.tp or model.kv_heads % cfg.tp:

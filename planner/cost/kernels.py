@@ -73,12 +73,16 @@ def kernel_time(k: Kernel, gpu: GPUSpec, dtype: str) -> float:
     elif k.kind == "attn":
         compute = k.flops / (gpu.peak(dtype) * eff.flash_attention)
     else:
-        tile = eff.gemm_tile
-        shape_eff = 1.0
-        for x in k.shape:
-            shape_eff *= x / (x + tile)
-        compute = k.flops / (gpu.peak(dtype) * eff.gemm_max * shape_eff)
+        compute = k.flops / (gpu.peak(dtype) * eff.gemm_max * shape_efficiency(k.shape, eff.gemm_tile))
     return max(compute, memory, eff.kernel_overhead_s)
+
+
+def shape_efficiency(shape: tuple[float, float, float], tile: float) -> float:
+    """prod(x / (x + tile)) over a GEMM's M, N, K: the share of the GEMM ceiling a shape reaches."""
+    out = 1.0
+    for x in shape:
+        out *= x / (x + tile)
+    return out
 
 
 def pass_time(p: Pass, gpu: GPUSpec, dtype: str) -> float:
