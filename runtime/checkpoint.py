@@ -33,13 +33,14 @@ CONFIG_KEYS = ("tp", "pp", "dp", "vpp", "mbs", "zero", "recompute", "sp", "sched
 
 def fingerprint(plan, seed: int, lr: float, data: str | None) -> str:
     """What a checkpoint must agree with to be resumed exactly: the model, the training setup, the parallel
-    configuration and which process holds which coordinate, the seed, learning rate and data file
-    (sha256 hex of their canonical JSON; other plan fields, such as predictions, do not matter)."""
+    configuration and which process holds which coordinate, the seed, learning rate and data file (by its
+    resolved path, as the ranks are given it; sha256 hex of their canonical JSON; other plan fields, such as
+    predictions, do not matter)."""
     from runtime.checks import rank_grid
     cfg = plan.config
     keep = {"model": plan.model.model_dump(mode="json"), "training": plan.training.model_dump(mode="json"),
             "config": {k: getattr(cfg, k) for k in CONFIG_KEYS}, "grid": rank_grid(plan),
-            "seed": seed, "lr": lr, "data": os.path.abspath(data) if data else None}
+            "seed": seed, "lr": lr, "data": str(Path(data).resolve()) if data else None}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
 

@@ -105,6 +105,25 @@ def test_fingerprint_follows_what_changes_the_numbers():
     assert base != ckpt.fingerprint(make_test_plan(dp=2, zero=3), 0, 1e-3, None)
 
 
+def test_fingerprint_names_the_data_file_not_the_path_to_it(tmp_path, monkeypatch):
+    """`meshplan run` fingerprints --data as the user typed it, the ranks as the resolved path they are
+    given: a relative path, a symlink and the file itself are one file; another file is not."""
+    plan = make_test_plan(dp=2)
+    data = tmp_path / "tokens.bin"
+    np.arange(100, dtype=np.uint16).tofile(data)
+    other = tmp_path / "other.bin"
+    np.arange(100, dtype=np.uint16).tofile(other)
+    (tmp_path / "sub").mkdir()
+    link = tmp_path / "sub" / "link.bin"
+    link.symlink_to(data)
+    monkeypatch.chdir(tmp_path / "sub")
+    base = ckpt.fingerprint(plan, 0, 1e-3, str(data))
+    for same in ("link.bin", "../tokens.bin", str(link)):
+        assert ckpt.fingerprint(plan, 0, 1e-3, same) == base, same
+    assert ckpt.fingerprint(plan, 0, 1e-3, str(other)) != base
+    assert ckpt.fingerprint(plan, 0, 1e-3, None) != base
+
+
 def test_report_figures_from_rank_measurements():
     plan = make_test_plan(dp=2)
     ranks = [
