@@ -14,12 +14,14 @@ from typing import Optional
 
 import typer
 
+from runtime.train import DEFAULT_LR, DEFAULT_SEED, DEFAULT_STEPS, parse_args
+
 
 def run_command(
     plan: Path = typer.Argument(..., help="Plan file from `meshplan estimate -o` or `meshplan plan -o`."),
-    steps: int = typer.Option(10, "--steps", help="Optimizer steps (with --resume: the step to reach)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the initial weights, the data and dropout."),
-    lr: float = typer.Option(1e-3, "--lr", help="Learning rate (constant)."),
+    steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="Optimizer steps (with --resume: the step to reach)."),
+    seed: int = typer.Option(DEFAULT_SEED, "--seed", help="Seed of the initial weights, the data and dropout."),
+    lr: float = typer.Option(DEFAULT_LR, "--lr", help="Learning rate (constant)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Flat binary file of token ids (nanoGPT / "
                                                             "Megatron .bin); default: synthetic tokens."),
     data_dtype: str = typer.Option("uint16", "--data-dtype", help="Token id type of --data: uint16 | uint32."),
@@ -60,20 +62,6 @@ def run_command(
             raise InputError(f"must be >= 1 (got {value})", field=field)
     if data_dtype not in ("uint16", "uint32"):
         raise InputError(f"'{data_dtype}' is not one of uint16, uint32", field="--data-dtype")
-    args = _TrainArgs(steps, seed, lr, str(data) if data else None, data_dtype,
-                      str(checkpoint_dir) if checkpoint_dir else None, checkpoint_every, resume)
-    check_run(p, nodes * per_node, args)
-    if not p.feasible:
-        err.print(f"[yellow]warning:[/] the plan is predicted not to fit: {p.reason}")
-    fp = ckpt.fingerprint(p, seed, lr, args.data)
-    if resume:
-        ckpt.check_resumable(checkpoint_dir, fp, steps)
-    if report is not None:
-        if report.exists() and not force:
-            raise InputError(f"'{report}' exists; pass --force to overwrite it", field="--report")
-        if not report.resolve().parent.is_dir():
-            raise InputError(f"directory '{report.parent}' does not exist", field="--report")
-
     train_args = ["--plan", str(plan.resolve()), "--steps", str(steps), "--seed", str(seed), "--lr", repr(lr)]
     if data:
         train_args += ["--data", str(data.resolve()), "--data-dtype", data_dtype]
@@ -83,6 +71,17 @@ def run_command(
         train_args += ["--checkpoint-every", str(checkpoint_every)]
     if resume:
         train_args.append("--resume")
+    args = parse_args(train_args)          # what every rank will read
+    check_run(p, nodes * per_node, args)
+    if not p.feasible:
+        err.print(f"[yellow]warning:[/] the plan is predicted not to fit: {p.reason}")
+    if resume:
+        ckpt.check_resumable(args.checkpoint_dir, ckpt.fingerprint(p, seed, lr, args.data), steps)
+    if report is not None:
+        if report.exists() and not force:
+            raise InputError(f"'{report}' exists; pass --force to overwrite it", field="--report")
+        if not report.resolve().parent.is_dir():
+            raise InputError(f"directory '{report.parent}' does not exist", field="--report")
 
     if print_command:
         if node_rank is not None and not 0 <= node_rank < nodes:
@@ -125,11 +124,3 @@ def run_command(
     finally:
         shutil.rmtree(job_dir, ignore_errors=True)
 
-
-class _TrainArgs:
-    """The subset of runtime.train's arguments that runtime.checks.check_run reads."""
-
-    def __init__(self, steps, seed, lr, data, data_dtype, checkpoint_dir, checkpoint_every, resume):
-        self.steps, self.seed, self.lr = steps, seed, lr
-        self.data, self.data_dtype = data, data_dtype
-        self.checkpoint_dir, self.checkpoint_every, self.resume = checkpoint_dir, checkpoint_every, resume

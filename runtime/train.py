@@ -31,14 +31,17 @@ from planner.errors import InputError, MeshplanError
 
 PROGRESS_PREFIX = "@meshplan-progress "
 FAULT_ENV = "MESHPLAN_INJECT_FAULT"
+DEFAULT_STEPS = 10
+DEFAULT_SEED = 0
 DEFAULT_LR = 1e-3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="runtime.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--plan", required=True, help="Plan JSON file.")
-    ap.add_argument("--steps", type=int, default=10, help="Optimizer steps to reach (counting resumed ones).")
-    ap.add_argument("--seed", type=int, default=0, help="Seed of the initial weights, data and dropout.")
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                    help="Optimizer steps to reach (counting resumed ones).")
+    ap.add_argument("--seed", type=int, default=DEFAULT_SEED, help="Seed of the initial weights, data and dropout.")
     ap.add_argument("--lr", type=float, default=DEFAULT_LR, help="Learning rate (constant).")
     ap.add_argument("--data", default=None, help="Flat binary token file (default: synthetic tokens).")
     ap.add_argument("--data-dtype", default="uint16", choices=["uint16", "uint32"])
