@@ -10,6 +10,9 @@ writing only its shards; each rank's RNG state is saved under its own key so dro
 `meshplan.json` holds the step, the loss curve so far and a fingerprint of what must not change on
 resume (model, batch, parallel config, seed, optimizer); it is plain JSON so `meshplan run --resume`
 can check it before starting any process.
+
+A new run (no --resume) that would save into a directory holding complete checkpoints is refused
+(runtime.checks), unless --force, which deletes the step directories (and nothing else there) first.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from planner.errors import InputError
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+SAVED_DIR = re.compile(r"^step_\d{8}(\.partial)?$")        # complete or being written
 INFO_FILE = "meshplan.json"
 
 
@@ -61,6 +65,15 @@ def latest(root: str | Path) -> tuple[int, Path] | None:
             if best is None or step > best[0]:
                 best = (step, child)
     return best
+
+
+def clear(root: str | Path) -> None:
+    """Delete every checkpoint under `root`, complete or partial; other files there are left alone."""
+    p = Path(root)
+    if p.is_dir():
+        for child in p.iterdir():
+            if SAVED_DIR.match(child.name) and child.is_dir():
+                shutil.rmtree(child)
 
 
 def read_info(path: Path) -> dict:

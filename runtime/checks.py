@@ -9,6 +9,7 @@ from __future__ import annotations
 from planner.errors import InputError
 from planner.plan import Plan
 from planner.validate import check_config
+from runtime import checkpoint as ckpt
 from runtime.data import check_data_file
 
 
@@ -51,7 +52,8 @@ def rank_grid(plan: Plan) -> list[list[list[int]]]:
 
 def check_run(plan: Plan, world_size: int, args) -> None:
     """Everything that can be wrong before training starts, for `world_size` processes; `args` carries
-    steps, checkpoint_every, checkpoint_dir, resume, data and data_dtype (runtime.train's arguments)."""
+    steps, checkpoint_every, checkpoint_dir, resume, force, data and data_dtype (runtime.train's
+    arguments)."""
     cfg = plan.config
     if plan.world_size != world_size:
         raise InputError(f"the plan is for {plan.world_size} processes (tp {cfg.tp} x pp {cfg.pp} x dp {cfg.dp}) "
@@ -76,5 +78,8 @@ def check_run(plan: Plan, world_size: int, args) -> None:
         raise InputError(f"must be >= 0 (got {args.checkpoint_every})", field="--checkpoint-every")
     if (args.checkpoint_every or args.resume) and not args.checkpoint_dir:
         raise InputError("needs --checkpoint-dir", field="--checkpoint-every" if args.checkpoint_every else "--resume")
+    if args.checkpoint_every and not (args.resume or args.force) and ckpt.latest(args.checkpoint_dir) is not None:
+        raise InputError(f"'{args.checkpoint_dir}' holds checkpoints of an earlier run; pass --resume to continue "
+                         f"it or --force to start over", field="--checkpoint-dir")
     if args.data is not None:
         check_data_file(args.data, args.data_dtype, plan.training.seq_len, plan.model.vocab_size)

@@ -29,7 +29,8 @@ def run_command(
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Save every K steps (0: never)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --checkpoint-dir."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the run report (JSON) here."),
-    force: bool = typer.Option(False, "--force", help="Overwrite --report if it exists."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --report if it exists; without --resume, delete "
+                                                      "the checkpoints of an earlier run in --checkpoint-dir."),
     print_command: bool = typer.Option(False, "--print-command",
                                        help="Print each node's torchrun command instead of running."),
     nnodes: Optional[int] = typer.Option(None, "--nnodes", help="Nodes (default: the plan's)."),
@@ -71,6 +72,8 @@ def run_command(
         train_args += ["--checkpoint-every", str(checkpoint_every)]
     if resume:
         train_args.append("--resume")
+    if force:
+        train_args.append("--force")
     args = parse_args(train_args)          # what every rank will read
     check_run(p, nodes * per_node, args)
     if not p.feasible:

@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--checkpoint-dir", default=None)
     ap.add_argument("--checkpoint-every", type=int, default=0, help="Save every K steps (0: never).")
     ap.add_argument("--resume", action="store_true", help="Continue from the newest checkpoint.")
+    ap.add_argument("--force", action="store_true",
+                    help="Without --resume: delete the checkpoints of an earlier run in --checkpoint-dir.")
     ap.add_argument("--report", default=None, help="Run-report JSON written by rank 0.")
     ap.add_argument("--job-dir", default=None, help="Directory for per-rank error files.")
     ap.add_argument("--progress-protocol", action="store_true", help="Machine-readable progress lines.")
@@ -230,6 +232,8 @@ def train(args: argparse.Namespace) -> int:
     fp = ckpt.fingerprint(plan, args.seed, args.lr, args.data)
     resume_from = ckpt.check_resumable(args.checkpoint_dir, fp, args.steps) if args.resume else None
     fault = _fault(rank)
+    if args.force and args.checkpoint_every and not args.resume and rank == 0:
+        ckpt.clear(args.checkpoint_dir)          # before any rank can save (saves follow collectives)
 
     import torch
     import torch.distributed as dist

@@ -33,13 +33,26 @@ def write_plan(path, **kwargs):
     return path
 
 
+def fake_checkpoint(root, step):
+    """A directory that looks like a complete checkpoint of an earlier run."""
+    d = root / f"step_{step:08d}"
+    d.mkdir(parents=True)
+    (d / ".metadata").write_text("x")
+    (d / "meshplan.json").write_text(json.dumps({"step": step, "fingerprint": "earlier run"}))
+    return d
+
+
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
-    """`meshplan run` of a tp2 pp2 dp2 plan for 5 steps, checkpointing every 2 steps."""
+    """`meshplan run` of a tp2 pp2 dp2 plan for 5 steps, checkpointing every 2 steps, with --force into a
+    checkpoint directory that holds an earlier run's checkpoints and a file of the user's."""
     tmp = tmp_path_factory.mktemp("e2e")
     plan = write_plan(tmp / "plan.json", global_batch=8, seq=64, tp=2, pp=2, dp=2)
+    fake_checkpoint(tmp / "ckpt", 8)
+    (tmp / "ckpt" / "step_00000004.partial").mkdir()
+    (tmp / "ckpt" / "notes.txt").write_text("mine")
     proc = meshplan("run", plan, "--steps", E2E_STEPS, "--report", tmp / "run.json",
-                    "--checkpoint-dir", tmp / "ckpt", "--checkpoint-every", 2, timeout=900)
+                    "--checkpoint-dir", tmp / "ckpt", "--checkpoint-every", 2, "--force", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return tmp, plan, proc, json.loads((tmp / "run.json").read_text())
 
@@ -64,8 +77,8 @@ def test_end_to_end_2x2x2_matches_single_process_and_reports(e2e):
     # the table on stdout, the progress bar on stderr
     assert "predicted" in proc.stdout and "measured" in proc.stdout and "step time" in proc.stdout
     assert f"{E2E_STEPS}/{E2E_STEPS}" in proc.stderr
-    # atomic checkpoints: complete step directories only
-    assert sorted(p.name for p in (tmp / "ckpt").iterdir()) == ["step_00000002", "step_00000004"]
+    # atomic checkpoints: complete step directories only, the earlier run's gone (--force), the user's file kept
+    assert sorted(p.name for p in (tmp / "ckpt").iterdir()) == ["notes.txt", "step_00000002", "step_00000004"]
 
 
 def test_a_crashing_rank_is_named_and_the_run_resumes(tmp_path):
@@ -98,6 +111,7 @@ def test_bad_input_is_refused_before_launch(tmp_path):
     wide = tmp_path / "wide.bin"
     (np.arange(4096) % 500 + 1).astype(np.uint32).tofile(wide)
     (tmp_path / "exists.json").write_text("{}")
+    fake_checkpoint(tmp_path / "earlier", 6)
     cases = [
         (["--nproc-per-node", 4], "the plan is for 2 processes (tp 2 x pp 1 x dp 1) but 4 were started"),
         (["--data", short], "holds 20 tokens; one training sequence needs seq_len + 1 = 33"),
@@ -105,6 +119,9 @@ def test_bad_input_is_refused_before_launch(tmp_path):
         (["--report", tmp_path / "exists.json"], "exists; pass --force"),
         (["--resume"], "needs --checkpoint-dir"),
         (["--checkpoint-dir", tmp_path / "none", "--resume"], "no complete checkpoint"),
+        (["--checkpoint-dir", tmp_path / "earlier", "--checkpoint-every", 2],
+         "--checkpoint-dir: '" + str(tmp_path / "earlier") + "' holds checkpoints of an earlier run; pass --resume "
+         "to continue it or --force to start over"),
     ]
     old = _edit(plan, tmp_path / "old.json", lambda d: d.update(schema_version=0))
     heads = _edit(plan, tmp_path / "heads.json", lambda d: d["model"].update(num_heads=1))

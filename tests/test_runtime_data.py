@@ -96,6 +96,28 @@ def test_latest_checkpoint_ignores_partial_and_incomplete(tmp_path):
         ckpt.check_resumable(tmp_path / "nowhere", "f", 4)
 
 
+def test_a_new_run_refuses_the_checkpoints_of_an_earlier_run_unless_resumed_or_forced(tmp_path):
+    from runtime.checks import check_run
+    from runtime.train import parse_args
+
+    plan = make_test_plan(dp=2)
+    root = tmp_path / "ckpt"
+    (root / "step_00000002").mkdir(parents=True)
+    (root / "step_00000002" / ".metadata").write_text("x")
+    (root / "step_00000002" / ckpt.INFO_FILE).write_text(json.dumps({"fingerprint": "f"}))
+    (root / "step_00000003.partial").mkdir()
+    (root / "notes.txt").write_text("mine")
+    base = ["--plan", "plan.json", "--checkpoint-dir", str(root)]
+    with pytest.raises(InputError, match="holds checkpoints of an earlier run") as exc:
+        check_run(plan, 2, parse_args(base + ["--checkpoint-every", "2"]))
+    assert exc.value.field == "--checkpoint-dir"
+    # continuing it, starting over, or a run that saves nothing are fine
+    for extra in (["--checkpoint-every", "2", "--resume"], ["--checkpoint-every", "2", "--force"], []):
+        check_run(plan, 2, parse_args(base + extra))
+    ckpt.clear(root)                # what --force does: the checkpoints go, nothing else
+    assert [p.name for p in root.iterdir()] == ["notes.txt"]
+
+
 def test_fingerprint_follows_what_changes_the_numbers():
     plan = make_test_plan(dp=2)
     base = ckpt.fingerprint(plan, 0, 1e-3, None)
