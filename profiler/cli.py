@@ -81,9 +81,9 @@ def profile_model(
         raise InputError(f"'{recompute}' must list modes from {', '.join(RECOMPUTE)}", field="--recompute")
     if seq < 1:
         raise InputError(f"must be >= 1 (got {seq})", field="--seq")
-    if seq > spec.max_position_embeddings:
-        raise InputError(f"{seq} exceeds the model's max_position_embeddings {spec.max_position_embeddings}",
-                         field="--seq")
+    if spec.position_embedding == "learned" and seq > spec.max_position_embeddings:
+        raise InputError(f"{seq} exceeds the model's max_position_embeddings {spec.max_position_embeddings} "
+                         f"(learned positions)", field="--seq")
     for value, field in ((reps, "--reps"), (timeout, "--timeout")):
         if value <= 0:
             raise InputError(f"must be > 0 (got {value})", field=field)

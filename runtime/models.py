@@ -185,17 +185,26 @@ class Attention(nn.Module):
         self.register_buffer("causal_bias", None, persistent=False)
         self.reset_buffers()
 
-    def reset_buffers(self, device: torch.device | None = None) -> None:
-        """(Re)compute the RoPE tables, e.g. after `to_empty` from the meta device."""
+    def reset_buffers(self, device: torch.device | None = None, positions: int = 0) -> None:
+        """(Re)compute the RoPE tables for max(`positions`, max_position_embeddings) positions, e.g. after
+        `to_empty` from the meta device."""
         if not self.rope:
             return
         if device is None:
             device = self.q_proj.weight.device
+        n = max(positions, self.max_positions)
         if device.type == "meta":
-            cos = torch.empty(self.max_positions, self.head_dim, device="meta")
+            cos = torch.empty(n, self.head_dim, device="meta")
             self.rope_cos, self.rope_sin = cos, torch.empty_like(cos)
             return
-        self.rope_cos, self.rope_sin = rope_tables(self.head_dim, self.max_positions, self.rope_theta, device)
+        self.rope_cos, self.rope_sin = rope_tables(self.head_dim, n, self.rope_theta, device)
+
+    def _rope(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE tables for a sequence of `s` tokens. RoPE learns nothing per position, so a sequence
+        longer than max_position_embeddings extends the tables (on their device) instead of failing."""
+        if self.rope_cos.shape[0] < s:
+            self.reset_buffers(self.rope_cos.device, s)
+        return self.rope_cos, self.rope_sin
 
     def _causal_bias(self, s: int, like: torch.Tensor) -> torch.Tensor:
         """[s, s] additive mask (0 on and below the diagonal, -inf above), cached as a buffer."""
@@ -224,8 +233,9 @@ class Attention(nn.Module):
         v = self.v_proj(x)
         v = v.view(v.shape[0], v.shape[1], -1, d)
         if self.rope:
-            q = apply_rope(q, self.rope_cos, self.rope_sin)
-            k = apply_rope(k, self.rope_cos, self.rope_sin)
+            cos, sin = self._rope(q.shape[1])
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos, sin)
         heads, kv = q.shape[2], k.shape[2]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)    # [b, heads, s, d]
         p = self.dropout_p if self.training else 0.0

@@ -125,6 +125,24 @@ def test_rmsnorm_and_rope_match_torch_references():
     torch.testing.assert_close(got, torch.cat([rot.real, rot.imag], dim=-1), rtol=1e-5, atol=1e-6)
 
 
+def test_rope_model_runs_sequences_longer_than_max_position_embeddings():
+    """RoPE learns nothing per position: a model with max_position_embeddings 16 trains on 40 tokens, its
+    tables extended to the rotation angles p / theta^(2j/d) of every position, and computes what the same
+    weights with room for 64 positions compute."""
+    short = build_model(model_spec("llama-tiny", {"max_position_embeddings": 16}), seed=1)
+    roomy = build_model(model_spec("llama-tiny", {"max_position_embeddings": 64}), seed=1)
+    tokens = torch.randint(0, 512, (2, 41))
+    logits = short(tokens[:, :-1])
+    torch.testing.assert_close(logits, roomy(tokens[:, :-1]), rtol=0, atol=0)
+    lm_loss(logits, tokens[:, 1:]).backward()
+    assert all(torch.isfinite(p.grad).all() for p in short.parameters())
+    attn = short.layers["0"].attn
+    d = attn.head_dim
+    angle = torch.arange(40, dtype=torch.float64)[:, None] / 10000.0 ** (torch.arange(0, d, 2) / d)[None, :]
+    torch.testing.assert_close(attn.rope_cos[:40], torch.cat([angle.cos(), angle.cos()], -1).float())
+    torch.testing.assert_close(attn.rope_sin[:40], torch.cat([angle.sin(), angle.sin()], -1).float())
+
+
 def test_initial_loss_is_log_vocab_and_init_is_deterministic():
     spec = model_spec("gpt-tiny")
     a, b = build_model(spec, seed=3), build_model(spec, seed=3)
