@@ -68,23 +68,30 @@ def _device():
     return torch.device("cpu"), "gloo"
 
 
-def _precision(plan, device):
-    """(run precision, FSDP2 mixed-precision policy or None, autocast context factory, loss scaling).
+def run_precision(precision: str, device_type: str) -> str:
+    """The precision recipe a plan's `precision` computes in on this device type: as planned on CUDA;
+    fp32 on CPU (16-bit matmuls are far slower there than fp32)."""
+    return precision if device_type == "cuda" else "fp32"
 
-    bf16 / fp16 (Megatron-style mixed precision): FSDP2's policy (16-bit compute, fp32 gradient
-    reduction) where ZeRO shards the model, autocast otherwise; amp-bf16: autocast over fp32 parameters.
-    On CPU everything runs fp32 (16-bit matmuls are far slower there than fp32)."""
+
+def _precision(plan, device):
+    """(precision run, FSDP2 mixed-precision policy or None, autocast context factory, loss scaling).
+
+    bf16 / fp16 (Megatron-style mixed precision): FSDP2's policy (16-bit parameters and compute, fp32
+    gradient reduction) where ZeRO shards the model; otherwise autocast over fp32 parameters, which is the
+    amp-bf16 recipe (amp-fp16 for fp16), and so what the run reports. On CPU everything runs fp32."""
     import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     precision, cfg = plan.training.precision, plan.config
-    if device.type != "cuda" or precision == "fp32":
+    if run_precision(precision, device.type) == "fp32":
         return "fp32", None, contextlib.nullcontext, False
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     if precision in ("bf16", "fp16") and cfg.zero >= 1 and cfg.dp > 1:
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         return precision, policy, contextlib.nullcontext, precision == "fp16"
-    return precision, None, lambda: torch.autocast("cuda", dtype=dtype), precision == "fp16"
+    ran = "amp-fp16" if precision == "fp16" else "amp-bf16"
+    return ran, None, lambda: torch.autocast("cuda", dtype=dtype), precision == "fp16"
 
 
 def _make_optimizer(params, kind: str, lr: float):

@@ -184,3 +184,27 @@ def test_rank_layout_placement_decides_which_process_holds_which_coordinate():
     clash = [row.model_copy(update={"local_gpu": 0}) if row.rank == 1 else row for row in plan.rank_layout]
     with pytest.raises(InputError, match="device given to another rank"):
         rank_grid(plan.model_copy(update={"rank_layout": clash}))
+
+
+@pytest.mark.parametrize("precision,config,ran", [
+    ("bf16", {"dp": 2, "zero": 1}, "bf16"),       # FSDP2 holds 16-bit parameters
+    ("fp16", {"dp": 2, "zero": 3}, "fp16"),
+    ("bf16", {"dp": 2, "zero": 0}, "amp-bf16"),   # otherwise autocast over fp32 parameters
+    ("bf16", {"tp": 2}, "amp-bf16"),
+    ("fp16", {}, "amp-fp16"),
+    ("amp-bf16", {"dp": 2, "zero": 3}, "amp-bf16"),
+    ("fp32", {"dp": 2, "zero": 1}, "fp32"),
+])
+def test_the_run_reports_the_precision_recipe_that_ran(precision, config, ran):
+    """On a GPU, 16-bit parameters only where FSDP2's mixed-precision policy shards the model; on CPU
+    always fp32. (No GPU is needed: the recipe is chosen, not run.)"""
+    import torch
+
+    from runtime.train import _precision
+
+    plan = make_test_plan(precision=precision, **config)
+    label, policy, _, scaled = _precision(plan, torch.device("cuda"))
+    assert label == ran
+    assert (policy is not None) == (ran in ("bf16", "fp16"))
+    assert scaled == (precision == "fp16")
+    assert _precision(plan, torch.device("cpu"))[0] == "fp32"
