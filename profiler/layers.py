@@ -38,12 +38,6 @@ class PieceResult:
     allocator_activation_bytes: int | None = None
 
 
-def run_precision(precision: str, device: torch.device) -> str:
-    """The precision the runtime actually computes in: as asked on CUDA; fp32 on CPU, where the runtime
-    runs everything in fp32 (16-bit matmuls are far slower there), whatever the plan says."""
-    return precision if device.type == "cuda" else "fp32"
-
-
 def _prepare(module: torch.nn.Module, precision: str, device: torch.device) -> torch.nn.Module:
     module = module.to(device)
     if precision in HALF:
@@ -158,7 +152,8 @@ def _measure(modules: list[torch.nn.Module], forward, inputs_grad, device: torch
 def measure_block(spec: ModelSpec, tp: int, mbs: int, seq: int, recompute: str, precision: str,
                   device: torch.device, warmup: int = 2, reps: int = 5) -> PieceResult:
     """One `runtime.models.TransformerBlock` at the local shapes of a TP shard of size `tp`, on a
-    micro-batch of `mbs` sequences of `seq` tokens, in `precision` (as it runs: see `run_precision`)."""
+    micro-batch of `mbs` sequences of `seq` tokens, in `precision` (as it runs: see
+    `runtime.train.run_precision`)."""
     from runtime.models import TransformerBlock
 
     block = _prepare(TransformerBlock(spec, tp_degree=tp, layer_id=0, recompute=recompute), precision, device)
@@ -208,19 +203,16 @@ def measure_head(spec: ModelSpec, tp: int, mbs: int, seq: int, precision: str, d
 def measure_optimizer(spec: ModelSpec, optimizer: str, device: torch.device, warmup: int = 2,
                       reps: int = 5) -> float:
     """Seconds per parameter of one optimizer step over the fp32 parameters of one block (tp 1), with
-    gradients present: the runtime steps fp32 parameters (FSDP2 and autocast both keep them fp32)."""
+    gradients present: the runtime steps fp32 parameters (FSDP2 and autocast both keep them fp32), with the
+    runtime's optimizer settings (`runtime.train.make_optimizer`)."""
     from runtime.models import TransformerBlock
+    from runtime.train import DEFAULT_LR, make_optimizer
 
     block = TransformerBlock(spec, tp_degree=1, layer_id=0).to(device)
     params = [p for p in block.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.randn_like(p)
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-    elif optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=1e-4)
-    else:
-        opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = make_optimizer(params, optimizer, DEFAULT_LR)
     times = []
     for i in range(warmup + reps):
         t = _timed(opt.step, device)

@@ -164,12 +164,12 @@ def profile_model(spec: ModelSpec, precision: str, seq: int, tps: list[int], mbs
     """Measure and write the model profile; returns it. Inputs are assumed validated (see profiler.cli)."""
     import torch
 
-    from profiler import layers
+    from runtime.train import run_precision
 
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    run_prec = layers.run_precision(precision, device)
+    run_prec = run_precision(precision, device.type)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     fresh = ModelProfile(schema_version=PROFILE_SCHEMA_VERSION, model=spec, precision=precision,
                          run_precision=run_prec if run_prec != precision else None, seq_len=seq,

@@ -94,7 +94,9 @@ def _precision(plan, device):
     return ran, None, lambda: torch.autocast("cuda", dtype=dtype), precision == "fp16"
 
 
-def _make_optimizer(params, kind: str, lr: float):
+def make_optimizer(params, kind: str, lr: float):
+    """The optimizer `kind` (a plan's training.optimizer) as the runtime trains with it and the profiler
+    times it: SGD with momentum 0.9; Adam with betas (0.9, 0.95); AdamW with those and weight decay 0.1."""
     import torch
     if kind == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
@@ -162,7 +164,7 @@ def run_plan(plan, args: argparse.Namespace, rank: int, device, resume_from=None
     model = RankModel(chunks)
     tied = TiedEmbeddingSync(plan, coords, model)
     params = list(model.parameters())
-    optimizer = _make_optimizer(params, tr.optimizer, args.lr)
+    optimizer = make_optimizer(params, tr.optimizer, args.lr)
     scaler = LossScaler(scaled)
 
     def loss_fn(logits, targets):

@@ -38,16 +38,22 @@ def reference_losses(spec: ModelSpec, global_batch: int, seq: int, steps: int, s
                      lr: float = 1e-3, optimizer: str = "adamw", data: str | None = None,
                      data_dtype: str = "uint16") -> list[float]:
     """The single-process run: the whole model, the whole global batch in one forward, mean token cross
-    entropy, the optimizer of runtime.train. No parallel code (no DTensor, pipeline or FSDP) is involved."""
+    entropy, the optimizers with the hyperparameters the README documents (written out here, so that a
+    wrong one in the runtime shows). No parallel code (no DTensor, pipeline or FSDP) is involved."""
     import torch
 
     from runtime.data import TokenData
     from runtime.models import build_model, lm_loss
-    from runtime.train import _make_optimizer
 
     torch.manual_seed(seed)
     model = build_model(spec, seed)
-    opt = _make_optimizer(list(model.parameters()), optimizer, lr)
+    params = list(model.parameters())
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     data = TokenData(seed, global_batch, seq, spec.vocab_size, data, data_dtype)
     losses = []
     for step in range(1, steps + 1):

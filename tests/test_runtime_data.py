@@ -1,4 +1,5 @@
-"""runtime.data, runtime.checkpoint bookkeeping and runtime.report arithmetic (no processes launched)."""
+"""runtime.data, runtime.checkpoint bookkeeping, runtime.report arithmetic and the training setup (optimizer,
+precision recipe), with no processes launched."""
 
 from __future__ import annotations
 
@@ -208,3 +209,22 @@ def test_the_run_reports_the_precision_recipe_that_ran(precision, config, ran):
     assert (policy is not None) == (ran in ("bf16", "fp16"))
     assert scaled == (precision == "fp16")
     assert _precision(plan, torch.device("cpu"))[0] == "fp32"
+
+
+@pytest.mark.parametrize("kind,cls,settings", [
+    ("adamw", "AdamW", {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}),
+    ("adam", "Adam", {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0}),
+    ("sgd", "SGD", {"momentum": 0.9, "weight_decay": 0.0, "nesterov": False}),
+])
+def test_optimizers_have_the_documented_hyperparameters(kind, cls, settings):
+    """The README's settings (--lr row). Over the exactness tests' 4 steps at lr 1e-3 a wrong AdamW weight
+    decay moves the loss by less than their tolerance, so it is checked here directly."""
+    import torch
+
+    from runtime.train import make_optimizer
+
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(2))], kind, 0.25)
+    assert type(opt).__name__ == cls
+    assert opt.defaults["lr"] == 0.25
+    for key, value in settings.items():
+        assert opt.defaults[key] == value, key
