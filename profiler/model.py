@@ -1,11 +1,12 @@
 """`meshplan profile model`: measure every (TP shard size, micro-batch size, recompute mode) of a model's
 block, its embedding and LM head per (TP, micro-batch), and the optimizer step, into a ModelProfile.
 
-The run prints an estimate first (one probe of the smallest block, scaled by each measurement's FLOPs and
-repetitions), shows a progress bar, writes `<output>.partial.json` after every measurement (a rerun with
-the same model, precision, sequence and device resumes from it), gives each measurement a deadline
-(`timeout_s`: past it the run stops with a message naming the measurement, the partial file kept), and
-writes the output only when complete.
+The run prints an estimate first (probes of the cheapest and the dearest block, scaled by each
+measurement's work and repetitions), shows a progress bar, writes `<output>.partial.json` after every
+measurement (a rerun with the same model, precision, sequence and device resumes from it), gives the
+estimate's probes and each measurement a deadline (`timeout_s`: past it the run stops with a message
+naming the measurement, the partial file kept; an exception stops it the same way), and writes the output
+only when complete.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,8 +114,8 @@ class _Deadline:
 
     @staticmethod
     def _expire(timeout_s: float, label: str, partial: Path) -> None:
-        print(f"error: measurement '{label}' took more than {timeout_s:.0f} s (--timeout); results so far are "
-              f"in {partial}, rerun the same command to resume", file=sys.stderr, flush=True)
+        print(f"error: measurement '{label}' took more than {timeout_s:.0f} s (--timeout){_kept(partial)}",
+              file=sys.stderr, flush=True)
         os._exit(ProfileFailed.exit_code)
 
     def __enter__(self):
@@ -123,6 +125,29 @@ class _Deadline:
     def __exit__(self, *exc):
         self.timer.cancel()
         return False
+
+
+def _kept(partial: Path) -> str:
+    """Where the results so far are, for an error message (nothing when there are none yet)."""
+    return f"; results so far are in {partial}, rerun the same command to resume" if partial.exists() else ""
+
+
+@contextmanager
+def _measuring(label: str, timeout_s: float, partial: Path):
+    """One measurement: past `timeout_s` the process ends (exit 4); an exception becomes ProfileFailed, one
+    line naming the measurement."""
+    with _Deadline(timeout_s, label, partial):
+        try:
+            yield
+        except ProfileFailed:
+            raise
+        except Exception as exc:   # noqa: BLE001 - one line naming the measurement, then stop
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise ProfileFailed(f"measurement '{label}' failed: {type(exc).__name__}: {first}{_kept(partial)}"
+                                ) from exc
+
+
+ESTIMATE_LABEL = "time estimate (probe blocks)"
 
 
 def _estimate(spec: ModelSpec, seq: int, tps: list[int], mbss: list[int], todo: list[Task], precision: str,
@@ -187,7 +212,8 @@ def profile_model(spec: ModelSpec, precision: str, seq: int, tps: list[int], mbs
     if run_prec != precision:
         say(f"note: the runtime computes in {run_prec} on {device.type}; profiling {run_prec} "
             f"(the file says precision {precision}, run_precision {run_prec})")
-    est = _estimate(spec, seq, tps, mbss, todo, run_prec, device, warmup, reps)
+    with _measuring(ESTIMATE_LABEL, timeout_s, part):
+        est = _estimate(spec, seq, tps, mbss, todo, run_prec, device, warmup, reps)
     what = f"resuming {part.name}: " if resumed else ""
     about = f"{est:.0f}" if est >= 10 else f"{est:.1f}"
     say(f"{what}profiling {spec.name} ({precision}, seq {seq}) on {name}: {len(todo)} of {len(tasks)} "
@@ -206,16 +232,12 @@ def profile_model(spec: ModelSpec, precision: str, seq: int, tps: list[int], mbs
         for task in todo:
             if bar is not None:
                 bar.update(bar_task, description=task.label)
-            with _Deadline(timeout_s, task.label, part):
+            with _measuring(task.label, timeout_s, part):
                 try:
                     _run_task(prof, task, spec, seq, run_prec, optimizer, device, warmup, reps)
                 except torch.cuda.OutOfMemoryError:
                     skipped.append(task.label)
                     torch.cuda.empty_cache()
-                except Exception as exc:   # noqa: BLE001 - one line naming the measurement, then stop
-                    raise ProfileFailed(f"measurement '{task.label}' failed: {type(exc).__name__}: "
-                                        f"{str(exc).splitlines()[0] if str(exc) else ''} (results so far in {part})"
-                                        ) from exc
             atomic_write(part, prof.model_dump_json(indent=1))
             if bar is not None:
                 bar.advance(bar_task)

@@ -230,6 +230,23 @@ def test_model_profile_input_errors_and_timeout(tmp_path, capsys):
     rc, _, err = call(capsys, "profile", "model", "-m", "gpt-tiny", "--recompute", "some", "--seq", "64",
                       "-o", str(tmp_path / "p.json"))
     assert rc == 2 and "--recompute" in err
+    # the estimate's probe blocks come first, under the same deadline as every measurement
     r = run_cli("profile", "model", "-m", "gpt-tiny", "--seq", "64", "--tp", "1", "--mbs", "1", "--timeout", "1e-6",
                 "-o", str(tmp_path / "p.json"), "--no-progress", "--threads", "1")
-    assert r.returncode == 4 and "block tp1 mbs1 none" in r.stderr and "--timeout" in r.stderr
+    assert r.returncode == 4 and "'time estimate (probe blocks)'" in r.stderr and "--timeout" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_failing_probe_of_the_estimate_is_one_line(tmp_path, capsys, monkeypatch):
+    from profiler import layers
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("probe broke\nsecond line")
+
+    monkeypatch.setattr(layers, "measure_block", broken)
+    rc, _, err = call(capsys, "profile", "model", "-m", "gpt-tiny", "--seq", "64", "--tp", "1", "--mbs", "1",
+                      "-o", str(tmp_path / "p.json"), "--no-progress")
+    assert rc == 4, err
+    assert err.strip().splitlines() == [
+        "error: measurement 'time estimate (probe blocks)' failed: RuntimeError: probe broke"], err
+    assert not (tmp_path / "p.json").exists()
