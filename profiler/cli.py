@@ -67,10 +67,11 @@ def profile_model(
     """
     from planner.loaders import load_model
     from profiler.io import check_output
-    from profiler.model import profile_model as run, valid_tp
+    from profiler.model import is_incomplete_profile, profile_model as run, valid_tp
 
     spec = load_model(model)
-    check_output(output, force, "--output", (".json",))
+    # an output marked incomplete is not overwritten but completed: the rerun resumes it
+    check_output(output, force or is_incomplete_profile(output), "--output", (".json",))
     if precision not in PRECISIONS:
         raise InputError(f"'{precision}' is not one of {', '.join(PRECISIONS)}", field="--precision")
     if optimizer not in ("adam", "adamw", "sgd"):
@@ -105,7 +106,7 @@ def profile_model(
                force=force, warmup=warmup, reps=reps, timeout_s=timeout, threads=threads, console=console,
                progress=not no_progress)
     console.print(f"wrote {output}: {len(prof.blocks)} block, {len(prof.ends)} embedding/head measurements "
-                  f"({prof.device.name})")
+                  f"({prof.device.name}){'' if prof.complete else ', incomplete'}")
 
 
 # ---------------------------------------------------------------------------------------------- cluster

@@ -6,7 +6,8 @@ measurement's work and repetitions), shows a progress bar, writes `<output>.part
 measurement (a rerun with the same model, precision, sequence and device resumes from it), gives the
 estimate's probes and each measurement a deadline (`timeout_s`: past it the run stops with a message
 naming the measurement, the partial file kept; an exception stops it the same way), and writes the output
-only when complete.
+when every measurement is done. A measurement skipped for lack of device memory leaves the output marked
+incomplete (`complete: false`, what was measured kept); a rerun resumes it and measures the rest.
 """
 
 from __future__ import annotations
@@ -67,6 +68,16 @@ def _done_keys(profile: ModelProfile) -> set[Task]:
     if profile.optimizer_s_per_param is not None:
         done.add(Task("optimizer"))
     return done
+
+
+def is_incomplete_profile(path: Path) -> bool:
+    """Whether `path` is a model profile marked incomplete (measurements skipped for lack of device memory),
+    which a rerun resumes and completes in place."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("kind") == "model_profile" and data.get("complete") is False
 
 
 def _load_partial(path: Path, fresh: ModelProfile) -> ModelProfile | None:
@@ -202,7 +213,9 @@ def profile_model(spec: ModelSpec, precision: str, seq: int, tps: list[int], mbs
                                            threads=torch.get_num_threads() if device.type == "cpu" else None),
                          blocks=[], ends=[], optimizer=optimizer, complete=False)
     part = partial_path(output)
-    prof = None if force else _load_partial(part, fresh)
+    # resume the partial file of an interrupted run, else an output marked incomplete (skipped measurements)
+    source = part if part.exists() or not is_incomplete_profile(output) else output
+    prof = None if force else _load_partial(source, fresh)
     resumed = prof is not None
     prof = prof or fresh
     tasks = make_tasks(tps, mbss, recomputes)
@@ -214,7 +227,7 @@ def profile_model(spec: ModelSpec, precision: str, seq: int, tps: list[int], mbs
             f"(the file says precision {precision}, run_precision {run_prec})")
     with _measuring(ESTIMATE_LABEL, timeout_s, part):
         est = _estimate(spec, seq, tps, mbss, todo, run_prec, device, warmup, reps)
-    what = f"resuming {part.name}: " if resumed else ""
+    what = f"resuming {source.name}: " if resumed else ""
     about = f"{est:.0f}" if est >= 10 else f"{est:.1f}"
     say(f"{what}profiling {spec.name} ({precision}, seq {seq}) on {name}: {len(todo)} of {len(tasks)} "
         f"measurements, about {about} s")
@@ -245,12 +258,13 @@ def profile_model(spec: ModelSpec, precision: str, seq: int, tps: list[int], mbs
         if bar is not None:
             bar.stop()
     say(f"measured in {time.perf_counter() - started:.1f} s")
-    if skipped:
-        say(f"skipped (out of device memory): {', '.join(skipped)}")
-    prof.complete = True
+    prof.complete = not skipped
     ModelProfile.model_validate(prof.model_dump())
     atomic_write(output, prof.model_dump_json(indent=1) + "\n")
     part.unlink(missing_ok=True)
+    if skipped:
+        say(f"skipped (out of device memory): {', '.join(skipped)}; {output} is marked incomplete, rerun the "
+            f"same command to measure them")
     return prof
 
 

@@ -221,6 +221,42 @@ def test_model_profile_resumes_and_labels_the_precision_that_ran(tmp_path, capsy
     assert again.blocks[:3] == full.blocks[:3] and len(again.blocks) == len(full.blocks) and len(again.ends) == 8
 
 
+def test_measurements_skipped_for_lack_of_memory_leave_an_incomplete_profile_that_a_rerun_completes(
+        tmp_path, capsys, monkeypatch):
+    import torch
+
+    from profiler import model
+
+    measure = model._run_task
+
+    def head_out_of_memory(prof, task, *args):
+        if task.kind == "head":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        measure(prof, task, *args)
+
+    out = tmp_path / "p.json"
+    args = ["profile", "model", "-m", "gpt-tiny", "--seq", "64", "--tp", "1", "--mbs", "1", "--recompute", "none",
+            "-o", str(out), "--no-progress", "--reps", "1", "--warmup", "0", "--threads", "1"]
+    with monkeypatch.context() as m:
+        m.setattr(model, "_run_task", head_out_of_memory)
+        rc, stdout, err = call(capsys, *args)
+    assert rc == 0, err
+    assert "skipped (out of device memory): head tp1 mbs1" in stdout and "incomplete" in stdout
+    first = load_profile(out)                      # the planner still reads what was measured
+    assert not first.complete
+    assert [(e.part, e.tp, e.mbs) for e in first.ends] == [("embedding", 1, 1)]
+    assert len(first.blocks) == 1 and first.optimizer_s_per_param
+
+    rc, stdout, err = call(capsys, *args)          # no --force needed: the rerun completes the file
+    assert rc == 0, err
+    assert "resuming p.json" in stdout and "1 of 4 measurements" in stdout and "skipped (" not in stdout
+    done = load_profile(out)
+    assert done.complete and {e.part for e in done.ends} == {"embedding", "head"}
+    assert done.blocks == first.blocks and done.optimizer_s_per_param == first.optimizer_s_per_param
+    rc, _, err = call(capsys, *args)               # a complete profile is the user's: kept without --force
+    assert rc == 2 and "--force" in err
+
+
 def test_model_profile_input_errors_and_timeout(tmp_path, capsys):
     rc, _, err = call(capsys, "profile", "model", "-m", "gpt-tiny", "--tp", "3", "--seq", "64",
                       "-o", str(tmp_path / "p.json"))
