@@ -51,7 +51,7 @@ def run_command(
     from planner.plan import load_plan
     from runtime import checkpoint as ckpt
     from runtime.checks import check_run
-    from runtime.launch import Launch, format_command, torchrun_command
+    from runtime.launch import Launch, format_command, parse_endpoint, torchrun_command
 
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
@@ -61,6 +61,7 @@ def run_command(
     for value, field in ((nodes, "--nnodes"), (per_node, "--nproc-per-node")):
         if value < 1:
             raise InputError(f"must be >= 1 (got {value})", field=field)
+    parse_endpoint(rdzv_endpoint)
     if data_dtype not in ("uint16", "uint32"):
         raise InputError(f"'{data_dtype}' is not one of uint16, uint32", field="--data-dtype")
     train_args = ["--plan", str(plan.resolve()), "--steps", str(steps), "--seed", str(seed), "--lr", repr(lr)]

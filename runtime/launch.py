@@ -18,12 +18,25 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from planner.errors import InputError
 from runtime.train import PROGRESS_PREFIX
 
 TRAIN_MODULE = "runtime.train"
 RANK_PREFIX = re.compile(r"^\[[^\]]*?(\d+)\]:(.*)$")          # torchrun --tee: "[default3]:text"
 SUMMARY_RANK = re.compile(r"rank\s*:\s*(\d+)")
 SUMMARY_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)")
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """(host, port) of a rendezvous endpoint `host:port` (`[address]:port` for IPv6); InputError naming
+    --rdzv-endpoint when it is not one."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if (not sep or not host or any(c.isspace() for c in host) or not (port.isascii() and port.isdigit())
+            or not 0 < int(port) < 65536):
+        raise InputError(f"'{text}' is not host:port (port 1-65535), e.g. node0:29500", field="--rdzv-endpoint")
+    return host, int(port)
 
 
 def torchrun_command(train_args: list[str], nproc_per_node: int, nnodes: int = 1, node_rank: int | None = None,
@@ -38,7 +51,7 @@ def torchrun_command(train_args: list[str], nproc_per_node: int, nnodes: int = 1
     if nnodes == 1:
         cmd += ["--standalone", "--nnodes=1", "--tee=2"] + ([f"--log-dir={log_dir}"] if log_dir else [])
     else:
-        host, _, port = (rdzv_endpoint or "").rpartition(":")
+        host, port = parse_endpoint(rdzv_endpoint or "")
         cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=static",
                 f"--master-addr={host}", f"--master-port={port}"]
     return cmd + ["-m", TRAIN_MODULE, *train_args]

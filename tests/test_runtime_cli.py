@@ -173,6 +173,27 @@ def test_print_command_for_a_multi_node_plan(tmp_path):
     assert one.stdout.count("torch.distributed.run") == 1 and "--node-rank=1" in one.stdout
     refused = meshplan("run", plan)
     assert refused.returncode == 2 and "--print-command" in refused.stderr
+    bad = meshplan("run", plan, "--print-command", "--rdzv-endpoint", "head0")
+    assert bad.returncode == 2 and bad.stdout == "", bad.stdout
+    assert bad.stderr.strip().splitlines() == ["error: --rdzv-endpoint: 'head0' is not host:port (port 1-65535), "
+                                               "e.g. node0:29500"], bad.stderr
+
+
+@pytest.mark.parametrize("text,ok", [
+    ("head0:29411", ("head0", 29411)), ("10.0.0.5:1", ("10.0.0.5", 1)), ("[fe80::1]:29500", ("fe80::1", 29500)),
+    ("head0", None), ("head0:", None), (":29500", None), ("head0:http", None), ("head0:0", None),
+    ("head0:65536", None), ("my host:29500", None), ("head0:-5", None),
+])
+def test_rendezvous_endpoint_is_host_and_port(text, ok):
+    from planner.errors import InputError
+    from runtime.launch import parse_endpoint
+
+    if ok is not None:
+        assert parse_endpoint(text) == ok
+    else:
+        with pytest.raises(InputError) as exc:
+            parse_endpoint(text)
+        assert exc.value.field == "--rdzv-endpoint"
 
 
 def test_cli_module_does_not_import_torch():
