@@ -152,8 +152,11 @@ def profile_cluster(
                              field="--nproc")
     if nproc < 2:
         raise InputError(f"needs at least 2 processes (got {nproc})", field="--nproc")
-    if reps < 1 or timeout <= 0 or collective_timeout <= 0:
-        raise InputError("--reps, --timeout and --collective-timeout must be positive", field="--reps")
+    if reps < 1:
+        raise InputError(f"must be >= 1 (got {reps})", field="--reps")
+    for value, field in ((timeout, "--timeout"), (collective_timeout, "--collective-timeout")):
+        if value <= 0:
+            raise InputError(f"must be > 0 (got {value})", field=field)
 
     if not force:
         known = {"world_size": nproc, "gpus_per_node": nproc, "reps": reps}
@@ -175,6 +178,7 @@ def profile_cluster(
     rc, errors, log = launch_cluster_profile(nproc, args)
     for kind, message in errors:
         if kind == "input":
+            Path(log).unlink(missing_ok=True)       # the message says it all; the log is kept for failures
             raise InputError(message)
     if errors:
         raise ProfileFailed(f"{errors[0][1]} (partial results kept in {partial_path(output)}; rerun to resume; "

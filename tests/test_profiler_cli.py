@@ -148,6 +148,34 @@ def test_cluster_input_errors_are_one_line(capsys, tmp_path):
     assert rc == 2 and "at least 3" in err
     rc, _, err = call(capsys, "profile", "cluster", "--nproc", "2", "-o", str(tmp_path / "c.txt"))
     assert rc == 2 and "must end in" in err
+    for flag, value in (("--reps", "0"), ("--timeout", "0"), ("--collective-timeout", "-1")):
+        rc, _, err = call(capsys, "profile", "cluster", "--nproc", "2", "-o", str(tmp_path / "c.json"), flag, value)
+        assert rc == 2 and err.strip().splitlines() == [f"error: {flag}: must be "
+                                                        f"{'>= 1' if flag == '--reps' else '> 0'} (got {value}"
+                                                        f"{'' if flag == '--reps' else '.0'})"], err
+
+
+def test_an_input_error_from_the_ranks_leaves_no_log_behind(tmp_path, capsys, monkeypatch):
+    """The ranks refuse their input (here: a stand-in for torchrun that reports what profiler.cluster
+    reports); the one-line error is the whole story, so torchrun's log file is removed."""
+    import tempfile
+
+    from profiler import cli
+
+    logs = tmp_path / "tmp"
+    logs.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(logs))
+
+    def ranks_refuse(cmd, stderr, env):
+        error_file = cmd[cmd.index("--error-file") + 1]
+        Path(error_file).write_text("input\t--output: partial results were measured with other settings\n")
+        stderr.write("torchrun output\n")
+        return 2
+
+    monkeypatch.setattr(cli.subprocess, "call", ranks_refuse)
+    rc, _, err = call(capsys, "profile", "cluster", "--nproc", "2", "-o", str(tmp_path / "c.json"), *SMALL)
+    assert rc == 2 and "other settings" in err, err
+    assert list(logs.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------- model
