@@ -71,5 +71,5 @@ def measure_partition(group, g: int, sizes: list[int], device: torch.device, rep
             fn = _op_fn(op, m, g, group, device)
             iters = 4 if m <= (1 << 18) else 1
             t = time_host(fn, device, warmup=1, reps=reps, iters=iters)
-            out.append({"op": op, "message_bytes": m, "time_s": t.median_s})
+            out.append({"op": op, "message_bytes": m, "time_s": t})
     return out

@@ -36,10 +36,6 @@ import torch.distributed as dist
 EXIT_FAILED = 1
 
 
-class StepFailed(Exception):
-    """Raised (and reported) when a step cannot complete on this rank."""
-
-
 def _store_client(timeout_s: float):
     """A new client of torchrun's rendezvous store, in this run's key namespace."""
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])

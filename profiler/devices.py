@@ -102,7 +102,7 @@ def measure_gemms(device: torch.device, shapes: list[tuple[str, int, int, int]],
         b = torch.randn(k, n, device=device).to(DTYPES[dtype])
         c = torch.empty(m, n, device=device, dtype=DTYPES[dtype])
         t = time_op(lambda: torch.matmul(a, b, out=c), device, reps=reps, min_rep_s=min_rep_s)
-        out.append({"dtype": dtype, "shape": [m, n, k], "time_s": t.median_s})
+        out.append({"dtype": dtype, "shape": [m, n, k], "time_s": t})
         del a, b, c
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -123,8 +123,8 @@ def measure_memory(device: torch.device, nbytes: int, reps: int = 5, min_rep_s: 
     one_a, one_b = torch.ones(1, device=device), torch.ones(1, device=device)
     one_c = torch.empty(1, device=device)
     tiny = time_op(lambda: torch.add(one_a, one_b, out=one_c), device, reps=reps, min_rep_s=min_rep_s)
-    return {"buffer_bytes": 4 * n, "copy_bandwidth": 2 * 4 * n / copy.median_s,
-            "elementwise_bandwidth": 3 * 4 * n / add.median_s, "kernel_overhead_s": tiny.median_s}
+    return {"buffer_bytes": 4 * n, "copy_bandwidth": 2 * 4 * n / copy,
+            "elementwise_bandwidth": 3 * 4 * n / add, "kernel_overhead_s": tiny}
 
 
 def measure_attention(device: torch.device, dtype: str, batch: int, heads: int, seq: int, head_dim: int,
@@ -141,7 +141,7 @@ def measure_attention(device: torch.device, dtype: str, batch: int, heads: int, 
 
     t = time_op(step, device, warmup=1, reps=reps, min_rep_s=min_rep_s)
     flops = 0.5 * 4 * batch * seq * seq * heads * head_dim * 3.5
-    return {"dtype": dtype, "shape": [batch, heads, seq, head_dim], "time_s": t.median_s, "flops": flops}
+    return {"dtype": dtype, "shape": [batch, heads, seq, head_dim], "time_s": t, "flops": flops}
 
 
 def measure_device(device: torch.device, local_world_size: int, sync: Callable[[], None] | None = None) -> dict:

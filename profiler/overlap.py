@@ -26,8 +26,8 @@ def measure_overlap(device: torch.device, dtype: str, gemm_n: int, message_bytes
     c = torch.empty_like(a)
     buf = torch.ones(message_bytes // 4, device=device)
 
-    comm = time_host(lambda: dist.all_reduce(buf), device, warmup=1, reps=reps).median_s
-    one = time_host(lambda: torch.matmul(a, b, out=c), device, warmup=1, reps=3, iters=2).median_s
+    comm = time_host(lambda: dist.all_reduce(buf), device, warmup=1, reps=reps)
+    one = time_host(lambda: torch.matmul(a, b, out=c), device, warmup=1, reps=3, iters=2)
     # every rank must run the same number of GEMMs, or the faster ones wait in the next all-reduce
     count = torch.tensor([max(1, math.ceil(comm / max(one, 1e-9)))], dtype=torch.float64)
     if device.type == "cuda":
@@ -39,7 +39,7 @@ def measure_overlap(device: torch.device, dtype: str, gemm_n: int, message_bytes
         for _ in range(gemms):
             torch.matmul(a, b, out=c)
 
-    compute_s = time_host(compute, device, warmup=0, reps=reps).median_s
+    compute_s = time_host(compute, device, warmup=0, reps=reps)
     both = []
     for _ in range(reps + 1):
         dist.barrier()

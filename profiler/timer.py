@@ -11,18 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass
 from typing import Callable
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Seconds per call of one operation."""
-
-    median_s: float
-    min_s: float
-    reps: int
-    iters: int
 
 
 def synchronize(device) -> None:
@@ -33,7 +22,7 @@ def synchronize(device) -> None:
 
 
 def time_op(fn: Callable[[], object], device, warmup: int = 2, reps: int = 5, min_rep_s: float = 0.005,
-            max_iters: int = 1000, iters: int | None = None) -> Timing:
+            max_iters: int = 1000, iters: int | None = None) -> float:
     """Median seconds per call of `fn` on `device` ('cpu' or 'cuda').
 
     `warmup` untimed calls first (allocator, caches, lazy initialisation); then `reps` timed
@@ -66,10 +55,10 @@ def time_op(fn: Callable[[], object], device, warmup: int = 2, reps: int = 5, mi
             for _ in range(iters):
                 fn()
             samples.append((time.perf_counter() - t0) / iters)
-    return Timing(statistics.median(samples), min(samples), reps, iters)
+    return statistics.median(samples)
 
 
-def time_host(fn: Callable[[], object], device, warmup: int = 1, reps: int = 5, iters: int = 1) -> Timing:
+def time_host(fn: Callable[[], object], device, warmup: int = 1, reps: int = 5, iters: int = 1) -> float:
     """Median wall seconds per call of `fn`, synchronising the device after each repetition.
 
     For operations that block on other processes (point-to-point transfers, collectives), where device
@@ -85,4 +74,4 @@ def time_host(fn: Callable[[], object], device, warmup: int = 1, reps: int = 5, 
             fn()
         synchronize(device)
         samples.append((time.perf_counter() - t0) / iters)
-    return Timing(statistics.median(samples), min(samples), reps, iters)
+    return statistics.median(samples)

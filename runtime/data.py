@@ -74,7 +74,6 @@ class TokenData:
     def __init__(self, seed: int, global_batch: int, seq_len: int, vocab: int, path: str | None = None,
                  dtype: str = "uint16"):
         self.seed, self.batch, self.seq_len, self.vocab = seed, global_batch, seq_len, vocab
-        self.path = path
         self.tokens = None
         if path is not None:
             n = check_data_file(path, dtype, seq_len, vocab)

@@ -81,7 +81,6 @@ class Launch:
         self.env.setdefault("OMP_NUM_THREADS", "1")
         self.stderr_tail: deque[str] = deque(maxlen=400)
         self.rank_last: dict[int, str] = {}
-        self.losses: list[float] = []
 
     def _pump_stderr(self, stream, progress) -> None:
         for raw in stream:
@@ -113,7 +112,6 @@ class Launch:
                         if task is None:
                             task = progress.add_task("train", total=info["steps"], info="starting",
                                                      completed=info["step"] - 1)
-                        self.losses.append(info["loss"])
                         progress.update(task, completed=info["step"],
                                         info=f"loss {info['loss']:.4f}  {info['step_time_s'] * 1e3:,.0f} ms/step")
                     else:

@@ -28,9 +28,7 @@ class StepRunner:
                  device: torch.device, loss_fn: Callable = lm_loss,
                  context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         cfg = plan.config
-        self.plan = plan
         self.chunks = chunks
-        self.device = device
         self.loss_fn = loss_fn
         self.context = context
         self.nmb = cfg.num_microbatches
