@@ -12,16 +12,18 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, get_args
 
 import typer
 
 from planner.errors import InputError
+from planner.specs import Optimizer, Precision, Recompute
 
 profile_app = typer.Typer(help="Measure per-layer costs and links on the real devices.", no_args_is_help=True)
 
-RECOMPUTE = ("none", "selective", "full")
-PRECISIONS = ("bf16", "fp16", "amp-bf16", "fp32")
+RECOMPUTE = get_args(Recompute)
+PRECISIONS = get_args(Precision)
+OPTIMIZERS = get_args(Optimizer)
 
 
 def _int_list(text: str, field: str) -> list[int]:
@@ -74,8 +76,8 @@ def profile_model(
     check_output(output, force or is_incomplete_profile(output), "--output", (".json",))
     if precision not in PRECISIONS:
         raise InputError(f"'{precision}' is not one of {', '.join(PRECISIONS)}", field="--precision")
-    if optimizer not in ("adam", "adamw", "sgd"):
-        raise InputError(f"'{optimizer}' is not one of adam, adamw, sgd", field="--optimizer")
+    if optimizer not in OPTIMIZERS:
+        raise InputError(f"'{optimizer}' is not one of {', '.join(OPTIMIZERS)}", field="--optimizer")
     modes = [m.strip() for m in recompute.split(",") if m.strip()]
     bad = [m for m in modes if m not in RECOMPUTE]
     if not modes or bad:

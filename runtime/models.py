@@ -35,15 +35,16 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from planner.specs import ModelSpec
+from planner.specs import ModelSpec, Recompute
 
-RECOMPUTE_MODES = ("none", "selective", "full")
+RECOMPUTE_MODES = get_args(Recompute)
 INIT_STD = 0.02          # GPT-2 / Megatron initialisation standard deviation
 
 
