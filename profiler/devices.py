@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from profiler.timer import time_op
+from runtime.metrics import current_rss_bytes
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,15 +57,6 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def _rss_bytes() -> int:
-    """Resident bytes of this process (Linux /proc/self/statm; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def describe(device: torch.device, local_world_size: int) -> dict:
     """Name, memory capacity (bytes) and bytes used outside the allocator of this process's device.
 
@@ -84,7 +76,7 @@ def describe(device: torch.device, local_world_size: int) -> dict:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         share = f" (1/{local_world_size} of {cores} cores)" if local_world_size > 1 else f" ({cores} cores)"
         info.update(name=cpu_model_name() + share, memory_bytes=int(ram // max(1, local_world_size)),
-                    runtime_reserved_bytes=_rss_bytes())
+                    runtime_reserved_bytes=current_rss_bytes())
     return info
 
 
