@@ -155,4 +155,4 @@ def load(path: str | Path, model, optimizer, rank: int) -> dict:
     torch.set_rng_state(state[f"rng_rank{rank}"])
     if f"cuda_rng_rank{rank}" in state:
         torch.cuda.set_rng_state(state[f"cuda_rng_rank{rank}"])
-    return json.loads((Path(path) / INFO_FILE).read_text())
+    return read_info(Path(path))
