@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import resource
-import statistics
 import sys
 import time
 
@@ -83,10 +82,3 @@ class StepTimer:
         dt = time.perf_counter() - self._t0
         self.times.append(dt)
         return dt
-
-
-def median_excluding_first(times: list[float]) -> float | None:
-    """Median step time without the first (warm-up) step; the only step when there is one; None if none."""
-    if not times:
-        return None
-    return statistics.median(times[1:] if len(times) > 1 else times)

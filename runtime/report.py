@@ -15,6 +15,13 @@ REPORT_SCHEMA_VERSION = 1
 FIGURES = ("step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu", "peak_memory_bytes")
 
 
+def median_excluding_first(times: list[float]) -> float | None:
+    """Median step time without the first (warm-up) step; the only step when there is one; None if none."""
+    if not times:
+        return None
+    return statistics.median(times[1:] if len(times) > 1 else times)
+
+
 def aggregate_step_time(per_rank: list[dict]) -> float | None:
     """Median over steps (the first excluded when there are more) of the slowest rank's time for that
     step, seconds."""
@@ -22,8 +29,7 @@ def aggregate_step_time(per_rank: list[dict]) -> float | None:
     if not lists:
         return None
     n = min(len(t) for t in lists)
-    slowest = [max(t[i] for t in lists) for i in range(n)]
-    return statistics.median(slowest[1:] if n > 1 else slowest)
+    return median_excluding_first([max(t[i] for t in lists) for i in range(n)])
 
 
 def error_pct(measured: float | None, predicted: float | None) -> float | None:

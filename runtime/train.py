@@ -151,10 +151,11 @@ def run_plan(plan, args: argparse.Namespace, rank: int, device, resume_from=None
 
     from runtime import checkpoint as ckpt
     from runtime.data import TokenData
-    from runtime.metrics import StepTimer, median_excluding_first
+    from runtime.metrics import StepTimer
     from runtime.models import lm_loss
     from runtime.parallelize import RankModel, TiedEmbeddingSync, build_chunks, build_mesh, my_coords
     from runtime.pipeline import StepRunner
+    from runtime.report import median_excluding_first
 
     cfg, tr = plan.config, plan.training
     mesh = build_mesh(plan, device.type)
