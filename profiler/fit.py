@@ -62,14 +62,6 @@ class GemmFit:
     points: int            # measurements the fit used (overhead-bound ones excluded)
 
 
-def shape_efficiency(shape: tuple[float, float, float], tile: float) -> float:
-    """prod(x / (x + tile)) over M, N, K: the cost model's shape factor."""
-    out = 1.0
-    for x in shape:
-        out *= x / (x + tile)
-    return out
-
-
 def fit_gemm(shapes: list[tuple[int, int, int]], times_s: list[float], overhead_s: float = 0.0) -> GemmFit:
     """Fit time(M, N, K) = 2MNK / (A * prod(x / (x + tile))) to measured GEMM times (seconds).
 

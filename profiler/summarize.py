@@ -25,8 +25,9 @@ from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from planner.cost.kernels import shape_efficiency
 from planner.specs import ClusterSpec
-from profiler.fit import bus_bandwidth, fit_alpha_beta, fit_gemm, overlap_slowdown, shape_efficiency
+from profiler.fit import bus_bandwidth, fit_alpha_beta, fit_gemm, overlap_slowdown
 
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster_specs"
 

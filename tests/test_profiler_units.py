@@ -12,11 +12,12 @@ import random
 import pytest
 
 from planner.cost.comm import Network, ring_time
+from planner.cost.kernels import shape_efficiency
 from planner.cost.model import _exposed
 from planner.errors import InputError
 from planner.specs import ClusterSpec
 from profiler.collectives import partition, partitions
-from profiler.fit import bus_bandwidth, consistent, fit_alpha_beta, fit_gemm, overlap_slowdown, shape_efficiency
+from profiler.fit import bus_bandwidth, consistent, fit_alpha_beta, fit_gemm, overlap_slowdown
 from profiler.io import check_output, load_raw, new_raw, partial_path, save_raw
 from profiler.links import round_robin
 from profiler.summarize import summarize
