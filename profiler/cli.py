@@ -69,7 +69,8 @@ def profile_model(
     """
     from planner.loaders import load_model
     from profiler.io import check_output
-    from profiler.model import is_incomplete_profile, profile_model as run, valid_tp
+    from planner.validate import tp_shards
+    from profiler.model import is_incomplete_profile, profile_model as run
 
     spec = load_model(model)
     # an output marked incomplete is not overwritten but completed: the rerun resumes it
@@ -95,11 +96,11 @@ def profile_model(
     if threads is not None and threads < 1:
         raise InputError(f"must be >= 1 (got {threads})", field="--threads")
     if tp is None:
-        tps = [t for t in (1, 2, 4, 8) if valid_tp(spec, t) is None]
+        tps = [t for t in (1, 2, 4, 8) if tp_shards(spec, t) is None]
     else:
         tps = _int_list(tp, "--tp")
         for t in tps:
-            why = valid_tp(spec, t)
+            why = tp_shards(spec, t)
             if why:
                 raise InputError(why, field="--tp")
     mbss = _int_list(mbs, "--mbs")

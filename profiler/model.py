@@ -47,15 +47,6 @@ class Task:
         return f"{self.kind} tp{self.tp} mbs{self.mbs}{extra}"
 
 
-def valid_tp(spec: ModelSpec, tp: int) -> str | None:
-    """Why `tp` cannot shard this model (None when it can): it must divide heads, kv heads, MLP and vocab."""
-    for name, value in (("num_heads", spec.num_heads), ("kv heads", spec.kv_heads),
-                        ("ffn size", spec.ffn_size), ("vocab size", spec.vocab_size)):
-        if value % tp:
-            return f"tp {tp} does not divide {name} {value}"
-    return None
-
-
 def make_tasks(tps: list[int], mbss: list[int], recomputes: list[str]) -> list[Task]:
     tasks = [Task("block", t, b, r) for t in tps for b in mbss for r in recomputes]
     tasks += [Task(part, t, b) for part in ("embedding", "head") for t in tps for b in mbss]

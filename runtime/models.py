@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from planner.specs import ModelSpec, Recompute
+from planner.validate import tp_shards
 
 RECOMPUTE_MODES = get_args(Recompute)
 INIT_STD = 0.02          # GPT-2 / Megatron initialisation standard deviation
@@ -51,10 +52,9 @@ INIT_STD = 0.02          # GPT-2 / Megatron initialisation standard deviation
 def _check_tp(spec: ModelSpec, tp_degree: int) -> None:
     if tp_degree < 1:
         raise ValueError(f"tp_degree must be >= 1 (got {tp_degree})")
-    for name, value in (("num_heads", spec.num_heads), ("num_kv_heads", spec.kv_heads),
-                        ("ffn_hidden_size", spec.ffn_size), ("vocab_size", spec.vocab_size)):
-        if value % tp_degree:
-            raise ValueError(f"tp_degree {tp_degree} does not divide {name} {value}")
+    why = tp_shards(spec, tp_degree)
+    if why:
+        raise ValueError(why)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

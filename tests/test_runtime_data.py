@@ -228,3 +228,19 @@ def test_optimizers_have_the_documented_hyperparameters(kind, cls, settings):
     assert opt.defaults["lr"] == 0.25
     for key, value in settings.items():
         assert opt.defaults[key] == value, key
+
+
+@pytest.mark.parametrize("update,message", [
+    ({"vocab_size": 511}, "tp 2 does not divide vocab_size 511"),
+    ({"ffn_hidden_size": 255}, "tp 2 does not divide ffn_hidden_size 255"),
+])
+def test_runs_refuse_a_tp_that_cannot_shard_the_vocabulary_or_mlp(update, message):
+    from runtime.checks import check_run
+    from runtime.train import parse_args
+
+    plan = make_test_plan(tp=2)
+    bad = plan.model_copy(update={"model": plan.model.model_copy(update=update)})
+    check_run(plan, 2, parse_args(["--plan", "plan.json"]))
+    with pytest.raises(InputError) as exc:
+        check_run(bad, 2, parse_args(["--plan", "plan.json"]))
+    assert str(exc.value) == f"plan.config.tp: {message}"
