@@ -20,10 +20,12 @@ import pytest
 
 from planner.cli import main as meshplan
 from planner.cost.kernels import Dtypes
+from planner.cost.model import CostModel
 from planner.cost.memory import block_activation_bytes
 from planner.loaders import load_cluster
 from planner.presets import PRESETS
 from planner.profile_data import load_profile
+from planner.specs import TrainingSpec
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["--p2p-sizes", "4K,256K,2M", "--collective-sizes", "64K,1M", "--reps", "3"]
@@ -106,6 +108,19 @@ def test_estimate_reads_the_measured_cluster_and_predicts_differently(cluster4, 
     assert measured["feasible"] and spec_sheet["feasible"]
     a, b = measured["predicted"]["step_time_s"], spec_sheet["predicted"]["step_time_s"]
     assert a > 0 and b > 0 and a != pytest.approx(b, rel=1e-3)
+    # figures of the file, read as plain JSON, are the ones the estimate used: the device's memory and the
+    # bytes outside the allocator, and the links the cost model charges
+    data = json.loads(cluster4.read_text())
+    gpu = data["gpu_types"][data["nodes"]["gpu_type"]]
+    memory = measured["predicted"]["memory"]
+    assert memory["capacity_bytes"] == gpu["memory_bytes"]
+    assert memory["usable_bytes"] == gpu["memory_bytes"] - gpu["runtime_reserved_bytes"]
+    assert spec_sheet["predicted"]["memory"]["capacity_bytes"] != gpu["memory_bytes"]
+    training = TrainingSpec(global_batch=8, seq_len=64, precision="fp32")
+    net = CostModel(PRESETS["gpt-tiny"], load_cluster(str(cluster4)), training).net
+    assert net.intra_p2p_bw == data["intra_node"]["bandwidth"]
+    assert net.intra_latency == data["intra_node"]["latency"]
+    assert net.matrix.bandwidth == data["link_matrix"]["bandwidth"]
 
 
 def test_two_processes_a_hung_rank_is_named_and_a_rerun_resumes_to_a_valid_cluster(tmp_path):
