@@ -68,8 +68,8 @@ def profile_model(
     Example: meshplan profile model -m llama3-8b --tp 1,2,4,8 --mbs 1,2 --seq 4096 -o llama8b.profile.json
     """
     from planner.loaders import load_model
-    from profiler.io import check_output
     from planner.validate import tp_shards
+    from profiler.io import check_output
     from profiler.model import is_incomplete_profile, profile_model as run
 
     spec = load_model(model)
