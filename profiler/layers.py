@@ -158,13 +158,19 @@ def measure_block(spec: ModelSpec, tp: int, mbs: int, seq: int, recompute: str, 
 
     block = _prepare(TransformerBlock(spec, tp_degree=tp, layer_id=0, recompute=recompute), precision, device)
     x = torch.randn(mbs, seq, spec.hidden_size, device=device, dtype=_act_dtype(precision), requires_grad=True)
+    return _measure_call(block, lambda: block(x), precision, device, warmup, reps)
+
+
+def _measure_call(module: torch.nn.Module, call, precision: str, device: torch.device, warmup: int, reps: int,
+                  grad=lambda out: torch.randn_like(out)) -> PieceResult:
+    """Time `call()` (forward of `module`, under the precision's autocast) and its backward with `grad(out)`."""
     ctx = _autocast(precision, device)
 
     def forward():
         with ctx:
-            return block(x)
+            return call()
 
-    return _measure([block], forward, lambda out: torch.randn_like(out), device, warmup, reps)
+    return _measure([module], forward, grad, device, warmup, reps)
 
 
 def measure_embedding(spec: ModelSpec, tp: int, mbs: int, seq: int, precision: str, device: torch.device,
@@ -174,13 +180,7 @@ def measure_embedding(spec: ModelSpec, tp: int, mbs: int, seq: int, precision: s
 
     emb = _prepare(Embedding(spec, tp_degree=tp), precision, device)
     tokens = torch.randint(0, spec.vocab_size // tp, (mbs, seq), device=device)
-    ctx = _autocast(precision, device)
-
-    def forward():
-        with ctx:
-            return emb(tokens)
-
-    return _measure([emb], forward, lambda out: torch.randn_like(out), device, warmup, reps)
+    return _measure_call(emb, lambda: emb(tokens), precision, device, warmup, reps)
 
 
 def measure_head(spec: ModelSpec, tp: int, mbs: int, seq: int, precision: str, device: torch.device,
@@ -191,13 +191,8 @@ def measure_head(spec: ModelSpec, tp: int, mbs: int, seq: int, precision: str, d
     head = _prepare(LMHead(spec, tp_degree=tp), precision, device)
     x = torch.randn(mbs, seq, spec.hidden_size, device=device, dtype=_act_dtype(precision), requires_grad=True)
     targets = torch.randint(0, spec.vocab_size // tp, (mbs, seq), device=device)
-    ctx = _autocast(precision, device)
-
-    def forward():
-        with ctx:
-            return lm_loss(head(x), targets)
-
-    return _measure([head], forward, lambda out: None, device, warmup, reps)
+    return _measure_call(head, lambda: lm_loss(head(x), targets), precision, device, warmup, reps,
+                         grad=lambda out: None)
 
 
 def measure_optimizer(spec: ModelSpec, optimizer: str, device: torch.device, warmup: int = 2,
