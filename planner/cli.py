@@ -37,9 +37,16 @@ SeqOpt = typer.Option(2048, "--seq", "-s", help="Tokens per sequence.")
 PrecisionOpt = typer.Option("bf16", "--precision", help="bf16 | fp16 (Megatron-style mixed precision), amp-bf16 "
                                                         "(autocast over fp32 params), fp32.")
 OptimizerOpt = typer.Option("adamw", "--optimizer", help="adam | adamw | sgd (with momentum).")
-OverlapOpt = typer.Option(True, "--overlap-grad-reduce/--no-overlap-grad-reduce",
-                          help="Whether the data-parallel gradient reduction overlaps the backward (PyTorch "
-                               "DDP/FSDP2, Megatron --overlap-grad-reduce) or follows it (DeepSpeed's engine).")
+OverlapOpt = typer.Option(None, "--overlap-grad-reduce/--no-overlap-grad-reduce",
+                          help="Override the engine: the data-parallel gradient reduction overlaps the backward "
+                               "(PyTorch DDP/FSDP2, Megatron --overlap-grad-reduce) or follows it (DeepSpeed's "
+                               "engine). Default: the engine's.")
+EngineOpt = typer.Option("meshplan", "--engine", "-e",
+                         help="The software that will run the plan, whose kernels, recompute semantics, overlap "
+                              "and memory recipe the prediction follows: meshplan (`meshplan run`), torchtitan, "
+                              "megatron, deepspeed, or an engine YAML file (see cluster_specs/engines/).")
+CompileOpt = typer.Option(False, "--compile/--no-compile",
+                          help="torch.compile each block (meshplan and torchtitan engines): fewer, fused kernels.")
 ProfileOpt = typer.Option(None, "--profile", help="A `meshplan profile model` file: its measured layer times and "
                                                   "activation bytes replace the analytical ones where model, "
                                                   "precision and sequence match.")
@@ -52,7 +59,7 @@ def _choice(value: str, field: str, choices: tuple[str, ...]) -> str:
 
 
 def load_inputs(model: str, cluster: str, nodes: Optional[int], gpus_per_node: Optional[int], global_batch: int,
-                seq: int, precision: str, optimizer: str, overlap_grad_reduce: bool = True):
+                seq: int, precision: str, optimizer: str, overlap_grad_reduce: Optional[bool] = None):
     """Specs from CLI arguments, validated."""
     from planner.loaders import load_cluster, load_model, parse_spec
     from planner.specs import TrainingSpec
@@ -79,13 +86,23 @@ def write_new_file(path: Path, text: str, force: bool, field: str) -> None:
     tmp.replace(path)
 
 
-def cost_model(model, cluster, training, profile: Optional[Path]):
+def load_engine_opt(engine: str, compile: bool, training):
+    """The engine of `--engine` / `--compile`, checked against the training precision."""
+    from planner.engine import load_engine
+    spec = load_engine(engine, compile)
+    if training.precision not in spec.memory:
+        raise InputError(f"engine {spec.name} does not train in {training.precision} (it runs "
+                         f"{', '.join(spec.memory)})", field="--precision")
+    return spec
+
+
+def cost_model(model, cluster, training, profile: Optional[Path], engine=None):
     """The cost model, with measured layer costs when a profile file is given."""
     from planner.cost.model import CostModel
     if profile is None:
-        return CostModel(model, cluster, training)
+        return CostModel(model, cluster, training, engine=engine)
     from planner.profile_data import load_profile
-    return CostModel(model, cluster, training, load_profile(profile), profile_name=profile.name)
+    return CostModel(model, cluster, training, load_profile(profile), profile_name=profile.name, engine=engine)
 
 
 def parse_int_list(text: Optional[str], field: str) -> Optional[list[int]]:
@@ -113,8 +130,8 @@ def estimate(
     schedule: str = typer.Option("1f1b", "--schedule", help="Pipeline schedule: gpipe | 1f1b | interleaved."),
     layers_per_stage: Optional[str] = typer.Option(None, "--layers-per-stage",
                                                    help="Blocks per pipeline chunk, e.g. 7,8,8,9."),
-    precision: str = PrecisionOpt, optimizer: str = OptimizerOpt, overlap_grad_reduce: bool = OverlapOpt,
-    profile: Optional[Path] = ProfileOpt,
+    precision: str = PrecisionOpt, optimizer: str = OptimizerOpt, overlap_grad_reduce: Optional[bool] = OverlapOpt,
+    engine: str = EngineOpt, compile: bool = CompileOpt, profile: Optional[Path] = ProfileOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (schema in README) to stdout."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write a plan file for `meshplan run`."),
     force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
@@ -141,16 +158,16 @@ def estimate(
                                           sp=sp, schedule=schedule,
                                           layers_per_stage=parse_int_list(layers_per_stage, "--layers-per-stage")),
                      "config")
-    cost = cost_model(m, c, t, profile)
+    cost = cost_model(m, c, t, profile, load_engine_opt(engine, compile, t))
     pred = cost.evaluate(cfg)
     if output is not None:
         from planner.plan import make_plan
-        write_new_file(output, make_plan(m, c, t, pred).model_dump_json(indent=1), force, "--output")
+        write_new_file(output, make_plan(cost.model, c, t, pred, engine=cost.engine).model_dump_json(indent=1), force, "--output")
     if as_json:
         print(pred.model_dump_json(indent=1))
         return
     from planner.report import render_prediction
-    render_prediction(stdout, m, c, t, pred)
+    render_prediction(stdout, cost.model, c, t, pred)
     if output is not None:
         stdout.print(f"plan written to {output}")
 
@@ -194,20 +211,23 @@ def parse_compare(text: str, world_size: int):
                           order)
 
 
-def _fit_hints(closest, constraints, model, cluster, training) -> str:
+def _fit_hints(closest, constraints, cost) -> str:
     """What would make the closest candidate fit."""
+    model, cluster, training = cost.model, cost.cluster, cost.training
     from planner.cost.memory import GIB, state_bytes
     from planner.cost.params import total_params
     hints = []
     c = closest.config
     if c.recompute != "full":
         hints.append("full activation recomputation" + (" (drop --recompute)" if constraints.recompute else ""))
-    if c.zero < 3:
-        hints.append("ZeRO-3" + (" (drop --zero / --no-zero3)" if constraints.zero is not None
-                                 or constraints.max_zero < 3 else ""))
+    top_zero = max(cost.engine.zero_stages)
+    if c.zero < top_zero:
+        hints.append(f"ZeRO-{top_zero}" + (" (drop --zero / --no-zero3)" if constraints.zero is not None
+                                           or constraints.max_zero < 3 else ""))
     if c.mbs > 1:
         hints.append("micro-batch 1" + (" (drop --mbs)" if constraints.mbs else ""))
-    states = total_params(model) * state_bytes(training.precision, training.optimizer).total
+    recipe = cost.engine.recipe(training.precision, max(cost.engine.zero_stages), 2)
+    states = total_params(model) * state_bytes(recipe, training.optimizer, 0, 1).total
     usable = closest.predicted.memory.usable_bytes
     gpus = -(-states // (0.8 * usable))
     nodes = max(cluster.num_nodes + 1, -(-int(gpus) // cluster.gpus_per_node))
@@ -238,8 +258,8 @@ def _check_pins(model, cluster, training, tp, pp, dp, mbs) -> None:
 def plan(
     model: str = ModelOpt, cluster: str = ClusterOpt, nodes: Optional[int] = NodesOpt,
     gpus_per_node: Optional[int] = GpnOpt, global_batch: int = BatchOpt, seq: int = SeqOpt,
-    precision: str = PrecisionOpt, optimizer: str = OptimizerOpt, overlap_grad_reduce: bool = OverlapOpt,
-    profile: Optional[Path] = ProfileOpt,
+    precision: str = PrecisionOpt, optimizer: str = OptimizerOpt, overlap_grad_reduce: Optional[bool] = OverlapOpt,
+    engine: str = EngineOpt, compile: bool = CompileOpt, profile: Optional[Path] = ProfileOpt,
     tp: Optional[int] = typer.Option(None, "--tp", help="Pin the tensor-parallel degree."),
     pp: Optional[int] = typer.Option(None, "--pp", help="Pin the pipeline degree."),
     dp: Optional[int] = typer.Option(None, "--dp", help="Pin the data-parallel degree."),
@@ -287,12 +307,12 @@ def plan(
     constraints = Constraints(tp=tp, pp=pp, dp=dp, vpp=vpp, mbs=mbs, zero=zero, recompute=recompute, sp=sp,
                               schedule=schedule, max_tp=max_tp, max_pp=max_pp, max_mbs=max_mbs,
                               max_zero=2 if no_zero3 else 3, allow_cross_node_tp=allow_cross_node_tp)
-    cost = cost_model(m, c, t, profile)
+    cost = cost_model(m, c, t, profile, load_engine_opt(engine, compile, t))
     compare_cand = None
     if compare is not None:
         from planner.validate import check_config
         compare_cfg, compare_cand = parse_compare(compare, c.world_size)
-        check_config(m, c, t, compare_cfg)
+        check_config(m, c, t, compare_cfg, cost.engine)
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     with Progress(TextColumn("searching"), BarColumn(), TextColumn("{task.completed}/{task.total} costed"),
@@ -309,14 +329,15 @@ def plan(
                                  "relax --tp/--pp/--dp/--mbs or the --max-* limits", field="plan")
         message = (f"no configuration fits in memory ({result.candidates:,} candidates); the closest, "
                    f"{closest.config.short()}, {closest.reason.removeprefix('out of memory: ')}. To fit, try "
-                   f"{_fit_hints(closest, constraints, m, c, t)}")
+                   f"{_fit_hints(closest, constraints, cost)}")
         if as_json:
             print(json.dumps({"feasible": False, "reason": message, "closest": closest.model_dump(),
                               "search": stats.model_dump()}, indent=1))
             raise typer.Exit(NoFeasiblePlan.exit_code)
         raise NoFeasiblePlan(message)
     preds = [cost.prediction(core) for core in result.top]
-    the_plan = make_plan(m, c, t, preds[0], alternatives=preds[1:], search=stats)
+    the_plan = make_plan(cost.model, c, t, preds[0], alternatives=preds[1:], search=stats,
+                         engine=cost.engine)
     if output is not None:
         write_new_file(output, the_plan.model_dump_json(indent=1), force, "--output")
     if as_json:
@@ -324,7 +345,7 @@ def plan(
         return
     from planner.report import render_plan
     compare_pred = cost.prediction(result.compare) if result.compare is not None else None
-    render_plan(stdout, m, c, t, preds, stats.model_dump(), compare_pred, result.compare_rank)
+    render_plan(stdout, cost.model, c, t, preds, stats.model_dump(), compare_pred, result.compare_rank)
     if output is not None:
         stdout.print(f"plan written to {output}")
 

@@ -36,7 +36,7 @@ def model_from_hf_config(data: dict[str, Any], source: str) -> dict[str, Any]:
                     max_position_embeddings=data.get("n_positions", 1024),
                     tied_embeddings=data.get("tie_word_embeddings", True), norm="layernorm", mlp="gelu",
                     bias=True, position_embedding="learned", norm_eps=data.get("layer_norm_epsilon", 1e-5),
-                    dropout=dropout, attention_kernel="flash")
+                    dropout=dropout)
     act = data.get("hidden_act", "silu")
     if act not in _SWIGLU_ACTS:
         raise InputError(f"hidden_act '{act}' is not supported (one of {sorted(_SWIGLU_ACTS)})", field=source)
@@ -52,7 +52,7 @@ def model_from_hf_config(data: dict[str, Any], source: str) -> dict[str, Any]:
                 tied_embeddings=data.get("tie_word_embeddings", False), norm="rmsnorm", mlp="swiglu",
                 bias=bool(data.get("mlp_bias", False)), qkv_bias=qkv_bias, position_embedding="rope",
                 rope_theta=data.get("rope_theta", 10000.0), norm_eps=data.get("rms_norm_eps", 1e-5),
-                dropout=float(data.get("attention_dropout", 0.0) or 0.0), attention_kernel="flash")
+                dropout=float(data.get("attention_dropout", 0.0) or 0.0))
 
 
 def validated(fields: dict[str, Any], source: str) -> ModelSpec:

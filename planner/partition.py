@@ -17,20 +17,24 @@ import math
 
 def partition_layers(num_layers: int, block_time: float, extra_time: list[float],
                      block_bytes: list[float] | None = None, base_bytes: list[float] | None = None,
-                     capacity: float = math.inf) -> list[int] | None:
+                     capacity: float = math.inf, caps: list[int] | None = None) -> list[int] | None:
     """Blocks per stage (each >= 1) minimising the slowest stage subject to memory; None if no split fits.
 
-    Ties go to later stages, which under 1F1B hold fewer micro-batches in flight.
+    Memory is either affine per stage (`block_bytes`, `base_bytes` against `capacity`) or given directly as the
+    most blocks each stage can hold (`caps`, from the cost model's memory timeline, monotone in the block
+    count). Ties go to later stages, which under 1F1B hold fewer micro-batches in flight.
     """
     stages = len(extra_time)
     if stages > num_layers:
         return None
-    caps = []
-    for j in range(stages):
-        per_block = block_bytes[j] if block_bytes else 0.0
-        room = capacity - (base_bytes[j] if base_bytes else 0.0)
-        fits = num_layers if per_block <= 0 or math.isinf(room) else math.floor(room / per_block)
-        caps.append(min(num_layers, fits))
+    if caps is None:
+        caps = []
+        for j in range(stages):
+            per_block = block_bytes[j] if block_bytes else 0.0
+            room = capacity - (base_bytes[j] if base_bytes else 0.0)
+            fits = num_layers if per_block <= 0 or math.isinf(room) else math.floor(room / per_block)
+            caps.append(min(num_layers, fits))
+    caps = [min(num_layers, c) for c in caps]
     if min(caps) < 1 or sum(caps) < num_layers:
         return None
     counts = [1] * stages

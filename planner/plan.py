@@ -11,11 +11,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from planner.engine import EngineSpec
 from planner.layout import Layout
-from planner.prediction import Predicted, Prediction, ResolvedConfig
+from planner.prediction import ModelSummary, Predicted, Prediction, ResolvedConfig
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class RankEntry(BaseModel):
@@ -47,6 +48,9 @@ class Plan(BaseModel):
     model: ModelSpec
     cluster: ClusterSpec
     training: TrainingSpec
+    engine: EngineSpec = Field(description="The engine the prediction is for, in full (as `--engine` resolved it, "
+                                           "with the cluster's overrides).")
+    model_summary: ModelSummary | None = Field(None, description="Total and active parameters.")
     feasible: bool
     reason: str
     config: ResolvedConfig
@@ -61,11 +65,19 @@ class Plan(BaseModel):
 
 
 def make_plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, best: Prediction,
-              alternatives: list[Prediction] | None = None, search: SearchStats | None = None) -> Plan:
+              alternatives: list[Prediction] | None = None, search: SearchStats | None = None,
+              engine: EngineSpec | None = None) -> Plan:
+    """The plan file of `best` (default engine: meshplan). The model's attention kernel is recorded resolved
+    (the model's, else the engine's), so that what runs is what was costed."""
+    from planner.engine import load_engine
+    engine = engine or load_engine()
+    if model.attention_kernel is None:
+        model = model.model_copy(update={"attention_kernel": engine.kernels.attention})
     cfg = best.config
     layout = Layout(cfg.tp, cfg.pp, cfg.dp, cluster.gpus_per_node, tuple(cfg.layout),
                     tuple(cfg.placement) if cfg.placement is not None else None)
-    return Plan(model=model, cluster=cluster, training=training, feasible=best.feasible, reason=best.reason,
+    return Plan(model=model, cluster=cluster, training=training, engine=engine,
+                model_summary=best.model, feasible=best.feasible, reason=best.reason,
                 config=cfg, predicted=best.predicted,
                 rank_layout=[RankEntry(**row) for row in layout.entries()],
                 alternatives=alternatives or [], search=search)

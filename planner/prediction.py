@@ -24,6 +24,11 @@ class StageMemory(_Out):
     other: int = Field(description="Transient buffers: logits, backward working set, ZeRO-3 gathers, DP buckets.")
     total: int = Field(description="Sum of the above: the predicted max allocated bytes.")
     reserved: int = Field(description="total plus the allocator's margin.")
+    peak_phase: str = Field("forward", description="Phase of the step where this stage peaks: forward, backward "
+                                                   "or optimizer.")
+    phases: dict[str, int] = Field(default_factory=dict,
+                                   description="Allocated bytes at the peak of each phase (forward, backward, "
+                                               "optimizer); `total` is the largest.")
 
 
 class MemoryBreakdown(_Out):
@@ -42,6 +47,8 @@ class TimeBreakdown(_Out):
     pp_comm: float = Field(description="Pipeline sends and receives on the critical path.")
     dp_comm_exposed: float = Field(description="Data-parallel / ZeRO communication not hidden under compute.")
     optimizer: float = Field(description="Optimizer step.")
+    host: float = Field(0.0, description="The engine's host overheads per micro-batch and per step (Python, "
+                                         "schedule, loss bookkeeping); host time per kernel is inside compute.")
 
 
 class Predicted(_Out):
@@ -72,8 +79,20 @@ class ResolvedConfig(ParallelConfig):
                                                           "rank, when not rank r on device r.")
 
 
+class ModelSummary(_Out):
+    """The model as the cost model counts it."""
+
+    name: str
+    params: int = Field(description="Total parameters (unique, embeddings once when tied).")
+    active_params: int = Field(description="Parameters each token passes through; MFU counts their FLOPs.")
+    attention_kernel: str = Field(description="Attention kernel costed (the model's, else the engine's).")
+
+
 class Prediction(_Out):
     feasible: bool
     reason: str = Field(description="Empty when feasible; else the stage and the shortfall in GiB.")
+    engine: str = Field("meshplan", description="The engine the prediction is for (`--engine`), '(compiled)' "
+                                                "with --compile.")
+    model: ModelSummary | None = None
     config: ResolvedConfig
     predicted: Predicted

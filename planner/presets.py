@@ -2,7 +2,8 @@
 
 GPT-3: Brown et al. 2020 (arXiv:2005.14165) Table 2.1, with Megatron's padded GPT-2 vocabulary of 51,200
 (Narayanan et al. SC21, arXiv:2104.04473). Llama 3 / 3.1 / 3.2: Meta's published config.json files.
-Mistral 7B: Jiang et al. 2023 (arXiv:2310.06825) Table 1.
+Mistral 7B: Jiang et al. 2023 (arXiv:2310.06825) Table 1. Presets leave the attention kernel to the engine
+(`--engine`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from planner.specs import ModelSpec
 def _gpt(name: str, layers: int, hidden: int, heads: int, **extra) -> ModelSpec:
     return ModelSpec(name=name, num_layers=layers, hidden_size=hidden, num_heads=heads, vocab_size=51200,
                      max_position_embeddings=2048, tied_embeddings=True, norm="layernorm", mlp="gelu",
-                     bias=True, position_embedding="learned", dropout=0.1, attention_kernel="flash", **extra)
+                     bias=True, position_embedding="learned", dropout=0.1, **extra)
 
 
 def _llama(name: str, layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int = 128256,
@@ -21,8 +22,7 @@ def _llama(name: str, layers: int, hidden: int, heads: int, kv_heads: int, ffn: 
     return ModelSpec(name=name, num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads,
                      ffn_hidden_size=ffn, vocab_size=vocab, max_position_embeddings=max_pos,
                      tied_embeddings=tied, norm="rmsnorm", mlp="swiglu", bias=False,
-                     position_embedding="rope", rope_theta=theta, norm_eps=eps, dropout=0.0,
-                     attention_kernel="flash")
+                     position_embedding="rope", rope_theta=theta, norm_eps=eps, dropout=0.0)
 
 
 PRESETS: dict[str, ModelSpec] = {

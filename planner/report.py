@@ -14,7 +14,7 @@ from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
 
 TIME_LABELS = {"compute": "compute", "recompute": "recompute", "bubble": "pipeline bubble",
                "tp_comm": "TP comm", "pp_comm": "PP comm", "dp_comm_exposed": "DP comm (exposed)",
-               "optimizer": "optimizer"}
+               "optimizer": "optimizer", "host": "host overhead"}
 BAR_WIDTH = 40
 
 
@@ -36,16 +36,18 @@ def summary_table(pred: Prediction) -> Table:
     t.add_column(style="dim")
     t.add_column()
     cfg = pred.config
+    t.add_row("engine", pred.engine + (f"  ({pred.model.attention_kernel} attention)" if pred.model else ""))
     t.add_row("config", f"{cfg.short()}  ({cfg.num_microbatches} micro-batches, layers/chunk "
                         f"{_layers(cfg.layers_per_stage)})")
     t.add_row("step time", f"[bold]{_fmt_time(p.step_time_s)}[/]")
     t.add_row("throughput", f"{p.tokens_per_s:,.0f} tokens/s")
     t.add_row("MFU", f"[bold]{p.mfu:.1%}[/]  ({p.tflops_per_gpu:.1f} model TFLOP/s per GPU, "
-                     f"{p.hardware_tflops_per_gpu:.1f} with recompute)")
+                     f"{p.hardware_tflops_per_gpu:.1f} with recompute; FLOPs of the active parameters)")
     usable = p.memory.usable_bytes
+    fullest = max(p.memory.stages, key=lambda s: s.reserved)
     t.add_row("peak memory", f"{p.peak_memory_bytes / GIB:.2f} GiB allocated, {p.peak_reserved_bytes / GIB:.2f} "
-                             f"GiB reserved of {usable / GIB:.1f} GiB usable (stage "
-                             f"{max(p.memory.stages, key=lambda s: s.reserved).stage})")
+                             f"GiB reserved of {usable / GIB:.1f} GiB usable (stage {fullest.stage}, in the "
+                             f"{fullest.peak_phase})")
     t.add_row("binds", p.binding)
     if pred.predicted.sources:
         t.add_row("sources", ", ".join(f"{k}: {v}" for k, v in pred.predicted.sources.items()))
@@ -80,16 +82,18 @@ def time_bars(pred: Prediction) -> Table:
 def memory_table(pred: Prediction, max_rows: int = 12) -> Table:
     stages = pred.predicted.memory.stages
     t = Table(title="memory per GPU by pipeline stage (GiB)", title_justify="left", box=None, pad_edge=False)
-    for col in ("stage", "layers", "params", "grads", "optimizer", "activations", "other", "total", "reserved"):
+    for col in ("stage", "layers", "params", "grads", "optimizer", "activations", "other", "total", "reserved",
+                "peaks in"):
         t.add_column(col, justify="right")
     usable = pred.predicted.memory.usable_bytes
     shown = stages if len(stages) <= max_rows else stages[:max_rows // 2] + stages[-max_rows // 2:]
     for i, s in enumerate(shown):
         if len(stages) > max_rows and i == max_rows // 2:
-            t.add_row("...", *[""] * 8)
+            t.add_row("...", *[""] * 9)
         style = "red" if s.reserved > usable else ""
         t.add_row(str(s.stage), str(s.layers), *(f"{getattr(s, k) / GIB:.2f}" for k in
-                  ("params", "grads", "optimizer", "activations", "other", "total", "reserved")), style=style)
+                  ("params", "grads", "optimizer", "activations", "other", "total", "reserved")), s.peak_phase,
+                  style=style)
     return t
 
 

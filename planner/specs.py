@@ -45,8 +45,9 @@ class ModelSpec(_Spec):
     rope_theta: PositiveFloat = 10000.0
     norm_eps: PositiveFloat = 1e-5
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability (hidden and attention).")
-    attention_kernel: Literal["flash", "eager"] = Field(
-        "flash", description="flash: fused kernel, no score matrix kept; eager: softmax(QK^T)V materialised.")
+    attention_kernel: Literal["flash", "eager"] | None = Field(
+        None, description="flash: fused kernel, no score matrix kept; eager: softmax(QK^T)V materialised; "
+                          "default: the engine's (--engine).")
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelSpec":
@@ -74,6 +75,12 @@ class ModelSpec(_Spec):
         return -(-(8 * self.hidden_size // 3) // 256) * 256
 
     @property
+    def attention(self) -> str:
+        """The attention kernel: the spec's, else flash (what `meshplan run` runs; the cost model resolves
+        None to the engine's choice before it gets here)."""
+        return self.attention_kernel or "flash"
+
+    @property
     def has_qkv_bias(self) -> bool:
         return self.bias if self.qkv_bias is None else self.qkv_bias
 
@@ -93,7 +100,8 @@ class EfficiencyModel(_Spec):
     flash_attention: float = Field(0.5, gt=0, le=1, description="Fraction of dense peak reached by fused attention.")
     memory: float = Field(0.8, gt=0, le=1, description="Fraction of HBM bandwidth reached by elementwise kernels.")
     kernel_overhead_s: float = Field(
-        10e-6, ge=0, description="Seconds of host time to issue one kernel; the floor of any kernel's time.")
+        5e-6, ge=0, description="Seconds: the shortest a kernel runs on the device (launch latency). The host's "
+                                "time to issue kernels is the engine's (planner/engine.py HostCosts).")
 
 
 class GPUSpec(_Spec):
@@ -109,6 +117,9 @@ class GPUSpec(_Spec):
         0, ge=0, description="Bytes outside the framework's allocator (CUDA context, NCCL buffers).")
     allocator_margin: float = Field(
         0.05, ge=0, le=1, description="Reserved-but-unallocated bytes, as a fraction of the allocated peak.")
+    async_launch: bool = Field(
+        True, description="Kernels run asynchronously to the host that issues them (GPUs); false: the host runs "
+                          "them itself (a CPU), so host and kernel times add.")
 
     @model_validator(mode="after")
     def _check_peaks(self) -> "GPUSpec":
@@ -164,6 +175,38 @@ class CollectiveMeasurement(_Spec):
     time_s: PositiveFloat
 
 
+class CalibrationParameter(_Spec):
+    path: str = Field(description="Dotted path: `gpu.` for the GPU type, `engine.` for the engine's data.")
+    before: float
+    after: float
+    lower: float
+    upper: float
+
+
+class CalibratedRun(_Spec):
+    label: str = Field(description="Where the run came from (file and line).")
+    measured_s: PositiveFloat = Field(description="Measured step time, seconds.")
+    before_s: float = Field(description="Predicted step time with the spec as it was.")
+    after_s: float = Field(description="Predicted step time with the fitted parameters.")
+    loo_s: float | None = Field(None, description="Predicted step time when this run was left out of the fit.")
+    measured_peak_bytes: int | None = None
+    before_peak_bytes: int | None = None
+    after_peak_bytes: int | None = None
+
+
+class Calibration(_Spec):
+    """What `meshplan calibrate` fitted, to which runs, and how well."""
+
+    engine: str
+    runs: list[CalibratedRun]
+    parameters: list[CalibrationParameter]
+    error_before_pct: float = Field(description="Mean absolute error of step time before the fit, percent.")
+    error_after_pct: float = Field(description="The same after the fit (in sample).")
+    loo_error_pct: float | None = Field(None, description="Leave-one-out mean absolute error, percent.")
+    memory_error_before_pct: float | None = None
+    memory_error_after_pct: float | None = None
+
+
 class ClusterSpec(_Spec):
     """Nodes of identical devices joined by an intra-node fabric and NICs."""
 
@@ -180,6 +223,11 @@ class ClusterSpec(_Spec):
     link_matrix: LinkMatrix | None = None
     collectives: list[CollectiveMeasurement] = Field(default_factory=list)
     measured: bool = Field(False, description="True when written by `meshplan profile cluster`.")
+    engine_overrides: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Per engine name, dotted paths into its engine spec with the values measured or fitted on "
+                    "this cluster (host costs differ between host CPUs), e.g. {meshplan: {host.per_kernel_s: 2e-3}}.")
+    calibration: Calibration | None = Field(None, description="Written by `meshplan calibrate`.")
 
     @model_validator(mode="after")
     def _check_refs(self) -> "ClusterSpec":
@@ -232,10 +280,9 @@ class TrainingSpec(_Spec):
                     "fp32 (bf16) or 16-bit (fp16) gradients; amp-bf16: autocast over fp32 parameters with a "
                     "plain optimizer; fp32: everything fp32.")
     optimizer: Optimizer = "adamw"
-    overlap_grad_reduce: bool = Field(
-        True, description="Data-parallel gradient reduction overlaps the backward (PyTorch DDP / FSDP2, "
-                          "Megatron-LM --overlap-grad-reduce); false: it runs after the backward (DeepSpeed's "
-                          "engine, Megatron-LM's default).")
+    overlap_grad_reduce: bool | None = Field(
+        None, description="Override the engine's choice: data-parallel gradient reduction overlaps the backward "
+                          "(true) or runs after it (false); default: the engine's (planner/engine.py).")
 
     @property
     def tokens_per_step(self) -> int:

@@ -20,8 +20,30 @@ def tp_shards(model: ModelSpec, tp: int) -> str | None:
     return None
 
 
-def check_config(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, cfg: ParallelConfig) -> None:
+def check_engine(engine, training: TrainingSpec, cfg: ParallelConfig, model: ModelSpec | None = None) -> None:
+    """Raise InputError when the engine cannot run `cfg` (planner/engine.py lists what each runs)."""
+    name = engine.name
+    for value, allowed, field in ((cfg.zero, engine.zero_stages, "--zero"), (cfg.schedule, engine.schedules, "--schedule"),
+                                  (cfg.recompute, engine.recompute_modes, "--recompute")):
+        if value not in allowed and not (field == "--schedule" and cfg.pp == 1):
+            raise InputError(f"engine {name} does not run {value} (it runs {', '.join(map(str, allowed))})",
+                             field=field)
+    if cfg.sp and not engine.sequence_parallel:
+        raise InputError(f"engine {name} has no sequence parallelism", field="--sp")
+    if training.precision not in engine.memory:
+        raise InputError(f"engine {name} does not train in {training.precision} (it runs "
+                         f"{', '.join(engine.memory)})", field="--precision")
+    if model is not None and model.vocab_size % (engine.memory_extras.vocab_multiple * cfg.tp):
+        if engine.memory_extras.vocab_multiple == 1:
+            raise InputError(f"engine {name} does not pad the vocabulary: tp {cfg.tp} must divide vocab_size "
+                             f"{model.vocab_size}", field="--tp")
+
+
+def check_config(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, cfg: ParallelConfig,
+                 engine=None) -> None:
     """Raise InputError naming the offending field and the valid choices."""
+    if engine is not None:
+        check_engine(engine, training, cfg, model)
     if model.num_heads % cfg.tp or model.kv_heads % cfg.tp:
         common = [d for d in divisors(model.kv_heads) if model.num_heads % d == 0]
         raise InputError(f"tp {cfg.tp} must divide num_heads {model.num_heads} and num_kv_heads "

@@ -5,7 +5,7 @@
   a GEMM (M, N, K) runs at A * prod(x / (x + tile)).
 * `bus_bandwidth`: nccl-tests' bus bandwidth of a collective from its time.
 * `overlap_slowdown`: the fraction of overlapped communication time lost to compute slow-down, as
-  `planner.cost.model._exposed` uses it.
+  `planner.cost.dp_comm.exposed` uses it.
 """
 
 from __future__ import annotations

@@ -167,7 +167,7 @@ class Attention(nn.Module):
         super().__init__()
         _check_tp(spec, tp_degree)
         self.head_dim = spec.head_dim
-        self.kernel = spec.attention_kernel
+        self.kernel = spec.attention
         self.dropout_p = spec.dropout
         self.rope = spec.position_embedding == "rope"
         self.rope_theta = spec.rope_theta

@@ -102,7 +102,7 @@ def test_single_gpu_time_is_compute_plus_optimizer(setup):
     pred = CostModel(m, one, training).evaluate(cfg).predicted
     t = pred.time
     assert t.tp_comm == t.pp_comm == t.dp_comm_exposed == t.recompute == 0
-    assert pred.step_time_s == pytest.approx(t.compute + t.optimizer, rel=1e-12)
+    assert pred.step_time_s == pytest.approx(t.compute + t.optimizer + t.host, rel=1e-12)
     assert sum(pred.time.model_dump().values()) == pytest.approx(pred.step_time_s, rel=1e-9)
 
 

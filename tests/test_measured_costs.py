@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from planner.cost.kernels import Dtypes, block_work, pass_time
+from planner.cost.kernels import Dtypes, KernelOptions, block_work, pass_time
 from planner.cost.memory import block_activation_bytes
 from planner.cost.model import CostModel
+from planner.engine import load_engine
 from planner.loaders import load_cluster
 from planner.presets import PRESETS
 from planner.profile_data import BlockMeasurement, DeviceInfo, ModelProfile
@@ -17,12 +18,18 @@ CLUSTER = load_cluster("dgx-h100", nodes=1)
 TRAINING = TrainingSpec(global_batch=64, seq_len=2048, precision="bf16")
 
 
+ENGINE = load_engine("meshplan")
+BF16 = Dtypes.of("bf16")
+
+
 def analytical(tp, mbs, recompute="none"):
-    dt = Dtypes.of("bf16")
-    w = block_work(MODEL, mbs, 2048, tp, False, recompute, dt)
-    return (pass_time(w.forward, CLUSTER.gpu, "bf16"),
-            pass_time(w.backward, CLUSTER.gpu, "bf16") + pass_time(w.recompute, CLUSTER.gpu, "bf16"),
-            block_activation_bytes(MODEL, mbs, 2048, tp, False, recompute, dt))
+    """The cost model's own block numbers at bf16 (kernels, host costs and kept bytes of the meshplan engine):
+    the profiles below scale them, so the test checks the replacement, not the kernel model."""
+    opts, (host_f, host_b) = KernelOptions.of(ENGINE), ENGINE.host_per_kernel
+    w = block_work(MODEL, mbs, 2048, tp, False, recompute, BF16, opts)
+    return (pass_time(w.forward, CLUSTER.gpu, "bf16", host_f),
+            pass_time(w.backward, CLUSTER.gpu, "bf16", host_b) + pass_time(w.recompute, CLUSTER.gpu, "bf16", host_f),
+            block_activation_bytes(MODEL, mbs, 2048, tp, False, recompute, BF16, opts))
 
 
 def profile(scale_time: float, scale_bytes: float, points=((1, 1), (2, 1), (1, 2)), model=MODEL, seq=2048):
@@ -38,7 +45,7 @@ def profile(scale_time: float, scale_bytes: float, points=((1, 1), (2, 1), (1, 2
 def test_measured_point_replaces_the_analytical_one():
     cost = CostModel(MODEL, CLUSTER, TRAINING, profile(1.5, 1.2), "p.json")
     _, tp_group, _ = cost.layout(2, 1, 4, ("tp", "dp", "pp"))
-    blk = cost.block(2, 1, False, "none", tp_group)
+    blk = cost.block(2, 1, False, "none", tp_group, BF16)
     f, b, a = analytical(2, 1)
     assert blk.forward.compute == pytest.approx(1.5 * f)
     assert blk.backward.compute == pytest.approx(1.5 * b)
@@ -53,7 +60,7 @@ def test_measured_point_replaces_the_analytical_one():
 def test_unmeasured_shapes_are_interpolated_and_recompute_falls_back():
     cost = CostModel(MODEL, CLUSTER, TRAINING, profile(2.0, 1.0), "p.json")
     _, tp_group, _ = cost.layout(4, 1, 2, ("tp", "dp", "pp"))
-    blk = cost.block(4, 2, False, "full", tp_group)
+    blk = cost.block(4, 2, False, "full", tp_group, BF16)
     f, b, _ = analytical(4, 2, "full")
     assert blk.forward.compute == pytest.approx(2.0 * f)                    # every point says x2
     assert blk.backward.compute + blk.recompute.compute == pytest.approx(2.0 * b)

@@ -13,7 +13,7 @@ import pytest
 
 from planner.cost.comm import Network, ring_time
 from planner.cost.kernels import shape_efficiency
-from planner.cost.model import _exposed
+from planner.cost.dp_comm import exposed as _exposed
 from planner.errors import InputError
 from planner.specs import ClusterSpec
 from profiler.collectives import partition, partitions

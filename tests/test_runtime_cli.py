@@ -126,7 +126,7 @@ def test_bad_input_is_refused_before_launch(tmp_path):
     old = _edit(plan, tmp_path / "old.json", lambda d: d.update(schema_version=0))
     heads = _edit(plan, tmp_path / "heads.json", lambda d: d["model"].update(num_heads=1))
     for target, args, match in [(plan, a, m) for a, m in cases] + [
-            (old, [], "has schema_version 0; this meshplan reads version 1"),
+            (old, [], "has schema_version 0; this meshplan reads version 2"),
             (heads, [], "tp 2 must divide num_heads 1")]:
         proc = meshplan("run", target, *args)
         assert proc.returncode == 2, (args, proc.stderr)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from planner.cost.model import CostModel
 from planner.layout import DEFAULT_ORDER
 from planner.loaders import load_cluster
-from planner.search.search import search
+from planner.search.search import rank_key, search
 from planner.search.space import Constraints, enumerate_space
 from planner.specs import ModelSpec, TrainingSpec
 
@@ -23,7 +23,7 @@ def exhaustive(model, cluster, training, constraints, k):
     for i, cand in enumerate(enumerate_space(model, cluster, training, constraints, Counter())):
         core = cost.evaluate_core(cand, cand.order)
         if core.feasible:
-            rows.append(((core.step, core.peak_reserved), i, cand, core))
+            rows.append((rank_key(core), i, cand, core))
     rows.sort(key=lambda r: (r[0], r[1]))
     out, seen = [], set()
     for key, _, cand, core in rows:

@@ -1,10 +1,14 @@
-"""The kernels one TP rank runs for a block, the embedding and the LM head, and how long each takes.
+"""The kernels one TP rank runs for a block, the embedding and the LM head, and how long they take.
 
-Each pass (forward, backward, recomputation) is a list of kernels with the FLOPs and device-memory bytes
-they move, following Megatron-LM's GPT/Llama block (fused bias-GELU / SwiGLU, fused bias-dropout-add,
-fused scale-mask-softmax or a flash kernel, vocab-parallel cross entropy). A kernel's time is the larger
-of its compute time (FLOPs over the achievable rate for its shape), its memory time and the host's time
-to issue it; tensor-parallel collectives are listed separately and costed by `comm.py`.
+Each pass (forward, backward, recomputation) is a list of kernels with the FLOPs and device-memory bytes they
+move. Which kernels run is the engine's (DESIGN.md Sec. 8): a piece the engine fuses (norm, activation,
+bias-dropout-add, RoPE, softmax, cross entropy) is one kernel, as in Megatron-LM with Transformer Engine;
+otherwise it is the chain of kernels eager PyTorch runs for it, as runtime/models.py writes it (e.g. RMSNorm:
+cast, square, mean, rsqrt, two multiplies). A kernel's device time is the larger of its compute time (FLOPs
+over the achievable rate for its shape), its memory time and the device's minimum kernel time; a pass takes
+the larger of its device time and the host's time to issue its kernels (asynchronous launch: in steady state
+the host runs ahead unless it is the slower side), or their sum on a synchronous device (a CPU).
+Tensor-parallel collectives are listed separately and costed by `comm.py`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Literal
 from planner.specs import GPUSpec, ModelSpec
 
 FP32 = 4
+ALL_FUSED = frozenset({"norm", "activation", "bias_dropout_add", "rope", "softmax", "cross_entropy", "projections"})
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class Pass:
 
     kernels: list[Kernel] = field(default_factory=list)
     collectives: list[Collective] = field(default_factory=list)
+    backward: bool = False       # issued by the autograd engine (its host cost per kernel differs)
 
     def gemm(self, m: float, n: float, k: float, elem: int, batch: float = 1.0) -> None:
         self.kernels.append(Kernel("gemm", 2.0 * batch * m * n * k, elem * batch * (m * k + k * n + m * n),
@@ -44,6 +50,11 @@ class Pass:
 
     def mem(self, nbytes: float) -> None:
         self.kernels.append(Kernel("mem", bytes=nbytes))
+
+    def chain(self, *nbytes: float) -> None:
+        """A chain of elementwise kernels, one per entry (bytes read and written by each)."""
+        for b in nbytes:
+            self.mem(b)
 
     def extend(self, other: "Pass") -> None:
         self.kernels += other.kernels
@@ -60,12 +71,40 @@ class Dtypes:
 
     @staticmethod
     def of(precision: str) -> "Dtypes":
+        """By precision name (bf16, fp16, amp-bf16, amp-fp16, fp32) or memory-recipe compute type."""
         return {"bf16": Dtypes(2, 2, "bf16"), "fp16": Dtypes(2, 2, "fp16"),
-                "amp-bf16": Dtypes(2, FP32, "bf16"), "fp32": Dtypes(FP32, FP32, "fp32")}[precision]
+                "amp-bf16": Dtypes(2, FP32, "bf16"), "autocast-bf16": Dtypes(2, FP32, "bf16"),
+                "amp-fp16": Dtypes(2, FP32, "fp16"), "autocast-fp16": Dtypes(2, FP32, "fp16"),
+                "fp32": Dtypes(FP32, FP32, "fp32")}[precision]
+
+    @property
+    def autocast(self) -> bool:
+        return self.residual > self.act
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """What of an engine shapes the kernels and the kept tensors of a block (hashable, for caches)."""
+
+    fused: frozenset[str] = ALL_FUSED
+    selective: str = "attention_core"       # what `selective` recompute recomputes (EngineSpec.recompute)
+    sp_saves: str = "sharded"               # sequence-parallel linear inputs kept sharded or gathered
+    casts_per_linear: bool = False          # autocast casts each Linear's input separately
+    logits_fp32: bool = True                # the loss reads an fp32 copy of the logits
+
+    @staticmethod
+    def of(engine) -> "KernelOptions":
+        return KernelOptions(fused=engine.fused, selective=engine.recompute.selective,
+                             sp_saves=engine.memory_extras.sp_saves,
+                             casts_per_linear=engine.memory_extras.autocast_casts_per_linear,
+                             logits_fp32=engine.memory_extras.logits_fp32)
+
+
+MEGATRON = KernelOptions()
 
 
 def kernel_time(k: Kernel, gpu: GPUSpec, dtype: str) -> float:
-    """Seconds: max(compute, memory, host issue time)."""
+    """Device seconds: max(compute, memory, the device's minimum kernel time)."""
     eff = gpu.efficiency
     memory = k.bytes / (gpu.hbm_bandwidth * eff.memory)
     if k.kind == "mem":
@@ -85,9 +124,77 @@ def shape_efficiency(shape: tuple[float, float, float], tile: float) -> float:
     return out
 
 
-def pass_time(p: Pass, gpu: GPUSpec, dtype: str) -> float:
-    """Seconds of the kernels of a pass (collectives excluded)."""
+def device_time(p: Pass, gpu: GPUSpec, dtype: str) -> float:
+    """Device seconds of the kernels of a pass (collectives excluded)."""
     return sum(kernel_time(k, gpu, dtype) for k in p.kernels)
+
+
+def pass_time(p: Pass, gpu: GPUSpec, dtype: str, host_per_kernel: float = 0.0, comm: float = 0.0,
+              host_per_collective: float = 0.0) -> float:
+    """Seconds of a pass: its kernels' device time plus `comm` seconds of blocking collectives, against the
+    host's time to issue them (`host_per_kernel` each, `host_per_collective` per collective): the larger of the
+    two on an asynchronous device (steady-state launch queue), their sum on a synchronous one."""
+    device = device_time(p, gpu, dtype) + comm
+    host = len(p.kernels) * host_per_kernel + len(p.collectives) * host_per_collective
+    return max(device, host) if gpu.async_launch else device + host
+
+
+# ----------------------------------------------------------------------------------------------
+# Elementwise pieces: one fused kernel, or eager PyTorch's chain (as runtime/models.py writes them)
+# ----------------------------------------------------------------------------------------------
+def _norm(fwd: Pass, bwd: Pass, m: ModelSpec, n: float, er: int, out: int, fused: bool) -> None:
+    """A norm over n elements read in dtype `er`, written in `out`. LayerNorm is one kernel even in eager
+    PyTorch (native_layer_norm; its backward computes dx and the weight/bias gradients in two); the eager RMSNorm
+    is runtime/models.py's _RMSNormFunction: [cast to fp32,] square, mean, rsqrt (+eps), scale, [cast,] weight."""
+    if fused or m.norm == "layernorm":
+        fwd.mem(n * (er + out))
+        bwd.chain(n * (er + out + er), n * er)
+        return
+    cast = er < FP32
+    fwd.chain(*([n * (er + FP32)] if cast else []), n * 2 * FP32, n * FP32, 0.0, 0.0, n * 2 * FP32,
+              *([n * (FP32 + er)] if cast else []), n * 2 * er)
+    # backward: xhat, cast grad, g*xhat, sum, g*w, gw*xhat, mean, xhat*mean, subtract, rstd*, cast
+    bwd.chain(*([n * (er + FP32)] * (2 if cast else 0)), n * 2 * FP32, n * 3 * FP32, n * FP32, n * 2 * FP32,
+              n * 3 * FP32, n * FP32, n * 3 * FP32, n * 3 * FP32, n * 2 * FP32,
+              *([n * (FP32 + er)] if cast else []))
+
+
+def _activation(fwd: Pass, bwd: Pass, m: ModelSpec, n_up: float, n_out: float, e: int, fused: bool) -> None:
+    """GELU (one kernel either way; a bias is added inside the GEMM) or SwiGLU over n_out outputs from n_up
+    inputs (gate and up). Eager SwiGLU is runtime/models.py's SwiGLUFunction: silu, multiply; its backward
+    recomputes sigmoid and silu in seven more kernels."""
+    if m.mlp != "swiglu" or fused:
+        fwd.mem((n_up + n_out) * e)
+        bwd.mem(1.5 * (n_up + n_out) * e)
+        return
+    fwd.chain(2 * n_out * e, 3 * n_out * e)
+    bwd.chain(2 * n_out * e, *([3 * n_out * e] * 7), 2 * n_out * e)
+
+
+def _rope(fwd: Pass, bwd: Pass, n: float, e: int, fused: bool) -> None:
+    """Rotary embedding of n elements (q or k): x*cos + rotate_half(x)*sin. Eager: multiply, negate half,
+    concatenate, multiply, add (runtime/models.py _RoPEFunction), the same five in backward."""
+    if fused:
+        fwd.mem(2 * n * e)
+        bwd.mem(2 * n * e)
+        return
+    for p in (fwd, bwd):
+        p.chain(2 * n * e, n * e, 2 * n * e, 2 * n * e, 3 * n * e)
+
+
+def _residual(fwd: Pass, bwd: Pass, n: float, e: int, er: int, dropout: bool, fused: bool) -> None:
+    """Bias-dropout-add onto the residual stream (n elements): fused one kernel; eager a dropout (keeping a
+    1-byte mask) and an add. Its backward is the dropout's (the add passes the gradient through)."""
+    mask = 1 if dropout else 0
+    if fused:
+        fwd.mem(n * (e + er + er + mask))
+        if dropout:
+            bwd.mem(n * (e + er + mask))
+        return
+    if dropout:
+        fwd.mem(n * (2 * e + mask))
+        bwd.mem(n * (2 * e + mask))
+    fwd.mem(n * (e + 2 * er))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,10 +219,16 @@ def _tp_out(p: Pass, nbytes: float, tp: int, sp: bool) -> None:
         p.collectives.append(Collective("reduce_scatter" if sp else "all_reduce", nbytes))
 
 
-def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: str, dt: Dtypes) -> BlockWork:
-    """Kernels and collectives of one block for one micro-batch on one TP rank."""
+_CONJUGATE = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather", "all_reduce": "all_reduce"}
+
+
+def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: str, dt: Dtypes,
+               opts: KernelOptions = MEGATRON) -> BlockWork:
+    """Kernels and collectives of one block for one micro-batch on one TP rank, as the engine of `opts` runs
+    them."""
     e, er = dt.act, dt.residual
     h, d, f = m.hidden_size, m.head_dim, m.ffn_size
+    fused = opts.fused
     heads = m.num_heads / tp
     q_out, kv_out = heads * d, m.kv_heads / tp * d
     tokens = mbs * seq
@@ -126,40 +239,62 @@ def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: s
     swiglu = m.mlp == "swiglu"
     up_width = f / tp * (2 if swiglu else 1)
     scores = mbs * heads * seq * seq                    # elements of one rank's score matrix
+    norm_out = FP32 if dt.autocast else e               # under autocast the norms write fp32
+    linear_inputs_cast = 3 if opts.casts_per_linear else 1   # q/k/v each cast their fp32 input under autocast
 
-    fwd, bwd, attn_core_fwd = Pass(), Pass(), Pass()
+    fwd, bwd_elem, attn_core_fwd = Pass(), Pass(backward=True), Pass()
+    projections: list[int] = []          # index in fwd.kernels of each weight GEMM (aten.mm), in order
+
+    def linear(*widths: float, k: float, bias: bool) -> None:
+        """Weight GEMMs reading one input of width k: one fused GEMM, or one per output (separate modules);
+        eager PyTorch reduces each bias gradient in a kernel of its own."""
+        for w in ((sum(widths),) if "projections" in fused else widths):
+            projections.append(len(fwd.kernels))
+            fwd.gemm(tokens, w, k, e)
+            if bias and "projections" not in fused:
+                bwd_elem.mem(tokens * w * e)
+
     # --- attention ---
-    fwd.mem(local_tokens * h * (er + e))                                         # norm 1
+    _norm(fwd, bwd_elem, m, local_tokens * h, er, norm_out, "norm" in fused)      # norm 1
+    if dt.autocast:
+        fwd.chain(*[tokens * h * (FP32 + e)] * linear_inputs_cast)               # autocast input casts
     _tp_in(fwd, act_bytes, tp, sp)
-    fwd.gemm(tokens, q_out + 2 * kv_out, h, e)                                   # QKV
+    linear(q_out, kv_out, kv_out, k=h, bias=m.has_qkv_bias)                      # QKV
     if m.position_embedding == "rope":
-        fwd.mem(2 * tokens * (q_out + kv_out) * e)                               # rotate q and k
-    if m.attention_kernel == "flash":
+        _rope(fwd, bwd_elem, tokens * q_out, e, "rope" in fused)
+        _rope(fwd, bwd_elem, tokens * kv_out, e, "rope" in fused)
+    if m.attention == "flash":
         # causal flash kernel skips the masked half of the score matrix
         attn_core_fwd.kernels.append(Kernel("attn", 0.5 * 4 * mbs * seq * seq * q_out,
                                             (2 * q_out + 2 * kv_out) * tokens * e + 4 * heads * tokens))
     else:
         attn_core_fwd.gemm(seq, seq, d, e, batch=mbs * heads)                    # Q K^T
-        attn_core_fwd.mem(2 * scores * e)                                        # scale-mask-softmax
+        if "softmax" in fused:
+            attn_core_fwd.mem(2 * scores * e)                                    # scale-mask-softmax
+        else:
+            attn_core_fwd.chain(2 * scores * e, 3 * scores * e, 2 * scores * e)  # scale, + mask, softmax
         if dropout:
             attn_core_fwd.mem(scores * (2 * e + mask))                           # attention dropout
         attn_core_fwd.gemm(seq, d, seq, e, batch=mbs * heads)                    # P V
         attn_core_fwd.mem(2 * tokens * q_out * e)                                # heads back to [s, b, h]
     fwd.extend(attn_core_fwd)
-    fwd.gemm(tokens, h, q_out, e)                                                # output projection
+    linear(h, k=q_out, bias=m.bias)                                              # output projection
     _tp_out(fwd, act_bytes, tp, sp)
-    fwd.mem(local_tokens * h * (2 * e + er + mask))                              # bias-dropout-add
+    _residual(fwd, bwd_elem, local_tokens * h, e, er, dropout, "bias_dropout_add" in fused)
     # --- MLP ---
-    fwd.mem(local_tokens * h * (er + e))                                         # norm 2
+    _norm(fwd, bwd_elem, m, local_tokens * h, er, norm_out, "norm" in fused)      # norm 2
+    if dt.autocast:
+        fwd.chain(*[tokens * h * (FP32 + e)] * ((2 if swiglu else 1) if opts.casts_per_linear else 1))
     _tp_in(fwd, act_bytes, tp, sp)
-    fwd.gemm(tokens, up_width, h, e)                                             # fc1 (gate+up)
-    fwd.mem(tokens * (up_width + f / tp) * e)                                    # bias-GELU / SwiGLU
-    fwd.gemm(tokens, h, f / tp, e)                                               # fc2
+    linear(*([f / tp] * (2 if swiglu else 1)), k=h, bias=m.bias)                 # fc1 (gate, up)
+    _activation(fwd, bwd_elem, m, tokens * up_width, tokens * f / tp, e, "activation" in fused)
+    linear(h, k=f / tp, bias=m.bias)                                             # fc2
     _tp_out(fwd, act_bytes, tp, sp)
-    fwd.mem(local_tokens * h * (2 * e + er + mask))                              # bias-dropout-add
+    _residual(fwd, bwd_elem, local_tokens * h, e, er, dropout, "bias_dropout_add" in fused)
 
-    # --- backward: two GEMMs (data and weight gradients) per forward GEMM; elementwise ops read
-    # their saved inputs and the incoming gradient and write one gradient ---
+    # --- backward: two GEMMs (data and weight gradients) per forward GEMM, the attention kernel's backward,
+    # the elementwise pieces' own backward kernels (listed with their forwards above) ---
+    bwd = Pass(backward=True)
     for k in fwd.kernels:
         if k.kind == "gemm":
             mm, nn, kk = k.shape
@@ -169,29 +304,64 @@ def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: s
         elif k.kind == "attn":
             # FlashAttention-2 backward: 5 matmuls to the forward's 2 (Dao 2023, Sec. 3.1)
             bwd.kernels.append(Kernel("attn", 2.5 * k.flops, 2 * k.bytes))
-        else:
+    for k in attn_core_fwd.kernels:
+        if k.kind == "mem":
             bwd.mem(1.5 * k.bytes)
+    bwd.kernels += bwd_elem.kernels
+    if sp and tp > 1 and opts.sp_saves == "sharded":
+        # Megatron keeps the sequence-sharded QKV and fc1 inputs and gathers them again for dW
+        bwd.collectives += [Collective("all_gather", act_bytes)] * 2
     for c in fwd.collectives:   # conjugate collectives in backward (all-reduce stays, AG <-> RS swap)
-        bwd.collectives.append(Collective({"all_gather": "reduce_scatter", "reduce_scatter": "all_gather",
-                                           "all_reduce": "all_reduce"}[c.op], c.bytes))
+        bwd.collectives.append(Collective(_CONJUGATE[c.op], c.bytes))
 
+    return BlockWork(fwd, bwd, _recompute_pass(fwd, attn_core_fwd, projections, recompute, m, opts))
+
+
+def projection_widths(m: ModelSpec, tp: int, fused_projections: bool) -> list[float]:
+    """Output widths of a block's weight GEMMs on one TP rank, in forward order (q, k, v, o, gate, up, down;
+    q/k/v and gate/up as one GEMM each when the engine fuses projections)."""
+    q_out, kv_out, f = m.num_heads / tp * m.head_dim, m.kv_heads / tp * m.head_dim, m.ffn_size / tp
+    up = [f, f] if m.mlp == "swiglu" else [f]
+    if fused_projections:
+        return [q_out + 2 * kv_out, m.hidden_size, sum(up), m.hidden_size]
+    return [q_out, kv_out, kv_out, m.hidden_size, *up, m.hidden_size]
+
+
+def kept_projections(count: int) -> list[int]:
+    """torchtitan's per-op policy (torchtitan/distributed/activation_checkpoint.py): of a block's weight GEMMs
+    (aten.mm, in forward order) it keeps the outputs of the 1st, 3rd, 5th, ... and recomputes the others."""
+    return [j for j in range(count) if j % 2 == 0]
+
+
+def _recompute_pass(fwd: Pass, attn_core: Pass, projections: list[int], recompute: str, m: ModelSpec,
+                    opts: KernelOptions) -> Pass:
+    """The forward work replayed before a block's backward."""
     if recompute == "full":
-        recomp = fwd
-    elif recompute == "selective" and m.attention_kernel == "eager":
-        recomp = attn_core_fwd     # Korthikanti et al. Sec. 5: recompute only the attention core
-    else:
-        recomp = Pass()            # flash attention already recomputes its scores inside its backward
-    return BlockWork(fwd, bwd, recomp)
+        return fwd
+    if recompute != "selective":
+        return Pass()
+    if opts.selective == "attention_core":
+        # Korthikanti et al. Sec. 5: recompute only the attention core (flash recomputes its scores anyway)
+        return attn_core if m.attention == "eager" else Pass()
+    # torchtitan's op policy: everything runs again but the fused attention kernel and the kept weight GEMMs
+    kept = {projections[j] for j in kept_projections(len(projections))}
+    out = Pass()
+    out.kernels = [k for i, k in enumerate(fwd.kernels) if k.kind != "attn" and i not in kept]
+    out.collectives = list(fwd.collectives)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
 # Embedding and LM head with loss
 # ----------------------------------------------------------------------------------------------
-def embedding_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dtypes) -> tuple[Pass, Pass]:
-    """Vocab-parallel embedding lookup (+ learned positions, dropout); its backward scatters into dE."""
+def embedding_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dtypes,
+                   vocab: int | None = None) -> tuple[Pass, Pass]:
+    """Vocab-parallel embedding lookup (+ learned positions, dropout); its backward scatters into dE.
+    `vocab`: the (padded) vocabulary the embedding holds, default the model's."""
     tokens, h, e = mbs * seq, m.hidden_size, dt.act
+    vocab = vocab or m.vocab_size
     local_tokens = tokens / tp if sp else tokens
-    fwd, bwd = Pass(), Pass()
+    fwd, bwd = Pass(), Pass(backward=True)
     fwd.mem(tokens * h * e * 2)                                       # gather rows
     if tp > 1:
         fwd.collectives.append(Collective("reduce_scatter" if sp else "all_reduce", tokens * h * e))
@@ -201,33 +371,36 @@ def embedding_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dtyp
         fwd.mem(local_tokens * h * (2 * e + 1))
     if tp > 1 and sp:
         bwd.collectives.append(Collective("all_gather", tokens * h * e))
-    bwd.mem(tokens * h * (e + FP32) + m.vocab_size / tp * h * FP32)   # scatter-add into the fp32 grad
+    bwd.mem(tokens * h * (e + FP32) + vocab / tp * h * FP32)         # scatter-add into the fp32 grad
     return fwd, bwd
 
 
-def head_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dtypes) -> tuple[Pass, Pass]:
-    """Final norm, logits GEMM and vocab-parallel cross entropy in fp32 (Megatron's
-    `vocab_parallel_cross_entropy`: cast, max, exp, sum, log-softmax in fp32; backward softmax - one-hot)."""
+def head_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dtypes, opts: KernelOptions = MEGATRON,
+              vocab: int | None = None) -> tuple[Pass, Pass]:
+    """Final norm, logits GEMM and cross entropy. Fused: Megatron's `vocab_parallel_cross_entropy` in fp32
+    (cast, max, exp, sum, log-softmax; backward softmax - one-hot); eager: F.cross_entropy(logits.float()),
+    i.e. a cast, log-softmax and NLL, and their backwards."""
     tokens, h, e = mbs * seq, m.hidden_size, dt.act
+    vocab = (vocab or m.vocab_size) / tp
     local_tokens = tokens / tp if sp else tokens
-    vocab = m.vocab_size / tp
-    fwd, bwd = Pass(), Pass()
-    fwd.mem(local_tokens * h * (dt.residual + e))                     # final norm
+    fwd, bwd = Pass(), Pass(backward=True)
+    _norm(fwd, bwd, m, local_tokens * h, dt.residual, FP32 if dt.autocast else e, "norm" in opts.fused)
+    if dt.autocast:
+        fwd.mem(tokens * h * (FP32 + e))                              # autocast input cast
     if tp > 1 and sp:
         fwd.collectives.append(Collective("all_gather", tokens * h * e))
     fwd.gemm(tokens, vocab, h, e)                                     # logits
     logits = tokens * vocab
-    fwd.mem(logits * (e + FP32))                                      # cast to fp32
-    fwd.mem(logits * FP32)                                            # max
-    fwd.mem(logits * 2 * FP32)                                        # subtract, exp
-    fwd.mem(logits * FP32)                                            # sum
-    fwd.mem(logits * 2 * FP32)                                        # normalise (kept for backward)
+    if "cross_entropy" in opts.fused:
+        fwd.chain(logits * (e + FP32), logits * FP32, logits * 2 * FP32, logits * FP32, logits * 2 * FP32)
+        bwd.mem(logits * (FP32 + e))                                  # softmax - one-hot, cast
+    else:
+        fwd.chain(logits * (e + FP32), logits * 2 * FP32, logits * FP32)          # cast, log_softmax, nll
+        bwd.chain(logits * FP32, logits * 3 * FP32, logits * (FP32 + e))          # nll, log_softmax, cast
     if tp > 1:   # max, sum-exp and target-logit all-reduces over the vocab shards: b*s fp32 each
         fwd.collectives += [Collective("all_reduce", tokens * FP32)] * 3
-    bwd.mem(logits * (FP32 + e))                                      # softmax - one-hot, cast
     bwd.gemm(tokens, h, vocab, e)                                     # d input
     bwd.gemm(h, vocab, tokens, e)                                     # d weight
     if tp > 1:
         bwd.collectives.append(Collective("reduce_scatter" if sp else "all_reduce", tokens * h * e))
-    bwd.mem(local_tokens * h * (dt.residual + 2 * e))                 # final norm backward
     return fwd, bwd

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from planner.cost.kernels import Dtypes, block_work, embedding_work, head_work, pass_time
+from planner.cost.kernels import MEGATRON, Dtypes, KernelOptions, block_work, embedding_work, head_work, pass_time
 from planner.cost.memory import block_activation_bytes, embedding_activation_bytes, head_activation_bytes
 from planner.profile_data import ModelProfile
 from planner.specs import GPUSpec, ModelSpec, TrainingSpec
@@ -45,29 +45,33 @@ class MeasuredCosts:
     """Correction factors for blocks, embedding and head from one profile, for one model and training."""
 
     def __init__(self, profile: ModelProfile, model: ModelSpec, training: TrainingSpec, gpu: GPUSpec,
-                 backend: str):
+                 backend: str, opts: KernelOptions = MEGATRON, host_fwd: float = 0.0, host_bwd: float = 0.0):
         self.profile = profile
         self.mismatch = self._mismatch(profile, model, training, gpu, backend)
         self._blocks: dict[str, list] = {}
         self._ends: dict[str, list] = {}
         if self.mismatch:
             return
-        dt = Dtypes.of(training.precision)
+        dt = Dtypes.of(profile.run_precision or profile.precision)   # what the profiled blocks computed in
         seq = training.seq_len
+
+        def timed(p, host: float) -> float:
+            return pass_time(p, gpu, dt.matmul, host)
         for b in profile.blocks:
-            w = block_work(model, b.mbs, seq, b.tp, False, b.recompute, dt)
-            fwd = pass_time(w.forward, gpu, dt.matmul)
-            bwd = pass_time(w.backward, gpu, dt.matmul) + pass_time(w.recompute, gpu, dt.matmul)
-            act = block_activation_bytes(model, b.mbs, seq, b.tp, False, b.recompute, dt)
+            w = block_work(model, b.mbs, seq, b.tp, False, b.recompute, dt, opts)
+            fwd = timed(w.forward, host_fwd)
+            bwd = timed(w.backward, host_bwd) + timed(w.recompute, host_fwd)
+            act = block_activation_bytes(model, b.mbs, seq, b.tp, False, b.recompute, dt, opts)
             self._blocks.setdefault(b.recompute, []).append(
                 (b.tp, b.mbs, (b.forward_s / fwd, b.backward_s / bwd, b.activation_bytes / act if act else 1.0)))
         for e in profile.ends:
-            work = (embedding_work if e.part == "embedding" else head_work)(model, e.mbs, seq, e.tp, False, dt)
+            work = (embedding_work(model, e.mbs, seq, e.tp, False, dt) if e.part == "embedding"
+                    else head_work(model, e.mbs, seq, e.tp, False, dt, opts))
             act = (embedding_activation_bytes(model, e.mbs, seq, e.tp, False) if e.part == "embedding"
-                   else head_activation_bytes(model, e.mbs, seq, e.tp, False, dt))
+                   else head_activation_bytes(model, e.mbs, seq, e.tp, False, dt, opts))
             self._ends.setdefault(e.part, []).append(
-                (e.tp, e.mbs, (e.forward_s / pass_time(work[0], gpu, dt.matmul),
-                               e.backward_s / pass_time(work[1], gpu, dt.matmul), e.activation_bytes / act)))
+                (e.tp, e.mbs, (e.forward_s / timed(work[0], host_fwd),
+                               e.backward_s / timed(work[1], host_bwd), e.activation_bytes / act)))
 
     @staticmethod
     def _mismatch(profile: ModelProfile, model: ModelSpec, training: TrainingSpec, gpu: GPUSpec, backend: str) -> str:
@@ -76,8 +80,8 @@ class MeasuredCosts:
             return f"profiled on {device.type} ({device.name}), the cluster runs {backend}"
         if device.type == "cuda" and device.name.lower() != gpu.name.lower():
             return f"profiled on {device.name}, the cluster has {gpu.name}"
-        ours = model.model_dump(exclude={"name"})
-        theirs = profile.model.model_dump(exclude={"name"})
+        ours = model.model_dump(exclude={"name"}) | {"attention_kernel": model.attention}
+        theirs = profile.model.model_dump(exclude={"name"}) | {"attention_kernel": profile.model.attention}
         if ours != theirs:
             diff = sorted(k for k in ours if ours[k] != theirs.get(k))
             return f"profile is of another model ({', '.join(diff)} differ)"

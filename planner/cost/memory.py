@@ -1,16 +1,17 @@
-"""Bytes held per GPU: model states by precision recipe and ZeRO stage, activations kept for backward,
-and transient buffers.
+"""Bytes held per GPU: model states by memory recipe and ZeRO stage, activations kept for backward, and the
+buffers of the embedding, the head and the backward.
 
-Model states follow ZeRO (Rajbhandari et al., arXiv:1910.02054, Sec. 3 and 5.1), generalised to the
-precision recipes meshplan names; activations follow Korthikanti et al. (arXiv:2205.05198, Sec. 4 and
-Table 2), generalised to flash attention, no dropout, grouped-query attention, SwiGLU and fp32 residuals.
+Model states follow ZeRO (Rajbhandari et al., arXiv:1910.02054, Sec. 3 and 5.1), generalised to the recipes
+the engines run (planner/engine.py MemoryRecipe); activations follow Korthikanti et al. (arXiv:2205.05198,
+Sec. 4 and Table 2), generalised to flash attention, no dropout, grouped-query attention, SwiGLU, fp32
+residuals and the recompute policies of the engines. How these combine over a step is `timeline.py`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.cost.kernels import FP32, Dtypes
+from planner.cost.kernels import FP32, MEGATRON, Dtypes, KernelOptions, kept_projections, projection_widths
 from planner.cost.params import layer_params
 from planner.specs import ModelSpec
 
@@ -20,40 +21,30 @@ TOKEN_ID = 8                       # int64 token ids kept by the embedding and t
 
 @dataclass(frozen=True)
 class StateBytes:
-    """Bytes per parameter of one precision recipe and optimizer."""
+    """Bytes per local parameter on one GPU after ZeRO sharding."""
 
-    weights: int      # the parameters the model computes with
-    grads: int        # gradient buffer
-    master: int       # fp32 master copy (0 when the weights already are fp32)
-    optimizer: int    # optimizer moments
+    weights: float      # the parameters as stored
+    grads: float        # gradients the optimizer reads (after reduction)
+    optimizer: float    # fp32 master weights and moments (ZeRO's "optimizer states")
 
     @property
-    def total(self) -> int:
-        return self.weights + self.grads + self.master + self.optimizer
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer
 
 
-def state_bytes(precision: str, optimizer: str) -> StateBytes:
-    """bf16: Megatron bf16 with fp32 main grads (2+4+4+8 = 18 B/param for Adam); fp16: the ZeRO paper's
-    mixed-precision Adam (2+2+12 = 16, arXiv:1910.02054 Sec. 3.1); amp-bf16 and fp32: fp32 weights and
-    grads with a plain optimizer (4+4+8 = 16)."""
-    moments = 4 if optimizer == "sgd" else 8          # SGD momentum buffer, or Adam m and v
-    return {"bf16": StateBytes(2, FP32, FP32, moments), "fp16": StateBytes(2, 2, FP32, moments),
-            "amp-bf16": StateBytes(FP32, FP32, 0, moments), "fp32": StateBytes(FP32, FP32, 0, moments)}[precision]
+def moments(optimizer: str) -> int:
+    """Optimizer moments per parameter: Adam's m and v, SGD's momentum buffer."""
+    return 1 if optimizer == "sgd" else 2
 
 
-@dataclass(frozen=True)
-class ModelStates:
-    params: float
-    grads: float
-    optimizer: float       # master weights + moments (ZeRO's "optimizer states")
-
-
-def model_state_bytes(params: float, sb: StateBytes, zero: int, dp: int) -> ModelStates:
-    """Per-GPU bytes for `params` local parameters. ZeRO-1 shards master and moments over the dp group,
-    ZeRO-2 also gradients, ZeRO-3 also weights: with the fp16 recipe 4P+12P/d, 2P+14P/d, 16P/d."""
-    return ModelStates(params=params * sb.weights / (dp if zero >= 3 else 1),
-                       grads=params * sb.grads / (dp if zero >= 2 else 1),
-                       optimizer=params * (sb.master + sb.optimizer) / (dp if zero >= 1 else 1))
+def state_bytes(recipe, optimizer: str, zero: int, dp: int) -> StateBytes:
+    """Per-parameter bytes of a memory recipe (planner.engine.MemoryRecipe) at a ZeRO stage: each state is
+    divided by dp from the stage that shards it. With DeepSpeed's fp16 recipe this is the ZeRO paper's
+    4P+12P/d, 2P+14P/d and 16P/d for stages 1-3 (arXiv:1910.02054 Sec. 5)."""
+    def share(term) -> float:
+        return term.bytes / (dp if zero >= term.sharded_from else 1)
+    opt = recipe.moment_bytes * moments(optimizer) / (dp if zero >= recipe.moments_sharded_from else 1)
+    return StateBytes(weights=share(recipe.weights), grads=share(recipe.grads), optimizer=share(recipe.master) + opt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,11 +56,14 @@ def norm_stats(m: ModelSpec) -> int:
 
 
 def block_activation_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: str,
-                           dt: Dtypes) -> float:
+                           dt: Dtypes, opts: KernelOptions = MEGATRON) -> float:
     """Bytes one block keeps for its backward. With the GPT layer of Korthikanti et al. (eager attention,
-    dropout, 16-bit) this is their Table 2: sbh(34 + 5as/h) alone, sbh(10 + 24/t + 5as/(ht)) with TP,
-    sbh(34/t + 5as/(ht)) with TP+SP, without the 5as/h term under selective recompute, 2sbh under full,
-    plus the norms' per-row statistics the table leaves out (8 bytes per row each, 0.02% at h = 6144)."""
+    dropout, 16-bit) and Megatron's semantics this is their Table 2: sbh(34 + 5as/h) alone,
+    sbh(10 + 24/t + 5as/(ht)) with TP, sbh(34/t + 5as/(ht)) with TP+SP, without the 5as/h term under selective
+    recompute, 2sbh under full, plus the norms' per-row statistics the table leaves out (8 bytes per row each).
+    Engine differences (`opts`): torchtitan's per-op selective policy, sequence-parallel inputs kept gathered
+    (DTensor), autocast casting each Linear's input separately. The 16-bit weight copies autocast keeps are
+    not activations (`autocast_weight_bytes`)."""
     e, er = dt.act, dt.residual
     tokens = mbs * seq
     local = tokens / tp if sp else tokens          # sequence-sharded tensors under SP
@@ -78,10 +72,15 @@ def block_activation_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, 
     mask = 1 if m.dropout > 0 else 0
     if recompute == "full":
         return er * local * h                       # only the block input
+    if recompute == "selective" and opts.selective == "save_every_other_matmul":
+        return _op_policy_bytes(m, mbs, seq, tp, sp, dt, opts)
     norms = 2 * local * (er * h + norm_stats(m))    # inputs of the two norms and their per-row statistics
-    linear_inputs = 2 * e * local * h               # QKV and fc1 inputs (norm outputs)
+    gathered = tokens if (sp and opts.sp_saves == "gathered") else local
+    swiglu = m.mlp == "swiglu"
+    copies = (3 + (2 if swiglu else 1)) if (dt.autocast and opts.casts_per_linear) else 2
+    linear_inputs = copies * e * gathered * h       # QKV and fc1 inputs (the norm outputs, or their casts)
     dropout_masks = 2 * mask * local * h            # after attention and after the MLP
-    if m.attention_kernel == "flash":
+    if m.attention == "flash":
         # q, k, v, output (also the projection's input) and the fp32 log-sum-exp per row
         attention = e * tokens * d * (2 * heads + 2 * kv) + FP32 * mbs * heads * seq
     else:
@@ -89,15 +88,32 @@ def block_activation_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, 
         # softmax output, and with dropout its 1-byte mask and dropped-out copy
         scores = mbs * heads * seq * seq
         attention = e * tokens * d * heads * 4
-        if recompute != "selective":
+        if not (recompute == "selective" and opts.selective == "attention_core"):
             attention += scores * (e + (mask + e if mask else 0))
     f = m.ffn_size / tp
-    mlp = e * tokens * f * (3 if m.mlp == "swiglu" else 2)   # gate, up, product / GELU input and output
-    cast_weights = 0.0
-    if dt.residual == FP32 and dt.act < FP32:
-        # autocast keeps the 16-bit copy of each weight it cast for the backward
-        cast_weights = dt.act * layer_params(m).sharded / tp
-    return norms + linear_inputs + dropout_masks + attention + mlp + cast_weights
+    mlp = e * tokens * f * (3 if swiglu else 2)     # gate, up, product / GELU input and output
+    return norms + linear_inputs + dropout_masks + attention + mlp
+
+
+def _op_policy_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dtypes, opts: KernelOptions) -> float:
+    """torchtitan's per-op selective checkpointing: the block input (the checkpoint's), the outputs of the
+    kept weight GEMMs (kernels.kept_projections), of the fused attention kernel (output and log-sum-exp) and of
+    the sequence-parallel reduce-scatters; everything else is recomputed."""
+    e, er = dt.act, dt.residual
+    tokens = mbs * seq
+    local = tokens / tp if sp else tokens
+    h = m.hidden_size
+    heads = m.num_heads / tp
+    widths = projection_widths(m, tp, "projections" in opts.fused)
+    kept = sum(widths[j] for j in kept_projections(len(widths))) * e * tokens
+    attention = (e * tokens * heads * m.head_dim + FP32 * mbs * heads * seq) if m.attention == "flash" else 0
+    reduce_scatters = 2 * e * local * h if (sp and tp > 1) else 0
+    return er * local * h + kept + attention + reduce_scatters
+
+
+def autocast_weight_bytes(m: ModelSpec, tp: int, dt: Dtypes) -> float:
+    """Bytes of the 16-bit copies autocast makes of one block's weight matrices (one TP rank)."""
+    return dt.act * layer_params(m).sharded / tp if dt.autocast else 0.0
 
 
 def embedding_activation_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool) -> float:
@@ -105,35 +121,43 @@ def embedding_activation_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bo
     return TOKEN_ID * mbs * seq + (local * m.hidden_size if m.dropout > 0 else 0)
 
 
-def head_activation_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dtypes) -> float:
-    """Final norm input, LM-head input, fp32 softmax of the logits and the targets (last stage)."""
+def head_activation_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dtypes,
+                          opts: KernelOptions = MEGATRON, vocab: int | None = None) -> float:
+    """Final norm input, LM-head input, the fp32 log-softmax of the logits (what the loss's backward reads) and
+    the targets (last stage)."""
     tokens = mbs * seq
     local = tokens / tp if sp else tokens
-    return (local * (m.hidden_size * (dt.residual + dt.act) + norm_stats(m)) + FP32 * tokens * m.vocab_size / tp
-            + TOKEN_ID * tokens)
+    vocab = vocab or m.vocab_size
+    head_in = tokens if (sp and opts.sp_saves == "gathered") else local
+    return (local * (m.hidden_size * dt.residual + norm_stats(m)) + head_in * m.hidden_size * dt.act
+            + FP32 * tokens * vocab / tp + TOKEN_ID * tokens)
 
 
-def head_transient_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, dt: Dtypes) -> float:
-    """Logits in flight while the loss runs: the matmul output and its fp32 copy (or fp32 gradient)."""
-    logits = mbs * seq * m.vocab_size / tp
-    return logits * (dt.act + FP32) if dt.act < FP32 else logits * FP32
+def head_transient_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, dt: Dtypes, opts: KernelOptions = MEGATRON,
+                         vocab: int | None = None) -> float:
+    """Logits in flight while the loss runs: the matmul output and its fp32 copy (or the fp32 gradient)."""
+    logits = mbs * seq * (vocab or m.vocab_size) / tp
+    return logits * (dt.act + FP32) if (dt.act < FP32 and opts.logits_fp32) else logits * FP32
 
 
 def block_backward_transient_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: str,
-                                   dt: Dtypes) -> float:
-    """Working set of one block's backward beyond what is kept: its recomputed activations under full
-    recompute, and the gradients of its widest activations (MLP intermediate and a few h-wide ones)."""
+                                   dt: Dtypes, opts: KernelOptions = MEGATRON) -> float:
+    """Working set of one block's backward beyond what is kept: the activations its recomputation brings back,
+    and the gradients of its widest activations (MLP intermediate and a few h-wide ones)."""
     tokens = mbs * seq
     grads = dt.act * tokens * (2 * m.ffn_size / tp + 3 * m.hidden_size)
-    if recompute == "full":
-        grads += (block_activation_bytes(m, mbs, seq, tp, sp, "none", dt)
-                  - block_activation_bytes(m, mbs, seq, tp, sp, "full", dt))
+    if recompute != "none":
+        grads += max(0.0, block_activation_bytes(m, mbs, seq, tp, sp, "none", dt, opts)
+                     - block_activation_bytes(m, mbs, seq, tp, sp, recompute, dt, opts))
     return grads
 
 
 def in_flight_microbatches(schedule: str, pp: int, stage: int, m: int) -> int:
     """Micro-batches whose activations a stage holds at its peak: GPipe all m; 1F1B p - stage
-    (Narayanan et al. SC21, Sec. 2.2.1)."""
+    (Narayanan et al. SC21, Sec. 2.2.1); without a pipeline one (gradient accumulation runs each micro-batch's
+    forward and backward in turn)."""
+    if pp == 1:
+        return 1
     if schedule == "gpipe":
         return m
     return min(pp - stage, m)

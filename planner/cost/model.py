@@ -1,8 +1,11 @@
-"""The cost model: (model, cluster, training, parallel config) -> Prediction.
+"""The cost model: (model, cluster, training, engine, parallel config) -> Prediction.
 
-Pure functions of the specs, with caches for the per-block work that many configurations share (the
-search evaluates thousands of configurations through one CostModel). Nothing here imports torch.
-`evaluate_core` returns plain floats for the search; `evaluate` wraps the same numbers in a Prediction.
+It assembles the pieces of planner/cost/: kernels per pass (kernels.py), collectives on the links the groups
+use (comm.py), data-parallel communication as the engine issues it (dp_comm.py), the pipeline schedule
+(pipeline.py) and the memory timeline (timeline.py), all as the engine (planner/engine.py) runs them. Pure
+functions of the specs, with caches for the per-block work that many configurations share (the search
+evaluates thousands of configurations through one CostModel). Nothing here imports torch.
+`evaluate_core` returns plain numbers for the search; `evaluate` wraps the same numbers in a Prediction.
 """
 
 from __future__ import annotations
@@ -11,43 +14,31 @@ import math
 from dataclasses import dataclass
 
 from planner.cost.comm import Group, Network
+from planner.cost.dp_comm import DPComm, exposed, stage_dp_comm
 from planner.cost.flops import hardware_flops_per_step, model_flops_per_step
-from planner.cost.kernels import Dtypes, Pass, block_work, embedding_work, head_work, pass_time
+from planner.cost.kernels import Dtypes, KernelOptions, block_work, embedding_work, head_work, pass_time
 from planner.cost.measured import MeasuredCosts
-from planner.cost.memory import (GIB, block_activation_bytes, block_backward_transient_bytes,
+from planner.cost.memory import (GIB, autocast_weight_bytes, block_activation_bytes, block_backward_transient_bytes,
                                  embedding_activation_bytes, head_activation_bytes, head_transient_bytes,
                                  in_flight_microbatches, interleaved_in_flight_chunks, state_bytes)
-from planner.cost.params import embedding_params, final_norm_params, layer_params, position_params
-from planner.cost.pipeline import pipeline_time
+from planner.cost.params import (final_norm_params, layer_params, padded_vocab_size, position_params,
+                                 total_params)
+from planner.cost.pipeline import p2p_on_path, pipeline_time
+from planner.cost.timeline import Regime, StageInputs, Timeline, stage_timeline
+from planner.engine import EngineSpec, engine_on, load_engine
 from planner.layout import DEFAULT_ORDER, Layout
 from planner.partition import partition_layers
 from planner.profile_data import ModelProfile
-from planner.prediction import (MemoryBreakdown, Predicted, Prediction, ResolvedConfig, StageMemory,
+from planner.prediction import (MemoryBreakdown, ModelSummary, Predicted, Prediction, ResolvedConfig, StageMemory,
                                 TimeBreakdown)
 from planner.specs import ClusterSpec, ModelSpec, ParallelConfig, TrainingSpec
 from planner.validate import check_config
 
 
-def optimizer_bytes_per_param(precision: str, optimizer: str) -> float:
-    """Device-memory traffic of one optimizer step per parameter (Megatron's MixedPrecisionOptimizer.step):
-    gradient-norm read and clip (4 + 8), the update (Adam reads p, g, m, v and writes p, m, v: 28; SGD with
-    momentum 20), fp16 also copies grads to fp32 and unscales them (6 + 8), and the 16-bit recipes copy the
-    fp32 master back to the 16-bit weights (4 + 2)."""
-    update = 20 if optimizer == "sgd" else 28
-    extra = {"bf16": 6, "fp16": 6 + 14, "amp-bf16": 0, "fp32": 0}[precision]
-    return 12 + update + extra
-
-
-def _exposed(comm: float, window: float, slowdown: float) -> float:
-    """Communication left on the critical path when overlapped with `window` seconds of compute: what does
-    not fit, plus the slow-down the overlapped part inflicts on compute (Galvatron's overlap coefficient)."""
-    return max(0.0, comm - window) + slowdown * min(comm, window)
-
-
 @dataclass(frozen=True)
 class PassCost:
-    compute: float     # kernels, seconds
-    comm: float        # TP collectives, seconds
+    compute: float     # kernels (and host time the GPU waits for), seconds
+    comm: float        # TP collectives not hidden, seconds
 
     @property
     def total(self) -> float:
@@ -79,6 +70,24 @@ class EndsCost:
     head_bwd: PassCost
 
 
+@dataclass(frozen=True)
+class StageMem:
+    """Memory of one GPU of a pipeline stage at its peak phase, and every phase's total (bytes)."""
+
+    layers: int
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    other: float
+    phase: str
+    phase_totals: dict[str, float]
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations + self.other
+
+
 @dataclass
 class Core:
     """Everything `evaluate` reports, as plain numbers."""
@@ -90,50 +99,57 @@ class Core:
     step: float
     crit: int
     time: dict[str, float]
-    stages: list[tuple[int, float, float, float, float, float]]   # layers, params, grads, optimizer, acts, other
+    stages: list[StageMem]
     peak_total: float
     peak_reserved: float
     fullest: int
     feasible: bool
     devices: tuple[int, ...] | None = None   # placement: device of each rank (None: rank r on device r)
+    stage_times: tuple[tuple[float, float], ...] = ()   # (forward, backward) seconds per micro-batch per device
 
 
 class CostModel:
-    """Costs of parallel configurations for one (model, cluster, training)."""
+    """Costs of parallel configurations for one (model, cluster, training, engine)."""
 
     def __init__(self, model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
-                 profile: ModelProfile | None = None, profile_name: str = "profile"):
-        self.model, self.cluster, self.training = model, cluster, training
+                 profile: ModelProfile | None = None, profile_name: str = "profile",
+                 engine: EngineSpec | None = None):
+        engine = engine_on(engine or load_engine(), cluster)
+        if training.overlap_grad_reduce is not None:
+            grad_reduce = "during_backward" if training.overlap_grad_reduce else "after_backward"
+            engine = engine.model_copy(update={"overlap": engine.overlap.model_copy(
+                update={"grad_reduce": grad_reduce})})
+        if model.attention_kernel is None:
+            model = model.model_copy(update={"attention_kernel": engine.kernels.attention})
+        self.model, self.cluster, self.training, self.engine = model, cluster, training, engine
         self.gpu = cluster.gpu
-        self.dt = Dtypes.of(training.precision)
-        self.states = state_bytes(training.precision, training.optimizer)
+        self.opts = KernelOptions.of(engine)
+        self.host_fwd, self.host_bwd = engine.host_per_kernel
+        self.host_coll = engine.host.per_collective_s
         self.net = Network(cluster)
         self.layer = layer_params(model)
         self.seq = training.seq_len
         self.usable_bytes = self.gpu.memory_bytes - self.gpu.runtime_reserved_bytes
         self.margin = 1.0 + self.gpu.allocator_margin
-        self.opt_seconds_per_param = (optimizer_bytes_per_param(training.precision, training.optimizer)
-                                      / (self.gpu.hbm_bandwidth * self.gpu.efficiency.memory))
-        measured = MeasuredCosts(profile, model, training, self.gpu, cluster.backend) if profile else None
+        measured = (MeasuredCosts(profile, model, training, self.gpu, cluster.backend, self.opts, self.host_fwd,
+                                  self.host_bwd) if profile else None)
         self.sources = self._sources(profile_name, measured)
         self.measured = measured if measured and not measured.mismatch else None
-        if self.measured and self.measured.optimizer_s_per_param:
-            self.opt_seconds_per_param = self.measured.optimizer_s_per_param
         self._blocks: dict[tuple, BlockCost] = {}
         self._ends: dict[tuple, EndsCost] = {}
         self._layouts: dict[tuple, tuple[Layout, Group, Group]] = {}
         self._held_cache: dict[tuple, list[int]] = {}
-        self._end_bytes_cache: dict[tuple, tuple[float, float, float]] = {}
         self._p2p_cache: dict[tuple, float] = {}
         self._signatures: dict[tuple, tuple] = {}
         self._work_cache: dict[tuple, float] = {}
-        self._state_bounds_cache: dict[tuple, tuple[float, float, float, float]] = {}
+        self._state_bounds_cache: dict[tuple, tuple[float, float, float]] = {}
 
     def _sources(self, profile_name: str, measured: MeasuredCosts | None) -> dict[str, str]:
         """Which numbers are measured and which computed, for the report."""
         links = ("measured link matrix" if self.cluster.link_matrix is not None
                  else f"alpha-beta from the {self.cluster.name} spec")
-        out = {"layer times and activation bytes": "computed (analytical kernels)", "communication": links}
+        out = {"engine": f"{self.engine.label()} (cluster_specs/engines)",
+               "layer times and activation bytes": "computed (analytical kernels)", "communication": links}
         if measured is not None:
             if measured.mismatch:
                 out["layer times and activation bytes"] = f"computed ({profile_name} not used: {measured.mismatch})"
@@ -143,7 +159,28 @@ class CostModel:
                     out["optimizer"] = f"measured ({profile_name})"
         if self.cluster.measured:
             out["device efficiency"] = "measured (profiled cluster)"
+        if self.cluster.calibration is not None:
+            out["calibration"] = (f"fitted to {len(self.cluster.calibration.runs)} runs of "
+                                  f"{self.cluster.calibration.engine}")
         return out
+
+    # ------------------------------------------------------------------ recipes
+    def recipe(self, zero: int, dp: int):
+        """The memory recipe the training precision runs with at this ZeRO stage and dp."""
+        return self.engine.recipe(self.training.precision, zero, dp)
+
+    def dtypes(self, zero: int, dp: int) -> Dtypes:
+        return Dtypes.of(self.recipe(zero, dp).compute)
+
+    def vocab(self, tp: int) -> int:
+        """The vocabulary the engine allocates at this TP degree (padded)."""
+        return padded_vocab_size(self.model, tp, self.engine.memory_extras.vocab_multiple)
+
+    def optimizer_seconds_per_param(self, zero: int, dp: int) -> float:
+        if self.measured and self.measured.optimizer_s_per_param:
+            return self.measured.optimizer_s_per_param
+        traffic = self.recipe(zero, dp).optimizer_traffic_bytes * (0.5 if self.training.optimizer == "sgd" else 1)
+        return traffic / (self.gpu.hbm_bandwidth * self.gpu.efficiency.memory)
 
     # ------------------------------------------------------------------ cached pieces
     def layout(self, tp: int, pp: int, dp: int, order: tuple[str, str, str],
@@ -158,34 +195,40 @@ class CostModel:
             hit = self._layouts[key] = (lay, lay.group("tp", every), lay.group("dp", every))
         return hit
 
-    def _pass_cost(self, p: Pass, tp_group: Group) -> PassCost:
+    def _pass_cost(self, p, tp_group: Group, dt: Dtypes, host_per_kernel: float) -> PassCost:
         comm = sum(self.net.collective(c.op, c.bytes, tp_group) for c in p.collectives)
-        return PassCost(pass_time(p, self.gpu, self.dt.matmul), comm)
+        shown = comm * (1.0 - self.engine.overlap.tp_comm_hidden)
+        total = pass_time(p, self.gpu, dt.matmul, host_per_kernel, shown, self.host_coll)
+        return PassCost(total - shown, shown)
 
-    def block(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group) -> BlockCost:
-        key = (tp, mbs, sp, recompute, tp_group if self.net.matrix else tp_group.nodes)
+    def block(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group, dt: Dtypes) -> BlockCost:
+        key = (tp, mbs, sp, recompute, tp_group if self.net.matrix else tp_group.nodes, dt)
         cost = self._blocks.get(key)
         if cost is None:
-            w = block_work(self.model, mbs, self.seq, tp, sp, recompute, self.dt)
-            fwd, bwd, rec = (self._pass_cost(p, tp_group) for p in (w.forward, w.backward, w.recompute))
-            acts = block_activation_bytes(self.model, mbs, self.seq, tp, sp, recompute, self.dt)
+            m, o = self.model, self.opts
+            w = block_work(m, mbs, self.seq, tp, sp, recompute, dt, o)
+            fwd = self._pass_cost(w.forward, tp_group, dt, self.host_fwd)
+            bwd = self._pass_cost(w.backward, tp_group, dt, self.host_bwd)
+            rec = self._pass_cost(w.recompute, tp_group, dt, self.host_fwd)
+            acts = block_activation_bytes(m, mbs, self.seq, tp, sp, recompute, dt, o)
             factors = self.measured.block(tp, mbs, recompute) if self.measured else None
             if factors is not None:   # measured kernels; TP collectives stay on the cluster's links
                 fwd, bwd, rec = (PassCost(pc.compute * k, pc.comm) for pc, k in
                                  ((fwd, factors.forward), (bwd, factors.backward), (rec, factors.backward)))
                 acts *= factors.activations
             cost = self._blocks[key] = BlockCost(
-                fwd, bwd, rec, acts,
-                block_backward_transient_bytes(self.model, mbs, self.seq, tp, sp, recompute, self.dt))
+                fwd, bwd, rec, acts, block_backward_transient_bytes(m, mbs, self.seq, tp, sp, recompute, dt, o))
         return cost
 
-    def ends(self, tp: int, mbs: int, sp: bool, tp_group: Group) -> EndsCost:
-        key = (tp, mbs, sp, tp_group if self.net.matrix else tp_group.nodes)
+    def ends(self, tp: int, mbs: int, sp: bool, tp_group: Group, dt: Dtypes) -> EndsCost:
+        key = (tp, mbs, sp, tp_group if self.net.matrix else tp_group.nodes, dt)
         cost = self._ends.get(key)
         if cost is None:
-            ef, eb = embedding_work(self.model, mbs, self.seq, tp, sp, self.dt)
-            hf, hb = head_work(self.model, mbs, self.seq, tp, sp, self.dt)
-            parts = [self._pass_cost(p, tp_group) for p in (ef, eb, hf, hb)]
+            vocab = self.vocab(tp)
+            ef, eb = embedding_work(self.model, mbs, self.seq, tp, sp, dt, vocab)
+            hf, hb = head_work(self.model, mbs, self.seq, tp, sp, dt, self.opts, vocab)
+            parts = [self._pass_cost(p, tp_group, dt, self.host_bwd if p.backward else self.host_fwd)
+                     for p in (ef, eb, hf, hb)]
             if self.measured:
                 for i, part in ((0, "embedding"), (2, "head")):
                     factors = self.measured.end(part, tp, mbs)
@@ -196,23 +239,22 @@ class CostModel:
         return cost
 
     # ------------------------------------------------------------------ parameters and memory
-    def device_params(self, cfg: ParallelConfig, device: int, layers: int) -> float:
-        """Parameters one TP rank of pipeline device `device` holds (elements)."""
+    def end_params(self, cfg: ParallelConfig, device: int) -> float:
+        """Embedding, positions, final norm and LM head parameters one TP rank of `device` holds (elements)."""
         m, tp = self.model, cfg.tp
-        params = layers * self.layer.per_tp_rank(tp)
+        emb = self.vocab(tp) * m.hidden_size / tp
+        params = 0.0
         if device == 0:
-            params += embedding_params(m) / tp + position_params(m)
+            params += emb + position_params(m)
         if device == cfg.pp - 1:
             params += final_norm_params(m)
             if not m.tied_embeddings or cfg.pp > 1:      # untied head, or the tied copy on the last stage
-                params += embedding_params(m) / tp
+                params += emb
         return params
 
-    def _state_bytes_per_param(self, zero: int, dp: int) -> tuple[float, float, float]:
-        """(weights, grads, optimizer) bytes per local parameter after ZeRO sharding (arXiv:1910.02054 Sec. 5)."""
-        s = self.states
-        return (s.weights / (dp if zero >= 3 else 1), s.grads / (dp if zero >= 2 else 1),
-                (s.master + s.optimizer) / (dp if zero >= 1 else 1))
+    def device_params(self, cfg: ParallelConfig, device: int, layers: int) -> float:
+        """Parameters one TP rank of pipeline device `device` holds (elements)."""
+        return layers * self.layer.per_tp_rank(cfg.tp) + self.end_params(cfg, device)
 
     def _held(self, cfg: ParallelConfig, device: int, nmb: int) -> list[int]:
         """Micro-batches in flight for each local chunk of a device at its peak."""
@@ -226,45 +268,55 @@ class CostModel:
             self._held_cache[key] = held
         return held
 
-    def _buffers(self, cfg: ParallelConfig) -> float:
-        """Data-parallel communication buffers (bytes). ZeRO-3 keeps the block it computes and the prefetched
-        next one unsharded, plus one block's unsharded gradients before their reduce-scatter; the other
-        stages reduce the gradient buffers in place (Megatron's contiguous grad buffer, FSDP2's per-module
-        reduction)."""
-        if cfg.dp == 1 or cfg.zero < 3:
-            return 0.0
-        return self.layer.per_tp_rank(cfg.tp) * (2 * self.states.weights + self.states.grads)
+    def regime(self, cfg: ParallelConfig, nmb: int) -> Regime:
+        ov = self.engine.overlap
+        return Regime(zero=cfg.zero, dp=cfg.dp, pp=cfg.pp, optimizer=self.training.optimizer,
+                      reshard_after_forward=ov.reshard_after_forward, prefetch=ov.zero3_prefetch,
+                      defer_under_pipeline=ov.grad_sync_under_pipeline == "last_microbatch", microbatches=nmb)
 
-    def _end_bytes(self, tp: int, mbs: int, sp: bool) -> tuple[float, float, float]:
-        """(embedding activations, head activations, head transient) bytes per micro-batch."""
-        key = (tp, mbs, sp)
-        hit = self._end_bytes_cache.get(key)
-        if hit is None:
-            m, dt = self.model, self.dt
-            hit = self._end_bytes_cache[key] = (embedding_activation_bytes(m, mbs, self.seq, tp, sp),
-                                                head_activation_bytes(m, mbs, self.seq, tp, sp, dt),
-                                                head_transient_bytes(m, mbs, self.seq, tp, dt))
-        return hit
+    def stage_timeline(self, cfg: ParallelConfig, device: int, chunk_layers: list[int], nmb: int,
+                       blk: BlockCost, dt: Dtypes) -> Timeline:
+        """Phase peaks of one GPU of pipeline device `device` whose local chunks hold `chunk_layers` blocks."""
+        m, tp, mbs = self.model, cfg.tp, cfg.mbs
+        layers = sum(chunk_layers)
+        held = self._held(cfg, device, nmb)
+        per_mb_blocks = blk.activation_bytes * layers
+        acts = blk.activation_bytes * sum(n * h for n, h in zip(chunk_layers, held))
+        head_transient = 0.0
+        vocab = self.vocab(tp)
+        if device == 0:
+            emb = embedding_activation_bytes(m, mbs, self.seq, tp, cfg.sp)
+            acts += emb * held[0]
+            per_mb_blocks += emb
+        if device == cfg.pp - 1:
+            head = head_activation_bytes(m, mbs, self.seq, tp, cfg.sp, dt, self.opts, vocab)
+            acts += head * held[-1]
+            per_mb_blocks += head
+            head_transient = head_transient_bytes(m, mbs, self.seq, tp, dt, self.opts, vocab)
+        recipe = self.recipe(cfg.zero, cfg.dp)
+        copies = autocast_weight_bytes(m, tp, dt) * layers
+        fsdp = recipe.gathered_weights_bytes > 0 and cfg.dp > 1 and cfg.zero >= recipe.weights.sharded_from
+        inputs = StageInputs(params=self.device_params(cfg, device, layers),
+                             block_params=self.layer.per_tp_rank(tp), end_params=self.end_params(cfg, device),
+                             acts_held=acts, acts_one=per_mb_blocks, held=max(held), microbatches=nmb,
+                             block_transient=blk.transient_bytes, head_transient=head_transient,
+                             autocast_copies=0.0 if fsdp else copies)
+        return stage_timeline(recipe, self.regime(cfg, nmb), inputs)
 
     def stage_memory(self, cfg: ParallelConfig, device: int, chunk_layers: list[int], nmb: int,
-                     blk: BlockCost) -> tuple[float, float, float, float, float]:
-        """(params, grads, optimizer, activations, other) bytes on one GPU of a pipeline device whose local
-        chunks hold `chunk_layers` blocks. Affine in the block count, which the layer split relies on."""
-        params = self.device_params(cfg, device, sum(chunk_layers))
-        w, g, o = self._state_bytes_per_param(cfg.zero, cfg.dp)
-        held = self._held(cfg, device, nmb)
-        emb_act, head_act, head_transient = self._end_bytes(cfg.tp, cfg.mbs, cfg.sp)
-        acts = blk.activation_bytes * sum(n * h for n, h in zip(chunk_layers, held))
-        other = blk.transient_bytes
-        if device == 0:
-            acts += emb_act * held[0]
-        if device == cfg.pp - 1:
-            acts += head_act * held[-1]
-            other = max(other, head_transient)
-        return params * w, params * g, params * o, acts, other + self._buffers(cfg)
+                     blk: BlockCost, dt: Dtypes) -> StageMem:
+        t = self.stage_timeline(cfg, device, chunk_layers, nmb, blk, dt)
+        peak = t.peak
+        return StageMem(sum(chunk_layers), peak.params, peak.grads, peak.optimizer, peak.activations, peak.other,
+                        t.peak_phase, {k: v.total for k, v in t.phases.items()})
+
+    @property
+    def capacity(self) -> float:
+        """Allocated bytes a GPU may reach: usable memory over the allocator margin."""
+        return self.usable_bytes / self.margin
 
     # ------------------------------------------------------------------ layer split
-    def default_layers(self, cfg: ParallelConfig, blk: BlockCost, ends: EndsCost) -> list[int]:
+    def default_layers(self, cfg: ParallelConfig, blk: BlockCost, ends: EndsCost, dt: Dtypes) -> list[int]:
         """Blocks per chunk: for one chunk per device, the split minimising the slowest stage under every
         stage's memory (falling back to time alone when nothing fits); near-equal chunks when interleaved."""
         m, chunks = self.model, cfg.pp * cfg.vpp
@@ -280,38 +332,50 @@ class CostModel:
         extra[0] += ends.emb_fwd.total + ends.emb_bwd.total
         extra[-1] += ends.head_fwd.total + ends.head_bwd.total
         nmb = cfg.microbatches(self.training.global_batch)
-        w, g, o = self._state_bytes_per_param(cfg.zero, cfg.dp)
-        per_block_states = self.layer.per_tp_rank(cfg.tp) * (w + g + o)
-        per_block, base = [], []
-        for i in range(cfg.pp):
-            per_block.append(per_block_states + blk.activation_bytes * self._held(cfg, i, nmb)[0])
-            base.append(sum(self.stage_memory(cfg, i, [0], nmb, blk)))
-        split = partition_layers(m.num_layers, blk.total, extra, per_block, base, self.usable_bytes / self.margin)
+        caps = [self._max_blocks(cfg, i, nmb, blk, dt) for i in range(cfg.pp)]
+        split = partition_layers(m.num_layers, blk.total, extra, caps=caps)
         return split or partition_layers(m.num_layers, blk.total, extra)
+
+    def _max_blocks(self, cfg: ParallelConfig, device: int, nmb: int, blk: BlockCost, dt: Dtypes) -> int:
+        """The most blocks device `device` can hold within capacity (memory grows with blocks: bisection)."""
+        cap = self.capacity
+        lo, hi = 0, self.model.num_layers
+        if self.stage_memory(cfg, device, [hi], nmb, blk, dt).total <= cap:
+            return hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.stage_memory(cfg, device, [mid], nmb, blk, dt).total <= cap:
+                lo = mid
+            else:
+                hi = mid
+        return lo
 
     # ------------------------------------------------------------------ lower bounds for the search
     def bounds(self, cfg: ParallelConfig, order: tuple[str, str, str] = DEFAULT_ORDER) -> tuple[float, float]:
         """(step seconds, peak reserved bytes) that no layer split of `cfg` can beat.
 
         Time: with total work W per micro-batch over p devices, every schedule's closed form is at least its
-        balanced value, (m + p - 1) W/p, or (m + (p-1)/v) W/p interleaved; the optimizer step of the device
-        with the most parameters takes at least that of the average device.
-        Memory: the fullest stage holds at least L / sum_i 1/a_i, a_i = one block's states plus its
-        activations times the micro-batches stage i holds (the continuous relaxation of the split), with
-        the sum bounded above by an integral; plus the transient and buffer bytes every stage has.
+        balanced value, (m + p - 1) W/p, or (m + (p-1)/v) W/p interleaved, plus its transfers; data-parallel
+        communication costs at least the overlap slow-down times itself (or all of it when not overlapped);
+        the optimizer step of the device with the most parameters takes at least that of the average device.
+        Memory: the forward phase of the fullest stage holds at least L / sum_i 1/a_i, a_i = one block's
+        always-held states plus its activations times the micro-batches stage i holds (the continuous
+        relaxation of the split), with the sum bounded above by an integral.
         """
         layout, tp_group, dp_group = self.layout(cfg.tp, cfg.pp, cfg.dp, order)
-        blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group)
-        work = self._work(cfg, blk, tp_group)
-        per_cycle, post, block_states, buffers = self._state_bounds(cfg, order, dp_group)
+        dt = self.dtypes(cfg.zero, cfg.dp)
+        blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt)
+        work = self._work(cfg, blk, tp_group, dt)
+        per_cycle, post, block_states = self._state_bounds(cfg, order, dp_group)
         nmb = cfg.microbatches(self.training.global_batch)
         p, L = cfg.pp, self.model.num_layers
         interleaved = cfg.schedule == "interleaved"
         fill = (p - 1) / cfg.vpp if interleaved else p - 1
-        # GPipe's closed form charges transfers per phase, not per device cycle
-        transfers = 0.0 if p == 1 or cfg.schedule == "gpipe" else \
-            (2 * cfg.vpp if interleaved else 2) * self._p2p(layout, self._act_msg(cfg))
-        time_lb = (nmb + fill) * (work / p + transfers + per_cycle) + post
+        host = self.engine.host
+        c = self._p2p(layout, self._act_msg(cfg)) if p > 1 else 0.0
+        transfers = p2p_on_path(cfg.schedule, nmb, p, c, cfg.vpp, self.engine.overlap.pp_p2p == "exposed")
+        time_lb = ((nmb + fill) * (work / p + per_cycle + host.per_microbatch_s) + transfers + post
+                   + host.per_step_s)
         s, a = block_states, blk.activation_bytes
         if cfg.schedule == "gpipe":
             inv_sum = p / (s + a * nmb)
@@ -319,59 +383,39 @@ class CostModel:
             k = min(p, nmb)
             inv_sum = math.log1p(a * k / s) / a if a > 0 else k / s
             inv_sum += (p - k) / (s + a * k)
-        mem_lb = (L / inv_sum + blk.transient_bytes + buffers) * self.margin
+        mem_lb = L / inv_sum * self.margin
         return time_lb, mem_lb
 
-    def _work(self, cfg: ParallelConfig, blk: BlockCost, tp_group: Group) -> float:
+    def _work(self, cfg: ParallelConfig, blk: BlockCost, tp_group: Group, dt: Dtypes) -> float:
         """Seconds of all forward and backward work of one micro-batch over the whole model (one TP rank)."""
-        key = (cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group if self.net.matrix else tp_group.nodes)
+        key = (cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group if self.net.matrix else tp_group.nodes, dt)
         work = self._work_cache.get(key)
         if work is None:
-            ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group)
+            ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group, dt)
             work = self._work_cache[key] = (self.model.num_layers * blk.total + ends.emb_fwd.total
                                             + ends.emb_bwd.total + ends.head_fwd.total + ends.head_bwd.total)
         return work
 
     def _state_bounds(self, cfg: ParallelConfig, order: tuple[str, str, str],
-                      dp_group: Group) -> tuple[float, float, float, float]:
-        """(exposed DP seconds per cycle, seconds after the last backward, one block's state bytes, buffer bytes)
-        for the average device: the parts of the bounds that depend only on the degrees and ZeRO."""
+                      dp_group: Group) -> tuple[float, float, float]:
+        """(DP seconds per micro-batch cycle, seconds once per step, one block's always-held state bytes) for the
+        average device, at least: the parts of the bounds that depend only on the degrees and ZeRO."""
         key = (cfg.tp, cfg.pp, cfg.dp, cfg.zero, order)
         hit = self._state_bounds_cache.get(key)
         if hit is None:
-            avg_params = self._total_params_per_tp_rank(cfg) / cfg.pp
-            per_cycle, post = self._dp_comm_bounds(cfg, avg_params, dp_group)
-            post += avg_params / (cfg.dp if cfg.zero >= 1 else 1) * self.opt_seconds_per_param
-            w, g, o = self._state_bytes_per_param(cfg.zero, cfg.dp)
-            hit = self._state_bounds_cache[key] = (per_cycle, post, self.layer.per_tp_rank(cfg.tp) * (w + g + o),
-                                                   self._buffers(cfg))
+            params = self._total_params_per_tp_rank(cfg) / cfg.pp
+            recipe = self.recipe(cfg.zero, cfg.dp)
+            kappa = self.cluster.overlap_slowdown
+            one_call = lambda op, nbytes: self.net.collective(op, nbytes, dp_group)   # noqa: E731
+            comm = stage_dp_comm(self.engine, recipe, cfg.zero, cfg.dp, cfg.pp, params, 0, one_call)
+            per_cycle = kappa * (comm.fwd_each + comm.bwd_each)
+            once = kappa * (comm.first_fwd + comm.last_bwd) + comm.after
+            sb = state_bytes(recipe, self.training.optimizer, cfg.zero, cfg.dp)
+            share = cfg.dp if cfg.zero >= recipe.moments_sharded_from else 1
+            once += params / share * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
+            held = sb.weights + sb.optimizer + (sb.grads if recipe.grads_held_between_steps else 0.0)
+            hit = self._state_bounds_cache[key] = (per_cycle, once, self.layer.per_tp_rank(cfg.tp) * held)
         return hit
-
-    def _dp_comm_bounds(self, cfg: ParallelConfig, params: float, dp_group: Group) -> tuple[float, float]:
-        """Lower bounds on the data-parallel communication a device with `params` parameters leaves exposed:
-        (per micro-batch cycle, after the last backward). Overlapped communication costs at least the
-        overlap slow-down times itself; collectives are affine in bytes, so the average device bounds the
-        busiest one, and one call bounds the block-by-block calls `_dp_collective` makes."""
-        if cfg.dp == 1:
-            return 0.0, 0.0
-        kappa, net = self.cluster.overlap_slowdown, self.net
-        grad_kappa = kappa if self.training.overlap_grad_reduce else 1.0   # not overlapped: all of it shows
-        grads, weights = params * self.states.grads, params * self.states.weights
-        if cfg.zero == 0:
-            return 0.0, grad_kappa * net.collective("all_reduce", grads, dp_group)
-        if cfg.zero == 1:
-            return 0.0, grad_kappa * net.collective("reduce_scatter", grads, dp_group) + net.collective(
-                "all_gather", weights, dp_group)
-        rs = grad_kappa * net.collective("reduce_scatter", grads, dp_group)
-        if cfg.zero == 2:
-            return rs, net.collective("all_gather", weights, dp_group)
-        return rs + 2 * kappa * net.collective("all_gather", weights, dp_group), 0.0
-
-    def _dp_collective(self, op: str, nbytes: float, blocks: int, dp_group: Group) -> float:
-        """A data-parallel collective issued block by block (FSDP2's per-module groups; Megatron's buckets hold
-        about a block of a large model): one call per block plus one for the embedding, head and norms."""
-        pieces = blocks + 1
-        return pieces * self.net.collective(op, nbytes / pieces, dp_group)
 
     def placement_signature(self, tp: int, pp: int, dp: int, order: tuple[str, str, str]) -> tuple:
         """What the cost model sees of a rank order: nodes spanned by the TP and DP groups and which pipeline
@@ -388,13 +432,14 @@ class CostModel:
         return sig
 
     def _total_params_per_tp_rank(self, cfg: ParallelConfig) -> float:
-        return sum(self.device_params(cfg, i, 0) for i in {0, cfg.pp - 1}) + \
+        return sum(self.end_params(cfg, i) for i in {0, cfg.pp - 1}) + \
             self.model.num_layers * self.layer.per_tp_rank(cfg.tp)
 
     # ------------------------------------------------------------------ evaluation
     def _act_msg(self, cfg: ParallelConfig) -> float:
         """Bytes of the activation one micro-batch sends between stages (sequence-sharded under SP)."""
-        return cfg.mbs * self.seq * self.model.hidden_size * self.dt.act / (cfg.tp if cfg.sp else 1)
+        dt = self.dtypes(cfg.zero, cfg.dp)
+        return cfg.mbs * self.seq * self.model.hidden_size * dt.residual / (cfg.tp if cfg.sp else 1)
 
     def _p2p(self, layout: Layout, nbytes: float) -> float:
         """The slowest activation transfer between neighbouring stages (over every rank pair when measured)."""
@@ -405,7 +450,7 @@ class CostModel:
                       else [(0, 0)])
             t = self._p2p_cache[key] = max(
                 (self.net.p2p(nbytes, layout.device(layout.rank(i, d, k)), layout.device(layout.rank(i + 1, d, k)))
-                 for i in range(layout.pp - 1) for d, k in coords), default=0.0)
+                 for i in range(layout.pp - 1) for d, k in coords), default=0.0) + self.host_coll
         return t
 
     def _tied_pair(self, layout: Layout) -> Group:
@@ -416,71 +461,73 @@ class CostModel:
                  if self.net.matrix is not None else ())
         return Group.of(pair(0, 0), self.cluster.gpus_per_node, peers)
 
+    def dp_comm(self, cfg: ParallelConfig, params: float, layers: int, dp_group: Group) -> DPComm:
+        recipe = self.recipe(cfg.zero, cfg.dp)
+        return stage_dp_comm(self.engine, recipe, cfg.zero, cfg.dp, cfg.pp, params, layers,
+                             lambda op, nbytes: self.net.collective(op, nbytes, dp_group) + self.host_coll)
+
     def evaluate_core(self, cfg: ParallelConfig, order: tuple[str, str, str] = DEFAULT_ORDER,
                       devices: tuple[int, ...] | None = None) -> Core:
         """Step time, its breakdown and memory per stage of a valid `cfg` (see `evaluate`); `devices` places
         rank r on device devices[r]."""
-        m, tr = self.model, self.training
+        m, tr, host = self.model, self.training, self.engine.host
         nmb = cfg.microbatches(tr.global_batch)
+        dt = self.dtypes(cfg.zero, cfg.dp)
         layout, tp_group, dp_group = self.layout(cfg.tp, cfg.pp, cfg.dp, order, devices)
-        blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group)
-        ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group)
-        chunks = list(cfg.layers_per_stage) if cfg.layers_per_stage else self.default_layers(cfg, blk, ends)
+        blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt)
+        ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group, dt)
+        chunks = list(cfg.layers_per_stage) if cfg.layers_per_stage else self.default_layers(cfg, blk, ends, dt)
         pp, last = cfg.pp, cfg.pp - 1
         device_chunks = [chunks[i::pp] for i in range(pp)]
         layers = [sum(c) for c in device_chunks]
         params = [self.device_params(cfg, i, n) for i, n in enumerate(layers)]
 
-        # --- per-device, per-micro-batch times (embedding on the first device, head and loss on the last)
-        fwd = [n * blk.forward.total for n in layers]
+        # --- per-device, per-micro-batch times (embedding on the first device, head and loss on the last),
+        # with the engine's host cost per micro-batch
+        fwd = [n * blk.forward.total + host.per_microbatch_s for n in layers]
         bwd = [n * (blk.backward.total + blk.recompute.total) for n in layers]
         fwd[0] += ends.emb_fwd.total
         bwd[0] += ends.emb_bwd.total
         fwd[last] += ends.head_fwd.total
         bwd[last] += ends.head_bwd.total
 
-        # --- ZeRO-2/3 communication every micro-batch, overlapped with that micro-batch's compute (gradient
-        # reduction only when the framework overlaps it)
+        # --- data-parallel communication as the engine issues it, against the compute it overlaps
         kappa = self.cluster.overlap_slowdown
-        overlap = 1.0 if tr.overlap_grad_reduce else 0.0
-        zero_exposed = [0.0] * pp
-        if cfg.zero >= 2 and cfg.dp > 1:
-            for i in range(pp):
-                grads_rs = self._dp_collective("reduce_scatter", params[i] * self.states.grads, layers[i], dp_group)
-                gather = 0.0
-                if cfg.zero == 3:   # FSDP gathers block by block, in forward and again in backward
-                    gather = self._dp_collective("all_gather", params[i] * self.states.weights, layers[i], dp_group)
-                fwd_exposed = _exposed(gather, fwd[i], kappa)
-                bwd_exposed = _exposed(gather, bwd[i], kappa) + _exposed(grads_rs, bwd[i] * overlap, kappa)
-                zero_exposed[i] = fwd_exposed + bwd_exposed
-                fwd[i] += fwd_exposed
-                bwd[i] += bwd_exposed
+        comms = [self.dp_comm(cfg, params[i], layers[i], dp_group) for i in range(pp)]
+        every = [0.0] * pp
+        once_first, once_last = [0.0] * pp, [0.0] * pp
+        for i, c in enumerate(comms):
+            f_exp = exposed(c.fwd_each, fwd[i], kappa, c.fwd_piece)
+            b_exp = exposed(c.bwd_each, bwd[i], kappa, c.bwd_piece)
+            once_first[i] = exposed(c.first_fwd, fwd[i] + f_exp, kappa, c.fwd_piece)
+            once_last[i] = exposed(c.last_bwd, bwd[i] + b_exp, kappa, 0.0 if c.bwd_each else c.bwd_piece)
+            every[i] = f_exp + b_exp
+            fwd[i] += f_exp
+            bwd[i] += b_exp
 
         # --- pipeline
-        p2p = self._p2p(layout, self._act_msg(cfg))
-        pipe, crit = pipeline_time(cfg.schedule, nmb, fwd, bwd, p2p, cfg.vpp)
+        blocking = self.engine.overlap.pp_p2p == "exposed"
+        p2p = self._p2p(layout, self._act_msg(cfg)) if pp > 1 else 0.0
+        pipe, crit = pipeline_time(cfg.schedule, nmb, fwd, bwd, p2p, cfg.vpp, blocking)
 
-        # --- after the last backward: DP gradient reduction, tied-embedding sync, optimizer
-        post = []
+        # --- after each device's last backward (later stages finish theirs earlier, as the last micro-batch's
+        # gradient flows back to stage 0): the rest of the gradient reduction, the tied-embedding sync, the
+        # optimizer step
+        ends_at, slack = [], 0.0
+        per_hop = (1.0 / cfg.vpp) if cfg.schedule == "interleaved" else 1.0
         for i in range(pp):
-            comm = 0.0
-            if cfg.dp > 1:
-                grads, weights, n = params[i] * self.states.grads, params[i] * self.states.weights, layers[i]
-                if cfg.zero == 0:
-                    comm = _exposed(self._dp_collective("all_reduce", grads, n, dp_group), bwd[i] * overlap, kappa)
-                elif cfg.zero == 1:
-                    comm = (_exposed(self._dp_collective("reduce_scatter", grads, n, dp_group), bwd[i] * overlap,
-                                     kappa)
-                            + self._dp_collective("all_gather", weights, n, dp_group))
-                elif cfg.zero == 2:
-                    comm = self._dp_collective("all_gather", weights, n, dp_group)
+            comm = once_last[i] + comms[i].after
             if m.tied_embeddings and pp > 1 and i in (0, last):
-                comm += self.net.collective("all_reduce", embedding_params(m) / cfg.tp * self.states.grads,
-                                            self._tied_pair(layout))
-            opt = params[i] / (cfg.dp if cfg.zero >= 1 else 1) * self.opt_seconds_per_param
-            post.append((comm + opt, comm, opt))
-        post_total, post_comm, post_opt = max(post)
-        step = pipe + post_total
+                recipe = self.recipe(cfg.zero, cfg.dp)
+                comm += self.net.collective("all_reduce", self.vocab(cfg.tp) * m.hidden_size / cfg.tp
+                                            * recipe.reduce_bytes, self._tied_pair(layout))
+            share = cfg.dp if cfg.zero >= self.recipe(cfg.zero, cfg.dp).moments_sharded_from else 1
+            opt = params[i] / share * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
+            ends_at.append((pipe - slack + comm + opt, comm, opt, i))
+            slack += bwd[i] * per_hop + p2p
+        finish, post_comm, post_opt, post_dev = max(ends_at)
+        first = max(once_first)
+        step = finish + first + host.per_step_s
 
         # --- time breakdown on the critical path (sums to step)
         n = layers[crit]
@@ -489,22 +536,23 @@ class CostModel:
         for is_end, parts in ((crit == 0, (ends.emb_fwd, ends.emb_bwd)), (crit == last, (ends.head_fwd, ends.head_bwd))):
             if is_end:
                 tp_comm += parts[0].comm + parts[1].comm
-        compute = fwd[crit] + bwd[crit] - zero_exposed[crit] - recompute - tp_comm
-        transfers = (2 * cfg.vpp if cfg.schedule == "interleaved" else 2) * p2p if pp > 1 else 0.0
-        time = dict(compute=nmb * compute, recompute=nmb * recompute, tp_comm=nmb * tp_comm,
-                    pp_comm=nmb * transfers, dp_comm_exposed=nmb * zero_exposed[crit] + post_comm,
-                    optimizer=post_opt)
+        compute = fwd[crit] + bwd[crit] - every[crit] - recompute - tp_comm - host.per_microbatch_s
+        transfers = p2p_on_path(cfg.schedule, nmb, pp, p2p, cfg.vpp, blocking)
+        time = dict(compute=nmb * compute, recompute=nmb * recompute, tp_comm=nmb * tp_comm, pp_comm=transfers,
+                    dp_comm_exposed=nmb * every[crit] + first + post_comm, optimizer=post_opt,
+                    host=nmb * host.per_microbatch_s + host.per_step_s)
         time["bubble"] = max(0.0, step - sum(time.values()))
 
         # --- memory
-        stages = [(layers[i], *self.stage_memory(cfg, i, device_chunks[i], nmb, blk)) for i in range(pp)]
-        totals = [sum(st[1:]) for st in stages]
+        stages = [self.stage_memory(cfg, i, device_chunks[i], nmb, blk, dt) for i in range(pp)]
+        totals = [s.total for s in stages]
         fullest = max(range(pp), key=totals.__getitem__)
         peak_total = totals[fullest]
         peak_reserved = peak_total * self.margin
         return Core(cfg=cfg, order=order, chunks=chunks, nmb=nmb, step=step, crit=crit, time=time, stages=stages,
                     peak_total=peak_total, peak_reserved=peak_reserved, fullest=fullest,
-                    feasible=peak_reserved <= self.usable_bytes, devices=devices)
+                    feasible=peak_reserved <= self.usable_bytes, devices=devices,
+                    stage_times=tuple(zip(fwd, bwd)))
 
     def sources_for(self, cfg: ParallelConfig) -> dict[str, str]:
         """`sources` with where this configuration's block numbers came from."""
@@ -519,27 +567,36 @@ class CostModel:
                  validate: bool = True) -> Prediction:
         """Predict step time, throughput and memory of `cfg` (validated against the specs first)."""
         if validate:
-            check_config(self.model, self.cluster, self.training, cfg)
+            check_config(self.model, self.cluster, self.training, cfg, self.engine)
         return self.prediction(self.evaluate_core(cfg, order))
+
+    def model_summary(self) -> ModelSummary:
+        from planner.cost.params import active_params
+        return ModelSummary(name=self.model.name, params=total_params(self.model),
+                            active_params=active_params(self.model),
+                            attention_kernel=self.model.attention_kernel)
 
     def prediction(self, core: Core) -> Prediction:
         """The Prediction of an evaluated configuration."""
         m, tr, gpu, cfg = self.model, self.training, self.gpu, core.cfg
         usable = self.usable_bytes
-        stages = [StageMemory(stage=i, layers=s[0], params=round(s[1]), grads=round(s[2]), optimizer=round(s[3]),
-                              activations=round(s[4]), other=round(s[5]), total=round(sum(s[1:])),
-                              reserved=round(sum(s[1:]) * self.margin)) for i, s in enumerate(core.stages)]
+        stages = [StageMemory(stage=i, layers=s.layers, params=round(s.params), grads=round(s.grads),
+                              optimizer=round(s.optimizer), activations=round(s.activations), other=round(s.other),
+                              total=round(s.total), reserved=round(s.total * self.margin), peak_phase=s.phase,
+                              phases={k: round(v) for k, v in s.phase_totals.items()})
+                  for i, s in enumerate(core.stages)]
         fullest = stages[core.fullest]
         reason = "" if core.feasible else (
-            f"out of memory: stage {fullest.stage} needs {fullest.reserved / GIB:.1f} GiB, "
-            f"{(fullest.reserved - usable) / GIB:.1f} GiB more than the {usable / GIB:.1f} GiB usable")
+            f"out of memory: stage {fullest.stage} needs {fullest.reserved / GIB:.1f} GiB at its {fullest.peak_phase} "
+            f"peak, {(fullest.reserved - usable) / GIB:.1f} GiB more than the {usable / GIB:.1f} GiB usable")
         time = TimeBreakdown(**core.time)
         step, gpus = core.step, cfg.tp * cfg.pp * cfg.dp
+        dt = self.dtypes(cfg.zero, cfg.dp)
         model_flops = model_flops_per_step(m, tr.global_batch, self.seq)
         hw_flops = hardware_flops_per_step(m, tr.global_batch, self.seq, cfg.recompute == "full")
         predicted = Predicted(
             step_time_s=step, tokens_per_s=tr.tokens_per_step / step,
-            mfu=model_flops / (step * gpus * gpu.peak(self.dt.matmul)),
+            mfu=model_flops / (step * gpus * gpu.peak(dt.matmul)),
             tflops_per_gpu=model_flops / (step * gpus) / 1e12,
             hardware_tflops_per_gpu=hw_flops / (step * gpus) / 1e12,
             peak_memory_bytes=fullest.total, peak_reserved_bytes=fullest.reserved, critical_stage=core.crit,
@@ -550,18 +607,19 @@ class CostModel:
         resolved = ResolvedConfig(**fields, layers_per_stage=core.chunks, num_microbatches=core.nmb,
                                   layout=list(core.order),
                                   placement=list(core.devices) if core.devices is not None else None)
-        return Prediction(feasible=core.feasible, reason=reason, config=resolved, predicted=predicted)
+        return Prediction(feasible=core.feasible, reason=reason, engine=self.engine.label(),
+                          model=self.model_summary(), config=resolved, predicted=predicted)
 
 
 def _binding(time: TimeBreakdown, step: float, fullest: StageMemory, usable: float, feasible: bool) -> str:
     """One line: the largest shares of the step and how full the fullest GPU is."""
     shares = sorted(time.model_dump().items(), key=lambda kv: -kv[1])
     top = ", ".join(f"{k} {v / step:.0%}" for k, v in shares[:3] if v > 0)
-    mem = f"stage {fullest.stage} memory {fullest.reserved / GIB:.1f} of {usable / GIB:.1f} GiB"
+    mem = f"stage {fullest.stage} memory {fullest.reserved / GIB:.1f} of {usable / GIB:.1f} GiB ({fullest.peak_phase})"
     if not feasible:
         return f"memory: {mem}"
     kind = {"compute": "compute-bound", "recompute": "recompute-heavy", "bubble": "pipeline-bubble-bound",
             "tp_comm": "TP-communication-bound", "pp_comm": "PP-communication-bound",
-            "dp_comm_exposed": "DP-communication-bound", "optimizer": "optimizer-bound"}[shares[0][0]]
+            "dp_comm_exposed": "DP-communication-bound", "optimizer": "optimizer-bound",
+            "host": "host-bound"}[shares[0][0]]
     return f"{kind} ({top}); {mem}" + (" (tight)" if fullest.reserved > 0.9 * usable else "")
-

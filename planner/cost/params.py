@@ -62,3 +62,16 @@ def total_params(m: ModelSpec) -> int:
     """Unique trainable parameters of the whole model."""
     return (m.num_layers * layer_params(m).total + embedding_params(m) + position_params(m)
             + final_norm_params(m) + lm_head_params(m))
+
+
+def padded_vocab_size(m: ModelSpec, tp: int, multiple: int = 128) -> int:
+    """The vocabulary an engine allocates: padded to a multiple of `multiple` x tp so that every TP rank holds
+    an equal, aligned shard (Megatron-LM's --make-vocab-size-divisible-by, 128 by default); padded logits
+    are excluded from the loss."""
+    step = multiple * tp
+    return -(-m.vocab_size // step) * step
+
+
+def active_params(m: ModelSpec) -> int:
+    """Parameters one token's computation passes through (a dense model: all of them)."""
+    return total_params(m)

@@ -40,7 +40,9 @@ class SearchResult:
 
 
 def rank_key(core: Core) -> tuple[float, float]:
-    return core.step, core.peak_reserved
+    """Step time, then peak memory; rounded so that configurations the cost model prices alike through
+    different sums of the same terms tie exactly (and enumeration order breaks the tie)."""
+    return round(core.step, 12), round(core.peak_reserved)
 
 
 def search(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, constraints: Constraints = Constraints(),
@@ -54,7 +56,7 @@ def search(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, const
     queue: list[tuple[float, int, Candidate]] = []
     closest_lb: tuple[float, int, Candidate] | None = None
     count = 0
-    for cand in enumerate_space(model, cluster, training, constraints, rejected):
+    for cand in enumerate_space(cost.model, cluster, training, constraints, rejected, cost.engine):
         if cand.order != DEFAULT_ORDER and (cost.placement_signature(cand.tp, cand.pp, cand.dp, cand.order)
                                             == cost.placement_signature(cand.tp, cand.pp, cand.dp, DEFAULT_ORDER)):
             rejected["dominated"] += 1     # this rank order places every group as the default one does
@@ -102,7 +104,7 @@ def search(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, const
         seen.add(twin)
         if len(top) < top_k:
             heapq.heappush(top, ((-key[0], -key[1]), -tie, core))
-        elif key < (-top[0][0][0], -top[0][0][1]):
+        elif (key, tie) < ((-top[0][0][0], -top[0][0][1]), -top[0][1]):
             heapq.heapreplace(top, ((-key[0], -key[1]), -tie, core))
     rejected["dominated"] += len(queue)
     ranked = [entry[2] for entry in sorted(top, key=lambda e: (-e[0][0], -e[0][1], -e[1]))]

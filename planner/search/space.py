@@ -61,17 +61,22 @@ def _pick(pin, values):
 
 
 def enumerate_space(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, c: Constraints,
-                    rejected: Counter) -> Iterator[Candidate]:
-    """Every distinct valid candidate. `rejected` counts what was dropped: 'indivisible' (degree and batch
-    combinations that break a divisibility rule or a limit) and 'dominated' (exact duplicates of another
-    candidate: ZeRO without data parallelism, selective recompute without a score matrix to drop, rank orders
-    that place every group identically)."""
+                    rejected: Counter, engine=None) -> Iterator[Candidate]:
+    """Every distinct valid candidate the engine (default meshplan) can run. `rejected` counts what was dropped:
+    'indivisible' (degree and batch combinations that break a divisibility rule or a limit, or that the engine
+    cannot run) and 'dominated' (exact duplicates of another candidate: ZeRO without data parallelism,
+    selective recompute without a score matrix to drop, rank orders that place every group identically)."""
+    from planner.engine import load_engine
+    engine = engine or load_engine()
     gpus, L, B = cluster.world_size, model.num_layers, training.global_batch
     node = cluster.gpus_per_node
-    selective_is_none = model.attention_kernel == "flash"
+    selective_is_none = (engine.recompute.selective == "attention_core"
+                         and (model.attention_kernel or engine.kernels.attention) == "flash")
+    pads = engine.memory_extras.vocab_multiple > 1
     for tp in _pick(c.tp, divisors(gpus)):
         if (model.num_heads % tp or model.kv_heads % tp or (c.max_tp and tp > c.max_tp)
-                or (tp > node and not c.allow_cross_node_tp) or (c.sp and tp == 1)):
+                or (tp > node and not c.allow_cross_node_tp) or (c.sp and tp == 1)
+                or (not pads and model.vocab_size % tp) or (tp > 1 and c.sp and not engine.sequence_parallel)):
             rejected["indivisible"] += 1
             continue
         for pp in _pick(c.pp, divisors(gpus // tp)):
@@ -84,16 +89,17 @@ def enumerate_space(model: ModelSpec, cluster: ClusterSpec, training: TrainingSp
                     rejected["indivisible"] += 1
                     continue
                 m = B // (dp * mbs)
-                for schedule, vpp in _schedules(pp, m, L, c, rejected):
-                    for zero in _pick(c.zero, range(c.max_zero + 1)):
+                for schedule, vpp in _schedules(pp, m, L, c, rejected, engine.schedules):
+                    for zero in _pick(c.zero, [z for z in engine.zero_stages if z <= c.max_zero]):
                         if dp == 1 and zero > 0 and c.zero is None:
                             rejected["dominated"] += 1
                             continue
-                        for recompute in _pick(c.recompute, ("none", "selective", "full")):
+                        for recompute in _pick(c.recompute, engine.recompute_modes):
                             if recompute == "selective" and selective_is_none and c.recompute is None:
                                 rejected["dominated"] += 1
                                 continue
-                            for sp in _pick(c.sp, (False, True) if tp > 1 else (False,)):
+                            sps = (False, True) if tp > 1 and engine.sequence_parallel else (False,)
+                            for sp in _pick(c.sp, sps):
                                 if sp and training.seq_len % tp:
                                     rejected["indivisible"] += 1
                                     continue
@@ -104,15 +110,17 @@ def enumerate_space(model: ModelSpec, cluster: ClusterSpec, training: TrainingSp
                                     yield Candidate(tp, pp, dp, vpp, mbs, zero, recompute, sp, schedule, order)
 
 
-def _schedules(pp: int, m: int, L: int, c: Constraints, rejected: Counter) -> list[tuple[str, int]]:
-    """(schedule, vpp) pairs for a pipeline of pp stages and m micro-batches."""
+def _schedules(pp: int, m: int, L: int, c: Constraints, rejected: Counter,
+               allowed: list[str]) -> list[tuple[str, int]]:
+    """(schedule, vpp) pairs for a pipeline of pp stages and m micro-batches that the engine runs."""
     if pp == 1:
         if c.schedule in (None, "1f1b") and c.vpp in (None, 1):
             return [("1f1b", 1)]
         rejected["indivisible"] += 1
         return []
     # torch.distributed.pipelining's 1F1B needs m >= pp; with fewer micro-batches it is GPipe anyway
-    out = [(s, 1) for s in _pick(c.schedule, ("gpipe", "1f1b")) if c.vpp in (None, 1) and (s == "gpipe" or m >= pp)]
-    if c.schedule in (None, "interleaved") and m % pp == 0:
+    out = [(s, 1) for s in _pick(c.schedule, [x for x in ("gpipe", "1f1b") if x in allowed])
+           if c.vpp in (None, 1) and (s == "gpipe" or m >= pp)]
+    if c.schedule in (None, "interleaved") and "interleaved" in allowed and m % pp == 0:
         out += [("interleaved", v) for v in _pick(c.vpp, range(2, L // pp + 1))]
     return out

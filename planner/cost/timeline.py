@@ -1,0 +1,126 @@
+"""Memory over one training step on one GPU of a pipeline stage: the peak is the largest of the phase
+peaks, not the sum of every maximum (DESIGN.md Sec. 9).
+
+Phases: the forward (activations of the in-flight micro-batches at their largest count; gradients already
+exist when a backward came before, as in 1F1B's steady state or the second micro-batch of gradient
+accumulation), the backward (the same activations with the gradients growing as they are freed, a block's
+backward working set, FSDP's unsharded parameters and gradients) and the optimizer step (states, reduced
+gradients and the optimizer's temporaries, no activations). Which model states exist when follows the
+engine's memory recipe (planner/engine.py): persistent gradient buffers (Megatron, DeepSpeed) or gradients
+created by the backward and freed by zero_grad (PyTorch); ZeRO sharding; FSDP's gathered 16-bit copies,
+resharded after forward or kept; gradients accumulated unsharded when their reduction waits for the last
+micro-batch (torch.distributed.pipelining, ZeRO-1). Bytes throughout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.cost.memory import state_bytes
+
+PHASES = ("forward", "backward", "optimizer")
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What one GPU of a pipeline stage holds, from the cost model."""
+
+    params: float             # local parameters (elements) of the stage on this TP rank
+    block_params: float       # parameters of one block on this TP rank
+    end_params: float         # embedding / head / final-norm parameters on this stage
+    acts_held: float          # activations of the micro-batches in flight at the stage's peak
+    acts_one: float           # activations of one micro-batch on this stage
+    held: int                 # micro-batches in flight at the peak
+    microbatches: int
+    block_transient: float    # a block's backward working set
+    head_transient: float     # logits in flight (last stage; 0 elsewhere)
+    autocast_copies: float    # 16-bit weight copies autocast keeps for the whole step (0 if none)
+
+
+@dataclass(frozen=True)
+class PhaseMemory:
+    """Bytes by kind at one phase's peak."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    other: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations + self.other
+
+
+@dataclass(frozen=True)
+class Timeline:
+    phases: dict[str, PhaseMemory]
+
+    @property
+    def peak_phase(self) -> str:
+        return max(PHASES, key=lambda p: self.phases[p].total)
+
+    @property
+    def peak(self) -> PhaseMemory:
+        return self.phases[self.peak_phase]
+
+
+@dataclass(frozen=True)
+class Regime:
+    """The engine facts that decide which states exist when (hashable, for caches)."""
+
+    zero: int
+    dp: int
+    pp: int
+    optimizer: str
+    reshard_after_forward: bool   # engine.overlap.reshard_after_forward
+    prefetch: bool                # engine.overlap.zero3_prefetch
+    defer_under_pipeline: bool    # engine.overlap.grad_sync_under_pipeline == "last_microbatch"
+    microbatches: int
+
+    @property
+    def sync_every_microbatch(self) -> bool:
+        """Gradients reduce-scattered in each micro-batch's backward (ZeRO-2/3, or a single micro-batch) rather
+        than accumulated unsharded until the last one."""
+        return self.microbatches == 1 or (self.zero >= 2 and (self.pp == 1 or not self.defer_under_pipeline))
+
+
+def stage_timeline(recipe, regime: Regime, s: StageInputs) -> Timeline:
+    """Phase peaks of one stage under a memory recipe (planner.engine.MemoryRecipe)."""
+    sb = state_bytes(recipe, regime.optimizer, regime.zero, regime.dp)
+    weights, opt_states = s.params * sb.weights, s.params * sb.optimizer
+    reduced = s.params * sb.grads
+    sharded_grads = regime.dp > 1 and regime.zero >= recipe.grads.sharded_from
+    deferred = sharded_grads and not regime.sync_every_microbatch
+    accumulated = s.params * (recipe.accumulated_grads_bytes or recipe.grads.bytes) if deferred else 0.0
+    # gradients held between backwards: the persistent buffer, the accumulated unsharded ones, or the shards
+    grads_between = reduced if recipe.grads_held_between_steps else (accumulated or reduced)
+
+    fsdp = recipe.gathered_weights_bytes > 0 and regime.dp > 1 and regime.zero >= recipe.weights.sharded_from
+    gathered_fwd = gathered_bwd = 0.0
+    if fsdp:
+        everything = (s.params - s.end_params) * recipe.gathered_weights_bytes
+        in_flight = (2 if regime.prefetch else 1) * s.block_params * recipe.gathered_weights_bytes
+        ends = s.end_params * recipe.gathered_weights_bytes          # the root module is never resharded
+        reshard = regime.zero >= 3 and regime.reshard_after_forward
+        kept_after_backward = regime.pp > 1 and regime.defer_under_pipeline
+        gathered_fwd = ends + (in_flight if reshard and not kept_after_backward else everything)
+        gathered_bwd = ends + (in_flight if reshard and not kept_after_backward else everything)
+    reduce_buffer = (s.block_params * recipe.gathered_grads_bytes
+                     if fsdp and regime.sync_every_microbatch else 0.0)
+
+    steady = s.microbatches > s.held          # a forward at the peak count follows an earlier backward
+    grads_fwd = reduced if recipe.grads_held_between_steps else (grads_between if steady else 0.0)
+    if recipe.grads_held_between_steps or steady:
+        grads_bwd = grads_between
+    else:   # the first backward: gradients appear as that micro-batch's activations are freed
+        grads_bwd = max(0.0, grads_between - s.acts_one)
+    forward = PhaseMemory(params=weights + gathered_fwd, grads=grads_fwd, optimizer=opt_states,
+                          activations=s.acts_held, other=s.autocast_copies + s.head_transient)
+    backward = PhaseMemory(params=weights + gathered_bwd, grads=grads_bwd, optimizer=opt_states,
+                           activations=s.acts_held,
+                           other=s.autocast_copies + max(s.block_transient + reduce_buffer, s.head_transient))
+    temp_share = regime.dp if regime.zero >= recipe.moments_sharded_from else 1
+    optimizer = PhaseMemory(params=weights, grads=reduced, optimizer=opt_states, activations=0.0,
+                            other=s.params * recipe.optimizer_temp_bytes / temp_share)
+    return Timeline({"forward": forward, "backward": backward, "optimizer": optimizer})

@@ -1,0 +1,250 @@
+"""What a training engine runs, and how: the data behind `--engine` (one file each in cluster_specs/engines/).
+
+The same parallel configuration costs differently in Megatron-LM, DeepSpeed, torchtitan and meshplan's own
+runtime (DESIGN.md Sec. 8): they run different kernels (fused or eager), keep different tensors under the
+same recompute name, overlap different communication and keep model states in different recipes. An
+`EngineSpec` says all of that as data; the cost model reads it and has no `if engine == ...` anywhere.
+Units: seconds, bytes per parameter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, model_validator
+
+from planner.specs import Precision
+
+ENGINE_DIR = Path(__file__).resolve().parent.parent / "cluster_specs" / "engines"
+ENGINES = ("meshplan", "torchtitan", "megatron", "deepspeed")
+DEFAULT_ENGINE = "meshplan"
+
+# Elementwise pieces of a block that an engine may run as one fused kernel each (otherwise they run as the
+# chain of eager PyTorch kernels planner.cost.kernels lists for them).
+Fusable = Literal["norm", "activation", "bias_dropout_add", "rope", "softmax", "cross_entropy"]
+FUSABLE: tuple[str, ...] = ("norm", "activation", "bias_dropout_add", "rope", "softmax", "cross_entropy")
+NEVER = 4   # `sharded_from` of a state that no ZeRO stage shards
+RecipeName = Literal["bf16", "fp16", "amp-bf16", "amp-fp16", "fp32"]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Kernels(_Spec):
+    """Which kernels run."""
+
+    attention: Literal["flash", "eager"] = Field(
+        description="Attention kernel for models whose spec does not name one: flash (fused, no score matrix "
+                    "kept) or eager (softmax(QK^T)V materialised, Megatron's fused scale-mask-softmax).")
+    fused: list[Fusable] = Field(
+        description="Elementwise pieces that run as one kernel each; the others run as eager PyTorch's chain of "
+                    "kernels (e.g. RMSNorm: cast, square, mean, rsqrt, two multiplies).")
+    compile_fuses: list[Fusable] = Field(
+        default_factory=list,
+        description="Pieces that `--compile` (torch.compile of each block) fuses in addition; empty: the engine "
+                    "has no --compile.")
+
+
+class HostCosts(_Spec):
+    """Host (CPU) seconds the engine spends issuing work; the GPU idles when the host falls behind."""
+
+    per_kernel_s: NonNegativeFloat = Field(description="One forward op: Python, dispatcher and launch.")
+    per_backward_kernel_s: NonNegativeFloat = Field(description="One kernel of the backward (autograd engine).")
+    per_collective_s: NonNegativeFloat = Field(description="Issuing one collective or point-to-point transfer.")
+    per_microbatch_s: NonNegativeFloat = Field(
+        description="Per micro-batch and pipeline stage: schedule, data loading and loss bookkeeping.")
+    per_step_s: NonNegativeFloat = Field(
+        description="Per optimizer step: zeroing gradients, gradient-norm and optimizer launches, logging.")
+    compiled_kernel_factor: float = Field(
+        1.0, gt=0, le=1, description="Host cost per kernel under --compile, as a fraction of eager's.")
+
+
+class Recompute(_Spec):
+    """What each recompute mode keeps for the backward."""
+
+    selective: Literal["attention_core", "save_every_other_matmul", "none"] = Field(
+        description="attention_core: recompute softmax(QK^T)V only (Megatron; free with flash attention); "
+                    "save_every_other_matmul: torchtitan's per-op policy (keep the outputs of the 1st, 3rd, ... "
+                    "matmul of a block and of attention, recompute everything else); none: no selective mode.")
+    full: Literal["block_input"] = Field("block_input", description="full keeps each block's input and replays "
+                                                                     "the block before its backward.")
+
+
+class Overlap(_Spec):
+    """What runs under what."""
+
+    grad_reduce: Literal["during_backward", "after_backward"] = Field(
+        description="Data-parallel gradient reduction bucketed under the backward, or issued after it.")
+    param_gather: Literal["next_forward", "after_step"] = Field(
+        description="ZeRO-1/2 (distributed optimizer): the all-gather of updated parameters is prefetched under "
+                    "the next forward (FSDP2, Megatron --overlap-param-gather) or runs after the step, exposed.")
+    zero3_prefetch: bool = Field(description="ZeRO-3/FSDP: the next block's gather runs under the current block.")
+    reshard_after_forward: bool = Field(
+        description="ZeRO-3/FSDP: parameters are freed after the forward and gathered again for the backward.")
+    grad_sync_under_pipeline: Literal["every_microbatch", "last_microbatch"] = Field(
+        description="ZeRO-2/3 with pp > 1: gradients reduce-scattered after every micro-batch's backward, or "
+                    "accumulated unsharded and reduced once after the last (torch.distributed.pipelining).")
+    tp_comm_hidden: float = Field(
+        0.0, ge=0, le=1, description="Share of tensor-parallel communication hidden under GEMMs (async TP).")
+    pp_p2p: Literal["overlapped", "exposed"] = Field(
+        description="Pipeline sends and receives: asynchronous beside compute, or blocking the stage.")
+
+
+class StateTerm(_Spec):
+    """One model state of a memory recipe."""
+
+    bytes: NonNegativeFloat = Field(description="Bytes per parameter.")
+    sharded_from: int = Field(NEVER, ge=1, le=NEVER,
+                              description="Lowest ZeRO stage that shards it over data parallelism (4: never).")
+
+
+class MemoryRecipe(_Spec):
+    """How one precision keeps the model states (bytes per parameter) and what it computes in."""
+
+    compute: Literal["bf16", "fp16", "fp32", "autocast-bf16", "autocast-fp16"] = Field(
+        description="Activation dtype: 16-bit throughout, fp32, or autocast (16-bit matmuls over fp32 "
+                    "parameters and an fp32 residual stream).")
+    weights: StateTerm = Field(description="The parameters as stored between steps.")
+    grads: StateTerm = Field(description="The gradients the optimizer reads.")
+    master: StateTerm = Field(StateTerm(bytes=0), description="fp32 master weights (16-bit recipes).")
+    moment_bytes: NonNegativeFloat = Field(4, description="Bytes per optimizer moment per parameter.")
+    moments_sharded_from: int = Field(1, ge=1, le=NEVER)
+    grads_held_between_steps: bool = Field(
+        description="Gradient buffers persist across steps (Megatron's contiguous buffer); false: created by the "
+                    "backward and freed by zero_grad(set_to_none=True).")
+    gathered_weights_bytes: NonNegativeFloat = Field(
+        0, description="FSDP: bytes per parameter of the unsharded compute copy it all-gathers (0: none).")
+    gathered_grads_bytes: NonNegativeFloat = Field(
+        0, description="FSDP: bytes per parameter of a block's unsharded gradient before its reduce-scatter.")
+    accumulated_grads_bytes: NonNegativeFloat = Field(
+        0, description="Bytes per parameter of unsharded gradients accumulated when reduction is deferred to the "
+                       "last micro-batch (FSDP2 accumulates in its reduce dtype).")
+    reduce_bytes: NonNegativeFloat = Field(description="Bytes per element of the gradient reduction.")
+    gather_bytes: NonNegativeFloat = Field(description="Bytes per element of the parameter all-gather.")
+    optimizer_temp_bytes: NonNegativeFloat = Field(
+        0, description="Bytes per parameter the optimizer step allocates beside the states (torch's foreach Adam "
+                       "keeps one fp32 temporary per parameter: the denominator sqrt(v)/c + eps).")
+    optimizer_traffic_bytes: NonNegativeFloat = Field(
+        description="Device-memory bytes per parameter read and written by one Adam step, grad-norm included.")
+    loss_scaling: bool = False
+
+
+class MemoryExtras(_Spec):
+    """Buffers besides states and activations."""
+
+    logits_fp32: bool = Field(description="The loss reads an fp32 copy of the full-vocabulary logits.")
+    sp_saves: Literal["sharded", "gathered"] = Field(
+        description="Under sequence parallelism the QKV and MLP inputs are kept sequence-sharded and gathered "
+                    "again in the backward (Megatron), or kept gathered (DTensor's PrepareModuleInput).")
+    autocast_casts_per_linear: bool = Field(
+        False, description="Autocast casts the fp32 input of each Linear separately, so q/k/v (and gate/up) each "
+                           "keep their own 16-bit copy of one norm output.")
+    vocab_multiple: int = Field(128, ge=1, description="Vocabulary padded to a multiple of this times tp.")
+
+
+class EngineSpec(_Spec):
+    """A training engine: kernels, recompute semantics, overlap, memory recipes, host costs and what it runs."""
+
+    name: str
+    description: str = ""
+    zero_stages: list[Literal[0, 1, 2, 3]] = Field(description="ZeRO stages it can run.")
+    schedules: list[Literal["gpipe", "1f1b", "interleaved"]]
+    recompute_modes: list[Literal["none", "selective", "full"]]
+    sequence_parallel: bool
+    compile: bool = Field(False, description="Whether `--compile` is on for this estimate (set by the CLI).")
+    kernels: Kernels
+    host: HostCosts
+    recompute: Recompute
+    overlap: Overlap
+    memory: dict[RecipeName, MemoryRecipe] = Field(description="Memory recipe of each precision it runs.")
+    memory_extras: MemoryExtras
+    zero0_recipe: dict[Precision, RecipeName] = Field(
+        default_factory=dict,
+        description="Precisions that run another precision's recipe when nothing is sharded (ZeRO 0 or dp 1): "
+                    "meshplan's bf16 without FSDP is autocast over fp32 parameters (amp-bf16).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EngineSpec":
+        for src, dst in self.zero0_recipe.items():
+            if dst not in self.memory:
+                raise ValueError(f"zero0_recipe maps {src} to {dst}, which has no memory recipe")
+        if "fp32" not in self.memory:
+            raise ValueError("memory needs an fp32 recipe (what runs on CPUs)")
+        if self.recompute.selective == "none" and "selective" in self.recompute_modes:
+            raise ValueError("recompute_modes lists selective but recompute.selective is none")
+        if self.compile and not self.kernels.compile_fuses:
+            raise ValueError(f"engine {self.name} has no --compile (kernels.compile_fuses is empty)")
+        return self
+
+    @property
+    def fused(self) -> frozenset[str]:
+        """The elementwise pieces that run fused, --compile included."""
+        extra = self.kernels.compile_fuses if self.compile else []
+        return frozenset(self.kernels.fused) | frozenset(extra)
+
+    @property
+    def host_per_kernel(self) -> tuple[float, float]:
+        """(forward, backward) host seconds per kernel."""
+        k = self.host.compiled_kernel_factor if self.compile else 1.0
+        return self.host.per_kernel_s * k, self.host.per_backward_kernel_s * k
+
+    def recipe(self, precision: str, zero: int, dp: int) -> MemoryRecipe:
+        """The memory recipe `precision` runs with at this ZeRO stage and data-parallel degree."""
+        if zero == 0 or dp == 1:
+            precision = self.zero0_recipe.get(precision, precision)
+        return self.memory[precision]
+
+    def label(self) -> str:
+        return self.name + (" (compiled)" if self.compile else "")
+
+
+def engine_names() -> list[str]:
+    return sorted(p.stem for p in ENGINE_DIR.glob("*.yaml"))
+
+
+def load_engine(arg: str = DEFAULT_ENGINE, compile: bool = False) -> EngineSpec:
+    """A built-in engine (cluster_specs/engines/NAME.yaml) or an engine YAML/JSON file; `compile` turns on its
+    --compile (an InputError when it has none)."""
+    from planner.errors import InputError
+    from planner.loaders import parse_spec, read_data_file
+    path = ENGINE_DIR / f"{arg}.yaml"
+    if not path.is_file():
+        path = Path(arg)
+        if not path.exists():
+            raise InputError(f"'{arg}' is neither a built-in engine ({', '.join(engine_names())}) nor an "
+                             f"existing file", field="--engine")
+    spec = parse_spec(EngineSpec, read_data_file(path, "--engine"), str(path))
+    if compile:
+        if not spec.kernels.compile_fuses:
+            raise InputError(f"engine {spec.name} has no torch.compile mode (only the PyTorch engines do)",
+                             field="--compile")
+        spec = spec.model_copy(update={"compile": True})
+    return spec
+
+
+def with_overrides(engine: EngineSpec, overrides: dict[str, float]) -> EngineSpec:
+    """A copy of `engine` with dotted-path values replaced (e.g. {"host.per_kernel_s": 2e-3})."""
+    if not overrides:
+        return engine
+    data = engine.model_dump()
+    for path, value in overrides.items():
+        node = data
+        parts = path.split(".")
+        for p in parts[:-1]:
+            node = node[p]
+        if parts[-1] not in node:
+            raise KeyError(path)
+        node[parts[-1]] = value
+    return EngineSpec.model_validate(data)
+
+
+def engine_on(engine: EngineSpec, cluster) -> EngineSpec:
+    """The engine as it behaves on `cluster`: its `engine_overrides` for this engine applied."""
+    from planner.errors import InputError
+    try:
+        return with_overrides(engine, cluster.engine_overrides.get(engine.name, {}))
+    except (KeyError, TypeError):
+        raise InputError(f"engine_overrides.{engine.name} names a field engine {engine.name} does not have",
+                         field=cluster.name) from None
