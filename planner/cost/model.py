@@ -19,6 +19,7 @@ from planner.cost.memory import (GIB, block_activation_bytes, block_backward_tra
                                  in_flight_microbatches, interleaved_in_flight_chunks, state_bytes)
 from planner.cost.params import embedding_params, final_norm_params, layer_params, position_params
 from planner.cost.pipeline import pipeline_time
+from planner.cost.stage_work import StageWork
 from planner.layout import DEFAULT_ORDER, Layout
 from planner.partition import partition_layers
 from planner.profile_data import ModelProfile
@@ -96,6 +97,7 @@ class Core:
     fullest: int
     feasible: bool
     devices: tuple[int, ...] | None = None   # placement: device of each rank (None: rank r on device r)
+    work: StageWork | None = None            # per-device, per-micro-batch times behind `step` (timeline)
 
 
 class CostModel:
@@ -444,6 +446,7 @@ class CostModel:
         kappa = self.cluster.overlap_slowdown
         overlap = 1.0 if tr.overlap_grad_reduce else 0.0
         zero_exposed = [0.0] * pp
+        zero_fwd = [0.0] * pp
         if cfg.zero >= 2 and cfg.dp > 1:
             for i in range(pp):
                 grads_rs = self._dp_collective("reduce_scatter", params[i] * self.states.grads, layers[i], dp_group)
@@ -453,6 +456,7 @@ class CostModel:
                 fwd_exposed = _exposed(gather, fwd[i], kappa)
                 bwd_exposed = _exposed(gather, bwd[i], kappa) + _exposed(grads_rs, bwd[i] * overlap, kappa)
                 zero_exposed[i] = fwd_exposed + bwd_exposed
+                zero_fwd[i] = fwd_exposed
                 fwd[i] += fwd_exposed
                 bwd[i] += bwd_exposed
 
@@ -504,7 +508,9 @@ class CostModel:
         peak_reserved = peak_total * self.margin
         return Core(cfg=cfg, order=order, chunks=chunks, nmb=nmb, step=step, crit=crit, time=time, stages=stages,
                     peak_total=peak_total, peak_reserved=peak_reserved, fullest=fullest,
-                    feasible=peak_reserved <= self.usable_bytes, devices=devices)
+                    feasible=peak_reserved <= self.usable_bytes, devices=devices,
+                    work=StageWork(device_chunks, blk, ends, zero_fwd, [z - f for z, f in zip(zero_exposed, zero_fwd)],
+                                   p2p if pp > 1 else 0.0, [c for _, c, _ in post], [o for _, _, o in post], pipe))
 
     def sources_for(self, cfg: ParallelConfig) -> dict[str, str]:
         """`sources` with where this configuration's block numbers came from."""
