@@ -85,7 +85,7 @@ def test_unbalanced_1f1b_and_interleaved_within_8_percent(p, mult, v, seed):
 
 
 @pytest.mark.parametrize("schedule,v", [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)])
-def test_events_keep_devices_serial_and_dependencies_in_order(schedule, v):
+def test_operations_keep_devices_serial_and_dependencies_in_order(schedule, v):
     """Every device runs every (op, chunk, micro-batch) once with its pieces back to back and never two at a
     time; a forward starts after the previous virtual stage's forward has arrived, a backward after the next
     virtual stage's backward has."""
@@ -94,16 +94,17 @@ def test_events_keep_devices_serial_and_dependencies_in_order(schedule, v):
     bwd = [[[("recompute", 0.5), ("backward", 2.0 - i / 10)] for _ in range(v)] for i in range(p)]
     tl = simulate(schedule, m, fwd, bwd, c)
     for i in range(p):
-        mine = [e for e in tl.events if e.device == i]
+        mine = tl.rows[i]
+        assert all(o.device == i for o in mine)
         assert all(a.end <= b.start + 1e-12 for a, b in zip(mine, mine[1:]))
         assert tl.busy(i) == pytest.approx({"forward": m * v * (1.0 + i / 10), "communication": m * v * 0.1,
                                             "recompute": m * v * 0.5, "backward": m * v * (2.0 - i / 10)})
-        assert [e.kind for e in mine if e.op == "B"][:2] == ["recompute", "backward"]
-    span = {}
-    for e in tl.events:
-        g = e.chunk * p + e.device
-        s, t = span.get((e.op, g, e.microbatch), (e.start, e.end))
-        span[(e.op, g, e.microbatch)] = (min(s, e.start), max(t, e.end))
+        for o in mine:
+            parts = list(o.parts())
+            assert [k for k, _, _ in parts] == (["forward", "communication"] if o.op == "F"
+                                                 else ["recompute", "backward"])
+            assert parts[0][1] == o.start and parts[-1][2] == pytest.approx(o.end)
+    span = {(o.op, o.chunk * p + o.device, o.microbatch): (o.start, o.end) for o in tl.ops}
     assert len(span) == 2 * m * p * v
     last = p * v - 1
     for (op, g, j), (start, _) in span.items():
@@ -114,4 +115,4 @@ def test_events_keep_devices_serial_and_dependencies_in_order(schedule, v):
             assert start >= before - 1e-12
     assert len(tl.transfers) == 2 * m * (p * v - 1)
     assert all(t.end - t.start == pytest.approx(c) for t in tl.transfers)
-    assert tl.makespan == max(e.end for e in tl.events)
+    assert tl.makespan == max(o.end for o in tl.ops)

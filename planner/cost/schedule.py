@@ -5,8 +5,9 @@ the pipeline timeline `meshplan report` draws. Each device runs its operations i
 (Megatron-LM's orders); an operation starts when its device is free and the operation it depends on (the
 previous virtual stage's forward, the next virtual stage's backward) has finished and its activation or
 gradient has crossed the link. A transfer is a link delay of `p2p` seconds, not busy device time: the device
-that sends goes on with its next operation (the closed forms, by contrast, charge every transfer to the
-device's cycle, so they sit above this simulation by at most the transfers they charge).
+that sends goes on with its next operation. (The closed forms charge every transfer to the device's cycle
+instead: for balanced stages they sit above this simulation, by at most the transfers they charge.) The lead
+engineer's planned change of pipeline.py to link delays keeps this simulation the reference.
 
 An operation's work is either plain seconds or a sequence of (kind, seconds) pieces run back to back (e.g.
 recompute, then backward, then the TP collectives), so the timeline can show what the device is doing.
@@ -14,28 +15,36 @@ recompute, then backward, then the TP collectives), so the timeline can show wha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 Piece = tuple[str, float]          # (kind, seconds)
 Work = float | Sequence[Piece]     # one micro-batch's forward or backward of one chunk on one device
 
 
-@dataclass(frozen=True)
-class Event:
-    """One piece of one operation: `device` is busy from `start` to `end` (seconds from the step's start)."""
+class Op(NamedTuple):
+    """One operation: `device` runs `op` ("F" forward, "B" backward) of local chunk `chunk` (virtual stage
+    chunk * pp + device) for `microbatch` from `start` to `end` (seconds from the step's start), as `pieces`
+    run back to back."""
 
     device: int
-    chunk: int         # local model chunk (virtual stage chunk * pp + device)
+    chunk: int
     microbatch: int
-    op: str            # "F" (forward) or "B" (backward)
-    kind: str          # what the piece does: forward, backward, recompute, communication, ...
+    op: str
     start: float
     end: float
+    pieces: tuple[Piece, ...]
+
+    def parts(self) -> Iterator[tuple[str, float, float]]:
+        """(kind, start, end) of each piece."""
+        t = self.start
+        for kind, seconds in self.pieces:
+            yield kind, t, t + seconds
+            t += seconds
 
 
-@dataclass(frozen=True)
-class Transfer:
+class Transfer(NamedTuple):
     """An activation (forward) or gradient (backward) crossing the link between two devices."""
 
     src: int
@@ -48,19 +57,23 @@ class Transfer:
 
 @dataclass
 class Timeline:
-    """Every device's events in execution order, every transfer, and the makespan (seconds)."""
+    """Each device's operations in execution order (rows[i]), every transfer, and the makespan (seconds)."""
 
-    devices: int
-    events: list[Event] = field(default_factory=list)
+    rows: list[list[Op]]
     transfers: list[Transfer] = field(default_factory=list)
     makespan: float = 0.0
+
+    @property
+    def ops(self) -> Iterator[Op]:
+        for row in self.rows:
+            yield from row
 
     def busy(self, device: int) -> dict[str, float]:
         """Seconds `device` spends on each kind of work."""
         out: dict[str, float] = {}
-        for e in self.events:
-            if e.device == device:
-                out[e.kind] = out.get(e.kind, 0.0) + (e.end - e.start)
+        for o in self.rows[device]:
+            for kind, seconds in o.pieces:
+                out[kind] = out.get(kind, 0.0) + seconds
         return out
 
 
@@ -94,10 +107,10 @@ def device_order(schedule: str, p: int, v: int, m: int, device: int) -> list[tup
     return order + [bwd_op(k) for k in range(total - warm, total)]
 
 
-def _pieces(work: Work, kind: str) -> list[Piece]:
+def _pieces(work: Work, kind: str) -> tuple[Piece, ...]:
     if isinstance(work, (int, float)):
-        return [(kind, float(work))]
-    return [(k, float(s)) for k, s in work]
+        work = [(kind, work)]
+    return tuple((k, float(x)) for k, x in work if x > 0)
 
 
 def simulate(schedule: str, m: int, fwd: Sequence[Sequence[Work]], bwd: Sequence[Sequence[Work]],
@@ -106,45 +119,49 @@ def simulate(schedule: str, m: int, fwd: Sequence[Sequence[Work]], bwd: Sequence
     chunk c on device i (seconds, or (kind, seconds) pieces); `p2p`: seconds an activation or gradient takes
     between neighbouring devices."""
     p, v = len(fwd), len(fwd[0])
-    stages = p * v
+    last = p * v - 1
     lag = p2p if p > 1 else 0.0
-    work = {("F", i, c): _pieces(fwd[i][c], "forward") for i in range(p) for c in range(v)}
-    work.update({("B", i, c): _pieces(bwd[i][c], "backward") for i in range(p) for c in range(v)})
-    orders = [device_order(schedule, p, v, m, i) for i in range(p)]
-    done: dict[tuple[str, int, int], float] = {}   # (op, virtual stage, micro-batch) -> finish time
-    out = Timeline(devices=p)
+    f_done = [[-1.0] * m for _ in range(last + 1)]   # finish time of (virtual stage, micro-batch); -1: not yet
+    b_done = [[-1.0] * m for _ in range(last + 1)]
+    plans = []
+    for i in range(p):
+        steps = []
+        for op, chunk, j in device_order(schedule, p, v, m, i):
+            g = chunk * p + i
+            pieces = _pieces((fwd if op == "F" else bwd)[i][chunk], "forward" if op == "F" else "backward")
+            if op == "F":   # (the table it waits on, the stage there, whether it comes over a link)
+                dep = (f_done, g - 1, p > 1) if g > 0 else (None, 0, False)
+            else:
+                dep = (b_done, g + 1, p > 1) if g < last else (f_done, g, False)
+            steps.append((op, chunk, j, g, *dep, pieces, sum(x for _, x in pieces)))
+        plans.append(steps)
+    out = Timeline(rows=[[] for _ in range(p)])
     free = [0.0] * p
     pos = [0] * p
-    remaining = sum(len(o) for o in orders)
+    remaining = sum(len(s) for s in plans)
     while remaining:
         progressed = False
         for i in range(p):
-            order = orders[i]
-            while pos[i] < len(order):
-                op, chunk, j = order[pos[i]]
-                g = chunk * p + i
-                if op == "F":
-                    src = g - 1 if g > 0 else None
-                    dep = done.get(("F", src, j)) if src is not None else 0.0
-                else:
-                    src = g + 1 if g < stages - 1 else None
-                    dep = done.get(("B", src, j)) if src is not None else done.get(("F", g, j))
-                if dep is None:
-                    break
-                arrival = dep
-                if src is not None and src % p != i:     # crosses a link (not a chunk handed on locally)
-                    arrival = dep + lag
-                    if lag > 0:
-                        out.transfers.append(Transfer(src % p, i, j, "activation" if op == "F" else "gradient",
-                                                      dep, arrival))
-                t = max(free[i], arrival)
-                for kind, seconds in work[(op, i, chunk)]:
-                    if seconds > 0:
-                        out.events.append(Event(i, chunk, j, op, kind, t, t + seconds))
-                        t += seconds
-                free[i] = done[(op, g, j)] = t
-                pos[i] += 1
-                remaining -= 1
+            steps, row, k = plans[i], out.rows[i], pos[i]
+            while k < len(steps):
+                op, chunk, j, g, table, src, linked, pieces, total = steps[k]
+                arrival = 0.0
+                if table is not None:
+                    arrival = table[src][j]
+                    if arrival < 0:
+                        break
+                    if linked:
+                        if lag > 0:
+                            out.transfers.append(Transfer(src % p, i, j, "activation" if op == "F" else "gradient",
+                                                          arrival, arrival + lag))
+                        arrival += lag
+                start = max(free[i], arrival)
+                free[i] = (f_done if op == "F" else b_done)[g][j] = start + total
+                row.append(Op(i, chunk, j, op, start, start + total, pieces))
+                k += 1
+            if k > pos[i]:
+                remaining -= k - pos[i]
+                pos[i] = k
                 progressed = True
         if not progressed:
             raise RuntimeError("schedule deadlocked")
