@@ -65,11 +65,10 @@ def simulate_core(core: Core) -> Timeline:
 
 
 def timeline_data(plan: Plan, core: Core, max_boxes: int = MAX_BOXES, bins: int = TIME_BINS) -> dict:
-    """One step, a row per pipeline stage: the simulated operations and their pieces (or, past `max_boxes`
-    operations, time
-    bins merged into segments with the share of each kind), the link transfers, and what follows the last
-    backward (data-parallel communication, then the optimizer, both charged after the whole pipeline as the
-    cost model does)."""
+    """One step, a row per pipeline stage: the simulated operations and their pieces (past `max_boxes`
+    operations, time bins merged into segments with the seconds of each kind instead), the link transfers,
+    and what follows the last backward (data-parallel communication, then the optimizer, both charged after
+    the whole pipeline as the cost model does). Seconds throughout."""
     w, cfg = core.work, plan.config
     tl = simulate_core(core)
     pipe = tl.makespan
