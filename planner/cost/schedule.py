@@ -6,8 +6,8 @@ the pipeline timeline `meshplan report` draws. Each device runs its operations i
 previous virtual stage's forward, the next virtual stage's backward) has finished and its activation or
 gradient has crossed the link. A transfer is a link delay of `p2p` seconds, not busy device time: the device
 that sends goes on with its next operation. (The closed forms charge every transfer to the device's cycle
-instead: for balanced stages they sit above this simulation, by at most the transfers they charge.) The lead
-engineer's planned change of pipeline.py to link delays keeps this simulation the reference.
+instead: for balanced stages they sit above this simulation, by at most the transfers they charge.) Link
+delays are what the hardware does, so this stays the reference however pipeline.py charges transfers.
 
 An operation's work is either plain seconds or a sequence of (kind, seconds) pieces run back to back (e.g.
 recompute, then backward, then the TP collectives), so the timeline can show what the device is doing.
