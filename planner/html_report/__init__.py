@@ -1,7 +1,7 @@
 """`meshplan report`: the plan (and a run) drawn in one self-contained HTML page.
 
 Why hand-written SVG: the page must open offline and stay under 5 MB for 64-stage pipelines; a plotting
-library would have to be embedded whole (plotly.min.js alone is ~4.5 MB), while inline SVG with a dozen lines
+library would have to be embedded whole (plotly.min.js alone is several MB), while inline SVG with a dozen lines
 of script for the tooltips costs nothing beyond the shapes drawn, renders in every browser, and keeps the
 planner free of new dependencies. The charts are simple (boxes on a time axis, stacked bars, one line), so
 little is lost.
