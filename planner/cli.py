@@ -280,7 +280,9 @@ def plan(
                                           "'tp=8,pp=4,mbs=1,zero=1,recompute=full,sp' or a plan/estimate JSON."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan JSON (runners-up under `alternatives`)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the winning plan for `meshplan run`."),
-    force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also draw the plan as a self-contained HTML page "
+                                                             "(as `meshplan report` does)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --output / --html if they exist."),
 ):
     """Search every parallel configuration and pick the fastest that fits in memory.
 
@@ -304,6 +306,9 @@ def plan(
         if value is not None and value < 1:
             raise InputError(f"must be >= 1 (got {value})", field=field)
     _check_pins(m, c, t, tp, pp, dp, mbs)
+    if html is not None:
+        from planner.html_report.command import check_output
+        check_output(html, force, "--html")
     constraints = Constraints(tp=tp, pp=pp, dp=dp, vpp=vpp, mbs=mbs, zero=zero, recompute=recompute, sp=sp,
                               schedule=schedule, max_tp=max_tp, max_pp=max_pp, max_mbs=max_mbs,
                               max_zero=2 if no_zero3 else 3, allow_cross_node_tp=allow_cross_node_tp)
@@ -340,6 +345,9 @@ def plan(
                          engine=cost.engine)
     if output is not None:
         write_new_file(output, the_plan.model_dump_json(indent=1), force, "--output")
+    if html is not None:
+        from planner.html_report import build_html
+        write_new_file(html, build_html(the_plan, core=result.top[0]), force, "--html")
     if as_json:
         print(the_plan.model_dump_json(indent=1))
         return
@@ -348,6 +356,8 @@ def plan(
     render_plan(stdout, cost.model, c, t, preds, stats.model_dump(), compare_pred, result.compare_rank)
     if output is not None:
         stdout.print(f"plan written to {output}")
+    if html is not None:
+        stdout.print(f"report written to {html}", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------- listings
@@ -393,6 +403,11 @@ def schema(
     _choice(kind, "kind", tuple(kinds))
     print(json.dumps(kinds[kind].model_json_schema(), indent=1))
 
+
+# ---------------------------------------------------------------------------------------------- report
+from planner.html_report.command import report_command  # noqa: E402
+
+app.command("report")(report_command)
 
 # ---------------------------------------------------------------------------------------------- torch commands
 # `run` and `profile` live with the code they drive; their modules import torch only inside the commands.

@@ -98,6 +98,12 @@ class EfficiencyModel(_Spec):
     gemm_max: float = Field(0.8, gt=0, le=1, description="Fraction of dense peak reached by large GEMMs.")
     gemm_tile: float = Field(64.0, ge=0, description="Elements; a GEMM dimension x is used at x/(x+gemm_tile).")
     flash_attention: float = Field(0.5, gt=0, le=1, description="Fraction of dense peak reached by fused attention.")
+    attention_tile: float = Field(
+        0.0, ge=0, description="Fused attention runs at flash_attention * n / (n + attention_tile), n its thread "
+                               "blocks (batch x local heads x seq/128): few heads per GPU leave SMs idle.")
+    gemm_backward: float = Field(
+        1.0, gt=0, le=1, description="The backward's GEMMs (dX = dY W^T, dW = X^T dY, transposed operands) run at "
+                                     "this fraction of the forward GEMM rate of the same shape.")
     memory: float = Field(0.8, gt=0, le=1, description="Fraction of HBM bandwidth reached by elementwise kernels.")
     kernel_overhead_s: float = Field(
         5e-6, ge=0, description="Seconds: the shortest a kernel runs on the device (launch latency). The host's "

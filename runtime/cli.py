@@ -29,8 +29,10 @@ def run_command(
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Save every K steps (0: never)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --checkpoint-dir."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the run report (JSON) here."),
-    force: bool = typer.Option(False, "--force", help="Overwrite --report if it exists; without --resume, delete "
-                                                      "the checkpoints of an earlier run in --checkpoint-dir."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also draw the plan and the run as a self-contained "
+                                                             "HTML page (as `meshplan report` does)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --report / --html if they exist; without --resume, "
+                                                      "delete the checkpoints of an earlier run in --checkpoint-dir."),
     print_command: bool = typer.Option(False, "--print-command",
                                        help="Print each node's torchrun command instead of running."),
     nnodes: Optional[int] = typer.Option(None, "--nnodes", help="Nodes (default: the plan's)."),
@@ -86,6 +88,12 @@ def run_command(
             raise InputError(f"'{report}' exists; pass --force to overwrite it", field="--report")
         if not report.resolve().parent.is_dir():
             raise InputError(f"directory '{report.parent}' does not exist", field="--report")
+    if html is not None:
+        from planner.html_report.command import check_output
+        if print_command:
+            raise InputError("the ranks of a multi-node run write only the run report; draw it afterwards with "
+                             "`meshplan report RUN_REPORT -o report.html`", field="--html")
+        check_output(html, force, "--html")
 
     if print_command:
         if node_rank is not None and not 0 <= node_rank < nodes:
@@ -122,9 +130,16 @@ def run_command(
             err.print("[red]error:[/] the ranks finished but rank 0 wrote no report")
             raise typer.Exit(1)
         from runtime.report import render_report
-        render_report(out, json.loads(report_path.read_text()))
+        written = json.loads(report_path.read_text())
+        render_report(out, written)
         if report is not None:
             out.print(f"run report written to {report}")
+        if html is not None:
+            from planner.cli import write_new_file
+            from planner.html_report import build_html
+            from planner.html_report.inputs import RunReport
+            write_new_file(html, build_html(p, RunReport.model_validate(written)), force, "--html")
+            out.print(f"report written to {html}", soft_wrap=True)
     finally:
         shutil.rmtree(job_dir, ignore_errors=True)
 

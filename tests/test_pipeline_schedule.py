@@ -1,4 +1,5 @@
-"""Closed-form pipeline step times against a discrete-event simulation of the same schedules."""
+"""Closed-form pipeline step times (planner/cost/pipeline.py) against the discrete-event simulation of the
+same schedules (planner/cost/schedule.py), and the simulation's own invariants."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planner.cost.pipeline import pipeline_time
-from tests.pipeline_sim import simulate
+from planner.cost.schedule import simulate
 
 
-def closed(schedule, m, fwd, bwd, p2p=0.0):
+def closed(schedule, m, fwd, bwd, p2p=0.0, blocking=False):
     v = len(fwd[0])
-    return pipeline_time(schedule, m, [sum(r) for r in fwd], [sum(r) for r in bwd], p2p, v)[0]
+    return pipeline_time(schedule, m, [sum(r) for r in fwd], [sum(r) for r in bwd], p2p, v, blocking)[0]
+
+
+def makespan(schedule, m, fwd, bwd, p2p=0.0):
+    return simulate(schedule, m, fwd, bwd, p2p).makespan
 
 
 @pytest.mark.parametrize("schedule,v", [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("interleaved", 4)])
@@ -22,7 +27,9 @@ def test_balanced_stages_match_simulation_exactly(schedule, v, p, mult):
     m = p * mult
     fwd = [[1.0 / v] * v for _ in range(p)]
     bwd = [[2.0 / v] * v for _ in range(p)]
-    assert closed(schedule, m, fwd, bwd) == pytest.approx(simulate(schedule, m, fwd, bwd, 0.0), rel=1e-12)
+    assert closed(schedule, m, fwd, bwd) == pytest.approx(makespan(schedule, m, fwd, bwd), rel=1e-12)
+    want = (m + (p - 1) / v) * 3.0 if schedule == "interleaved" else (m + p - 1) * 3.0
+    assert makespan(schedule, m, fwd, bwd) == pytest.approx(want, rel=1e-12)
 
 
 @given(p=st.integers(2, 6), m=st.integers(1, 24), seed=st.randoms(use_true_random=False))
@@ -31,7 +38,49 @@ def test_gpipe_is_exact_for_any_stage_times(p, m, seed):
     """GPipe's forward and backward phases are flow shops of identical jobs: sum + (m-1) * max is exact."""
     fwd = [[seed.uniform(0.2, 2.0)] for _ in range(p)]
     bwd = [[seed.uniform(0.4, 4.0)] for _ in range(p)]
-    assert closed("gpipe", m, fwd, bwd) == pytest.approx(simulate("gpipe", m, fwd, bwd, 0.0), rel=1e-12)
+    assert closed("gpipe", m, fwd, bwd) == pytest.approx(makespan("gpipe", m, fwd, bwd), rel=1e-12)
+
+
+@given(p=st.integers(2, 6), m=st.integers(1, 24), c=st.floats(0.0, 1.0), seed=st.randoms(use_true_random=False))
+@settings(max_examples=60, deadline=None)
+def test_gpipe_with_link_delays_is_exact(p, m, c, seed):
+    """With transfers as link delays, each phase's longest path is sum F + (p-1) c + (m-1) max F, which is the
+    asynchronous closed form for any stage times."""
+    fwd = [[seed.uniform(0.2, 2.0)] for _ in range(p)]
+    bwd = [[seed.uniform(0.4, 4.0)] for _ in range(p)]
+    got = makespan("gpipe", m, fwd, bwd, c)
+    assert got == pytest.approx(closed("gpipe", m, fwd, bwd, c), rel=1e-12, abs=1e-12)
+    longest = sum(f[0] + b[0] for f, b in zip(fwd, bwd)) + 2 * (p - 1) * c + (m - 1) * (
+        max(f[0] for f in fwd) + max(b[0] for b in bwd))
+    assert got == pytest.approx(longest, rel=1e-12)
+
+
+@given(p=st.integers(2, 8), mult=st.integers(1, 8), v=st.integers(1, 4), tf=st.floats(0.2, 2.0),
+       ratio=st.floats(1.0, 3.0), share=st.floats(0.0, 1.0))
+@settings(max_examples=120, deadline=None)
+def test_balanced_1f1b_and_interleaved_with_link_delays_are_exact(p, mult, v, tf, ratio, share):
+    """Balanced stages with transfers up to one chunk's forward time: the asynchronous closed forms equal the
+    simulation (1F1B's round trip between neighbours each cycle, interleaving's fill and drain only)."""
+    schedule = "interleaved" if v > 1 else "1f1b"
+    m = p * mult
+    fwd = [[tf / v] * v for _ in range(p)]
+    bwd = [[tf * ratio / v] * v for _ in range(p)]
+    c = share * tf / v
+    assert closed(schedule, m, fwd, bwd, c) == pytest.approx(makespan(schedule, m, fwd, bwd, c), rel=1e-9)
+
+
+@pytest.mark.parametrize("schedule,v", [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)])
+def test_blocking_transfers_are_device_time(schedule, v):
+    """Blocking send/recv (Megatron's, DeepSpeed's): every transfer keeps both stages busy, so the closed form
+    is the simulation without delays of devices whose every chunk pass is c longer."""
+    p, m, c = 4, 8, 0.3
+    fwd = [[1.0 / v] * v for _ in range(p)]
+    bwd = [[2.0 / v] * v for _ in range(p)]
+    busy_f = [[x + c for x in row] for row in fwd]
+    busy_b = [[x + c for x in row] for row in bwd]
+    assert closed(schedule, m, fwd, bwd, c, blocking=True) == pytest.approx(
+        makespan(schedule, m, busy_f, busy_b), rel=1e-12)
+    assert closed(schedule, m, fwd, bwd, c, blocking=True) > closed(schedule, m, fwd, bwd, c)
 
 
 @given(p=st.integers(2, 8), mult=st.integers(4, 12), v=st.integers(1, 3), seed=st.randoms(use_true_random=False))
@@ -43,8 +92,41 @@ def test_unbalanced_1f1b_and_interleaved_within_8_percent(p, mult, v, seed):
     m = p * mult
     fwd = [[seed.uniform(0.7, 1.3) for _ in range(v)] for _ in range(p)]
     bwd = [[2 * f * seed.uniform(0.8, 1.2) for f in row] for row in fwd]
-    sim = simulate(schedule, m, fwd, bwd, 0.0)
+    sim = makespan(schedule, m, fwd, bwd)
     got = closed(schedule, m, fwd, bwd)
     assert got == pytest.approx(sim, rel=0.08)
     assert got >= m * max(sum(f) + sum(b) for f, b in zip(fwd, bwd)) - 1e-9
 
+
+@pytest.mark.parametrize("schedule,v", [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)])
+def test_operations_keep_devices_serial_and_dependencies_in_order(schedule, v):
+    """Every device runs every (op, chunk, micro-batch) once with its pieces back to back and never two at a
+    time; a forward starts after the previous virtual stage's forward has arrived, a backward after the next
+    virtual stage's backward has."""
+    p, m, c = 4, 8, 0.25
+    fwd = [[[("forward", 1.0 + i / 10), ("communication", 0.1)] for _ in range(v)] for i in range(p)]
+    bwd = [[[("recompute", 0.5), ("backward", 2.0 - i / 10)] for _ in range(v)] for i in range(p)]
+    tl = simulate(schedule, m, fwd, bwd, c)
+    for i in range(p):
+        mine = tl.rows[i]
+        assert all(o.device == i for o in mine)
+        assert all(a.end <= b.start + 1e-12 for a, b in zip(mine, mine[1:]))
+        assert tl.busy(i) == pytest.approx({"forward": m * v * (1.0 + i / 10), "communication": m * v * 0.1,
+                                            "recompute": m * v * 0.5, "backward": m * v * (2.0 - i / 10)})
+        for o in mine:
+            parts = list(o.parts())
+            assert [k for k, _, _ in parts] == (["forward", "communication"] if o.op == "F"
+                                                 else ["recompute", "backward"])
+            assert parts[0][1] == o.start and parts[-1][2] == pytest.approx(o.end)
+    span = {(o.op, o.chunk * p + o.device, o.microbatch): (o.start, o.end) for o in tl.ops}
+    assert len(span) == 2 * m * p * v
+    last = p * v - 1
+    for (op, g, j), (start, _) in span.items():
+        if op == "F" and g > 0:
+            assert start >= span[("F", g - 1, j)][1] + c - 1e-12
+        if op == "B":
+            before = span[("B", g + 1, j)][1] + c if g < last else span[("F", g, j)][1]
+            assert start >= before - 1e-12
+    assert len(tl.transfers) == 2 * m * (p * v - 1)
+    assert all(t.end - t.start == pytest.approx(c) for t in tl.transfers)
+    assert tl.makespan == max(o.end for o in tl.ops)

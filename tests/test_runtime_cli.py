@@ -51,7 +51,7 @@ def e2e(tmp_path_factory):
     fake_checkpoint(tmp / "ckpt", 8)
     (tmp / "ckpt" / "step_00000004.partial").mkdir()
     (tmp / "ckpt" / "notes.txt").write_text("mine")
-    proc = meshplan("run", plan, "--steps", E2E_STEPS, "--report", tmp / "run.json",
+    proc = meshplan("run", plan, "--steps", E2E_STEPS, "--report", tmp / "run.json", "--html", tmp / "run.html",
                     "--checkpoint-dir", tmp / "ckpt", "--checkpoint-every", 2, "--force", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return tmp, plan, proc, json.loads((tmp / "run.json").read_text())
@@ -79,6 +79,25 @@ def test_end_to_end_2x2x2_matches_single_process_and_reports(e2e):
     assert f"{E2E_STEPS}/{E2E_STEPS}" in proc.stderr
     # atomic checkpoints: complete step directories only, the earlier run's gone (--force), the user's file kept
     assert sorted(p.name for p in (tmp / "ckpt").iterdir()) == ["notes.txt", "step_00000002", "step_00000004"]
+
+
+def test_end_to_end_run_html_draws_the_run(e2e):
+    """`--html` writes the page of the plan and the run: its run charts hold the report's own numbers."""
+    from planner.html_report import build_html
+    from planner.html_report.data import run_data
+    from planner.html_report.inputs import RunReport
+    from planner.plan import load_plan
+
+    tmp, plan_file, proc, report = e2e
+    page = (tmp / "run.html").read_text()
+    assert f"report written to {tmp / 'run.html'}" in proc.stdout
+    plan, run = load_plan(plan_file), RunReport.model_validate(report)
+    assert page == build_html(plan, run)
+    drawn = run_data(plan, run)
+    assert [r["step_time_s"] for r in drawn["ranks"]] == [
+        r["step_time_s"] for r in sorted(report["measured"]["per_rank"], key=lambda r: r["rank"])]
+    assert [x["loss"] for x in drawn["losses"]] == report["losses"] and len(report["losses"]) == E2E_STEPS
+    assert page.count('<circle class="pt"') == E2E_STEPS and 'id="run"' in page
 
 
 def test_a_crashing_rank_is_named_and_the_run_resumes(tmp_path):
@@ -117,6 +136,8 @@ def test_bad_input_is_refused_before_launch(tmp_path):
         (["--data", short], "holds 20 tokens; one training sequence needs seq_len + 1 = 33"),
         (["--data", wide], "looks like uint32 token ids"),
         (["--report", tmp_path / "exists.json"], "exists; pass --force"),
+        (["--html", tmp_path / "exists.json"], f"--html: '{tmp_path / 'exists.json'}' exists; pass --force"),
+        (["--html", tmp_path / "r.html", "--print-command"], "--html: the ranks of a multi-node run write only"),
         (["--resume"], "needs --checkpoint-dir"),
         (["--checkpoint-dir", tmp_path / "none", "--resume"], "no complete checkpoint"),
         (["--checkpoint-dir", tmp_path / "earlier", "--checkpoint-every", 2],

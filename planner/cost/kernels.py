@@ -28,6 +28,7 @@ class Kernel:
     flops: float = 0.0           # FLOP executed (hardware, not model, FLOPs)
     bytes: float = 0.0           # bytes read and written in device memory
     shape: tuple[float, float, float] = (0.0, 0.0, 0.0)   # (M, N, K) of one GEMM of a batch
+    backward: bool = False       # a backward GEMM (transposed operands)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class Pass:
 
     def gemm(self, m: float, n: float, k: float, elem: int, batch: float = 1.0) -> None:
         self.kernels.append(Kernel("gemm", 2.0 * batch * m * n * k, elem * batch * (m * k + k * n + m * n),
-                                   (m, n, k)))
+                                   (m, n, k), self.backward))
 
     def mem(self, nbytes: float) -> None:
         self.kernels.append(Kernel("mem", bytes=nbytes))
@@ -110,9 +111,11 @@ def kernel_time(k: Kernel, gpu: GPUSpec, dtype: str) -> float:
     if k.kind == "mem":
         compute = 0.0
     elif k.kind == "attn":
-        compute = k.flops / (gpu.peak(dtype) * eff.flash_attention)
+        blocks = k.shape[0]
+        compute = k.flops / (gpu.peak(dtype) * eff.flash_attention * blocks / (blocks + eff.attention_tile))
     else:
-        compute = k.flops / (gpu.peak(dtype) * eff.gemm_max * shape_efficiency(k.shape, eff.gemm_tile))
+        rate = eff.gemm_max * shape_efficiency(k.shape, eff.gemm_tile) * (eff.gemm_backward if k.backward else 1.0)
+        compute = k.flops / (gpu.peak(dtype) * rate)
     return max(compute, memory, eff.kernel_overhead_s)
 
 
@@ -266,7 +269,8 @@ def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: s
     if m.attention == "flash":
         # causal flash kernel skips the masked half of the score matrix
         attn_core_fwd.kernels.append(Kernel("attn", 0.5 * 4 * mbs * seq * seq * q_out,
-                                            (2 * q_out + 2 * kv_out) * tokens * e + 4 * heads * tokens))
+                                            (2 * q_out + 2 * kv_out) * tokens * e + 4 * heads * tokens,
+                                            (mbs * heads * seq / 128, 1.0, 1.0)))
     else:
         attn_core_fwd.gemm(seq, seq, d, e, batch=mbs * heads)                    # Q K^T
         if "softmax" in fused:
@@ -303,7 +307,7 @@ def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: s
             bwd.gemm(kk, nn, mm, e, batch)      # dW = X^T dY
         elif k.kind == "attn":
             # FlashAttention-2 backward: 5 matmuls to the forward's 2 (Dao 2023, Sec. 3.1)
-            bwd.kernels.append(Kernel("attn", 2.5 * k.flops, 2 * k.bytes))
+            bwd.kernels.append(Kernel("attn", 2.5 * k.flops, 2 * k.bytes, k.shape, True))
     for k in attn_core_fwd.kernels:
         if k.kind == "mem":
             bwd.mem(1.5 * k.bytes)

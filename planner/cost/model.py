@@ -24,6 +24,7 @@ from planner.cost.memory import (GIB, autocast_weight_bytes, block_activation_by
 from planner.cost.params import (final_norm_params, layer_params, padded_vocab_size, position_params,
                                  total_params)
 from planner.cost.pipeline import p2p_on_path, pipeline_time
+from planner.cost.stage_work import StageWork
 from planner.cost.timeline import Regime, StageInputs, Timeline, stage_timeline
 from planner.engine import EngineSpec, engine_on, load_engine
 from planner.layout import DEFAULT_ORDER, Layout
@@ -105,7 +106,7 @@ class Core:
     fullest: int
     feasible: bool
     devices: tuple[int, ...] | None = None   # placement: device of each rank (None: rank r on device r)
-    stage_times: tuple[tuple[float, float], ...] = ()   # (forward, backward) seconds per micro-batch per device
+    work: StageWork | None = None            # per-device, per-micro-batch times behind `step` (timeline)
 
 
 class CostModel:
@@ -494,16 +495,16 @@ class CostModel:
         # --- data-parallel communication as the engine issues it, against the compute it overlaps
         kappa = self.cluster.overlap_slowdown
         comms = [self.dp_comm(cfg, params[i], layers[i], dp_group) for i in range(pp)]
-        every = [0.0] * pp
+        zero_fwd, zero_bwd = [0.0] * pp, [0.0] * pp
         once_first, once_last = [0.0] * pp, [0.0] * pp
         for i, c in enumerate(comms):
-            f_exp = exposed(c.fwd_each, fwd[i], kappa, c.fwd_piece)
-            b_exp = exposed(c.bwd_each, bwd[i], kappa, c.bwd_piece)
-            once_first[i] = exposed(c.first_fwd, fwd[i] + f_exp, kappa, c.fwd_piece)
-            once_last[i] = exposed(c.last_bwd, bwd[i] + b_exp, kappa, 0.0 if c.bwd_each else c.bwd_piece)
-            every[i] = f_exp + b_exp
-            fwd[i] += f_exp
-            bwd[i] += b_exp
+            zero_fwd[i] = exposed(c.fwd_each, fwd[i], kappa, c.fwd_piece)
+            zero_bwd[i] = exposed(c.bwd_each, bwd[i], kappa, c.bwd_piece)
+            once_first[i] = exposed(c.first_fwd, fwd[i] + zero_fwd[i], kappa, c.fwd_piece)
+            once_last[i] = exposed(c.last_bwd, bwd[i] + zero_bwd[i], kappa, 0.0 if c.bwd_each else c.bwd_piece)
+            fwd[i] += zero_fwd[i]
+            bwd[i] += zero_bwd[i]
+        every = [f + b for f, b in zip(zero_fwd, zero_bwd)]
 
         # --- pipeline
         blocking = self.engine.overlap.pp_p2p == "exposed"
@@ -552,7 +553,11 @@ class CostModel:
         return Core(cfg=cfg, order=order, chunks=chunks, nmb=nmb, step=step, crit=crit, time=time, stages=stages,
                     peak_total=peak_total, peak_reserved=peak_reserved, fullest=fullest,
                     feasible=peak_reserved <= self.usable_bytes, devices=devices,
-                    stage_times=tuple(zip(fwd, bwd)))
+                    work=StageWork(device_chunks, blk, ends, zero_fwd, zero_bwd, p2p,
+                                   [e[1] for e in sorted(ends_at, key=lambda e: e[3])],
+                                   [e[2] for e in sorted(ends_at, key=lambda e: e[3])], pipe,
+                                   pre_comm=first, host_step=host.per_step_s, blocking_p2p=blocking,
+                                   host_microbatch=host.per_microbatch_s))
 
     def sources_for(self, cfg: ParallelConfig) -> dict[str, str]:
         """`sources` with where this configuration's block numbers came from."""
