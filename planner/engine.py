@@ -20,10 +20,9 @@ ENGINE_DIR = Path(__file__).resolve().parent.parent / "cluster_specs" / "engines
 ENGINES = ("meshplan", "torchtitan", "megatron", "deepspeed")
 DEFAULT_ENGINE = "meshplan"
 
-# Elementwise pieces of a block that an engine may run as one fused kernel each (otherwise they run as the
-# chain of eager PyTorch kernels planner.cost.kernels lists for them).
-Fusable = Literal["norm", "activation", "bias_dropout_add", "rope", "softmax", "cross_entropy"]
-FUSABLE: tuple[str, ...] = ("norm", "activation", "bias_dropout_add", "rope", "softmax", "cross_entropy")
+# Pieces of a block that an engine may run as one fused kernel each (otherwise they run as the chain of eager
+# PyTorch kernels planner.cost.kernels lists for them); "projections": q/k/v and gate/up as one GEMM each.
+Fusable = Literal["norm", "activation", "bias_dropout_add", "rope", "softmax", "cross_entropy", "projections"]
 NEVER = 4   # `sharded_from` of a state that no ZeRO stage shards
 RecipeName = Literal["bf16", "fp16", "amp-bf16", "amp-fp16", "fp32"]
 
@@ -41,6 +40,9 @@ class Kernels(_Spec):
     fused: list[Fusable] = Field(
         description="Elementwise pieces that run as one kernel each; the others run as eager PyTorch's chain of "
                     "kernels (e.g. RMSNorm: cast, square, mean, rsqrt, two multiplies).")
+    gemm_efficiency: float = Field(
+        1.0, gt=0, le=1, description="Share of the GPU's GEMM rate (its efficiency model) this engine's GEMM calls "
+                                     "reach: library, operand layouts, version.")
     compile_fuses: list[Fusable] = Field(
         default_factory=list,
         description="Pieces that `--compile` (torch.compile of each block) fuses in addition; empty: the engine "
@@ -86,6 +88,10 @@ class Overlap(_Spec):
     grad_sync_under_pipeline: Literal["every_microbatch", "last_microbatch"] = Field(
         description="ZeRO-2/3 with pp > 1: gradients reduce-scattered after every micro-batch's backward, or "
                     "accumulated unsharded and reduced once after the last (torch.distributed.pipelining).")
+    dp_calls: Literal["block", "parameter"] = Field(
+        "block", description="Data-parallel collectives issued once per block (FSDP2's per-module groups, "
+                             "Megatron's buckets) or once per parameter tensor (DeepSpeed ZeRO-3's fetches): "
+                             "each call pays the ring's latency.")
     tp_comm_hidden: float = Field(
         0.0, ge=0, le=1, description="Share of tensor-parallel communication hidden under GEMMs (async TP).")
     pp_p2p: Literal["overlapped", "exposed"] = Field(
@@ -123,6 +129,9 @@ class MemoryRecipe(_Spec):
                        "last micro-batch (FSDP2 accumulates in its reduce dtype).")
     reduce_bytes: NonNegativeFloat = Field(description="Bytes per element of the gradient reduction.")
     gather_bytes: NonNegativeFloat = Field(description="Bytes per element of the parameter all-gather.")
+    replicate_copy_bytes: NonNegativeFloat = Field(
+        0, description="ZeRO 0 with dp > 1: bytes per parameter of the second, unsharded copy the data-parallel "
+                       "wrapper keeps from the first forward to the end of the backward (FSDP2's replicate).")
     optimizer_temp_bytes: NonNegativeFloat = Field(
         0, description="Bytes per parameter the optimizer step allocates beside the states (torch's foreach Adam "
                        "keeps one fp32 temporary per parameter: the denominator sqrt(v)/c + eps).")
@@ -142,6 +151,9 @@ class MemoryExtras(_Spec):
         False, description="Autocast casts the fp32 input of each Linear separately, so q/k/v (and gate/up) each "
                            "keep their own 16-bit copy of one norm output.")
     vocab_multiple: int = Field(128, ge=1, description="Vocabulary padded to a multiple of this times tp.")
+    pipeline_buffers: Literal["all_microbatches", "in_flight"] = Field(
+        "in_flight", description="Pipeline receive buffers: one per micro-batch of the step, kept all step "
+                                 "(torch.distributed.pipelining), or only those in flight (Megatron).")
 
 
 class EngineSpec(_Spec):

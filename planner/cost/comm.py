@@ -2,9 +2,11 @@
 
 Ring collectives in nccl-tests' bus-bandwidth convention (Thakur et al. 2005; NCCL's PERFORMANCE.md):
 all-reduce of M bytes over n ranks 2(n-1)a + 2(n-1)/n * M/b; all-gather / reduce-scatter (n-1)a + (n-1)/n * M/b.
-A group spanning nodes runs hierarchically: reduce-scatter inside each node, the inter-node collective on
-1/g of the data, all-gather inside each node (g = the group's ranks per node). Across nodes every GPU of
-a node communicates at once, so each gets its node's NIC bandwidth divided by the GPUs per node.
+An all-reduce spanning nodes runs hierarchically (tree-like): reduce-scatter inside each node, the inter-node
+all-reduce on 1/g of the data, all-gather inside each node (g = the group's ranks per node). An all-gather or
+reduce-scatter spanning nodes is NCCL's ring over all n ranks (one ring per NIC rail): n-1 steps, each as slow
+as an inter-node hop, moving the data at the slower of NVLink and the node's NICs (g NICs' worth). Across nodes
+every GPU of a node communicates at once, so each gets its node's NIC bandwidth divided by the GPUs per node.
 Every collective and transfer is at least one kernel launch (the GPU's `kernel_overhead_s`): small messages
 hide under the host's issue time. A measured link matrix (from `meshplan profile cluster`) replaces the spec-sheet links: a flat ring over the
 group's devices runs at the slowest measured pair on it times the link class's collective efficiency, and the
@@ -81,6 +83,10 @@ class Network:
         inter = ring_time(op, group.nodes, nbytes / local, self.inter_latency, self.inter_bw)
         if local == 1:
             return inter
+        if op != "all_reduce":
+            # NCCL's ring over every rank, one ring per NIC rail: each of its n-1 steps waits for the slowest hop
+            # (an inter-node one), and the data moves at the slower of NVLink and the node's NICs
+            return (n - 1) * self.inter_latency + (n - 1) / n * nbytes / min(self.intra_bw, local * self.inter_bw)
         if op == "all_reduce":
             intra = (ring_time("reduce_scatter", local, nbytes, self.intra_latency, self.intra_bw)
                      + ring_time("all_gather", local, nbytes, self.intra_latency, self.intra_bw))

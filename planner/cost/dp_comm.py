@@ -54,13 +54,14 @@ def exposed(comm: float, window: float, slowdown: float, piece: float = 0.0) -> 
 
 
 def stage_dp_comm(engine, recipe, zero: int, dp: int, pp: int, params: float, blocks: int,
-                  collective: Collective) -> DPComm:
-    """The data-parallel collectives of a stage holding `params` local parameters in `blocks` blocks.
-    `collective(op, nbytes)` costs one call on the stage's data-parallel group."""
+                  collective: Collective, calls_per_block: int = 1) -> DPComm:
+    """The data-parallel collectives of a stage holding `params` local parameters in `blocks` blocks, issued
+    in `calls_per_block` calls per block (plus one for the embedding, head and norms). `collective(op, nbytes)`
+    costs one call on the stage's data-parallel group."""
     if dp == 1:
         return DPComm()
     ov = engine.overlap
-    pieces = blocks + 1
+    pieces = blocks * calls_per_block + 1
 
     def blockwise(op: str, nbytes: float) -> tuple[float, float]:
         one = collective(op, nbytes / pieces)

@@ -73,14 +73,17 @@ class Dtypes:
     @staticmethod
     def of(precision: str) -> "Dtypes":
         """By precision name (bf16, fp16, amp-bf16, amp-fp16, fp32) or memory-recipe compute type."""
-        return {"bf16": Dtypes(2, 2, "bf16"), "fp16": Dtypes(2, 2, "fp16"),
-                "amp-bf16": Dtypes(2, FP32, "bf16"), "autocast-bf16": Dtypes(2, FP32, "bf16"),
-                "amp-fp16": Dtypes(2, FP32, "fp16"), "autocast-fp16": Dtypes(2, FP32, "fp16"),
-                "fp32": Dtypes(FP32, FP32, "fp32")}[precision]
+        return _DTYPES[precision]
 
     @property
     def autocast(self) -> bool:
         return self.residual > self.act
+
+
+_DTYPES = {"bf16": Dtypes(2, 2, "bf16"), "fp16": Dtypes(2, 2, "fp16"),
+           "amp-bf16": Dtypes(2, FP32, "bf16"), "autocast-bf16": Dtypes(2, FP32, "bf16"),
+           "amp-fp16": Dtypes(2, FP32, "fp16"), "autocast-fp16": Dtypes(2, FP32, "fp16"),
+           "fp32": Dtypes(FP32, FP32, "fp32")}
 
 
 @dataclass(frozen=True)
@@ -92,20 +95,23 @@ class KernelOptions:
     sp_saves: str = "sharded"               # sequence-parallel linear inputs kept sharded or gathered
     casts_per_linear: bool = False          # autocast casts each Linear's input separately
     logits_fp32: bool = True                # the loss reads an fp32 copy of the logits
+    gemm_scale: float = 1.0                 # share of the GPU's GEMM rate the engine's GEMMs reach
 
     @staticmethod
     def of(engine) -> "KernelOptions":
         return KernelOptions(fused=engine.fused, selective=engine.recompute.selective,
                              sp_saves=engine.memory_extras.sp_saves,
                              casts_per_linear=engine.memory_extras.autocast_casts_per_linear,
-                             logits_fp32=engine.memory_extras.logits_fp32)
+                             logits_fp32=engine.memory_extras.logits_fp32,
+                             gemm_scale=engine.kernels.gemm_efficiency)
 
 
 MEGATRON = KernelOptions()
 
 
-def kernel_time(k: Kernel, gpu: GPUSpec, dtype: str) -> float:
-    """Device seconds: max(compute, memory, the device's minimum kernel time)."""
+def kernel_time(k: Kernel, gpu: GPUSpec, dtype: str, gemm_scale: float = 1.0) -> float:
+    """Device seconds: max(compute, memory, the device's minimum kernel time). `gemm_scale`: the share of the
+    GPU's GEMM rate the engine's GEMM calls reach (its library, layouts and version)."""
     eff = gpu.efficiency
     memory = k.bytes / (gpu.hbm_bandwidth * eff.memory)
     if k.kind == "mem":
@@ -114,7 +120,8 @@ def kernel_time(k: Kernel, gpu: GPUSpec, dtype: str) -> float:
         blocks = k.shape[0]
         compute = k.flops / (gpu.peak(dtype) * eff.flash_attention * blocks / (blocks + eff.attention_tile))
     else:
-        rate = eff.gemm_max * shape_efficiency(k.shape, eff.gemm_tile) * (eff.gemm_backward if k.backward else 1.0)
+        rate = (eff.gemm_max * gemm_scale * shape_efficiency(k.shape, eff.gemm_tile)
+                * (eff.gemm_backward if k.backward else 1.0))
         compute = k.flops / (gpu.peak(dtype) * rate)
     return max(compute, memory, eff.kernel_overhead_s)
 
@@ -127,17 +134,17 @@ def shape_efficiency(shape: tuple[float, float, float], tile: float) -> float:
     return out
 
 
-def device_time(p: Pass, gpu: GPUSpec, dtype: str) -> float:
+def device_time(p: Pass, gpu: GPUSpec, dtype: str, gemm_scale: float = 1.0) -> float:
     """Device seconds of the kernels of a pass (collectives excluded)."""
-    return sum(kernel_time(k, gpu, dtype) for k in p.kernels)
+    return sum(kernel_time(k, gpu, dtype, gemm_scale) for k in p.kernels)
 
 
 def pass_time(p: Pass, gpu: GPUSpec, dtype: str, host_per_kernel: float = 0.0, comm: float = 0.0,
-              host_per_collective: float = 0.0) -> float:
+              host_per_collective: float = 0.0, gemm_scale: float = 1.0) -> float:
     """Seconds of a pass: its kernels' device time plus `comm` seconds of blocking collectives, against the
     host's time to issue them (`host_per_kernel` each, `host_per_collective` per collective): the larger of the
     two on an asynchronous device (steady-state launch queue), their sum on a synchronous one."""
-    device = device_time(p, gpu, dtype) + comm
+    device = device_time(p, gpu, dtype, gemm_scale) + comm
     host = len(p.kernels) * host_per_kernel + len(p.collectives) * host_per_collective
     return max(device, host) if gpu.async_launch else device + host
 

@@ -56,7 +56,7 @@ class MeasuredCosts:
         seq = training.seq_len
 
         def timed(p, host: float) -> float:
-            return pass_time(p, gpu, dt.matmul, host)
+            return pass_time(p, gpu, dt.matmul, host, gemm_scale=opts.gemm_scale)
         for b in profile.blocks:
             w = block_work(model, b.mbs, seq, b.tp, False, b.recompute, dt, opts)
             fwd = timed(w.forward, host_fwd)

@@ -112,7 +112,7 @@ def _op_policy_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dt
 
 
 def autocast_weight_bytes(m: ModelSpec, tp: int, dt: Dtypes) -> float:
-    """Bytes of the 16-bit copies autocast makes of one block's weight matrices (one TP rank)."""
+    """Bytes of the 16-bit copies autocast makes of one block's Linear weights and biases (one TP rank)."""
     return dt.act * layer_params(m).sharded / tp if dt.autocast else 0.0
 
 
@@ -134,9 +134,14 @@ def head_activation_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, d
 
 
 def head_transient_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, dt: Dtypes, opts: KernelOptions = MEGATRON,
-                         vocab: int | None = None) -> float:
-    """Logits in flight while the loss runs: the matmul output and its fp32 copy (or the fp32 gradient)."""
+                         vocab: int | None = None, phase: str = "forward") -> float:
+    """Logits in flight while the loss runs (beside the fp32 log-softmax the loss keeps, an activation).
+    Forward: the matmul output and its fp32 copy. Backward: eager PyTorch's loss backward allocates two fp32
+    [tokens, vocab] tensors at once (nll_loss_backward, _log_softmax_backward_data); a fused cross entropy
+    (Megatron's) writes the fp32 gradient in place and casts it."""
     logits = mbs * seq * (vocab or m.vocab_size) / tp
+    if phase == "backward":
+        return logits * (FP32 + dt.act if "cross_entropy" in opts.fused else 2 * FP32)
     return logits * (dt.act + FP32) if (dt.act < FP32 and opts.logits_fp32) else logits * FP32
 
 

@@ -22,10 +22,10 @@ from planner.cost.memory import (GIB, autocast_weight_bytes, block_activation_by
                                  embedding_activation_bytes, head_activation_bytes, head_transient_bytes,
                                  in_flight_microbatches, interleaved_in_flight_chunks, state_bytes)
 from planner.cost.params import (final_norm_params, layer_params, padded_vocab_size, position_params,
-                                 total_params)
+                                 tensors_per_block, total_params)
 from planner.cost.pipeline import p2p_on_path, pipeline_time
 from planner.cost.stage_work import StageWork
-from planner.cost.timeline import Regime, StageInputs, Timeline, stage_timeline
+from planner.cost.timeline import Regime, StageInputs, Timeline, grads_between_bytes, stage_timeline
 from planner.engine import EngineSpec, engine_on, load_engine
 from planner.layout import DEFAULT_ORDER, Layout
 from planner.partition import partition_layers
@@ -89,6 +89,26 @@ class StageMem:
         return self.params + self.grads + self.optimizer + self.activations + self.other
 
 
+@dataclass(frozen=True)
+class _StageFixed:
+    """The block-count-independent part of one device's memory (bytes, elements for params)."""
+
+    recipe: object
+    regime: Regime
+    states: object                # StateBytes of the recipe at this ZeRO stage and dp
+    grads_between: float          # timeline.grads_between_bytes
+    held_per_chunk: list[int]
+    block_params: float
+    end_params: float
+    end_acts_held: float
+    end_acts_one: float
+    head_transient: float
+    head_backward: float
+    copies_per_block: float
+    end_copies: float
+    pipeline_buffers: float
+
+
 @dataclass
 class Core:
     """Everything `evaluate` reports, as plain numbers."""
@@ -129,6 +149,8 @@ class CostModel:
         self.host_coll = engine.host.per_collective_s
         self.net = Network(cluster)
         self.layer = layer_params(model)
+        self.dp_calls_per_block = (tensors_per_block(model, "projections" in engine.fused)
+                                   if engine.overlap.dp_calls == "parameter" else 1)
         self.seq = training.seq_len
         self.usable_bytes = self.gpu.memory_bytes - self.gpu.runtime_reserved_bytes
         self.margin = 1.0 + self.gpu.allocator_margin
@@ -144,6 +166,12 @@ class CostModel:
         self._signatures: dict[tuple, tuple] = {}
         self._work_cache: dict[tuple, float] = {}
         self._state_bounds_cache: dict[tuple, tuple[float, float, float]] = {}
+        self._dtypes: dict[tuple, Dtypes] = {}
+        self._stage_memory_cache: dict[tuple, StageMem] = {}
+        self._forward_slope_cache: dict[tuple, float] = {}
+        self._stage_fixed_cache: dict[tuple, _StageFixed] = {}
+        self._acts_cache: dict[tuple, float] = {}
+        self._memory_bound_cache: dict[tuple, float] = {}
 
     def _sources(self, profile_name: str, measured: MeasuredCosts | None) -> dict[str, str]:
         """Which numbers are measured and which computed, for the report."""
@@ -171,7 +199,12 @@ class CostModel:
         return self.engine.recipe(self.training.precision, zero, dp)
 
     def dtypes(self, zero: int, dp: int) -> Dtypes:
-        return Dtypes.of(self.recipe(zero, dp).compute)
+        """What the recipe computes in (16-bit, fp32 or autocast)."""
+        key = (zero, dp > 1)
+        hit = self._dtypes.get(key)
+        if hit is None:
+            hit = self._dtypes[key] = Dtypes.of(self.recipe(zero, dp).compute)
+        return hit
 
     def vocab(self, tp: int) -> int:
         """The vocabulary the engine allocates at this TP degree (padded)."""
@@ -198,9 +231,10 @@ class CostModel:
 
     def _pass_cost(self, p, tp_group: Group, dt: Dtypes, host_per_kernel: float) -> PassCost:
         comm = sum(self.net.collective(c.op, c.bytes, tp_group) for c in p.collectives)
-        shown = comm * (1.0 - self.engine.overlap.tp_comm_hidden)
-        total = pass_time(p, self.gpu, dt.matmul, host_per_kernel, shown, self.host_coll)
-        return PassCost(total - shown, shown)
+        # TP collectives block the stream: they follow the kernels, each issued at the host's cost
+        shown = comm * (1.0 - self.engine.overlap.tp_comm_hidden) + len(p.collectives) * self.host_coll
+        kernels = pass_time(p, self.gpu, dt.matmul, host_per_kernel, gemm_scale=self.opts.gemm_scale)
+        return PassCost(kernels, shown)
 
     def block(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group, dt: Dtypes) -> BlockCost:
         key = (tp, mbs, sp, recompute, tp_group if self.net.matrix else tp_group.nodes, dt)
@@ -278,38 +312,84 @@ class CostModel:
     def stage_timeline(self, cfg: ParallelConfig, device: int, chunk_layers: list[int], nmb: int,
                        blk: BlockCost, dt: Dtypes) -> Timeline:
         """Phase peaks of one GPU of pipeline device `device` whose local chunks hold `chunk_layers` blocks."""
-        m, tp, mbs = self.model, cfg.tp, cfg.mbs
+        fixed = self._stage_fixed(cfg, device, nmb, blk, dt)
         layers = sum(chunk_layers)
+        held = fixed.held_per_chunk
+        acts = blk.activation_bytes * sum(n * h for n, h in zip(chunk_layers, held)) + fixed.end_acts_held
+        inputs = StageInputs(params=layers * fixed.block_params + fixed.end_params, block_params=fixed.block_params,
+                             end_params=fixed.end_params, acts_held=acts,
+                             acts_one=blk.activation_bytes * layers + fixed.end_acts_one, held=max(held),
+                             microbatches=nmb, block_transient=blk.transient_bytes,
+                             head_transient=fixed.head_transient, head_backward=fixed.head_backward,
+                             autocast_copies=layers * fixed.copies_per_block + fixed.end_copies,
+                             pipeline_buffers=fixed.pipeline_buffers)
+        return stage_timeline(fixed.recipe, fixed.regime, inputs, fixed.states, fixed.grads_between)
+
+    def _stage_fixed(self, cfg: ParallelConfig, device: int, nmb: int, blk: BlockCost, dt: Dtypes) -> "_StageFixed":
+        """What of a device's memory does not depend on its block count (cached: the layer split asks for many
+        counts)."""
+        key = (cfg.tp, cfg.pp, cfg.dp, cfg.vpp, cfg.mbs, cfg.zero, cfg.sp, cfg.schedule, device, nmb,
+               blk.activation_bytes)
+        hit = self._stage_fixed_cache.get(key)
+        if hit is not None:
+            return hit
+        m, tp, mbs = self.model, cfg.tp, cfg.mbs
         held = self._held(cfg, device, nmb)
-        per_mb_blocks = blk.activation_bytes * layers
-        acts = blk.activation_bytes * sum(n * h for n, h in zip(chunk_layers, held))
-        head_transient = 0.0
         vocab = self.vocab(tp)
+        recipe = self.recipe(cfg.zero, cfg.dp)
+        fsdp = recipe.gathered_weights_bytes > 0 and cfg.dp > 1 and cfg.zero >= recipe.weights.sharded_from
+        end_held = end_one = head_transient = head_backward = end_copies = 0.0
         if device == 0:
             emb = embedding_activation_bytes(m, mbs, self.seq, tp, cfg.sp)
-            acts += emb * held[0]
-            per_mb_blocks += emb
+            end_held += emb * held[0]
+            end_one += emb
         if device == cfg.pp - 1:
             head = head_activation_bytes(m, mbs, self.seq, tp, cfg.sp, dt, self.opts, vocab)
-            acts += head * held[-1]
-            per_mb_blocks += head
+            end_held += head * held[-1]
+            end_one += head
             head_transient = head_transient_bytes(m, mbs, self.seq, tp, dt, self.opts, vocab)
-        recipe = self.recipe(cfg.zero, cfg.dp)
-        copies = autocast_weight_bytes(m, tp, dt) * layers
-        fsdp = recipe.gathered_weights_bytes > 0 and cfg.dp > 1 and cfg.zero >= recipe.weights.sharded_from
-        inputs = StageInputs(params=self.device_params(cfg, device, layers),
-                             block_params=self.layer.per_tp_rank(tp), end_params=self.end_params(cfg, device),
-                             acts_held=acts, acts_one=per_mb_blocks, held=max(held), microbatches=nmb,
-                             block_transient=blk.transient_bytes, head_transient=head_transient,
-                             autocast_copies=0.0 if fsdp else copies)
-        return stage_timeline(recipe, self.regime(cfg, nmb), inputs)
+            head_backward = head_transient_bytes(m, mbs, self.seq, tp, dt, self.opts, vocab, "backward")
+            if dt.autocast and not fsdp:
+                end_copies = dt.act * vocab * m.hidden_size / tp          # the LM head is a Linear too
+        regime = self.regime(cfg, nmb)
+        hit = self._stage_fixed_cache[key] = _StageFixed(
+            recipe=recipe, regime=regime, states=state_bytes(recipe, self.training.optimizer, cfg.zero, cfg.dp),
+            grads_between=grads_between_bytes(recipe, regime), held_per_chunk=held,
+            block_params=self.layer.per_tp_rank(tp),
+            end_params=self.end_params(cfg, device), end_acts_held=end_held, end_acts_one=end_one,
+            head_transient=head_transient, head_backward=head_backward,
+            copies_per_block=0.0 if fsdp else autocast_weight_bytes(m, tp, dt), end_copies=end_copies,
+            pipeline_buffers=self._pipeline_buffers(cfg, device, nmb, held))
+        return hit
+
+    def _pipeline_buffers(self, cfg: ParallelConfig, device: int, nmb: int, held: list[int]) -> float:
+        """Bytes of a device's pipeline buffers: torch.distributed.pipelining allocates, for each local stage, a
+        receive buffer per micro-batch for the activation (not the first stage) and for its gradient (not the
+        last) at the first step and keeps them, and keeps each in-flight micro-batch's output for its backward
+        (the last stage's output is the logits, counted with the loss)."""
+        if cfg.pp == 1 or self.engine.memory_extras.pipeline_buffers != "all_microbatches":
+            return 0.0
+        msg = self._act_msg(cfg)
+        chunks = cfg.pp * cfg.vpp
+        total = 0.0
+        for local, stage in enumerate(range(device, chunks, cfg.pp)):
+            total += msg * nmb * ((stage > 0) + (stage < chunks - 1))
+            if stage < chunks - 1:
+                total += msg * held[local]
+        return total
 
     def stage_memory(self, cfg: ParallelConfig, device: int, chunk_layers: list[int], nmb: int,
                      blk: BlockCost, dt: Dtypes) -> StageMem:
-        t = self.stage_timeline(cfg, device, chunk_layers, nmb, blk, dt)
-        peak = t.peak
-        return StageMem(sum(chunk_layers), peak.params, peak.grads, peak.optimizer, peak.activations, peak.other,
-                        t.peak_phase, {k: v.total for k, v in t.phases.items()})
+        key = (cfg.tp, cfg.pp, cfg.dp, cfg.vpp, cfg.mbs, cfg.zero, cfg.recompute, cfg.sp, cfg.schedule, device,
+               tuple(chunk_layers), nmb)
+        hit = self._stage_memory_cache.get(key)
+        if hit is None:
+            t = self.stage_timeline(cfg, device, chunk_layers, nmb, blk, dt)
+            peak = t.peak
+            hit = self._stage_memory_cache[key] = StageMem(
+                sum(chunk_layers), peak.params, peak.grads, peak.optimizer, peak.activations, peak.other,
+                t.peak_phase, {k: v.total for k, v in t.phases.items()})
+        return hit
 
     @property
     def capacity(self) -> float:
@@ -333,59 +413,100 @@ class CostModel:
         extra[0] += ends.emb_fwd.total + ends.emb_bwd.total
         extra[-1] += ends.head_fwd.total + ends.head_bwd.total
         nmb = cfg.microbatches(self.training.global_batch)
+        free = partition_layers(m.num_layers, blk.total, extra)
+        cap = self.capacity
+        if all(self.stage_memory(cfg, i, [n], nmb, blk, dt).total <= cap for i, n in enumerate(free)):
+            return free          # memory does not bind: the unconstrained optimum is the constrained one
         caps = [self._max_blocks(cfg, i, nmb, blk, dt) for i in range(cfg.pp)]
-        split = partition_layers(m.num_layers, blk.total, extra, caps=caps)
-        return split or partition_layers(m.num_layers, blk.total, extra)
+        return partition_layers(m.num_layers, blk.total, extra, caps=caps) or free
 
     def _max_blocks(self, cfg: ParallelConfig, device: int, nmb: int, blk: BlockCost, dt: Dtypes) -> int:
-        """The most blocks device `device` can hold within capacity (memory grows with blocks: bisection)."""
+        """The most blocks device `device` can hold within capacity. A stage's peak is the largest of its phase
+        peaks, each affine in its block count or the larger of two affine parts: convex and increasing. So
+        the chord from a fitting count to the full count stays above it and its crossing of the capacity
+        never overshoots; a few chords reach the largest fitting count."""
         cap = self.capacity
-        lo, hi = 0, self.model.num_layers
-        if self.stage_memory(cfg, device, [hi], nmb, blk, dt).total <= cap:
+
+        def total(n: int) -> float:
+            return self.stage_timeline(cfg, device, [n], nmb, blk, dt).peak.total
+
+        hi = self.model.num_layers
+        f_hi = total(hi)
+        if f_hi <= cap:
             return hi
+        lo, f_lo = 0, total(0)
+        if f_lo > cap:
+            return 0
         while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if self.stage_memory(cfg, device, [mid], nmb, blk, dt).total <= cap:
-                lo = mid
+            guess = lo + int((cap - f_lo) / (f_hi - f_lo) * (hi - lo))   # the chord's crossing, rounded down
+            guess = min(max(guess, lo + 1), hi - 1)
+            f = total(guess)
+            if f <= cap:
+                lo, f_lo = guess, f
+                if total(guess + 1) > cap:
+                    return guess
             else:
-                hi = mid
+                hi, f_hi = guess, f
         return lo
 
     # ------------------------------------------------------------------ lower bounds for the search
     def bounds(self, cfg: ParallelConfig, order: tuple[str, str, str] = DEFAULT_ORDER) -> tuple[float, float]:
-        """(step seconds, peak reserved bytes) that no layer split of `cfg` can beat.
+        """(step seconds, peak reserved bytes) that no layer split of `cfg` can beat (see time_bound and
+        memory_bound)."""
+        return self.time_bound(cfg, order), self.memory_bound(cfg)
 
-        Time: with total work W per micro-batch over p devices, every schedule's closed form is at least its
-        balanced value, (m + p - 1) W/p, or (m + (p-1)/v) W/p interleaved, plus its transfers; data-parallel
-        communication costs at least the overlap slow-down times itself (or all of it when not overlapped);
-        the optimizer step of the device with the most parameters takes at least that of the average device.
-        Memory: the forward phase of the fullest stage holds at least L / sum_i 1/a_i, a_i = one block's
-        always-held states plus its activations times the micro-batches stage i holds (the continuous
-        relaxation of the split), with the sum bounded above by an integral.
-        """
+    def time_bound(self, cfg: ParallelConfig, order: tuple[str, str, str] = DEFAULT_ORDER) -> float:
+        """Step seconds no layer split of `cfg` can beat. With total work W per micro-batch over p devices,
+        every schedule's closed form is at least its balanced value, (m + p - 1) W/p, or (m + (p-1)/v) W/p
+        interleaved, plus its transfers; data-parallel communication costs at least the overlap slow-down times
+        itself (or all of it when not overlapped); the optimizer step of the device with the most parameters
+        takes at least that of the average device."""
         layout, tp_group, dp_group = self.layout(cfg.tp, cfg.pp, cfg.dp, order)
         dt = self.dtypes(cfg.zero, cfg.dp)
         blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt)
         work = self._work(cfg, blk, tp_group, dt)
-        per_cycle, post, block_states = self._state_bounds(cfg, order, dp_group)
+        per_cycle, post = self._state_bounds(cfg, order, dp_group)
         nmb = cfg.microbatches(self.training.global_batch)
-        p, L = cfg.pp, self.model.num_layers
-        interleaved = cfg.schedule == "interleaved"
-        fill = (p - 1) / cfg.vpp if interleaved else p - 1
+        p = cfg.pp
+        fill = (p - 1) / cfg.vpp if cfg.schedule == "interleaved" else p - 1
         host = self.engine.host
         c = self._p2p(layout, self._act_msg(cfg)) if p > 1 else 0.0
         transfers = p2p_on_path(cfg.schedule, nmb, p, c, cfg.vpp, self.engine.overlap.pp_p2p == "exposed")
-        time_lb = ((nmb + fill) * (work / p + per_cycle + host.per_microbatch_s) + transfers + post
-                   + host.per_step_s)
-        s, a = block_states, blk.activation_bytes
-        if cfg.schedule == "gpipe":
+        return (nmb + fill) * (work / p + per_cycle + host.per_microbatch_s) + transfers + post + host.per_step_s
+
+    def memory_bound(self, cfg: ParallelConfig) -> float:
+        """Peak reserved bytes no layer split of `cfg` can beat: the forward phase of the fullest stage holds at
+        least L / sum_i 1/a_i, a_i = what one more block adds to every stage's forward peak besides activations
+        (`_forward_bytes_per_block`) plus its activations times the micro-batches stage i holds (the continuous
+        relaxation of the split), with the sum bounded above by an integral."""
+        key = (cfg.tp, cfg.pp, cfg.dp, cfg.vpp, cfg.mbs, cfg.zero, cfg.recompute, cfg.sp, cfg.schedule)
+        hit = self._memory_bound_cache.get(key)
+        if hit is None:
+            hit = self._memory_bound_cache[key] = self._memory_bound(cfg)
+        return hit
+
+    def _memory_bound(self, cfg: ParallelConfig) -> float:
+        dt = self.dtypes(cfg.zero, cfg.dp)
+        a = self._block_activations(cfg, dt)
+        s = self._forward_bytes_per_block(cfg, self.recipe(cfg.zero, cfg.dp))
+        nmb = cfg.microbatches(self.training.global_batch)
+        p, L = cfg.pp, self.model.num_layers
+        if cfg.schedule == "gpipe" and p > 1:
             inv_sum = p / (s + a * nmb)
         else:   # 1F1B holds min(p - i, m); interleaving holds more, so this bound holds for it too
             k = min(p, nmb)
             inv_sum = math.log1p(a * k / s) / a if a > 0 else k / s
             inv_sum += (p - k) / (s + a * k)
-        mem_lb = L / inv_sum * self.margin
-        return time_lb, mem_lb
+        return L / inv_sum * self.margin
+
+    def _block_activations(self, cfg: ParallelConfig, dt: Dtypes) -> float:
+        """One block's kept bytes per micro-batch (the TP group's placement does not change them)."""
+        key = (cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, dt)
+        hit = self._acts_cache.get(key)
+        if hit is None:
+            one = Group(tuple(range(cfg.tp)), 1)
+            hit = self._acts_cache[key] = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, one, dt).activation_bytes
+        return hit
 
     def _work(self, cfg: ParallelConfig, blk: BlockCost, tp_group: Group, dt: Dtypes) -> float:
         """Seconds of all forward and backward work of one micro-batch over the whole model (one TP rank)."""
@@ -397,10 +518,9 @@ class CostModel:
                                             + ends.emb_bwd.total + ends.head_fwd.total + ends.head_bwd.total)
         return work
 
-    def _state_bounds(self, cfg: ParallelConfig, order: tuple[str, str, str],
-                      dp_group: Group) -> tuple[float, float, float]:
-        """(DP seconds per micro-batch cycle, seconds once per step, one block's always-held state bytes) for the
-        average device, at least: the parts of the bounds that depend only on the degrees and ZeRO."""
+    def _state_bounds(self, cfg: ParallelConfig, order: tuple[str, str, str], dp_group: Group) -> tuple[float, float]:
+        """(DP seconds per micro-batch cycle, seconds once per step) for the average device, at least: the parts
+        of the time bound that depend only on the degrees and ZeRO."""
         key = (cfg.tp, cfg.pp, cfg.dp, cfg.zero, order)
         hit = self._state_bounds_cache.get(key)
         if hit is None:
@@ -411,11 +531,32 @@ class CostModel:
             comm = stage_dp_comm(self.engine, recipe, cfg.zero, cfg.dp, cfg.pp, params, 0, one_call)
             per_cycle = kappa * (comm.fwd_each + comm.bwd_each)
             once = kappa * (comm.first_fwd + comm.last_bwd) + comm.after
-            sb = state_bytes(recipe, self.training.optimizer, cfg.zero, cfg.dp)
             share = cfg.dp if cfg.zero >= recipe.moments_sharded_from else 1
             once += params / share * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
-            held = sb.weights + sb.optimizer + (sb.grads if recipe.grads_held_between_steps else 0.0)
-            hit = self._state_bounds_cache[key] = (per_cycle, once, self.layer.per_tp_rank(cfg.tp) * held)
+            hit = self._state_bounds_cache[key] = (per_cycle, once)
+        return hit
+
+    def _forward_bytes_per_block(self, cfg: ParallelConfig, recipe) -> float:
+        """Bytes one more block adds to every stage's forward-phase peak besides its activations (states,
+        gradients when a backward came first on every stage, gathered or copied weights): the timeline's own
+        slope, so the search's memory bound cannot drift from the costing."""
+        nmb = cfg.microbatches(self.training.global_batch)
+        most_held = max(self._held(cfg, 0, nmb))       # stage 0 holds the most, as the timeline counts them
+        key = (cfg.tp, cfg.zero, cfg.dp, cfg.pp > 1, min(nmb, 2), nmb > most_held)
+        hit = self._forward_slope_cache.get(key)
+        if hit is not None:
+            return hit
+        dt = self.dtypes(cfg.zero, cfg.dp)
+        fsdp = recipe.gathered_weights_bytes > 0 and cfg.dp > 1 and cfg.zero >= recipe.weights.sharded_from
+        copies = 0.0 if fsdp else autocast_weight_bytes(self.model, cfg.tp, dt)
+
+        def forward(n: int) -> float:
+            block = self.layer.per_tp_rank(cfg.tp)
+            inputs = StageInputs(params=n * block, block_params=block, end_params=0.0, acts_held=0.0, acts_one=0.0,
+                                 held=most_held, microbatches=nmb, block_transient=0.0, head_transient=0.0,
+                                 head_backward=0.0, autocast_copies=n * copies, pipeline_buffers=0.0)
+            return stage_timeline(recipe, self.regime(cfg, nmb), inputs).phases["forward"].total
+        hit = self._forward_slope_cache[key] = forward(1) - forward(0)
         return hit
 
     def placement_signature(self, tp: int, pp: int, dp: int, order: tuple[str, str, str]) -> tuple:
@@ -465,7 +606,8 @@ class CostModel:
     def dp_comm(self, cfg: ParallelConfig, params: float, layers: int, dp_group: Group) -> DPComm:
         recipe = self.recipe(cfg.zero, cfg.dp)
         return stage_dp_comm(self.engine, recipe, cfg.zero, cfg.dp, cfg.pp, params, layers,
-                             lambda op, nbytes: self.net.collective(op, nbytes, dp_group) + self.host_coll)
+                             lambda op, nbytes: self.net.collective(op, nbytes, dp_group) + self.host_coll,
+                             self.dp_calls_per_block)
 
     def evaluate_core(self, cfg: ParallelConfig, order: tuple[str, str, str] = DEFAULT_ORDER,
                       devices: tuple[int, ...] | None = None) -> Core:

@@ -75,3 +75,14 @@ def padded_vocab_size(m: ModelSpec, tp: int, multiple: int = 128) -> int:
 def active_params(m: ModelSpec) -> int:
     """Parameters one token's computation passes through (a dense model: all of them)."""
     return total_params(m)
+
+
+def tensors_per_block(m: ModelSpec, fused_projections: bool) -> int:
+    """Parameter tensors of one block: the weight matrices (q/k/v and gate/up one each when fused), their
+    biases, the two norms' scales and biases."""
+    swiglu = m.mlp == "swiglu"
+    matrices = (1 if fused_projections else 3) + 1 + (1 if fused_projections or not swiglu else 2) + 1
+    qkv_biases = ((1 if fused_projections else 3) if m.has_qkv_bias else 0)
+    other_biases = (1 + (1 if fused_projections or not swiglu else 2) + 1) if m.bias else 0
+    norms = 2 * (2 if m.norm == "layernorm" and m.bias else 1)
+    return matrices + qkv_biases + other_biases + norms

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.cost.memory import state_bytes
+from planner.cost.memory import StateBytes, state_bytes
 
 PHASES = ("forward", "backward", "optimizer")
 
@@ -33,8 +33,10 @@ class StageInputs:
     held: int                 # micro-batches in flight at the peak
     microbatches: int
     block_transient: float    # a block's backward working set
-    head_transient: float     # logits in flight (last stage; 0 elsewhere)
+    head_transient: float     # logits in flight in the forward (last stage; 0 elsewhere)
+    head_backward: float      # the loss's backward buffers (last stage; 0 elsewhere)
     autocast_copies: float    # 16-bit weight copies autocast keeps for the whole step (0 if none)
+    pipeline_buffers: float   # pipeline receive buffers and the outputs kept for in-flight backwards
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ class Timeline:
 
     @property
     def peak_phase(self) -> str:
-        return max(PHASES, key=lambda p: self.phases[p].total)
+        totals = [self.phases[p].total for p in PHASES]
+        return PHASES[totals.index(max(totals))]
 
     @property
     def peak(self) -> PhaseMemory:
@@ -85,16 +88,26 @@ class Regime:
         return self.microbatches == 1 or (self.zero >= 2 and (self.pp == 1 or not self.defer_under_pipeline))
 
 
-def stage_timeline(recipe, regime: Regime, s: StageInputs) -> Timeline:
-    """Phase peaks of one stage under a memory recipe (planner.engine.MemoryRecipe)."""
-    sb = state_bytes(recipe, regime.optimizer, regime.zero, regime.dp)
+def grads_between_bytes(recipe, regime: Regime) -> float:
+    """Bytes per parameter of the gradients held between two backwards of a step: the persistent buffer, the
+    unsharded ones accumulated while their reduction waits for the last micro-batch, or the reduced shards."""
+    reduced = state_bytes(recipe, regime.optimizer, regime.zero, regime.dp).grads
+    if recipe.grads_held_between_steps:
+        return reduced
+    sharded = regime.dp > 1 and regime.zero >= recipe.grads.sharded_from
+    if sharded and not regime.sync_every_microbatch:
+        return recipe.accumulated_grads_bytes or recipe.grads.bytes
+    return reduced
+
+
+def stage_timeline(recipe, regime: Regime, s: StageInputs, sb: StateBytes | None = None,
+                   between: float | None = None) -> Timeline:
+    """Phase peaks of one stage under a memory recipe (planner.engine.MemoryRecipe). `sb` and `between`
+    (state_bytes and grads_between_bytes of the recipe and regime) may be passed in precomputed."""
+    sb = sb or state_bytes(recipe, regime.optimizer, regime.zero, regime.dp)
     weights, opt_states = s.params * sb.weights, s.params * sb.optimizer
     reduced = s.params * sb.grads
-    sharded_grads = regime.dp > 1 and regime.zero >= recipe.grads.sharded_from
-    deferred = sharded_grads and not regime.sync_every_microbatch
-    accumulated = s.params * (recipe.accumulated_grads_bytes or recipe.grads.bytes) if deferred else 0.0
-    # gradients held between backwards: the persistent buffer, the accumulated unsharded ones, or the shards
-    grads_between = reduced if recipe.grads_held_between_steps else (accumulated or reduced)
+    grads_between = s.params * (grads_between_bytes(recipe, regime) if between is None else between)
 
     fsdp = recipe.gathered_weights_bytes > 0 and regime.dp > 1 and regime.zero >= recipe.weights.sharded_from
     gathered_fwd = gathered_bwd = 0.0
@@ -106,6 +119,8 @@ def stage_timeline(recipe, regime: Regime, s: StageInputs) -> Timeline:
         kept_after_backward = regime.pp > 1 and regime.defer_under_pipeline
         gathered_fwd = ends + (in_flight if reshard and not kept_after_backward else everything)
         gathered_bwd = ends + (in_flight if reshard and not kept_after_backward else everything)
+    if regime.zero == 0 and regime.dp > 1:   # a replicate wrapper's unsharded copy (FSDP2's replicate)
+        gathered_fwd = gathered_bwd = s.params * recipe.replicate_copy_bytes
     reduce_buffer = (s.block_params * recipe.gathered_grads_bytes
                      if fsdp and regime.sync_every_microbatch else 0.0)
 
@@ -115,11 +130,12 @@ def stage_timeline(recipe, regime: Regime, s: StageInputs) -> Timeline:
         grads_bwd = grads_between
     else:   # the first backward: gradients appear as that micro-batch's activations are freed
         grads_bwd = max(0.0, grads_between - s.acts_one)
+    held = s.autocast_copies + s.pipeline_buffers
     forward = PhaseMemory(params=weights + gathered_fwd, grads=grads_fwd, optimizer=opt_states,
-                          activations=s.acts_held, other=s.autocast_copies + s.head_transient)
+                          activations=s.acts_held, other=held + s.head_transient)
     backward = PhaseMemory(params=weights + gathered_bwd, grads=grads_bwd, optimizer=opt_states,
                            activations=s.acts_held,
-                           other=s.autocast_copies + max(s.block_transient + reduce_buffer, s.head_transient))
+                           other=held + max(s.block_transient + reduce_buffer, s.head_backward))
     temp_share = regime.dp if regime.zero >= recipe.moments_sharded_from else 1
     optimizer = PhaseMemory(params=weights, grads=reduced, optimizer=opt_states, activations=0.0,
                             other=s.params * recipe.optimizer_temp_bytes / temp_share)

@@ -62,13 +62,13 @@ def search(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, const
             rejected["dominated"] += 1     # this rank order places every group as the default one does
             continue
         count += 1
-        time_lb, mem_lb = cost.bounds(cand, cand.order)
+        mem_lb = cost.memory_bound(cand)
         if mem_lb > usable * SLACK:
             rejected["out_of_memory"] += 1
             if closest_lb is None or mem_lb < closest_lb[0]:
                 closest_lb = (mem_lb, count, cand)
             continue
-        queue.append((time_lb, count, cand))
+        queue.append((cost.time_bound(cand, cand.order), count, cand))
     heapq.heapify(queue)
     total = len(queue)
 
