@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from profiler.memory_trace import CATEGORIES, launch_traces, trace_in_process  # noqa: E402
+from profiler.memory_trace import launch_traces, trace_in_process  # noqa: E402
+from profiler.storage_ledger import CATEGORIES  # noqa: E402
 from tests.runtime_helpers import make_test_plan, model_spec  # noqa: E402
 
 SPEC = model_spec("gpt-tiny", {"tied_embeddings": False})

@@ -23,7 +23,8 @@ import math
 import pytest
 import torch
 
-from profiler.memory_trace import CATEGORIES, StorageLedger, launch_traces, trace_in_process
+from profiler.memory_trace import launch_traces, trace_in_process
+from profiler.storage_ledger import CATEGORIES, StorageLedger
 from tests.runtime_helpers import make_test_plan, model_spec, reference_losses, relative_error
 
 SPEC = model_spec("gpt-tiny", {"tied_embeddings": False})      # tied weights are issue 9's; see the report
