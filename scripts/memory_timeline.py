@@ -45,6 +45,7 @@ TWO_RANKS = [
     ("dp 2, ZeRO 3, bf16 (FSDP2 MixedPrecisionPolicy(bf16, reduce fp32))", {"dp": 2, "zero": 3, "mbs": 2,
                                                                               "precision": "bf16"},
      {"cuda_precision": True}),
+    ("tp 2 (Megatron split, no sequence parallelism), 2 micro-batches of 4", {"tp": 2, "mbs": 4}, {}),
     ("pp 2, 1F1B, 4 micro-batches of 2", {"pp": 2, "mbs": 2}, {}),
     ("pp 2, GPipe, 4 micro-batches of 2", {"pp": 2, "mbs": 2, "schedule": "gpipe"}, {}),
 ]

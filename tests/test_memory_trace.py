@@ -3,7 +3,8 @@
 Independent sources:
   * parameter, gradient and optimizer-state bytes from the GPT-2 architecture's parameter shapes (Radford
     et al. 2019, written out below from the ModelSpec, not read from the runtime), sharded over dim 0 with
-    padding as FSDP2 documents (`fully_shard`: "shards on dim-0");
+    padding as FSDP2 documents (`fully_shard`: "shards on dim-0"), or split as Megatron's tensor parallelism
+    does (Shoeybi et al. 2019);
   * the optimizer's temporaries from reading torch 2.13's `_single_tensor_adam` / `_multi_tensor_adam`
     (the rules are listed in profiler/memory_trace.py's docstring);
   * saved activations against the profiler's own saved-tensor counter (`profiler.layers`, which measures
@@ -359,6 +360,7 @@ TWO_RANKS = {
     "zero2": dict(config={"dp": 2, "zero": 2, "mbs": 2}),
     "zero3": dict(config={"dp": 2, "zero": 3, "mbs": 2}),
     "zero3-bf16": dict(config={"dp": 2, "zero": 3, "mbs": 2}, precision="bf16", options={"cuda_precision": True}),
+    "tp2": dict(config={"tp": 2, "mbs": 4}),
     "1f1b": dict(config={"pp": 2, "mbs": 2}),
     "gpipe": dict(config={"pp": 2, "mbs": 2, "schedule": "gpipe"}),
 }
@@ -405,6 +407,38 @@ def test_data_parallel_states(two_ranks, name):
             opt = record(result, "optimizer", step)
             assert opt["end_by_category"]["optimizer_states"] == adam_state_bytes(local)
             assert opt["own_temporaries_max"] == for_loop_adam_temporaries(local)
+
+
+def tp_local(shapes, tp: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Megatron's split (Shoeybi et al. 2019), as runtime.parallelize applies it: q, k, v, fc1 (weight and
+    bias) column-parallel (dim 0 / tp), o and fc2 weights row-parallel (dim 1 / tp, bias whole), the token
+    embedding and the head split by vocabulary (dim 0 / tp); norms and positions whole."""
+    out = []
+    for name, s in shapes:
+        part = name.split(".")
+        layer = part[-2] if len(part) > 1 else part[0]
+        if layer in ("q", "k", "v", "fc1") or name in ("tok", "head.proj.w"):
+            s = (s[0] // tp,) + s[1:]
+        elif layer in ("o", "fc2") and part[-1] == "w":
+            s = (s[0], s[1] // tp)
+        out.append((name, s))
+    return out
+
+
+def test_tensor_parallel_states(two_ranks):
+    """tp 2: each rank holds its Megatron shard of the parameters, their gradients and Adam states. The token
+    embedding's gradient is the exception: the runtime's RowwiseParallel embedding gets a Replicate
+    gradient, the whole [vocab, h] matrix on every rank (pinned here, so that a fix shows)."""
+    local = tp_local(whole(), 2)
+    n_local = FP32 * numel(local)
+    vocab_rows = FP32 * SPEC.vocab_size * SPEC.hidden_size
+    for result in two_ranks["tp2"]:
+        assert build_end(result)["parameters"] == n_local
+        for step in (1, 2):
+            grads = record(result, "backward", step, 1)["end_by_category"]["gradients"]
+            assert grads == n_local + vocab_rows // 2
+            opt = record(result, "optimizer", step)
+            assert opt["end_by_category"]["optimizer_states"] == adam_state_bytes(local)
 
 
 def _stage_shapes(stage: int):
