@@ -70,7 +70,7 @@ def _pct(predicted: float | None, measured: float | None) -> str:
     return f"{(predicted / measured - 1) * 100:+.1f}%"
 
 
-def render(console, record, notes: list[str], output: Path) -> None:
+def render(console, record, notes: list[str], output: Path, engine_arg: str) -> None:
     """The fitted parameters, the ones not fitted and why, and every run before, after and left out."""
     from rich.table import Table
 
@@ -80,12 +80,12 @@ def render(console, record, notes: list[str], output: Path) -> None:
     console.print(f"[bold]meshplan calibrate[/]: {record.cluster}, engine {record.engine}, {len(record.runs)} runs"
                   + (f" ({sum(1 for r in record.runs if r.measured_peak_bytes)} with peak reserved memory)"
                      if with_memory else ""), soft_wrap=True)
-    fitted = Table("fitted", "before", "after", "bounds", "why", box=None, title_justify="left",
+    fitted = Table("fitted", "before", "after", "bounds", "what, and why", box=None, title_justify="left",
                    title="parameters fitted (the runs identify them)")
     for p in record.parameters:
         at_bound = " (at bound)" if p.after in (p.lower, p.upper) and p.after != p.before else ""
-        fitted.add_row(f"{p.path}\n[dim]{BY_PATH[p.path].what}[/]", _fmt(p.before), _fmt(p.after) + at_bound,
-                       f"{_fmt(p.lower)} - {_fmt(p.upper)}", p.reason)
+        fitted.add_row(p.path, _fmt(p.before), _fmt(p.after) + at_bound, f"{_fmt(p.lower)} - {_fmt(p.upper)}",
+                       f"[dim]{BY_PATH[p.path].what}:[/] {p.reason}")
     console.print(fitted)
     skipped = Table("not fitted", "why", box=None, title="parameters not fitted", title_justify="left")
     for s in record.skipped:
@@ -116,7 +116,7 @@ def render(console, record, notes: list[str], output: Path) -> None:
                                                         record.memory_loo_error_pct))
     for note in notes:
         console.print(f"note: {note}", soft_wrap=True)
-    console.print(f"calibrated cluster written to {output}: use it with --cluster {output} --engine {record.engine}",
+    console.print(f"calibrated cluster written to {output}: use it with --cluster {output} --engine {engine_arg}",
                   soft_wrap=True)
 
 
@@ -174,4 +174,4 @@ def calibrate_command(
     compiled = load_engine(engine, compile=True) if any(r.compile for r in measured) else None
     result = calibrate(spec, eng, measured, compiled, only)
     write_output(output, cluster_text(result.cluster, str(output)))
-    render(stdout, result.record, result.notes, output)
+    render(stdout, result.record, result.notes, output, engine)

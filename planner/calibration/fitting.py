@@ -174,6 +174,8 @@ def choose(pred: Predictor, target: str, indices: Sequence[int], base: dict[str,
         like = " and ".join(sorted(corr, key=corr.get, reverse=True)[:2])
         sel.skipped.append((path, f"only {ratio:.0%} of its effect on these runs' {what} is its own, the rest is "
                                   f"that of {like}: not separable with these runs"))
+    order = [c.path for c in CANDIDATES]
+    sel.skipped.sort(key=lambda s: order.index(s[0]))
     return sel
 
 

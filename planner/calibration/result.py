@@ -50,7 +50,7 @@ def calibrate(cluster: ClusterSpec, engine: EngineSpec, runs: Sequence[MeasuredR
     time = fit_target(pred, STEP_TIME, every, memory.values, only, leave_one_out)
     pred.thaw_layer_splits()      # what the written spec predicts: the split the cost model picks with it
     values = {**memory.values, **time.values}
-    skipped = memory.selection.skipped + time.selection.skipped
+    skipped = time.selection.skipped + memory.selection.skipped
     if not values:
         reasons = "; ".join(f"{p}: {why}" for p, why in skipped if why != "not named by --fit")
         raise InputError(f"these runs identify no parameter to fit ({reasons})", field="--runs")
@@ -67,7 +67,7 @@ def calibrate(cluster: ClusterSpec, engine: EngineSpec, runs: Sequence[MeasuredR
             loo_peak_bytes=round(memory.loo[i]) if i in memory.loo else None))
     params = [CalibrationParameter(path=c.path, before=c.start, after=values[c.path], lower=c.lower, upper=c.upper,
                                    target=fit.target, reason=c.reason)
-              for fit in (memory, time) for c in fit.selection.chosen]
+              for fit in (time, memory) for c in fit.selection.chosen]
     measured_s = {i: r.step_time_s for i, r in enumerate(runs)}
     measured_b = {i: float(runs[i].peak_reserved_bytes) for i in with_memory}
     record = Calibration(
