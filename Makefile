@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_estimate.py
 	$(BIN)/python scripts/bench_search.py
 	$(BIN)/python scripts/bench_profile_cluster.py
+	$(BIN)/python scripts/bench_calibrate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

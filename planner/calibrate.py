@@ -24,8 +24,11 @@ def with_params(cluster: ClusterSpec, values: dict[str, float], engine: str = "m
         if parts[0] == "engine":
             data["engine_overrides"].setdefault(engine, {})[".".join(parts[1:])] = float(value)
             continue
-        node = data["gpu_types"][cluster.nodes.gpu_type] if parts[0] == "gpu" else data[parts[0]]
-        for p in parts[1:-1]:
+        if parts[0] == "gpu":
+            node, parts = data["gpu_types"][cluster.nodes.gpu_type], parts[1:]
+        else:
+            node = data          # a path in the cluster spec itself (`overlap_slowdown`, `intra_node.latency`)
+        for p in parts[:-1]:
             node = node[p]
         if parts[-1] not in node:
             raise KeyError(path)

@@ -409,6 +409,11 @@ from planner.html_report.command import report_command  # noqa: E402
 
 app.command("report")(report_command)
 
+# ---------------------------------------------------------------------------------------------- calibrate
+from planner.calibration.command import calibrate_command  # noqa: E402
+
+app.command("calibrate")(calibrate_command)
+
 # ---------------------------------------------------------------------------------------------- torch commands
 # `run` and `profile` live with the code they drive; their modules import torch only inside the commands.
 from profiler.cli import profile_app  # noqa: E402

@@ -187,30 +187,42 @@ class CalibrationParameter(_Spec):
     after: float
     lower: float
     upper: float
+    target: Literal["step_time", "peak_reserved"] = Field("step_time", description="The measurement it was fitted to.")
+    reason: str = Field("", description="Why the runs identify it.")
+
+
+class SkippedParameter(_Spec):
+    path: str
+    reason: str = Field(description="Why it was not fitted to these runs.")
 
 
 class CalibratedRun(_Spec):
     label: str = Field(description="Where the run came from (file and line).")
+    config: str = Field("", description="Model, parallel configuration, batch and sequence.")
     measured_s: PositiveFloat = Field(description="Measured step time, seconds.")
     before_s: float = Field(description="Predicted step time with the spec as it was.")
     after_s: float = Field(description="Predicted step time with the fitted parameters.")
     loo_s: float | None = Field(None, description="Predicted step time when this run was left out of the fit.")
-    measured_peak_bytes: int | None = None
-    before_peak_bytes: int | None = None
+    measured_peak_bytes: int | None = Field(None, description="Measured peak reserved bytes.")
+    before_peak_bytes: int | None = Field(None, description="Predicted peak reserved bytes before the fit.")
     after_peak_bytes: int | None = None
+    loo_peak_bytes: int | None = None
 
 
 class Calibration(_Spec):
-    """What `meshplan calibrate` fitted, to which runs, and how well."""
+    """What `meshplan calibrate` fitted, to which runs, and how well (errors: mean absolute percentage error)."""
 
     engine: str
+    cluster: str = Field("", description="The cluster spec the fit started from.")
     runs: list[CalibratedRun]
     parameters: list[CalibrationParameter]
+    skipped: list[SkippedParameter] = Field(default_factory=list, description="Candidates not fitted, and why.")
     error_before_pct: float = Field(description="Mean absolute error of step time before the fit, percent.")
     error_after_pct: float = Field(description="The same after the fit (in sample).")
     loo_error_pct: float | None = Field(None, description="Leave-one-out mean absolute error, percent.")
     memory_error_before_pct: float | None = None
     memory_error_after_pct: float | None = None
+    memory_loo_error_pct: float | None = None
 
 
 class ClusterSpec(_Spec):
