@@ -436,8 +436,6 @@ def export(
     result = export_plan(the_plan, to)
     if result.adjusted.changes and exact:
         raise InputError(f"{to} cannot express the plan exactly: {result.adjusted.changes[0]}", field="--exact")
-    if result.engine_warning:
-        stderr.print(f"warning: {result.engine_warning}", soft_wrap=True)
     if output.exists() and not output.is_dir():
         raise InputError(f"'{output}' exists and is not a directory", field="--output")
     if not output.parent.exists():
@@ -457,6 +455,8 @@ def export(
                      f"{b.peak_reserved_bytes / GIB:.1f} -> {a.peak_reserved_bytes / GIB:.1f} GiB ({fit})",
                      soft_wrap=True)
     stdout.print(f"wrote {', '.join(str(output / name) for name in result.files)}", soft_wrap=True)
+    if result.engine_warning:
+        stderr.print(f"warning: {result.engine_warning}", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------- listings

@@ -217,7 +217,7 @@ def slurm_script(plan, title: str) -> str:
         "#SBATCH --exclusive",
         f"# meshplan export for {title}; submit from the export directory: sbatch slurm.sbatch",
         "set -euo pipefail",
-        'EXPORT_DIR="${EXPORT_DIR:-$SLURM_SUBMIT_DIR}"',
+        'export EXPORT_DIR="${EXPORT_DIR:-$SLURM_SUBMIT_DIR}"',
         'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
         'export MASTER_PORT="${MASTER_PORT:-29500}"',
         "srun --kill-on-bad-exit=1 bash -c 'NODE_RANK=$SLURM_NODEID exec bash \"$EXPORT_DIR/launch.sh\"'",
