@@ -41,7 +41,8 @@ def run_driver(name: str, jobs, tmp_path) -> list:
 
 @pytest.fixture(scope="module")
 def checked(tmp_path_factory):
-    """{target: [(plan name, export, what the engine read), ...]} plus each engine's verdict on a broken job."""
+    """({target: [(plan name, plan, export, what the engine read), ...]}, {target: its verdict on a broken job,
+    "flavours": torchtitan's llama3 model shapes})."""
     root = tmp_path_factory.mktemp("exports")
     out, broken = {}, {}
     for target, names in EXPORTS.items():
@@ -59,6 +60,8 @@ def checked(tmp_path_factory):
         key = "dp" if target == "deepspeed" else "world_size"
         jobs[-1][key] = jobs[0][key] + 1 if target != "deepspeed" else jobs[0][key] * 2
         results = run_driver(target, jobs, root)
+        if target == "torchtitan":
+            broken["flavours"] = results.pop()
         out[target] = [(n, p, r, got) for (n, p, r), got in zip(exports, results)]
         broken[target] = results[-1]
     return out, broken
@@ -158,11 +161,8 @@ def test_torchtitan_accepts_the_exports_and_reads_back_the_plan(checked):
     assert "error" in checked[1]["torchtitan"]
 
 
-def test_torchtitan_flavours_are_those_its_registry_ships(tmp_path):
-    proc = subprocess.run([str(ENGINE_PYTHON), str(DRIVERS / "torchtitan_check.py"), "--flavours"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    shipped = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_torchtitan_flavours_are_those_its_registry_ships(checked):
+    shipped = checked[1]["flavours"]
     assert set(shipped) == set(FLAVOURS)
     for name, spec in FLAVOURS.items():
         s = shipped[name]

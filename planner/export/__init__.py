@@ -29,11 +29,9 @@ class Export:
     engine_warning: str | None         # the plan was costed for another engine
 
 
-def cost_model_for(plan, training, engine: str):
-    """The cost model a re-estimate uses. `engine` names the engine that runs the configuration; the cost model
-    prices every engine alike until engine profiles exist."""
+def cost_model_for(plan, training):
+    """The cost model a re-estimate uses: the plan's model and cluster with `training`."""
     from planner.cost.model import CostModel
-    del engine
     return CostModel(plan.model, plan.cluster, training)
 
 
@@ -46,12 +44,12 @@ def export_plan(plan, target: str) -> Export:
     before = after = None
     if adjusted.changes:
         from planner.layout import DEFAULT_ORDER
-        original = cost_model_for(plan, plan.training, plan_engine(plan))
+        original = cost_model_for(plan, plan.training)
         plan_cfg = resolved_config(plan)
         devices = tuple(plan.config.placement) if plan.config.placement is not None else None
         before = original.prediction(original.evaluate_core(plan_cfg, tuple(plan.config.layout or DEFAULT_ORDER),
                                                             devices))
-        after = cost_model_for(plan, adjusted.training, target).evaluate(adjusted.config, adjusted.order)
+        after = cost_model_for(plan, adjusted.training).evaluate(adjusted.config, adjusted.order)
     engine = plan_engine(plan)
     warning = None if engine == target else (
         f"the plan was costed for the {engine} engine, not {target}: {target} runs it with its own kernels and "

@@ -147,7 +147,8 @@ def looks_like(items: list[str]) -> bool:
     return any(x.startswith(("--num-layers", "--tensor-model-parallel-size", "--micro-batch-size")) for x in items)
 
 
-def _model(a: dict, source: str, tp: int) -> dict:
+def _model(a: dict, source: str) -> tuple[dict, int]:
+    """(ModelSpec fields, sequence length) from the shape flags, with Megatron's defaults."""
     def need(flag: str) -> int:
         value = take_int(a, flag, None, source)
         if value is None:
@@ -257,7 +258,7 @@ def read(items: list[str], source: str, world_size: int) -> Launch:
             raise InputError(f"{flag}: {what} is not modelled by meshplan", field=source)
     tp = take_int(a, "--tensor-model-parallel-size", 1, source)
     pp = take_int(a, "--pipeline-model-parallel-size", 1, source)
-    model_fields, seq = _model(a, source, tp)
+    model_fields, seq = _model(a, source)
     model = validated(model_fields, source)
     if world_size % (tp * pp):
         raise InputError(f"tp {tp} x pp {pp} does not divide the world size {world_size}", field=source)

@@ -1,7 +1,7 @@
 """Run torchtitan's own configuration code on meshplan exports; print what it read back, as JSON.
 
-Usage (in the engine venv): python torchtitan_check.py JOBS.json, JOBS a list of {"dir", "world_size"}, or
-`python torchtitan_check.py --flavours` for the model shapes of the llama3 config registry.
+Usage (in the engine venv): python torchtitan_check.py JOBS.json, JOBS a list of {"dir", "world_size"}; the
+last job's result is followed by the model shapes of the llama3 config registry.
 torchtitan 0.3.0: ConfigManager.parse_args on the export's args.json, ParallelDims.from_config for the degrees,
 get_schedule_class for the schedule, and the module list of each pipeline chunk.
 """
@@ -72,12 +72,9 @@ def flavours() -> dict:
 
 def main() -> None:
     logging.disable(logging.WARNING)
-    if sys.argv[1] == "--flavours":
-        result = flavours()
-    else:
-        with open(sys.argv[1]) as f:
-            jobs = json.load(f)
-        result = [check(job["dir"], job["world_size"]) for job in jobs]
+    with open(sys.argv[1]) as f:
+        jobs = json.load(f)
+    result = [check(job["dir"], job["world_size"]) for job in jobs] + [flavours()]
     print("\n" + json.dumps(result))      # the last line of stdout
 
 
