@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from planner.export import export_plan
-from planner.export.torchtitan import FLAVOURS
+from planner.export.torchtitan import FLAVOURS, default_split
 from tests.conftest import ROOT
 from tests.export_helpers import make_test_plan, write_export
 
@@ -42,7 +42,7 @@ def run_driver(name: str, jobs, tmp_path) -> list:
 @pytest.fixture(scope="module")
 def checked(tmp_path_factory):
     """({target: [(plan name, plan, export, what the engine read), ...]}, {target: its verdict on a broken job,
-    "flavours": torchtitan's llama3 model shapes})."""
+    "flavours": torchtitan's llama3 model shapes, "splits": its default layer splits})."""
     root = tmp_path_factory.mktemp("exports")
     out, broken = {}, {}
     for target, names in EXPORTS.items():
@@ -61,6 +61,7 @@ def checked(tmp_path_factory):
         jobs[-1][key] = jobs[0][key] + 1 if target != "deepspeed" else jobs[0][key] * 2
         results = run_driver(target, jobs, root)
         if target == "torchtitan":
+            broken["splits"] = results.pop()
             broken["flavours"] = results.pop()
         out[target] = [(n, p, r, got) for (n, p, r), got in zip(exports, results)]
         broken[target] = results[-1]
@@ -170,3 +171,9 @@ def test_torchtitan_flavours_are_those_its_registry_ships(checked):
                 s["vocab_size"], s["tied"], s["bias"], s["rope_theta"], s["norm_eps"]) == (
             spec.num_layers, spec.hidden_size, spec.num_heads, spec.kv_heads, spec.ffn_size, spec.vocab_size,
             spec.tied_embeddings, spec.bias, spec.rope_theta, spec.norm_eps), name
+
+
+def test_the_torchtitan_reader_splits_layers_as_torchtitan_does(checked):
+    """Without a module list, torchtitan splits the layers itself: the reader's rule against its code."""
+    cases = [(4, 32, 1, 1), (2, 6, 1, 1), (8, 32, 1, 1), (6, 80, 2, 3)]     # tests/engines/torchtitan_check.py
+    assert [default_split(*case) for case in cases] == checked[1]["splits"]

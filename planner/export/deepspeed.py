@@ -37,11 +37,12 @@ def nearest(plan) -> Adjusted:
         cfg = change_config(cfg, sp=False)
         changes.append("sequence parallelism off: DeepSpeed's AutoTP has no Megatron-style sequence parallelism")
     if cfg.pp > 1:
-        if cfg.schedule != "1f1b":
-            changes.append(f"schedule {cfg.schedule} -> 1f1b: DeepSpeed's pipeline engine runs its 1F1B "
-                           f"TrainSchedule only")
-            cfg = change_config(cfg, schedule="1f1b", vpp=1, layers_per_stage=balanced_layers(m.num_layers, cfg.pp))
         even = balanced_layers(m.num_layers, cfg.pp)
+        if cfg.schedule != "1f1b":
+            changes.append(f"schedule {cfg.schedule}{f' (vpp {cfg.vpp})' if cfg.vpp > 1 else ''} -> 1f1b with "
+                           f"{','.join(map(str, even))} layers per stage: DeepSpeed's pipeline engine runs its 1F1B "
+                           f"TrainSchedule only")
+            cfg = change_config(cfg, schedule="1f1b", vpp=1, layers_per_stage=even)
         if list(cfg.layers_per_stage) != even:
             changes.append(f"layers per stage {','.join(map(str, cfg.layers_per_stage))} -> "
                            f"{','.join(map(str, even))}: DeepSpeed's PipelineModule splits by a method "

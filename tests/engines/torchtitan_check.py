@@ -1,7 +1,8 @@
 """Run torchtitan's own configuration code on meshplan exports; print what it read back, as JSON.
 
 Usage (in the engine venv): python torchtitan_check.py JOBS.json, JOBS a list of {"dir", "world_size"}; the
-last job's result is followed by the model shapes of the llama3 config registry.
+last job's result is followed by the model shapes of the llama3 config registry and torchtitan's default
+layer split for a few pipelines.
 torchtitan 0.3.0: ConfigManager.parse_args on the export's args.json, ParallelDims.from_config for the degrees,
 get_schedule_class for the schedule, and the module list of each pipeline chunk.
 """
@@ -70,11 +71,21 @@ def flavours() -> dict:
     return out
 
 
+SPLITS = [(4, 32, 1, 1), (2, 6, 1, 1), (8, 32, 1, 1), (6, 80, 2, 3)]   # (stages, layers, first less, last less)
+
+
+def default_splits() -> list:
+    """Blocks per chunk of torchtitan's own split when no module list is given, for each of SPLITS."""
+    from torchtitan.distributed.pipeline_parallel import _generate_llm_fqn_per_model_part
+    return [[sum(1 for n in part if n.startswith("layers.")) for part in
+             _generate_llm_fqn_per_model_part(*case)] for case in SPLITS]
+
+
 def main() -> None:
     logging.disable(logging.WARNING)
     with open(sys.argv[1]) as f:
         jobs = json.load(f)
-    result = [check(job["dir"], job["world_size"]) for job in jobs] + [flavours()]
+    result = [check(job["dir"], job["world_size"]) for job in jobs] + [flavours(), default_splits()]
     print("\n" + json.dumps(result))      # the last line of stdout
 
 
