@@ -244,21 +244,21 @@ def parse_compare(text: str, world_size: int):
 
 
 def _is_launch(text: str) -> bool:
-    """Whether --compare names an existing launch (an export directory or an engine's argument / config file)."""
+    """Whether --compare names an existing launch: a directory, a JSON argument list or DeepSpeed config, or a
+    text file of arguments (plan and estimate files are JSON / YAML mappings)."""
     path = Path(text)
     if path.is_dir():
         return True
-    if not path.is_file():
+    if not path.is_file() or path.suffix in (".yaml", ".yml"):
         return False
     if path.suffix != ".json":
         return True
-    from planner.loaders import read_data_file
-    try:
-        read_data_file(path, "--compare")
-    except InputError:   # not a mapping: an argument list
-        return True
     from planner.export.deepspeed import looks_like
-    return looks_like(read_data_file(path, "--compare"))
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False        # parse_compare reports it
+    return isinstance(data, list) or looks_like(data)
 
 
 def compare_launch_candidate(path: Path, model, cluster, training):

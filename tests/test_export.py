@@ -70,7 +70,7 @@ def test_nearest_configuration_is_the_estimate_of_what_was_written(capsys, tmp_p
     plan1 = make_test_plan("gpt_pipe_zero1")
     plan1_sp = plan1.model_copy(update={"config": plan1.config.model_copy(update={"schedule": "gpipe"})})
     result = export_plan(plan1_sp, "deepspeed")
-    assert [c.split(":")[0] for c in result.adjusted.changes] == ["schedule gpipe -> 1f1b"]
+    assert [c.split(":")[0] for c in result.adjusted.changes] == ["schedule gpipe -> 1f1b with 12,12 layers per stage"]
     r = run_cli(capsys, "estimate", "-m", "gpt3-1.3b", "-c", "dgx-a100-80gb", "--nodes", "1", "-b", "64",
                 "--tp", "1", "--pp", "2", "--mbs", "2", "--zero", "1", "--recompute", "full",
                 "--layers-per-stage", "12,12", "--json")
@@ -258,3 +258,20 @@ def test_estimate_from_bad_launches_are_one_line_errors(capsys, tmp_path):
 ])
 def test_torchtitan_default_split(stages, layers, first, last, want):
     assert default_split(stages, layers, first, last) == want
+
+
+@pytest.mark.parametrize("ds,want", [
+    # DeepSpeed's rule: train_batch_size = micro batch x gradient accumulation x data-parallel size, the
+    # missing one derived (accumulation 1 when only the train batch is given); 8 GPUs, no pipeline
+    ({"train_batch_size": 64}, (8, 8, 1)),
+    ({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 2}, (8, 2, 4)),
+    ({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3}, (8, 2, 3)),
+    ({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+      "pipeline": {"stages": 2}}, (4, 2, 2)),
+])
+def test_deepspeed_batch_rule(ds, want):
+    from planner.export.deepspeed import read
+    launch = read(ds, "ds_config.json", 8)
+    dp, mbs, gas = want
+    assert (launch.config.dp, launch.config.mbs, launch.global_batch // (mbs * dp)) == (dp, mbs, gas)
+    assert launch.config.tp * launch.config.pp * launch.config.dp == 8

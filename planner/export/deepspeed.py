@@ -125,26 +125,31 @@ def read(ds: dict, source: str, world_size: int) -> Launch:
     pipeline = ds.get("pipeline") or {}
     batch, mbs = _int(ds, "train_batch_size", source), _int(ds, "train_micro_batch_size_per_gpu", source)
     gas = _int(ds, "gradient_accumulation_steps", source)
-    known = [v for v in (batch, mbs, gas) if v is not None]
-    if len(known) < 2 and not (batch and world_size):
-        raise InputError("needs two of train_batch_size, train_micro_batch_size_per_gpu, "
-                         "gradient_accumulation_steps", field=source)
     stages = pipeline.get("stages", "auto")
     if stages != "auto" and (not isinstance(stages, int) or stages < 1):
         raise InputError(f"stages must be a whole number or 'auto' (got {stages!r})", field=f"{source}: pipeline")
     if batch is not None and mbs is not None and gas is not None:
         if batch % (mbs * gas):
             raise InputError(f"train_batch_size {batch} is not micro batch {mbs} x gradient accumulation {gas} x "
-                             f"data-parallel size", field=source)
+                             f"a data-parallel size", field=source)
         dp = batch // (mbs * gas)
-    else:   # DeepSpeed derives the missing one from the data-parallel size
-        model_ranks = tp * (stages if isinstance(stages, int) else 1)
-        dp = world_size // model_ranks
+    else:   # DeepSpeed derives what is missing from the data-parallel size (gradient accumulation 1 by default)
+        dp = world_size // (tp * (stages if isinstance(stages, int) else 1))
+        if dp < 1:
+            raise InputError(f"the world size {world_size} is smaller than tp {tp} x pipeline stages", field=source)
         if batch is None:
+            if mbs is None or gas is None:
+                raise InputError("needs train_batch_size, or train_micro_batch_size_per_gpu with "
+                                 "gradient_accumulation_steps", field=source)
             batch = mbs * gas * dp
         elif mbs is None:
+            gas = gas or 1
             mbs = batch // (gas * dp)
-        gas = batch // (mbs * dp)
+        else:
+            gas = batch // (mbs * dp)
+        if min(mbs, gas) < 1:
+            raise InputError(f"train_batch_size {batch} is smaller than micro batch x data-parallel size {dp}",
+                             field=source)
     if world_size % (tp * dp):
         raise InputError(f"world size {world_size} is not a multiple of tp {tp} x data-parallel {dp} (from the "
                          f"batch sizes)", field=source)
