@@ -8,7 +8,10 @@ from planner.plan import make_plan
 from planner.presets import PRESETS
 from planner.specs import ParallelConfig, TrainingSpec
 
-# name -> (preset, cluster, nodes, training, parallel config, rank order)
+# name -> (preset, cluster, nodes, training, parallel config). An MoE plan joins these (and the round-trip and
+# engine lists of tests/test_export*.py) once ModelSpec describes experts: megatron.model_args is where its
+# --num-experts / --moe-router-topk / --expert-model-parallel-size go, and the readers' refusal of those flags
+# is where they are read back.
 PLANS = {
     # GPT-3 style: LayerNorm, GELU, learned positions, biases, tied embeddings
     "gpt_dense": ("gpt3-1.3b", "dgx-a100-80gb", 1, dict(global_batch=64, seq_len=2048, precision="bf16"),

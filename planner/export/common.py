@@ -177,7 +177,7 @@ def launch_script(plan, title: str, command: list[str], env: dict[str, str] | No
         'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
         f"NNODES={nodes}",
         f"NPROC_PER_NODE={gpn}",
-        f'NODE_RANK="${{NODE_RANK:-0}}"',
+        'NODE_RANK="${NODE_RANK:-0}"',
         'MASTER_ADDR="${MASTER_ADDR:-localhost}"',
         'MASTER_PORT="${MASTER_PORT:-29500}"',
     ]

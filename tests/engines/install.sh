@@ -5,6 +5,7 @@
 # build numpy, so they are installed first and it without them. DS_BUILD_OPS=0: no DeepSpeed kernels compiled.
 set -euo pipefail
 venv="$1"
+export PIP_CACHE_DIR="$(dirname "$venv")/pip-cache"    # nothing cached outside the repository
 rm -rf "$venv"
 python3 -m venv "$venv"
 "$venv/bin/pip" install -q torch==2.13.0
