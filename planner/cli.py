@@ -243,34 +243,6 @@ def parse_compare(text: str, world_size: int):
                           order)
 
 
-def _is_launch(text: str) -> bool:
-    """Whether --compare names an existing launch: a directory, a JSON argument list or DeepSpeed config, or a
-    text file of arguments (plan and estimate files are JSON / YAML mappings)."""
-    path = Path(text)
-    if path.is_dir():
-        return True
-    if not path.is_file() or path.suffix in (".yaml", ".yml"):
-        return False
-    if path.suffix != ".json":
-        return True
-    from planner.export.deepspeed import looks_like
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False        # parse_compare reports it
-    return isinstance(data, list) or looks_like(data)
-
-
-def compare_launch_candidate(path: Path, model, cluster, training):
-    """A launch as the configuration `plan --compare` ranks."""
-    from planner.export.from_launch import compare_launch
-    from planner.search.space import Candidate
-    launch = compare_launch(path, model, cluster, training)
-    cfg = launch.config
-    return cfg, Candidate(cfg.tp, cfg.pp, cfg.dp, cfg.vpp, cfg.mbs, cfg.zero, cfg.recompute, cfg.sp, cfg.schedule,
-                          launch.order, tuple(cfg.layers_per_stage))
-
-
 def _fit_hints(closest, constraints, model, cluster, training) -> str:
     """What would make the closest candidate fit."""
     from planner.cost.memory import GIB, state_bytes
@@ -369,8 +341,9 @@ def plan(
     compare_cand = None
     if compare is not None:
         from planner.validate import check_config
-        if _is_launch(compare):
-            compare_cfg, compare_cand = compare_launch_candidate(Path(compare), m, c, t)
+        from planner.export.from_launch import compare_candidate, is_launch
+        if is_launch(compare):
+            compare_cfg, compare_cand = compare_candidate(Path(compare), m, c, t)
         else:
             compare_cfg, compare_cand = parse_compare(compare, c.world_size)
         check_config(m, c, t, compare_cfg)

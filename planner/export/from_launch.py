@@ -3,6 +3,7 @@ the cluster (and whatever the launch does not say) from the command line, and ev
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from planner.errors import InputError
 from planner.export import TARGETS, launch_source, with_model
 from planner.export.common import Launch, read_launch_counts
+from planner.export.deepspeed import looks_like
 from planner.export.torchtitan import SHAPE
 
 # estimate options a launch sets: passing one with --from is an error (the launch decides)
@@ -98,3 +100,29 @@ def compare_launch(path: Path, model, cluster, training) -> Launch:
         if theirs is not None and ours != theirs:
             raise InputError(f"the launch's {what} is {theirs}, the search's {ours} ({path})", field="--compare")
     return launch
+
+
+def is_launch(text: str) -> bool:
+    """Whether --compare names an existing launch: a directory, a JSON argument list or DeepSpeed config, or a
+    text file of arguments (plan and estimate files are JSON / YAML mappings)."""
+    path = Path(text)
+    if path.is_dir():
+        return True
+    if not path.is_file() or path.suffix in (".yaml", ".yml"):
+        return False
+    if path.suffix != ".json":
+        return True
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False        # parse_compare reports it
+    return isinstance(data, list) or looks_like(data)
+
+
+def compare_candidate(path: Path, model, cluster, training):
+    """A launch as the configuration `plan --compare` ranks."""
+    from planner.search.space import Candidate
+    launch = compare_launch(path, model, cluster, training)
+    cfg = launch.config
+    return cfg, Candidate(cfg.tp, cfg.pp, cfg.dp, cfg.vpp, cfg.mbs, cfg.zero, cfg.recompute, cfg.sp, cfg.schedule,
+                          launch.order, tuple(cfg.layers_per_stage))
