@@ -1,10 +1,16 @@
-# meshplan: `make demo` sets up .venv and plans a job; `make test` sets up .venv and runs every test.
+# meshplan: `make demo` sets up .venv and plans a job; `make test` sets up .venv and the engine venv and runs every
+# test.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+# Megatron-LM (megatron-core), DeepSpeed and torchtitan in a venv of their own, whose code checks the exports
+# (tests/test_export_engines.py; how it is built: tests/engines/install.sh).
+ENGINES       := .engines/venv
+ENGINES_STAMP := $(ENGINES)/.installed
+
+.PHONY: setup engines demo test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,10 +21,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+$(ENGINES_STAMP): tests/engines/install.sh
+	bash tests/engines/install.sh $(ENGINES)
+
+engines: $(ENGINES_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/meshplan plan --model gpt3-175b --cluster dgx-a100-80gb --nodes 128 --global-batch 1536 --seq 2048
 
-test: $(STAMP)
+test: $(STAMP) $(ENGINES_STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
@@ -29,4 +40,4 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_calibrate.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .engines .pytest_cache .hypothesis

@@ -115,10 +115,22 @@ def parse_int_list(text: Optional[str], field: str) -> Optional[list[int]]:
 
 
 # ---------------------------------------------------------------------------------------------- estimate
+FromOpt = typer.Option(None, "--from", help="Predict an existing launch instead: an export directory, Megatron-LM "
+                                            "arguments (JSON list or shell line), a torchtitan argument list, or a "
+                                            "DeepSpeed ds_config.json (the world size from --nodes/--gpus-per-node "
+                                            "or the directory's launch.sh; model and --seq from the options when "
+                                            "the launch does not say).")
+
+
 @app.command()
 def estimate(
-    model: str = ModelOpt, cluster: str = ClusterOpt, nodes: Optional[int] = NodesOpt,
-    gpus_per_node: Optional[int] = GpnOpt, global_batch: int = BatchOpt, seq: int = SeqOpt,
+    ctx: typer.Context,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Preset name (see `meshplan presets`), a "
+                                        "YAML/JSON ModelSpec file, or a Hugging Face config.json."),
+    cluster: str = ClusterOpt, nodes: Optional[int] = NodesOpt,
+    gpus_per_node: Optional[int] = GpnOpt,
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", "-b", help="Sequences per optimizer step."),
+    seq: int = SeqOpt,
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree (divides heads and kv heads)."),
     pp: int = typer.Option(1, "--pp", help="Pipeline stages."),
     dp: Optional[int] = typer.Option(None, "--dp", help="Data-parallel degree (default: GPUs / (tp*pp))."),
@@ -135,6 +147,7 @@ def estimate(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (schema in README) to stdout."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write a plan file for `meshplan run`."),
     force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
+    from_launch: Optional[Path] = FromOpt,
 ):
     """Predict step time, MFU and memory per GPU of ONE parallel configuration.
 
@@ -143,6 +156,15 @@ def estimate(
     from planner.loaders import parse_spec
     from planner.specs import ParallelConfig
 
+    if from_launch is not None:
+        explicit = {name: value for name, value in ctx.params.items()
+                    if ctx.get_parameter_source(name).name == "COMMANDLINE"}
+        _estimate_launch(from_launch, cluster, nodes, gpus_per_node, model, seq, optimizer, explicit, profile,
+                         as_json, output, force)
+        return
+    for value, field in ((model, "--model"), (global_batch, "--global-batch")):
+        if value is None:
+            raise InputError("missing option (or give --from)", field=field)
     m, c, t = load_inputs(model, cluster, nodes, gpus_per_node, global_batch, seq, precision, optimizer,
                           overlap_grad_reduce)
     _choice(recompute, "--recompute", ("none", "selective", "full"))
@@ -168,6 +190,34 @@ def estimate(
         return
     from planner.report import render_prediction
     render_prediction(stdout, cost.model, c, t, pred)
+    if output is not None:
+        stdout.print(f"plan written to {output}")
+
+
+def _estimate_launch(path: Path, cluster: str, nodes, gpus_per_node, model, seq, optimizer, explicit, profile,
+                     as_json: bool, output: Optional[Path], force: bool) -> None:
+    """`estimate --from`: predict the launch at `path` (its engine is the target that wrote it)."""
+    from planner.export.from_launch import cluster_for, estimate_inputs
+    from planner.validate import check_config
+    c = cluster_for(path, cluster, nodes, gpus_per_node)
+    inputs = estimate_inputs(path, c, model, explicit, seq, optimizer)
+    launch = inputs.launch
+    for note in launch.notes:
+        stderr.print(f"note: {note}", soft_wrap=True)
+    engine = load_engine_opt(launch.engine, False, inputs.training)
+    check_config(inputs.model, c, inputs.training, launch.config, engine)
+    cost = cost_model(inputs.model, c, inputs.training, profile, engine)
+    pred = cost.evaluate(launch.config, launch.order)
+    if output is not None:
+        from planner.plan import make_plan
+        write_new_file(output, make_plan(cost.model, c, inputs.training, pred, engine=cost.engine)
+                       .model_dump_json(indent=1), force, "--output")
+    if as_json:
+        print(pred.model_dump_json(indent=1))
+        return
+    from planner.report import render_prediction
+    stdout.print(f"{launch.target} launch {path} (engine: {launch.engine})")
+    render_prediction(stdout, inputs.model, c, inputs.training, pred)
     if output is not None:
         stdout.print(f"plan written to {output}")
 
@@ -277,7 +327,8 @@ def plan(
                                              help="Let tensor-parallel groups span nodes."),
     top: int = typer.Option(5, "--top", "-k", help="How many plans to list."),
     compare: Optional[str] = typer.Option(None, "--compare", help="Rank a configuration against the winner: "
-                                          "'tp=8,pp=4,mbs=1,zero=1,recompute=full,sp' or a plan/estimate JSON."),
+                                          "'tp=8,pp=4,mbs=1,zero=1,recompute=full,sp', a plan/estimate JSON, or "
+                                          "an existing launch (see `estimate --from`)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan JSON (runners-up under `alternatives`)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the winning plan for `meshplan run`."),
     html: Optional[Path] = typer.Option(None, "--html", help="Also draw the plan as a self-contained HTML page "
@@ -316,7 +367,11 @@ def plan(
     compare_cand = None
     if compare is not None:
         from planner.validate import check_config
-        compare_cfg, compare_cand = parse_compare(compare, c.world_size)
+        from planner.export.from_launch import compare_candidate, is_launch
+        if is_launch(compare):
+            compare_cfg, compare_cand = compare_candidate(Path(compare), m, c, t)
+        else:
+            compare_cfg, compare_cand = parse_compare(compare, c.world_size)
         check_config(m, c, t, compare_cfg, cost.engine)
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -358,6 +413,55 @@ def plan(
         stdout.print(f"plan written to {output}")
     if html is not None:
         stdout.print(f"report written to {html}", soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------- export
+@app.command()
+def export(
+    plan_file: Path = typer.Argument(..., metavar="PLAN", help="A plan file from `meshplan plan -o` or `estimate -o`."),
+    to: str = typer.Option(..., "--to", help="megatron | deepspeed | torchtitan."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory to write (created if missing)."),
+    exact: bool = typer.Option(False, "--exact", help="Refuse instead of writing the nearest configuration the "
+                                                      "target can express."),
+    force: bool = typer.Option(False, "--force", help="Overwrite files the directory already holds."),
+):
+    """Write a plan as a launch of Megatron-LM, DeepSpeed or torchtitan: launch.sh (the torchrun line of each
+    node), slurm.sbatch, and args.json / args.txt (Megatron-LM, torchtitan) or ds_config.json (DeepSpeed).
+
+    What the target cannot express is exported as the nearest configuration it can, with each change and the
+    re-estimated prediction shown (--exact refuses instead). Read an export back with `estimate --from DIR`.
+
+    Example: meshplan export plan.json --to megatron -o megatron_job
+    """
+    from planner.cost.memory import GIB
+    from planner.export import export_plan
+    from planner.plan import load_plan
+    _choice(to, "--to", ("megatron", "deepspeed", "torchtitan"))
+    the_plan = load_plan(plan_file)
+    result = export_plan(the_plan, to)
+    if result.adjusted.changes and exact:
+        raise InputError(f"{to} cannot express the plan exactly: {result.adjusted.changes[0]}", field="--exact")
+    if output.exists() and not output.is_dir():
+        raise InputError(f"'{output}' exists and is not a directory", field="--output")
+    if not output.parent.exists():
+        raise InputError(f"directory '{output.parent}' does not exist", field="--output")
+    output.mkdir(exist_ok=True)
+    for name, text in result.files.items():
+        write_new_file(output / name, text, force, "--output")
+        if name.endswith((".sh", ".sbatch")):
+            (output / name).chmod(0o755)
+    for change in result.adjusted.changes:
+        stdout.print(f"changed: {change}", soft_wrap=True)
+    if result.after is not None:
+        b, a = result.before.predicted, result.after.predicted
+        fit = "fits" if result.after.feasible else f"[red]does not fit[/]: {result.after.reason}"
+        stdout.print(f"prediction moves: step {b.step_time_s:.4g} s -> {a.step_time_s:.4g} s "
+                     f"({a.step_time_s / b.step_time_s - 1:+.1%}), MFU {b.mfu:.1%} -> {a.mfu:.1%}, peak "
+                     f"{b.peak_reserved_bytes / GIB:.1f} -> {a.peak_reserved_bytes / GIB:.1f} GiB ({fit})",
+                     soft_wrap=True)
+    stdout.print(f"wrote {', '.join(str(output / name) for name in result.files)}", soft_wrap=True)
+    if result.engine_warning:
+        stderr.print(f"warning: {result.engine_warning}", soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------- listings

@@ -26,7 +26,7 @@ class Candidate(NamedTuple):
     sp: bool
     schedule: str
     order: tuple[str, str, str] = DEFAULT_ORDER
-    layers_per_stage: None = None
+    layers_per_stage: tuple[int, ...] | None = None   # explicit blocks per chunk (a compared launch)
 
     def microbatches(self, global_batch: int) -> int:
         return global_batch // (self.dp * self.mbs)

@@ -1,0 +1,102 @@
+"""Run Megatron-LM's own argument code on meshplan exports; print what it read back, as JSON.
+
+Usage (in the engine venv): python megatron_check.py JOBS.json, JOBS a list of {"dir", "world_size"}.
+For each export directory: the environment its launch.sh exports, then parse_args, validate_args and
+core_transformer_config_from_args (megatron-core 0.19.2), the vocabulary padding of build_tokenizer and
+initialize_model_parallel on PyTorch's fake process-group backend. CPU-only shims (../shared/engine-validation.md):
+typing.override for Python 3.11, Hopper as the device architecture, rope fusion off (Transformer Engine is absent).
+"""
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import sys
+import typing
+
+import typing_extensions
+
+typing.override = typing_extensions.override   # megatron.training uses Python 3.12's typing.override
+
+
+def check(directory: str, world_size: int) -> dict:
+    import megatron.training.arguments as margs
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
+    from megatron.core.transformer.enums import LayerType
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    margs.get_device_arch_version = lambda: 9         # no GPU to ask: Hopper
+    with open(os.path.join(directory, "launch.sh")) as f:
+        env = dict(re.findall(r"^export (\w+)=(\S+)$", f.read(), re.MULTILINE))
+    os.environ.pop("CUDA_DEVICE_MAX_CONNECTIONS", None)
+    os.environ.update(env, WORLD_SIZE=str(world_size), RANK="0")
+    with open(os.path.join(directory, "args.json")) as f:
+        sys.argv = ["pretrain_gpt.py", *json.load(f)]
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            args = margs.parse_args()
+            margs.validate_args(args)
+            args.apply_rope_fusion = False               # needs Transformer Engine
+            cfg = margs.core_transformer_config_from_args(args)
+    except (SystemExit, AssertionError, ValueError) as exc:
+        lines = [x for x in log.getvalue().splitlines() if "error" in x.lower()]
+        return {"error": f"{type(exc).__name__}: {exc} {lines[-1:] if lines else ''}"}
+    pp, vpp = args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size or 1
+    layout = cfg.pipeline_model_parallel_layout
+    chunks = []
+    for j in range(pp * vpp):
+        p, v = j % pp, j // pp
+        if layout is not None:
+            chunks.append(layout.layout[p][v].count(LayerType.decoder))
+        else:
+            chunks.append(get_num_layers_to_build(cfg, vp_stage=v if vpp > 1 else None, pp_rank=p))
+    padded = vocab_size_with_padding(args.vocab_size, args, logging_enabled=False)
+    dist.init_process_group("fake", rank=0, world_size=world_size)
+    try:
+        parallel_state.initialize_model_parallel(
+            args.tensor_model_parallel_size, pp, args.virtual_pipeline_model_parallel_size,
+            order="tp-cp-ep-pp-dp" if args.use_tp_pp_dp_mapping else "tp-cp-ep-dp-pp",
+            create_gloo_process_groups=False)
+        groups = {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+                  "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+                  "dp": parallel_state.get_data_parallel_world_size()}
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+    return {
+        "tp": args.tensor_model_parallel_size, "pp": pp, "dp": args.data_parallel_size, "vpp": vpp,
+        "groups": groups, "layers_per_chunk": chunks,
+        "mbs": args.micro_batch_size, "global_batch": args.global_batch_size,
+        "sp": cfg.sequence_parallel, "recompute_granularity": cfg.recompute_granularity,
+        "recompute_method": cfg.recompute_method, "recompute_num_layers": cfg.recompute_num_layers,
+        "distributed_optimizer": args.use_distributed_optimizer, "megatron_fsdp": args.use_megatron_fsdp,
+        "sharding": args.data_parallel_sharding_strategy if args.use_megatron_fsdp else None,
+        "overlap_grad_reduce": args.overlap_grad_reduce, "bf16": cfg.bf16, "fp16": cfg.fp16,
+        "tp_pp_dp_mapping": args.use_tp_pp_dp_mapping, "optimizer": args.optimizer, "weight_decay": args.weight_decay,
+        "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "num_heads": cfg.num_attention_heads,
+        "num_query_groups": cfg.num_query_groups, "ffn_hidden_size": cfg.ffn_hidden_size,
+        "gated_linear_unit": cfg.gated_linear_unit, "normalization": cfg.normalization,
+        "add_bias_linear": cfg.add_bias_linear, "add_qkv_bias": cfg.add_qkv_bias,
+        "position_embedding_type": args.position_embedding_type, "rotary_base": args.rotary_base,
+        "untie_embeddings": args.untie_embeddings_and_output_weights, "seq_length": args.seq_length,
+        "max_position_embeddings": args.max_position_embeddings, "padded_vocab_size": padded,
+        "hidden_dropout": cfg.hidden_dropout, "attention_dropout": cfg.attention_dropout,
+        "attention_backend": cfg.attention_backend.name, "layernorm_epsilon": cfg.layernorm_epsilon,
+    }
+
+
+def main() -> None:
+    logging.disable(logging.WARNING)
+    with open(sys.argv[1]) as f:
+        jobs = json.load(f)
+    results = [check(job["dir"], job["world_size"]) for job in jobs]
+    print("\n" + json.dumps(results))      # the last line of stdout
+
+
+if __name__ == "__main__":
+    main()

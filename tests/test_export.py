@@ -1,0 +1,277 @@
+"""`meshplan export` and `estimate --from`: round trips, the nearest configuration a target expresses, refusals,
+the launch scripts, and launches written by hand predicted like the same configuration typed as options."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from planner.export import export_plan
+from planner.export.torchtitan import default_split
+from tests.cli_helpers import run_cli
+from tests.export_helpers import PLANS, make_test_plan, write_export
+
+CONFIG_KEYS = ("tp", "pp", "dp", "vpp", "mbs", "zero", "recompute", "sp", "schedule", "layers_per_stage", "layout")
+
+
+def _estimate_from(capsys, directory, plan, *extra):
+    c = plan.cluster
+    r = run_cli(capsys, "estimate", "--from", directory, "--cluster", _cluster_name(plan), "--json", *extra)
+    assert r.code == 0, r.err
+    assert c.world_size == r.json()["config"]["tp"] * r.json()["config"]["pp"] * r.json()["config"]["dp"]
+    return r.json()
+
+
+def _cluster_name(plan) -> str:
+    return {"NVIDIA A100-SXM4-80GB": "dgx-a100-80gb"}.get(plan.cluster.gpu.name, plan.cluster.name)
+
+
+@pytest.mark.parametrize("name,target", [
+    ("gpt_dense", "megatron"), ("llama_gqa", "torchtitan"), ("interleaved_uneven", "megatron"),
+    ("interleaved_uneven_amp", "torchtitan"), ("gpt_fp16_pp", "megatron"), ("gpt_pipe_zero1", "deepspeed"),
+    ("gpt_zero2_tp", "deepspeed"), ("llama_zero2_pp", "torchtitan"),
+])
+def test_export_read_back_gives_the_plans_configuration_and_prediction(capsys, tmp_path, name, target):
+    plan = make_test_plan(name)
+    result = export_plan(plan, target)
+    assert result.adjusted.changes == (), result.adjusted.changes     # these plans are expressible exactly
+    write_export(result, tmp_path)
+    extra = ["--model", PLANS[name][0], "--seq", str(plan.training.seq_len)] if target == "deepspeed" else []
+    d = _estimate_from(capsys, tmp_path, plan, *extra)
+    want = plan.config.model_dump()
+    assert {k: d["config"][k] for k in CONFIG_KEYS} == {k: want[k] for k in CONFIG_KEYS}
+    assert d["predicted"]["step_time_s"] == pytest.approx(plan.predicted.step_time_s, rel=1e-12)
+    assert d["predicted"]["peak_reserved_bytes"] == plan.predicted.peak_reserved_bytes
+    assert d["predicted"]["tokens_per_s"] == pytest.approx(plan.predicted.tokens_per_s, rel=1e-12)
+
+
+def test_an_args_file_or_a_bare_ds_config_reads_like_the_directory(capsys, tmp_path):
+    plan = make_test_plan("gpt_dense")
+    write_export(export_plan(plan, "megatron"), tmp_path)
+    whole = _estimate_from(capsys, tmp_path, plan)
+    for name in ("args.json", "args.txt"):   # no launch.sh beside it: the cluster's GPUs are the world
+        assert _estimate_from(capsys, tmp_path / name, plan) == whole
+    ds_plan = make_test_plan("gpt_pipe_zero1")
+    write_export(export_plan(ds_plan, "deepspeed"), tmp_path / "ds")
+    d = _estimate_from(capsys, tmp_path / "ds" / "ds_config.json", ds_plan, "--model", "gpt3-1.3b", "--seq", "2048")
+    assert d["predicted"]["step_time_s"] == pytest.approx(ds_plan.predicted.step_time_s, rel=1e-12)
+
+
+def test_nearest_configuration_is_the_estimate_of_what_was_written(capsys, tmp_path):
+    """DeepSpeed cannot interleave, split by a list or run SP: the export says so, and its re-estimate equals
+    `meshplan estimate` of the written configuration typed as options."""
+    plan = make_test_plan("interleaved_uneven")
+    r = run_cli(capsys, "export", _save(plan, tmp_path), "--to", "megatron", "-o", tmp_path / "m")
+    assert r.code == 0 and "changed" not in r.out
+    plan1 = make_test_plan("gpt_pipe_zero1")
+    plan1_sp = plan1.model_copy(update={"config": plan1.config.model_copy(update={"schedule": "gpipe"})})
+    result = export_plan(plan1_sp, "deepspeed")
+    assert [c.split(":")[0] for c in result.adjusted.changes] == ["schedule gpipe -> 1f1b with 12,12 layers per stage"]
+    r = run_cli(capsys, "estimate", "-m", "gpt3-1.3b", "-c", "dgx-a100-80gb", "--nodes", "1", "-b", "64",
+                "--tp", "1", "--pp", "2", "--mbs", "2", "--zero", "1", "--recompute", "full",
+                "--layers-per-stage", "12,12", "--json")
+    assert result.after.predicted.step_time_s == pytest.approx(r.json()["predicted"]["step_time_s"], rel=1e-12)
+    r = run_cli(capsys, "estimate", "-m", "gpt3-1.3b", "-c", "dgx-a100-80gb", "--nodes", "1", "-b", "64",
+                "--tp", "1", "--pp", "2", "--mbs", "2", "--zero", "1", "--recompute", "full",
+                "--layers-per-stage", "12,12", "--schedule", "gpipe", "--json")
+    assert result.before.predicted.step_time_s == pytest.approx(r.json()["predicted"]["step_time_s"], rel=1e-12)
+
+
+def _save(plan, tmp_path):
+    path = tmp_path / "plan.json"
+    path.write_text(plan.model_dump_json())
+    return path
+
+
+def test_export_prints_each_change_and_how_far_the_prediction_moves(capsys, tmp_path):
+    plan = make_test_plan("interleaved_uneven")
+    r = run_cli(capsys, "export", _save(plan, tmp_path), "--to", "deepspeed", "-o", tmp_path / "ds")
+    assert r.code == 2 and "AutoTP" in r.err           # tp 2 with pp 4: refused in one line
+    assert len(r.err.strip().splitlines()) == 1
+    plan = make_test_plan("gpt_dense")
+    r = run_cli(capsys, "export", _save(plan, tmp_path), "--to", "deepspeed", "-o", tmp_path / "ds")
+    assert r.code == 2 and "AutoTP" in r.err
+    plan = make_test_plan("llama_gqa")
+    r = run_cli(capsys, "export", _save(plan, tmp_path), "--to", "megatron", "-o", tmp_path / "mg")
+    assert r.code == 0, r.err
+    assert "changed: precision amp-bf16 -> bf16" in r.out
+    result = export_plan(plan, "megatron")
+    b, a = result.before.predicted.step_time_s, result.after.predicted.step_time_s
+    assert f"{b:.4g} s -> {a:.4g} s ({a / b - 1:+.1%})" in r.out
+    assert "warning: the plan was costed for the meshplan engine" in r.err
+    r = run_cli(capsys, "export", _save(plan, tmp_path), "--to", "megatron", "-o", tmp_path / "mg2", "--exact")
+    assert r.code == 2 and "--exact" in r.err and "amp-bf16" in r.err
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--to", "slurm"], "--to"),
+    (["--to", "torchtitan"], "--to torchtitan"),          # GPT-3 1.3B: not a torchtitan flavour
+    (["--to", "megatron", "-o", "/nonexistent/dir"], "--output"),
+])
+def test_export_bad_input_is_one_line_exit_2(capsys, tmp_path, args, field):
+    path = _save(make_test_plan("gpt_dense"), tmp_path)
+    argv = ["export", path, *args] + ([] if "-o" in args else ["-o", tmp_path / "out"])
+    r = run_cli(capsys, *argv)
+    assert r.code == 2, (r.out, r.err)
+    lines = [x for x in r.err.splitlines() if x.strip()]
+    assert len(lines) == 1 and field in lines[0] and "Traceback" not in r.err
+    if "torchtitan" in args:
+        assert "llama3_8b" in lines[0] and "llama3_70b" in lines[0] and "llama3_405b" in lines[0]
+
+
+def test_export_refuses_to_overwrite_without_force(capsys, tmp_path):
+    path = _save(make_test_plan("gpt_dense"), tmp_path)
+    assert run_cli(capsys, "export", path, "--to", "megatron", "-o", tmp_path / "out").code == 0
+    r = run_cli(capsys, "export", path, "--to", "megatron", "-o", tmp_path / "out")
+    assert r.code == 2 and "--force" in r.err
+    assert run_cli(capsys, "export", path, "--to", "megatron", "-o", tmp_path / "out", "--force").code == 0
+
+
+def test_torchtitan_rejects_no_llama_flavour_it_ships():
+    from planner.export.torchtitan import FLAVOURS, flavour_of
+    from planner.presets import PRESETS
+    assert flavour_of(PRESETS["llama3-8b"]) == "llama3_8b"
+    assert flavour_of(PRESETS["llama3-70b"]) == "llama3_70b"
+    assert flavour_of(PRESETS["llama3-405b"]) == "llama3_405b"
+    assert set(FLAVOURS) == {"llama3_debugmodel", "llama3_8b", "llama3_70b", "llama3_405b"}
+
+
+def test_launch_sh_runs_torchrun_with_the_args_file_on_every_node(tmp_path):
+    """launch.sh with a stand-in torchrun that prints its arguments: the node's rank and count, then exactly
+    args.json; slurm.sbatch with stand-in srun / scontrol starts it once per node."""
+    plan = make_test_plan("gpt_fp16_pp")
+    write_export(export_plan(plan, "megatron"), tmp_path / "x")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "torchrun").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\necho node-a; echo node-b\n')
+    # srun: run the task once per node, as Slurm does
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nshift\nfor n in 0 1; do SLURM_NODEID=$n "$@"; done\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MEGATRON_LM": "/opt/megatron",
+           "NODE_RANK": "1", "MASTER_ADDR": "node-a", "EXTRA_ARGS": "--mock-data"}
+    out = subprocess.run(["bash", tmp_path / "x" / "launch.sh"], env=env, capture_output=True, text=True, check=True)
+    argv = out.stdout.splitlines()
+    assert argv[:10] == ["--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "1", "--master-addr", "node-a",
+                         "--master-port", "29500"]
+    assert argv[10] == "/opt/megatron/pretrain_gpt.py" and argv[11] == "--mock-data"
+    args = json.loads((tmp_path / "x" / "args.json").read_text())
+    assert argv[12:] == args
+    assert shlex.split((tmp_path / "x" / "args.txt").read_text()) == args
+    env.pop("NODE_RANK")
+    out = subprocess.run(["bash", tmp_path / "x" / "slurm.sbatch"], env={**env, "SLURM_SUBMIT_DIR": str(tmp_path / "x"),
+                         "SLURM_JOB_NODELIST": "node-[a-b]"}, capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    ranks = [lines[i + 1] for i, x in enumerate(lines) if x == "--node-rank"]
+    assert ranks == ["0", "1"] and lines.count("node-a") == 2
+    text = (tmp_path / "x" / "slurm.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --gpus-per-node=8" in text
+
+
+def test_a_hand_written_megatron_launch_predicts_like_the_same_options(capsys, tmp_path):
+    """Megatron SC21's GPT-3 175B recipe (Narayanan et al., Table 1 row: 1,536 GPUs... here 1,024 A100s, tp 8,
+    pp 16, interleaved with 3 layers per virtual stage) written as pretrain_gpt.py flags, against
+    `meshplan estimate` given the same configuration."""
+    line = ("--num-layers 96 --hidden-size 12288 --num-attention-heads 96 --seq-length 2048 "
+            "--max-position-embeddings 2048 --vocab-size 51200 --tensor-model-parallel-size 8 "
+            "--pipeline-model-parallel-size 16 --num-layers-per-virtual-pipeline-stage 3 --micro-batch-size 1 "
+            "--global-batch-size 1536 --sequence-parallel --recompute-granularity selective --bf16 "
+            "--use-distributed-optimizer --overlap-grad-reduce --attention-backend flash "
+            "--tokenizer-type GPT2BPETokenizer --data-path /data/my-gpt3_00_text_document --lr 6e-5")
+    (tmp_path / "train.sh").write_text(line + "\n")
+    r = run_cli(capsys, "estimate", "--from", tmp_path / "train.sh", "-c", "dgx-a100-80gb", "--nodes", "128",
+                "--json")
+    assert r.code == 0, r.err
+    got = r.json()
+    r = run_cli(capsys, "estimate", "-m", "gpt3-175b", "-c", "dgx-a100-80gb", "--nodes", "128", "-b", "1536",
+                "--tp", "8", "--pp", "16", "--vpp", "2", "--schedule", "interleaved", "--sp", "--zero", "1",
+                "--recompute", "selective", "--layers-per-stage", ",".join(["3"] * 32), "--json")
+    want = r.json()
+    assert got["config"] == want["config"]
+    # gpt3-175b's preset has dropout 0.1, Megatron's default: the same model, so the same prediction
+    assert got["predicted"]["step_time_s"] == pytest.approx(want["predicted"]["step_time_s"], rel=1e-12)
+    assert got["predicted"]["peak_reserved_bytes"] == want["predicted"]["peak_reserved_bytes"]
+
+
+def test_plan_compare_ranks_a_launch(capsys, tmp_path):
+    plan = make_test_plan("gpt_pipe_zero1")
+    write_export(export_plan(plan, "megatron"), tmp_path / "job")
+    base = ["-m", "gpt3-1.3b", "-c", "dgx-a100-80gb", "--nodes", "1", "-b", "64", "--seq", "2048"]
+    r = run_cli(capsys, "plan", *base, "--compare", tmp_path / "job")
+    assert r.code == 0, r.err
+    assert "your configuration tp1 pp2 dp4 mbs2 z1 full" in r.out and "ranks #" in r.out
+    step = plan.predicted.step_time_s
+    shown = f"{step * 1e3:.1f} ms" if step < 1 else f"{step:.2f} s"
+    assert f"step {shown}" in r.out
+    r = run_cli(capsys, "plan", *base[:-2], "--seq", "1024", "--compare", tmp_path / "job")
+    assert r.code == 2 and "sequence length" in r.err
+
+
+@pytest.mark.parametrize("extra,field", [
+    (["--tp", "2"], "--tp"),                                   # the launch sets the degrees
+    (["--global-batch", "128"], "--global-batch"),             # disagrees with the launch
+    (["--nodes", "2"], "--nodes"),                             # launch.sh runs 1 node
+    (["--model", "gpt3-2.7b"], "--model"),                     # another shape than the arguments
+])
+def test_estimate_from_disagreements_are_one_line_errors(capsys, tmp_path, extra, field):
+    write_export(export_plan(make_test_plan("gpt_dense"), "megatron"), tmp_path)
+    r = run_cli(capsys, "estimate", "--from", tmp_path, "-c", "dgx-a100-80gb", *extra)
+    assert r.code == 2, (r.out, r.err)
+    lines = [x for x in r.err.splitlines() if x.strip()]
+    assert len(lines) == 1 and field in lines[0] and "Traceback" not in r.err
+
+
+def test_estimate_from_bad_launches_are_one_line_errors(capsys, tmp_path):
+    write_export(export_plan(make_test_plan("gpt_pipe_zero1"), "deepspeed"), tmp_path / "ds")
+    cases = [
+        ([tmp_path / "ds"], "--model"),                                       # ds_config has no model
+        ([tmp_path / "ds", "--model", "gpt3-1.3b"], "--seq"),                 # ... nor a sequence length
+        ([tmp_path / "nothing"], "--from"),
+    ]
+    (tmp_path / "moe.txt").write_text("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 128 "
+                                      "--vocab-size 512 --micro-batch-size 1 --num-experts 8\n")
+    cases.append(([tmp_path / "moe.txt"], "mixture-of-experts"))            # MoE launches: not modelled yet
+    (tmp_path / "bad.json").write_text("[1, 2")
+    cases.append(([tmp_path / "bad.json"], "not valid JSON"))
+    (tmp_path / "noshape.txt").write_text("--tensor-model-parallel-size 2 --micro-batch-size 1\n")
+    cases.append(([tmp_path / "noshape.txt"], "--num-layers"))
+    (tmp_path / "ds2.json").write_text(json.dumps({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 3,
+                                                   "gradient_accumulation_steps": 2}))
+    cases.append(([tmp_path / "ds2.json", "-m", "gpt3-1.3b", "--seq", "2048"], "train_batch_size"))
+    for args, field in cases:
+        r = run_cli(capsys, "estimate", "--from", *args, "-c", "dgx-a100-80gb", "--nodes", "1")
+        assert r.code == 2, (args, r.out, r.err)
+        lines = [x for x in r.err.splitlines() if x.strip()]
+        assert len(lines) == 1 and field in lines[0] and "Traceback" not in r.err, (args, r.err)
+
+
+@pytest.mark.parametrize("stages,layers,first,last,want", [
+    # hand-worked: 32 + 1 + 1 = 34 effective layers over 4 stages: 9, 9, 8, 8, less the embedding and the head
+    (4, 32, 1, 1, [8, 9, 8, 7]),
+    (2, 6, 1, 1, [3, 3]),
+    (8, 32, 1, 1, [4, 5, 4, 4, 4, 4, 4, 3]),   # 34 = 5, 5, 4 x 6
+])
+def test_torchtitan_default_split(stages, layers, first, last, want):
+    assert default_split(stages, layers, first, last) == want
+
+
+@pytest.mark.parametrize("ds,want", [
+    # DeepSpeed's rule: train_batch_size = micro batch x gradient accumulation x data-parallel size, the
+    # missing one derived (accumulation 1 when only the train batch is given); 8 GPUs, no pipeline
+    ({"train_batch_size": 64}, (8, 8, 1)),
+    ({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 2}, (8, 2, 4)),
+    ({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3}, (8, 2, 3)),
+    ({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+      "pipeline": {"stages": 2}}, (4, 2, 2)),
+])
+def test_deepspeed_batch_rule(ds, want):
+    from planner.export.deepspeed import read
+    launch = read(ds, "ds_config.json", 8)
+    dp, mbs, gas = want
+    assert (launch.config.dp, launch.config.mbs, launch.global_batch // (mbs * dp)) == (dp, mbs, gas)
+    assert launch.config.tp * launch.config.pp * launch.config.dp == 8
