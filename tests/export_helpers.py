@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from planner.cost.model import CostModel
+from planner.engine import load_engine
 from planner.loaders import load_cluster
 from planner.plan import make_plan
 from planner.presets import PRESETS
@@ -17,7 +18,7 @@ PLANS = {
     "gpt_dense": ("gpt3-1.3b", "dgx-a100-80gb", 1, dict(global_batch=64, seq_len=2048, precision="bf16"),
                   dict(tp=2, pp=2, dp=2, mbs=2, zero=1, recompute="selective", sp=True)),
     # Llama with grouped-query attention, ZeRO-3, full recomputation
-    "llama_gqa": ("llama3-8b", "dgx-h100", 2, dict(global_batch=64, seq_len=4096, precision="amp-bf16"),
+    "llama_gqa": ("llama3-8b", "dgx-h100", 2, dict(global_batch=64, seq_len=4096, precision="bf16"),
                   dict(tp=4, pp=1, dp=4, mbs=1, zero=3, recompute="full", sp=True)),
     # interleaved 1F1B with uneven chunks, in Megatron's precision recipe and in torchtitan's
     "interleaved_uneven": ("llama3-8b", "dgx-h100", 2, dict(global_batch=64, seq_len=4096, precision="bf16"),
@@ -43,13 +44,15 @@ PLANS = {
 ORDERS = {"gpt_fp16_pp": ("tp", "pp", "dp")}
 
 
-def make_test_plan(name: str):
+def make_test_plan(name: str, engine: str = "meshplan"):
+    """The plan of PLANS[name] as `meshplan estimate --engine ENGINE -o` writes it."""
     preset, cluster_name, nodes, training, cfg = PLANS[name]
     model, cluster = PRESETS[preset], load_cluster(cluster_name, nodes)
     training = TrainingSpec(**training)
     order = ORDERS.get(name, ("tp", "dp", "pp"))
-    pred = CostModel(model, cluster, training).evaluate(ParallelConfig(**cfg), order)
-    return make_plan(model, cluster, training, pred)
+    cost = CostModel(model, cluster, training, engine=load_engine(engine))
+    pred = cost.evaluate(ParallelConfig(**cfg), order)
+    return make_plan(cost.model, cluster, training, pred, engine=cost.engine)
 
 
 def write_export(result, directory) -> None:

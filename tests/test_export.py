@@ -36,7 +36,8 @@ def _cluster_name(plan) -> str:
     ("gpt_zero2_tp", "deepspeed"), ("llama_zero2_pp", "torchtitan"),
 ])
 def test_export_read_back_gives_the_plans_configuration_and_prediction(capsys, tmp_path, name, target):
-    plan = make_test_plan(name)
+    """A plan costed for the target's engine, exported and read back, predicts the same."""
+    plan = make_test_plan(name, engine=target)
     result = export_plan(plan, target)
     assert result.adjusted.changes == (), result.adjusted.changes     # these plans are expressible exactly
     write_export(result, tmp_path)
@@ -50,12 +51,12 @@ def test_export_read_back_gives_the_plans_configuration_and_prediction(capsys, t
 
 
 def test_an_args_file_or_a_bare_ds_config_reads_like_the_directory(capsys, tmp_path):
-    plan = make_test_plan("gpt_dense")
+    plan = make_test_plan("gpt_dense", engine="megatron")
     write_export(export_plan(plan, "megatron"), tmp_path)
     whole = _estimate_from(capsys, tmp_path, plan)
     for name in ("args.json", "args.txt"):   # no launch.sh beside it: the cluster's GPUs are the world
         assert _estimate_from(capsys, tmp_path / name, plan) == whole
-    ds_plan = make_test_plan("gpt_pipe_zero1")
+    ds_plan = make_test_plan("gpt_pipe_zero1", engine="deepspeed")
     write_export(export_plan(ds_plan, "deepspeed"), tmp_path / "ds")
     d = _estimate_from(capsys, tmp_path / "ds" / "ds_config.json", ds_plan, "--model", "gpt3-1.3b", "--seq", "2048")
     assert d["predicted"]["step_time_s"] == pytest.approx(ds_plan.predicted.step_time_s, rel=1e-12)
@@ -95,7 +96,7 @@ def test_export_prints_each_change_and_how_far_the_prediction_moves(capsys, tmp_
     plan = make_test_plan("gpt_dense")
     r = run_cli(capsys, "export", _save(plan, tmp_path), "--to", "deepspeed", "-o", tmp_path / "ds")
     assert r.code == 2 and "AutoTP" in r.err
-    plan = make_test_plan("llama_gqa")
+    plan = make_test_plan("interleaved_uneven_amp")
     r = run_cli(capsys, "export", _save(plan, tmp_path), "--to", "megatron", "-o", tmp_path / "mg")
     assert r.code == 0, r.err
     assert "changed: precision amp-bf16 -> bf16" in r.out
@@ -190,7 +191,8 @@ def test_a_hand_written_megatron_launch_predicts_like_the_same_options(capsys, t
     got = r.json()
     r = run_cli(capsys, "estimate", "-m", "gpt3-175b", "-c", "dgx-a100-80gb", "--nodes", "128", "-b", "1536",
                 "--tp", "8", "--pp", "16", "--vpp", "2", "--schedule", "interleaved", "--sp", "--zero", "1",
-                "--recompute", "selective", "--layers-per-stage", ",".join(["3"] * 32), "--json")
+                "--recompute", "selective", "--layers-per-stage", ",".join(["3"] * 32), "--engine", "megatron",
+                "--json")
     want = r.json()
     assert got["config"] == want["config"]
     # gpt3-175b's preset has dropout 0.1, Megatron's default: the same model, so the same prediction

@@ -27,6 +27,14 @@ def plan_engine(plan) -> str:
     return plan.engine.name
 
 
+def overlaps_grad_reduce(plan) -> bool:
+    """Whether the plan's data-parallel gradient reduction runs under the backward: the training's override,
+    else its engine's choice."""
+    if plan.training.overlap_grad_reduce is not None:
+        return plan.training.overlap_grad_reduce
+    return plan.engine.overlap.grad_reduce == "during_backward"
+
+
 def engine_compiles(plan) -> bool:
     """Whether the plan's engine runs torch.compile over its blocks."""
     return plan.engine.compile

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from planner.errors import InputError
 from planner.export.common import (Adjusted, Launch, balanced_layers, change_config, launch_script,
-                                   resolved_config, slurm_script)
+                                   overlaps_grad_reduce, resolved_config, slurm_script)
 from planner.layout import DEFAULT_ORDER
 from planner.specs import ParallelConfig
 
@@ -51,7 +51,7 @@ def nearest(plan) -> Adjusted:
         if cfg.zero >= 2:
             changes.append(f"ZeRO {cfg.zero} -> 1: DeepSpeed's pipeline engine refuses ZeRO-2 and ZeRO-3")
             cfg = change_config(cfg, zero=1)
-    if cfg.zero == 0 and cfg.dp > 1 and training.overlap_grad_reduce:
+    if cfg.zero == 0 and cfg.dp > 1 and overlaps_grad_reduce(plan):
         training = training.model_copy(update={"overlap_grad_reduce": False})
         changes.append("gradient all-reduce after the backward: DeepSpeed overlaps the reduction (overlap_comm) "
                        "only under ZeRO 1-3")
@@ -73,7 +73,9 @@ def config(plan, adj: Adjusted) -> dict:
                 "gradient_accumulation_steps": t.global_batch // (cfg.mbs * cfg.dp)}
     zero: dict = {"stage": cfg.zero}
     if cfg.zero >= 1:
-        zero.update(overlap_comm=t.overlap_grad_reduce, contiguous_gradients=True, reduce_bucket_size=block)
+        overlap = (t.overlap_grad_reduce if t.overlap_grad_reduce is not None
+                   else plan.engine.overlap.grad_reduce == "during_backward")
+        zero.update(overlap_comm=overlap, contiguous_gradients=True, reduce_bucket_size=block)
     if cfg.zero in (1, 2):
         zero.update(allgather_bucket_size=block)
     if cfg.zero == 3:

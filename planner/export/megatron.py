@@ -9,8 +9,9 @@ import json
 from pathlib import Path
 
 from planner.errors import InputError
-from planner.export.common import (Adjusted, Launch, change_config, launch_script, parse_arg_list, resolved_config,
-                                   shell_line, slurm_script, take_float, take_int, take_str)
+from planner.export.common import (Adjusted, Launch, change_config, launch_script, overlaps_grad_reduce,
+                                   parse_arg_list, resolved_config, shell_line, slurm_script, take_float, take_int,
+                                   take_str)
 from planner.hf_config import validated
 from planner.layout import DEFAULT_ORDER
 from planner.specs import ParallelConfig
@@ -116,7 +117,7 @@ def parallel_args(plan, adj: Adjusted) -> list[str]:
     elif cfg.zero >= 2:
         args += ["--use-megatron-fsdp", "--data-parallel-sharding-strategy", FSDP_STRATEGY[cfg.zero],
                  "--ckpt-format", "fsdp_dtensor"]
-    if t.overlap_grad_reduce:
+    if overlaps_grad_reduce(plan):
         args.append("--overlap-grad-reduce")
     # the cost model reduces gradients block by block: one bucket holds one block's parameters
     from planner.cost.params import layer_params

@@ -12,8 +12,8 @@ import json
 import re
 
 from planner.errors import InputError
-from planner.export.common import (Adjusted, Launch, change_config, launch_script, parse_arg_list, resolved_config,
-                                   slurm_script, take_int, take_str)
+from planner.export.common import (Adjusted, Launch, change_config, launch_script, overlaps_grad_reduce,
+                                   parse_arg_list, resolved_config, slurm_script, take_int, take_str)
 from planner.layout import DEFAULT_ORDER
 from planner.specs import ModelSpec, ParallelConfig
 
@@ -33,7 +33,7 @@ FLAVOURS: dict[str, ModelSpec] = {
                         "llama3_405b": (126, 16384, 128, 8, 53248, 128256)}.items()}
 # the fields that decide a model's cost: a plan's model matches a flavour when all of them agree
 SHAPE = ("num_layers", "hidden_size", "num_heads", "kv_heads", "ffn_size", "vocab_size", "tied_embeddings", "norm",
-         "mlp", "bias", "has_qkv_bias", "position_embedding", "dropout", "attention_kernel")
+         "mlp", "bias", "has_qkv_bias", "position_embedding", "dropout", "attention")
 SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B"}
 RESHARD = {2: "never", 3: "always"}      # FSDP2 reshard_after_forward: ZeRO-2 keeps gathered params, ZeRO-3 not
 
@@ -55,14 +55,16 @@ def nearest(plan) -> Adjusted:
     if cfg.dp > 1 and cfg.zero == 1:
         cfg = change_config(cfg, zero=2)
         changes.append("ZeRO 1 -> 2: torchtitan's FSDP2 shards gradients with the optimizer states")
-    if training.precision in ("bf16", "fp16"):
-        changes.append(f"precision {training.precision} -> amp-bf16: torchtitan keeps fp32 parameters and computes "
-                       f"in bf16 (FSDP2 mixed precision, or autocast)")
-        training = training.model_copy(update={"precision": "amp-bf16"})
+    if training.precision in ("fp16", "amp-bf16"):
+        # one bf16 setting: FSDP2's mixed precision when it shards, autocast under DDP (amp-bf16's recipe)
+        if training.precision == "fp16" or (cfg.zero >= 1 and cfg.dp > 1):
+            changes.append(f"precision {training.precision} -> bf16: torchtitan computes in bf16 with FSDP2's mixed "
+                           f"precision (fp32 parameters sharded, bf16 gathered)")
+        training = training.model_copy(update={"precision": "bf16"})
     if training.optimizer != "adamw":
         changes.append(f"optimizer {training.optimizer} -> adamw: torchtitan's llama3 configs use AdamW")
         training = training.model_copy(update={"optimizer": "adamw"})
-    if cfg.dp > 1 and not training.overlap_grad_reduce:
+    if cfg.dp > 1 and not overlaps_grad_reduce(plan):
         changes.append("gradient reduction overlapped with the backward: torchtitan's FSDP2 and DDP always overlap it")
         training = training.model_copy(update={"overlap_grad_reduce": True})
     order = tuple(plan.config.layout)
@@ -214,7 +216,7 @@ def read(items: list[str], source: str, world_size: int) -> Launch:
         raise InputError(f"activation-checkpoint:{recompute} is not modelled (none, selective, full)", field=source)
     if get_str("training.dtype", "float32") != "float32":
         raise InputError("--training.dtype bfloat16 (pure bf16 training) is not modelled", field=source)
-    precision = "fp32" if get_str("training.mixed_precision_param", "bfloat16") == "float32" else "amp-bf16"
+    precision = "fp32" if get_str("training.mixed_precision_param", "bfloat16") == "float32" else "bf16"
     from planner.loaders import parse_spec
     cfg = parse_spec(ParallelConfig, dict(tp=tp, pp=pp, dp=dp, vpp=vpp, mbs=mbs, zero=zero, recompute=recompute,
                                           sp=tp > 1 and _bool(a, "parallelism.enable_sequence_parallel", True),
