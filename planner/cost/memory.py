@@ -148,9 +148,10 @@ def head_transient_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, dt: Dtypes, 
 def block_backward_transient_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: str,
                                    dt: Dtypes, opts: KernelOptions = MEGATRON) -> float:
     """Working set of one block's backward beyond what is kept: the activations its recomputation brings back,
-    and the gradients of its widest activations (MLP intermediate and a few h-wide ones)."""
+    and the gradients of its activations alive at once (one MLP-wide and two h-wide: autograd frees each as the
+    next is made)."""
     tokens = mbs * seq
-    grads = dt.act * tokens * (2 * m.ffn_size / tp + 3 * m.hidden_size)
+    grads = dt.act * tokens * (m.ffn_size / tp + 2 * m.hidden_size)
     if recompute != "none":
         grads += max(0.0, block_activation_bytes(m, mbs, seq, tp, sp, "none", dt, opts)
                      - block_activation_bytes(m, mbs, seq, tp, sp, recompute, dt, opts))

@@ -100,6 +100,7 @@ class _StageFixed:
     held_per_chunk: list[int]
     block_params: float
     end_params: float
+    last_params: float
     end_acts_held: float
     end_acts_one: float
     head_transient: float
@@ -287,6 +288,12 @@ class CostModel:
                 params += emb
         return params
 
+    def _embedding_params(self, cfg: ParallelConfig, device: int) -> float:
+        """The token and position embedding's parameters on `device` (stage 0's, whose gradients come last)."""
+        if device != 0:
+            return 0.0
+        return self.vocab(cfg.tp) * self.model.hidden_size / cfg.tp + position_params(self.model)
+
     def device_params(self, cfg: ParallelConfig, device: int, layers: int) -> float:
         """Parameters one TP rank of pipeline device `device` holds (elements)."""
         return layers * self.layer.per_tp_rank(cfg.tp) + self.end_params(cfg, device)
@@ -317,7 +324,7 @@ class CostModel:
         held = fixed.held_per_chunk
         acts = blk.activation_bytes * sum(n * h for n, h in zip(chunk_layers, held)) + fixed.end_acts_held
         inputs = StageInputs(params=layers * fixed.block_params + fixed.end_params, block_params=fixed.block_params,
-                             end_params=fixed.end_params, acts_held=acts,
+                             end_params=fixed.end_params, last_params=fixed.last_params, acts_held=acts,
                              acts_one=blk.activation_bytes * layers + fixed.end_acts_one, held=max(held),
                              microbatches=nmb, block_transient=blk.transient_bytes,
                              head_transient=fixed.head_transient, head_backward=fixed.head_backward,
@@ -356,7 +363,8 @@ class CostModel:
             recipe=recipe, regime=regime, states=state_bytes(recipe, self.training.optimizer, cfg.zero, cfg.dp),
             grads_between=grads_between_bytes(recipe, regime), held_per_chunk=held,
             block_params=self.layer.per_tp_rank(tp),
-            end_params=self.end_params(cfg, device), end_acts_held=end_held, end_acts_one=end_one,
+            end_params=self.end_params(cfg, device), last_params=self._embedding_params(cfg, device),
+            end_acts_held=end_held, end_acts_one=end_one,
             head_transient=head_transient, head_backward=head_backward,
             copies_per_block=0.0 if fsdp else autocast_weight_bytes(m, tp, dt), end_copies=end_copies,
             pipeline_buffers=self._pipeline_buffers(cfg, device, nmb, held))
@@ -552,7 +560,8 @@ class CostModel:
 
         def forward(n: int) -> float:
             block = self.layer.per_tp_rank(cfg.tp)
-            inputs = StageInputs(params=n * block, block_params=block, end_params=0.0, acts_held=0.0, acts_one=0.0,
+            inputs = StageInputs(params=n * block, block_params=block, end_params=0.0, last_params=0.0,
+                                 acts_held=0.0, acts_one=0.0,
                                  held=most_held, microbatches=nmb, block_transient=0.0, head_transient=0.0,
                                  head_backward=0.0, autocast_copies=n * copies, pipeline_buffers=0.0)
             return stage_timeline(recipe, self.regime(cfg, nmb), inputs).phases["forward"].total

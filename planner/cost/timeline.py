@@ -28,6 +28,7 @@ class StageInputs:
     params: float             # local parameters (elements) of the stage on this TP rank
     block_params: float       # parameters of one block on this TP rank
     end_params: float         # embedding / head / final-norm parameters on this stage
+    last_params: float        # parameters whose gradients come last in the backward (stage 0's embedding)
     acts_held: float          # activations of the micro-batches in flight at the stage's peak
     acts_one: float           # activations of one micro-batch on this stage
     held: int                 # micro-batches in flight at the peak
@@ -126,16 +127,26 @@ def stage_timeline(recipe, regime: Regime, s: StageInputs, sb: StateBytes | None
 
     steady = s.microbatches > s.held          # a forward at the peak count follows an earlier backward
     grads_fwd = reduced if recipe.grads_held_between_steps else (grads_between if steady else 0.0)
-    if recipe.grads_held_between_steps or steady:
-        grads_bwd = grads_between
-    else:   # the first backward: gradients appear as that micro-batch's activations are freed
-        grads_bwd = max(0.0, grads_between - s.acts_one)
+    # the backward at the peak count: gradients already there (persistent, or from an earlier backward) and
+    # those it creates as it frees its micro-batch's activations (the first backward of the step). Its peak is
+    # at the loss's backward (all activations, the logits' gradient buffers), at the first block (all
+    # activations, a block's working set), at the last block (the micro-batch's activations traded for the new
+    # gradients but its own and the embedding's) or at its end (every new gradient): memory is linear between,
+    # so these ends bound it.
+    existing = grads_between if (recipe.grads_held_between_steps or steady) else 0.0
+    new = 0.0 if (recipe.grads_held_between_steps or steady) else grads_between
+    working = s.block_transient + reduce_buffer
+    # at the last block, its own gradients and the embedding's are still to come
+    pending = min(new, (s.block_params + s.last_params) * (new / s.params)) if s.params > 0 else 0.0
+    ends = [(s.acts_held, existing, s.head_backward), (s.acts_held, existing, working),
+            (s.acts_held - s.acts_one, existing + new - pending, working),
+            (s.acts_held - s.acts_one, existing + new, 0.0)]          # the embedding's, the backward's last
+    acts_bwd, grads_bwd, transient_bwd = max(ends, key=sum)
     held = s.autocast_copies + s.pipeline_buffers
     forward = PhaseMemory(params=weights + gathered_fwd, grads=grads_fwd, optimizer=opt_states,
                           activations=s.acts_held, other=held + s.head_transient)
     backward = PhaseMemory(params=weights + gathered_bwd, grads=grads_bwd, optimizer=opt_states,
-                           activations=s.acts_held,
-                           other=held + max(s.block_transient + reduce_buffer, s.head_backward))
+                           activations=acts_bwd, other=held + transient_bwd)
     temp_share = regime.dp if regime.zero >= recipe.moments_sharded_from else 1
     optimizer = PhaseMemory(params=weights, grads=reduced, optimizer=opt_states, activations=0.0,
                             other=s.params * recipe.optimizer_temp_bytes / temp_share)
