@@ -218,12 +218,12 @@ def _fit_hints(closest, constraints, model, cluster, training) -> str:
 
 def _check_pins(model, cluster, training, tp, pp, dp, mbs) -> None:
     """Pinned degrees that can never work, as the same one-line errors `estimate` gives."""
-    from planner.validate import divisors
+    from planner.validate import tp_shards, valid_tp
     gpus = cluster.world_size
-    if tp is not None and (model.num_heads % tp or model.kv_heads % tp or gpus % tp):
-        valid = [d for d in divisors(model.kv_heads) if model.num_heads % d == 0 and gpus % d == 0]
-        raise InputError(f"tp {tp} must divide num_heads {model.num_heads}, num_kv_heads {model.kv_heads} and the "
-                         f"{gpus} GPUs (valid: {', '.join(map(str, valid))})", field="--tp")
+    if tp is not None and (tp_shards(model, tp) or gpus % tp):
+        raise InputError(f"tp {tp} must divide num_heads {model.num_heads}, num_kv_heads {model.kv_heads}, "
+                         f"ffn_hidden_size {model.ffn_size} and the {gpus} GPUs (valid: "
+                         f"{', '.join(map(str, valid_tp(model, gpus)))})", field="--tp")
     if pp is not None and (pp > model.num_layers or gpus % pp):
         raise InputError(f"pp {pp} must divide the {gpus} GPUs and be at most the {model.num_layers} layers",
                          field="--pp")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from planner.errors import InputError
 from planner.plan import Plan
-from planner.validate import check_config, tp_shards
+from planner.validate import check_config
 from runtime import checkpoint as ckpt
 from runtime.data import check_data_file
 
@@ -59,9 +59,6 @@ def check_run(plan: Plan, world_size: int, args) -> None:
         raise InputError(f"the plan is for {plan.world_size} processes (tp {cfg.tp} x pp {cfg.pp} x dp {cfg.dp}) "
                          f"but {world_size} were started", field="plan")
     check_config(plan.model, plan.cluster, plan.training, cfg)
-    why = tp_shards(plan.model, cfg.tp)
-    if why:
-        raise InputError(why, field="plan.config.tp")
     if not cfg.layers_per_stage or len(cfg.layers_per_stage) != cfg.pp * cfg.vpp:
         raise InputError("the plan has no layers_per_stage with pp*vpp entries", field="plan.config")
     if cfg.num_microbatches != cfg.microbatches(plan.training.global_batch):

@@ -163,7 +163,8 @@ def build_chunks(plan: Plan, mesh: DeviceMesh, coords: Coords, device: torch.dev
     chunks = []
     for j in stages:
         with torch.device("meta"):
-            chunk = ModelChunk(spec, ids[j], first=(j == 0), last=(j == nchunks - 1), recompute=cfg.recompute)
+            chunk = ModelChunk(spec, ids[j], first=(j == 0), last=(j == nchunks - 1), recompute=cfg.recompute,
+                               vocab_tp=cfg.tp)
         if cfg.tp > 1:
             apply_tensor_parallel(chunk, mesh["tp"], cfg.sp, loss_parallel)
         if cfg.dp > 1:

@@ -26,6 +26,8 @@ ONE_PROCESS = [
     {"name": "one-process-llama-untied", "model": "llama-tiny", "config": {"mbs": 4}},
     {"name": "one-process-llama-tied-sgd", "model": "llama-tiny", "model_update": {"tied_embeddings": True},
      "optimizer": "sgd", "lr": 0.1, "config": {}},
+    # a vocabulary of 500 is padded to 512 (a multiple of 128 * tp); the loss is the unpadded model's
+    {"name": "one-process-vocab-500", "model_update": {"vocab_size": 500}, "config": {}},
 ]
 
 TWO_PROCESS = [
@@ -40,6 +42,12 @@ TWO_PROCESS = [
     {"name": "tp2-recompute-selective-eager", "model_update": EAGER,
      "config": {"tp": 2, "recompute": "selective", "mbs": 4}},
     {"name": "tp2-sp-llama", "model": "llama-tiny", "config": {"tp": 2, "sp": True, "mbs": 2}},
+    {"name": "tp2-vocab-500-tied", "model_update": {"vocab_size": 500}, "config": {"tp": 2, "mbs": 2}},
+    # 100 pads to 256: tp rank 1 holds padding columns only
+    {"name": "tp2-sp-vocab-100-llama", "model": "llama-tiny", "model_update": {"vocab_size": 100},
+     "config": {"tp": 2, "sp": True}},
+    {"name": "pp2-vocab-500-tied-sgd", "model_update": {"vocab_size": 500}, "optimizer": "sgd", "lr": 0.1,
+     "config": {"pp": 2}},
     {"name": "pp2-gpipe-uneven-sgd", "optimizer": "sgd", "lr": 0.1,
      "config": {"pp": 2, "schedule": "gpipe", "layers_per_stage": [1, 3]}},
     {"name": "dp2-zero1-sgd", "optimizer": "sgd", "lr": 0.1, "config": {"dp": 2, "zero": 1, "mbs": 2}},
@@ -57,7 +65,8 @@ EIGHT_PROCESS = [
      "checkpoint_every": 2},
     {"name": "resumed-at-2", "model": "llama-tiny", "config": COMPOSED,
      "resume": ["tp2-pp2-dp2-llama-sp-zero3-interleaved", 2]},
-    {"name": "tp2-pp2-dp2-gpipe-zero2-selective-sgd", "model_update": EAGER, "optimizer": "sgd", "lr": 0.1,
+    {"name": "tp2-pp2-dp2-gpipe-zero2-selective-sgd-vocab-500", "model_update": {**EAGER, "vocab_size": 500},
+     "optimizer": "sgd", "lr": 0.1,
      "config": {"tp": 2, "pp": 2, "dp": 2, "zero": 2, "schedule": "gpipe", "recompute": "selective",
                 "layers_per_stage": [3, 1]}},
 ]

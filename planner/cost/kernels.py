@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from planner.cost.params import padded_vocab_size
 from planner.specs import GPUSpec, ModelSpec
 
 FP32 = 4
@@ -201,7 +202,7 @@ def embedding_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dtyp
         fwd.mem(local_tokens * h * (2 * e + 1))
     if tp > 1 and sp:
         bwd.collectives.append(Collective("all_gather", tokens * h * e))
-    bwd.mem(tokens * h * (e + FP32) + m.vocab_size / tp * h * FP32)   # scatter-add into the fp32 grad
+    bwd.mem(tokens * h * (e + FP32) + padded_vocab_size(m, tp) / tp * h * FP32)   # scatter-add into the fp32 grad
     return fwd, bwd
 
 
@@ -210,7 +211,7 @@ def head_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dtypes) -
     `vocab_parallel_cross_entropy`: cast, max, exp, sum, log-softmax in fp32; backward softmax - one-hot)."""
     tokens, h, e = mbs * seq, m.hidden_size, dt.act
     local_tokens = tokens / tp if sp else tokens
-    vocab = m.vocab_size / tp
+    vocab = padded_vocab_size(m, tp) / tp
     fwd, bwd = Pass(), Pass()
     fwd.mem(local_tokens * h * (dt.residual + e))                     # final norm
     if tp > 1 and sp:

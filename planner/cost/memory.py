@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planner.cost.kernels import FP32, Dtypes
-from planner.cost.params import layer_params
+from planner.cost.params import layer_params, padded_vocab_size
 from planner.specs import ModelSpec
 
 GIB = 2 ** 30
@@ -109,13 +109,13 @@ def head_activation_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, d
     """Final norm input, LM-head input, fp32 softmax of the logits and the targets (last stage)."""
     tokens = mbs * seq
     local = tokens / tp if sp else tokens
-    return (local * (m.hidden_size * (dt.residual + dt.act) + norm_stats(m)) + FP32 * tokens * m.vocab_size / tp
-            + TOKEN_ID * tokens)
+    return (local * (m.hidden_size * (dt.residual + dt.act) + norm_stats(m))
+            + FP32 * tokens * padded_vocab_size(m, tp) / tp + TOKEN_ID * tokens)
 
 
 def head_transient_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, dt: Dtypes) -> float:
     """Logits in flight while the loss runs: the matmul output and its fp32 copy (or fp32 gradient)."""
-    logits = mbs * seq * m.vocab_size / tp
+    logits = mbs * seq * padded_vocab_size(m, tp) / tp
     return logits * (dt.act + FP32) if dt.act < FP32 else logits * FP32
 
 

@@ -201,11 +201,11 @@ class CostModel:
         m, tp = self.model, cfg.tp
         params = layers * self.layer.per_tp_rank(tp)
         if device == 0:
-            params += embedding_params(m) / tp + position_params(m)
+            params += embedding_params(m, tp) / tp + position_params(m)
         if device == cfg.pp - 1:
             params += final_norm_params(m)
             if not m.tied_embeddings or cfg.pp > 1:      # untied head, or the tied copy on the last stage
-                params += embedding_params(m) / tp
+                params += embedding_params(m, tp) / tp
         return params
 
     def _state_bytes_per_param(self, zero: int, dp: int) -> tuple[float, float, float]:
@@ -475,7 +475,7 @@ class CostModel:
                 elif cfg.zero == 2:
                     comm = self._dp_collective("all_gather", weights, n, dp_group)
             if m.tied_embeddings and pp > 1 and i in (0, last):
-                comm += self.net.collective("all_reduce", embedding_params(m) / cfg.tp * self.states.grads,
+                comm += self.net.collective("all_reduce", embedding_params(m, cfg.tp) / cfg.tp * self.states.grads,
                                             self._tied_pair(layout))
             opt = params[i] / (cfg.dp if cfg.zero >= 1 else 1) * self.opt_seconds_per_param
             post.append((comm + opt, comm, opt))
@@ -536,7 +536,7 @@ class CostModel:
         time = TimeBreakdown(**core.time)
         step, gpus = core.step, cfg.tp * cfg.pp * cfg.dp
         model_flops = model_flops_per_step(m, tr.global_batch, self.seq)
-        hw_flops = hardware_flops_per_step(m, tr.global_batch, self.seq, cfg.recompute == "full")
+        hw_flops = hardware_flops_per_step(m, tr.global_batch, self.seq, cfg.recompute == "full", cfg.tp)
         predicted = Predicted(
             step_time_s=step, tokens_per_s=tr.tokens_per_step / step,
             mfu=model_flops / (step * gpus * gpu.peak(self.dt.matmul)),

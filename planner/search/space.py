@@ -8,7 +8,7 @@ from typing import Iterator, NamedTuple
 
 from planner.layout import DEFAULT_ORDER
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
-from planner.validate import divisors
+from planner.validate import divisors, tp_shards
 
 ORDERS: tuple[tuple[str, str, str], ...] = (DEFAULT_ORDER, ("tp", "pp", "dp"))
 
@@ -70,7 +70,7 @@ def enumerate_space(model: ModelSpec, cluster: ClusterSpec, training: TrainingSp
     node = cluster.gpus_per_node
     selective_is_none = model.attention_kernel == "flash"
     for tp in _pick(c.tp, divisors(gpus)):
-        if (model.num_heads % tp or model.kv_heads % tp or (c.max_tp and tp > c.max_tp)
+        if (tp_shards(model, tp) or (c.max_tp and tp > c.max_tp)
                 or (tp > node and not c.allow_cross_node_tp) or (c.sp and tp == 1)):
             rejected["indivisible"] += 1
             continue
