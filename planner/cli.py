@@ -54,29 +54,36 @@ def _choice(value: str, field: str, choices: tuple[str, ...]) -> str:
 def load_inputs(model: str, cluster: str, nodes: Optional[int], gpus_per_node: Optional[int], global_batch: int,
                 seq: int, precision: str, optimizer: str, overlap_grad_reduce: bool = True):
     """Specs from CLI arguments, validated."""
+    from planner.limits import check_option
     from planner.loaders import load_cluster, load_model, parse_spec
     from planner.specs import TrainingSpec
-    m = load_model(model)
-    c = load_cluster(cluster, nodes, gpus_per_node)
+    check_option(global_batch, "--global-batch")
+    check_option(seq, "--seq")
     _choice(precision, "--precision", ("bf16", "fp16", "amp-bf16", "fp32"))
     _choice(optimizer, "--optimizer", ("adam", "adamw", "sgd"))
-    for value, field in ((global_batch, "--global-batch"), (seq, "--seq")):
-        if value < 1:
-            raise InputError(f"must be >= 1 (got {value})", field=field)
+    m = load_model(model)
+    c = load_cluster(cluster, nodes, gpus_per_node)
     t = parse_spec(TrainingSpec, dict(global_batch=global_batch, seq_len=seq, precision=precision,
                                       optimizer=optimizer, overlap_grad_reduce=overlap_grad_reduce), "training")
     return m, c, t
 
 
 def write_new_file(path: Path, text: str, force: bool, field: str) -> None:
-    """Write `text` to `path`, refusing to overwrite an existing file unless `force`."""
-    if path.exists() and not force:
-        raise InputError(f"'{path}' exists; pass --force to overwrite it", field=field)
-    if not path.parent.exists():
-        raise InputError(f"directory '{path.parent}' does not exist", field=field)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Write `text` to `path` (through a temporary file renamed over it), refusing to overwrite an existing
+    file unless `force`, and anything but a regular file even then; InputError when it cannot be written."""
+    try:
+        if path.exists() or path.is_symlink():
+            if not path.is_file():
+                raise InputError(f"'{path}' exists and is not a regular file", field=field)
+            if not force:
+                raise InputError(f"'{path}' exists; pass --force to overwrite it", field=field)
+        if not path.parent.is_dir():
+            raise InputError(f"directory '{path.parent}' does not exist", field=field)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as exc:
+        raise InputError(f"cannot write '{path}': {exc.strerror or exc}", field=field) from None
 
 
 def cost_model(model, cluster, training, profile: Optional[Path]):
@@ -89,12 +96,16 @@ def cost_model(model, cluster, training, profile: Optional[Path]):
 
 
 def parse_int_list(text: Optional[str], field: str) -> Optional[list[int]]:
+    from planner.limits import check_option
     if text is None:
         return None
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise InputError(f"'{text}' is not a comma-separated list of integers", field=field) from None
+        raise InputError(f"'{text[:60]}' is not a comma-separated list of integers", field=field) from None
+    for value in values:
+        check_option(value, field)
+    return values
 
 
 # ---------------------------------------------------------------------------------------------- estimate
@@ -126,15 +137,15 @@ def estimate(
     from planner.loaders import parse_spec
     from planner.specs import ParallelConfig
 
-    m, c, t = load_inputs(model, cluster, nodes, gpus_per_node, global_batch, seq, precision, optimizer,
-                          overlap_grad_reduce)
-    _choice(recompute, "--recompute", ("none", "selective", "full"))
-    _choice(schedule, "--schedule", ("gpipe", "1f1b", "interleaved"))
+    from planner.limits import check_option
+    for value, field in ((tp, "--tp"), (pp, "--pp"), (dp, "--dp"), (mbs, "--mbs"), (vpp, "--vpp")):
+        check_option(value, field)
     if zero not in (0, 1, 2, 3):
         raise InputError(f"{zero} is not one of 0, 1, 2, 3", field="--zero")
-    for value, field in ((tp, "--tp"), (pp, "--pp"), (mbs, "--mbs"), (vpp, "--vpp")):
-        if value < 1:
-            raise InputError(f"must be >= 1 (got {value})", field=field)
+    _choice(recompute, "--recompute", ("none", "selective", "full"))
+    _choice(schedule, "--schedule", ("gpipe", "1f1b", "interleaved"))
+    m, c, t = load_inputs(model, cluster, nodes, gpus_per_node, global_batch, seq, precision, optimizer,
+                          overlap_grad_reduce)
     if dp is None:   # a non-dividing tp*pp is reported by the config check, after the heads check
         dp = max(1, c.world_size // (tp * pp))
     cfg = parse_spec(ParallelConfig, dict(tp=tp, pp=pp, dp=dp, mbs=mbs, vpp=vpp, zero=zero, recompute=recompute,
@@ -271,18 +282,18 @@ def plan(
     from planner.search.search import search
     from planner.search.space import Constraints
 
-    m, c, t = load_inputs(model, cluster, nodes, gpus_per_node, global_batch, seq, precision, optimizer,
-                          overlap_grad_reduce)
+    from planner.limits import check_option
+    for value, field in ((tp, "--tp"), (pp, "--pp"), (dp, "--dp"), (mbs, "--mbs"), (vpp, "--vpp"),
+                         (max_tp, "--max-tp"), (max_pp, "--max-pp"), (max_mbs, "--max-mbs"), (top, "--top")):
+        check_option(value, field)
+    if zero is not None and zero not in (0, 1, 2, 3):
+        raise InputError(f"{zero} is not one of 0, 1, 2, 3", field="--zero")
     if recompute is not None:
         _choice(recompute, "--recompute", ("none", "selective", "full"))
     if schedule is not None:
         _choice(schedule, "--schedule", ("gpipe", "1f1b", "interleaved"))
-    if zero is not None and zero not in (0, 1, 2, 3):
-        raise InputError(f"{zero} is not one of 0, 1, 2, 3", field="--zero")
-    for value, field in ((tp, "--tp"), (pp, "--pp"), (dp, "--dp"), (mbs, "--mbs"), (vpp, "--vpp"),
-                         (max_tp, "--max-tp"), (max_pp, "--max-pp"), (max_mbs, "--max-mbs"), (top, "--top")):
-        if value is not None and value < 1:
-            raise InputError(f"must be >= 1 (got {value})", field=field)
+    m, c, t = load_inputs(model, cluster, nodes, gpus_per_node, global_batch, seq, precision, optimizer,
+                          overlap_grad_reduce)
     _check_pins(m, c, t, tp, pp, dp, mbs)
     constraints = Constraints(tp=tp, pp=pp, dp=dp, vpp=vpp, mbs=mbs, zero=zero, recompute=recompute, sp=sp,
                               schedule=schedule, max_tp=max_tp, max_pp=max_pp, max_mbs=max_mbs,
@@ -383,17 +394,29 @@ app.add_typer(profile_app, name="profile")
 
 
 # ---------------------------------------------------------------------------------------------- entry point
+def _error_line(text: str) -> None:
+    """One line on stderr: 'error: <text>', the text printed as is (never read as rich markup)."""
+    from rich.markup import escape
+    one_line = "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    stderr.print(f"[red]error:[/] {escape(one_line)}", soft_wrap=True)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Run the CLI; user errors become one line on stderr and a non-zero exit code."""
     command = typer.main.get_command(app)
     try:
         rc = command.main(args=argv, prog_name="meshplan", standalone_mode=False)
     except MeshplanError as exc:
-        stderr.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        _error_line(str(exc))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         stderr.print("interrupted")
         sys.exit(130)
+    except OSError as exc:
+        # a path the user gave that the OS refuses (name too long, ...), wherever it was first touched
+        where = f"'{exc.filename}': " if exc.filename else ""
+        _error_line(f"{where}{exc.strerror or exc}")
+        sys.exit(2)
     except Exception as exc:
         # typer's (click's) own parse errors: one line instead of a usage box
         name = type(exc).__name__
@@ -404,7 +427,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             stderr.print("aborted")
             sys.exit(1)
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
-            stderr.print(f"[red]error:[/] {exc.format_message()} (see --help)", soft_wrap=True)
+            _error_line(f"{exc.format_message()} (see --help)")
             sys.exit(exc.exit_code)
         raise
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -9,6 +9,7 @@ the placement search uses that to move ranks onto faster measured links.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import product
 
 from planner.cost.comm import Group
@@ -32,17 +33,21 @@ class Layout:
     def size(self, axis: str) -> int:
         return getattr(self, axis)
 
-    def stride(self, axis: str) -> int:
-        s = 1
+    @cached_property
+    def _strides(self) -> tuple[int, int, int]:
+        """Rank strides of (pp, dp, tp)."""
+        out, s = {}, 1
         for a in self.order:
-            if a == axis:
-                return s
+            out[a] = s
             s *= self.size(a)
-        raise ValueError(axis)
+        return out["pp"], out["dp"], out["tp"]
+
+    def stride(self, axis: str) -> int:
+        return self._strides[AXES.index(axis)]
 
     def rank(self, pp: int, dp: int, tp: int) -> int:
-        coords = {"pp": pp, "dp": dp, "tp": tp}
-        return sum(coords[a] * self.stride(a) for a in AXES)
+        s_pp, s_dp, s_tp = self._strides
+        return pp * s_pp + dp * s_dp + tp * s_tp
 
     def _devices_along(self, axis: str, coords: dict[str, int]) -> tuple[int, ...]:
         out = []

@@ -6,7 +6,12 @@ Each check raises `planner.errors.InputError` (one line naming the field; exit 2
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 from planner.errors import InputError
+from planner.limits import check_option
 from planner.plan import Plan
 from planner.validate import check_config
 from runtime import checkpoint as ckpt
@@ -68,14 +73,31 @@ def check_run(plan: Plan, world_size: int, args) -> None:
         raise InputError(f"1F1B needs at least as many micro-batches ({cfg.num_microbatches}) as stages "
                          f"({cfg.pp})", field="plan.config")
     rank_grid(plan)
-    if args.steps < 1:
-        raise InputError(f"must be >= 1 (got {args.steps})", field="--steps")
-    if args.checkpoint_every < 0:
-        raise InputError(f"must be >= 0 (got {args.checkpoint_every})", field="--checkpoint-every")
+    for value, field in ((args.steps, "--steps"), (args.checkpoint_every, "--checkpoint-every"),
+                         (args.seed, "--seed"), (args.lr, "--lr")):
+        check_option(value, field)
     if (args.checkpoint_every or args.resume) and not args.checkpoint_dir:
         raise InputError("needs --checkpoint-dir", field="--checkpoint-every" if args.checkpoint_every else "--resume")
+    if args.checkpoint_every:
+        check_writable_dir(args.checkpoint_dir, "--checkpoint-dir", create=True)
     if args.checkpoint_every and not (args.resume or args.force) and ckpt.latest(args.checkpoint_dir) is not None:
         raise InputError(f"'{args.checkpoint_dir}' holds checkpoints of an earlier run; pass --resume to continue "
                          f"it or --force to start over", field="--checkpoint-dir")
     if args.data is not None:
         check_data_file(args.data, args.data_dtype, plan.training.seq_len, plan.model.vocab_size)
+
+
+def check_writable_dir(path: str | Path, field: str, create: bool = False) -> None:
+    """InputError unless `path` is a directory this process can create files in (made first when `create`):
+    probed by creating and deleting a file, which also catches read-only file systems and running as root."""
+    p = Path(path)
+    try:
+        if create:
+            p.mkdir(parents=True, exist_ok=True)
+        if not p.is_dir():
+            raise InputError(f"'{p}' is not a directory", field=field)
+        fd, probe = tempfile.mkstemp(prefix=".meshplan-probe-", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"cannot write in '{p}': {exc.strerror or exc}", field=field) from None

@@ -46,21 +46,23 @@ def run_command(
     Example: meshplan run plan.json --steps 20 --report run.json
     """
     from rich.console import Console
+    from rich.markup import escape
 
     from planner.errors import InputError
     from planner.plan import load_plan
     from runtime import checkpoint as ckpt
-    from runtime.checks import check_run
+    from planner.limits import check_option
+    from runtime.checks import check_run, check_writable_dir
     from runtime.launch import Launch, format_command, parse_endpoint, torchrun_command
 
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
+    for value, field in ((steps, "--steps"), (seed, "--seed"), (lr, "--lr"), (checkpoint_every, "--checkpoint-every"),
+                         (nnodes, "--nnodes"), (node_rank, "--node-rank"), (nproc_per_node, "--nproc-per-node")):
+        check_option(value, field)
     p = load_plan(plan)
     nodes = nnodes if nnodes is not None else p.cluster.num_nodes
     per_node = nproc_per_node if nproc_per_node is not None else p.cluster.gpus_per_node
-    for value, field in ((nodes, "--nnodes"), (per_node, "--nproc-per-node")):
-        if value < 1:
-            raise InputError(f"must be >= 1 (got {value})", field=field)
     parse_endpoint(rdzv_endpoint)
     if data_dtype not in ("uint16", "uint32"):
         raise InputError(f"'{data_dtype}' is not one of uint16, uint32", field="--data-dtype")
@@ -78,14 +80,17 @@ def run_command(
     args = parse_args(train_args)          # what every rank will read
     check_run(p, nodes * per_node, args)
     if not p.feasible:
-        err.print(f"[yellow]warning:[/] the plan is predicted not to fit: {p.reason}")
+        err.print(f"[yellow]warning:[/] the plan is predicted not to fit: {escape(p.reason)}")
     if resume:
         ckpt.check_resumable(args.checkpoint_dir, ckpt.fingerprint(p, seed, lr, args.data), steps)
     if report is not None:
+        if report.exists() and not report.is_file():
+            raise InputError(f"'{report}' exists and is not a regular file", field="--report")
         if report.exists() and not force:
             raise InputError(f"'{report}' exists; pass --force to overwrite it", field="--report")
         if not report.resolve().parent.is_dir():
             raise InputError(f"directory '{report.parent}' does not exist", field="--report")
+        check_writable_dir(report.resolve().parent, "--report")
 
     if print_command:
         if node_rank is not None and not 0 <= node_rank < nodes:
@@ -108,7 +113,7 @@ def run_command(
         report_path = report.resolve() if report is not None else job_dir / "report.json"
         train_args += ["--report", str(report_path), "--job-dir", str(job_dir), "--progress-protocol"]
         cmd = torchrun_command(train_args, per_node, log_dir=str(job_dir / "logs"))
-        err.print(f"launching {per_node} processes: {format_command(cmd)}", soft_wrap=True)
+        err.print(f"launching {per_node} processes: {format_command(cmd)}", soft_wrap=True, markup=False)
         launch = Launch(cmd, job_dir, err)
         rc = launch.run()
         if rc != 0:
@@ -116,7 +121,7 @@ def run_command(
             if failure.kind == "input":
                 raise InputError(failure.message)
             who = f"rank {failure.rank}" if failure.rank is not None else "a rank"
-            err.print(f"[red]error:[/] {who} failed: {failure.message}", soft_wrap=True)
+            err.print(f"[red]error:[/] {who} failed: {escape(failure.message)}", soft_wrap=True)
             raise typer.Exit(1)
         if not report_path.is_file():
             err.print("[red]error:[/] the ranks finished but rank 0 wrote no report")

@@ -125,6 +125,7 @@ class CostModel:
         self._held_cache: dict[tuple, list[int]] = {}
         self._end_bytes_cache: dict[tuple, tuple[float, float, float]] = {}
         self._p2p_cache: dict[tuple, float] = {}
+        self._pairs_cache: dict[Layout, tuple[tuple[int, int], ...]] = {}
         self._signatures: dict[tuple, tuple] = {}
         self._work_cache: dict[tuple, float] = {}
         self._state_bounds_cache: dict[tuple, tuple[float, float, float, float]] = {}
@@ -401,12 +402,24 @@ class CostModel:
         key = (layout, nbytes)
         t = self._p2p_cache.get(key)
         if t is None:
+            t = self._p2p_cache[key] = max((self.net.p2p(nbytes, a, b) for a, b in self._stage_pairs(layout)),
+                                           default=0.0)
+        return t
+
+    def _stage_pairs(self, layout: Layout) -> tuple[tuple[int, int], ...]:
+        """Device pairs of neighbouring stages: every pair when links are measured; else one pair inside a node
+        and one across nodes where the pipeline has them (spec-sheet links differ only by that)."""
+        pairs = self._pairs_cache.get(layout)
+        if pairs is None:
             coords = ([(d, k) for d in range(layout.dp) for k in range(layout.tp)] if self.net.matrix is not None
                       else [(0, 0)])
-            t = self._p2p_cache[key] = max(
-                (self.net.p2p(nbytes, layout.device(layout.rank(i, d, k)), layout.device(layout.rank(i + 1, d, k)))
-                 for i in range(layout.pp - 1) for d, k in coords), default=0.0)
-        return t
+            every = [(layout.device(layout.rank(i, d, k)), layout.device(layout.rank(i + 1, d, k)))
+                     for i in range(layout.pp - 1) for d, k in coords]
+            if self.net.matrix is None:
+                node = self.cluster.gpus_per_node
+                every = list({a // node == b // node: (a, b) for a, b in every}.values())
+            pairs = self._pairs_cache[layout] = tuple(every)
+        return pairs
 
     def _tied_pair(self, layout: Layout) -> Group:
         """First and last stage devices that all-reduce the tied embedding's gradients."""

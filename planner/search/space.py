@@ -114,5 +114,10 @@ def _schedules(pp: int, m: int, L: int, c: Constraints, rejected: Counter) -> li
     # torch.distributed.pipelining's 1F1B needs m >= pp; with fewer micro-batches it is GPipe anyway
     out = [(s, 1) for s in _pick(c.schedule, ("gpipe", "1f1b")) if c.vpp in (None, 1) and (s == "gpipe" or m >= pp)]
     if c.schedule in (None, "interleaved") and m % pp == 0:
-        out += [("interleaved", v) for v in _pick(c.vpp, range(2, L // pp + 1))]
+        if c.vpp is not None:
+            out += [("interleaved", c.vpp)] if 2 <= c.vpp <= L // pp else []
+        elif L % pp == 0:
+            # equal chunks, as Megatron-LM requires (layers per stage divisible by layers per virtual stage):
+            # a number of choices that grows with the divisors of L / pp, not with L
+            out += [("interleaved", v) for v in divisors(L // pp) if v >= 2]
     return out
