@@ -40,6 +40,9 @@ OptimizerOpt = typer.Option("adamw", "--optimizer", help="adam | adamw | sgd (wi
 OverlapOpt = typer.Option(True, "--overlap-grad-reduce/--no-overlap-grad-reduce",
                           help="Whether the data-parallel gradient reduction overlaps the backward (PyTorch "
                                "DDP/FSDP2, Megatron --overlap-grad-reduce) or follows it (DeepSpeed's engine).")
+HeadroomOpt = typer.Option(0.10, "--memory-headroom",
+                           help="Fraction of each GPU's usable memory a plan keeps free for allocator "
+                                "fragmentation (0-0.9; default 0.1, README 'Memory headroom').")
 ProfileOpt = typer.Option(None, "--profile", help="A `meshplan profile model` file: its measured layer times and "
                                                   "activation bytes replace the analytical ones where model, "
                                                   "precision and sequence match.")
@@ -71,14 +74,9 @@ def load_inputs(model: str, cluster: str, nodes: Optional[int], gpus_per_node: O
 def write_new_file(path: Path, text: str, force: bool, field: str) -> None:
     """Write `text` to `path` (through a temporary file renamed over it), refusing to overwrite an existing
     file unless `force`, and anything but a regular file even then; InputError when it cannot be written."""
+    from planner.outputs import check_new_output
+    check_new_output(path, force, field)
     try:
-        if path.exists() or path.is_symlink():
-            if not path.is_file():
-                raise InputError(f"'{path}' exists and is not a regular file", field=field)
-            if not force:
-                raise InputError(f"'{path}' exists; pass --force to overwrite it", field=field)
-        if not path.parent.is_dir():
-            raise InputError(f"directory '{path.parent}' does not exist", field=field)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         tmp.replace(path)
@@ -86,13 +84,14 @@ def write_new_file(path: Path, text: str, force: bool, field: str) -> None:
         raise InputError(f"cannot write '{path}': {exc.strerror or exc}", field=field) from None
 
 
-def cost_model(model, cluster, training, profile: Optional[Path]):
+def cost_model(model, cluster, training, profile: Optional[Path], memory_headroom: float):
     """The cost model, with measured layer costs when a profile file is given."""
     from planner.cost.model import CostModel
     if profile is None:
-        return CostModel(model, cluster, training)
+        return CostModel(model, cluster, training, memory_headroom=memory_headroom)
     from planner.profile_data import load_profile
-    return CostModel(model, cluster, training, load_profile(profile), profile_name=profile.name)
+    return CostModel(model, cluster, training, load_profile(profile), profile_name=profile.name,
+                     memory_headroom=memory_headroom)
 
 
 def parse_int_list(text: Optional[str], field: str) -> Optional[list[int]]:
@@ -125,7 +124,7 @@ def estimate(
     layers_per_stage: Optional[str] = typer.Option(None, "--layers-per-stage",
                                                    help="Blocks per pipeline chunk, e.g. 7,8,8,9."),
     precision: str = PrecisionOpt, optimizer: str = OptimizerOpt, overlap_grad_reduce: bool = OverlapOpt,
-    profile: Optional[Path] = ProfileOpt,
+    profile: Optional[Path] = ProfileOpt, memory_headroom: float = HeadroomOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (schema in README) to stdout."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write a plan file for `meshplan run`."),
     force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
@@ -138,7 +137,8 @@ def estimate(
     from planner.specs import ParallelConfig
 
     from planner.limits import check_option
-    for value, field in ((tp, "--tp"), (pp, "--pp"), (dp, "--dp"), (mbs, "--mbs"), (vpp, "--vpp")):
+    for value, field in ((tp, "--tp"), (pp, "--pp"), (dp, "--dp"), (mbs, "--mbs"), (vpp, "--vpp"),
+                         (memory_headroom, "--memory-headroom")):
         check_option(value, field)
     if zero not in (0, 1, 2, 3):
         raise InputError(f"{zero} is not one of 0, 1, 2, 3", field="--zero")
@@ -152,7 +152,7 @@ def estimate(
                                           sp=sp, schedule=schedule,
                                           layers_per_stage=parse_int_list(layers_per_stage, "--layers-per-stage")),
                      "config")
-    cost = cost_model(m, c, t, profile)
+    cost = cost_model(m, c, t, profile, memory_headroom)
     pred = cost.evaluate(cfg)
     if output is not None:
         from planner.plan import make_plan
@@ -219,8 +219,8 @@ def _fit_hints(closest, constraints, model, cluster, training) -> str:
     if c.mbs > 1:
         hints.append("micro-batch 1" + (" (drop --mbs)" if constraints.mbs else ""))
     states = total_params(model) * state_bytes(training.precision, training.optimizer).total
-    usable = closest.predicted.memory.usable_bytes
-    gpus = -(-states // (0.8 * usable))
+    budget = closest.predicted.memory.budget_bytes or closest.predicted.memory.usable_bytes
+    gpus = -(-states // (0.8 * budget))
     nodes = max(cluster.num_nodes + 1, -(-int(gpus) // cluster.gpus_per_node))
     hints.append(f"more GPUs: the model states alone are {states / GIB:,.0f} GiB, so at least ~{int(gpus):,} GPUs "
                  f"(--nodes {nodes} or more)")
@@ -250,7 +250,7 @@ def plan(
     model: str = ModelOpt, cluster: str = ClusterOpt, nodes: Optional[int] = NodesOpt,
     gpus_per_node: Optional[int] = GpnOpt, global_batch: int = BatchOpt, seq: int = SeqOpt,
     precision: str = PrecisionOpt, optimizer: str = OptimizerOpt, overlap_grad_reduce: bool = OverlapOpt,
-    profile: Optional[Path] = ProfileOpt,
+    profile: Optional[Path] = ProfileOpt, memory_headroom: float = HeadroomOpt,
     tp: Optional[int] = typer.Option(None, "--tp", help="Pin the tensor-parallel degree."),
     pp: Optional[int] = typer.Option(None, "--pp", help="Pin the pipeline degree."),
     dp: Optional[int] = typer.Option(None, "--dp", help="Pin the data-parallel degree."),
@@ -284,7 +284,8 @@ def plan(
 
     from planner.limits import check_option
     for value, field in ((tp, "--tp"), (pp, "--pp"), (dp, "--dp"), (mbs, "--mbs"), (vpp, "--vpp"),
-                         (max_tp, "--max-tp"), (max_pp, "--max-pp"), (max_mbs, "--max-mbs"), (top, "--top")):
+                         (max_tp, "--max-tp"), (max_pp, "--max-pp"), (max_mbs, "--max-mbs"), (top, "--top"),
+                         (memory_headroom, "--memory-headroom")):
         check_option(value, field)
     if zero is not None and zero not in (0, 1, 2, 3):
         raise InputError(f"{zero} is not one of 0, 1, 2, 3", field="--zero")
@@ -298,7 +299,7 @@ def plan(
     constraints = Constraints(tp=tp, pp=pp, dp=dp, vpp=vpp, mbs=mbs, zero=zero, recompute=recompute, sp=sp,
                               schedule=schedule, max_tp=max_tp, max_pp=max_pp, max_mbs=max_mbs,
                               max_zero=2 if no_zero3 else 3, allow_cross_node_tp=allow_cross_node_tp)
-    cost = cost_model(m, c, t, profile)
+    cost = cost_model(m, c, t, profile, memory_headroom)
     compare_cand = None
     if compare is not None:
         from planner.validate import check_config

@@ -18,6 +18,7 @@ import typer
 
 from planner.errors import InputError
 from planner.limits import check_option
+from planner.outputs import check_new_output
 from planner.specs import Optimizer, Precision, Recompute
 
 profile_app = typer.Typer(help="Measure per-layer costs and links on the real devices.", no_args_is_help=True)
@@ -142,6 +143,8 @@ def profile_cluster(
                          (collective_timeout, "--collective-timeout")):
         check_option(value, field)
     check_output(output, force, "--output")
+    if raw is not None:
+        check_new_output(raw, force, "--raw")
     for text, minimum, field in ((p2p_sizes, 3, "--p2p-sizes"), (collective_sizes, 1, "--collective-sizes")):
         try:
             for size in parse_sizes(text, minimum, field) or ():

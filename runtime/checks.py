@@ -6,12 +6,9 @@ Each check raises `planner.errors.InputError` (one line naming the field; exit 2
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 from planner.errors import InputError
 from planner.limits import check_option
+from planner.outputs import check_writable_dir
 from planner.plan import Plan
 from planner.validate import check_config
 from runtime import checkpoint as ckpt
@@ -86,18 +83,3 @@ def check_run(plan: Plan, world_size: int, args) -> None:
     if args.data is not None:
         check_data_file(args.data, args.data_dtype, plan.training.seq_len, plan.model.vocab_size)
 
-
-def check_writable_dir(path: str | Path, field: str, create: bool = False) -> None:
-    """InputError unless `path` is a directory this process can create files in (made first when `create`):
-    probed by creating and deleting a file, which also catches read-only file systems and running as root."""
-    p = Path(path)
-    try:
-        if create:
-            p.mkdir(parents=True, exist_ok=True)
-        if not p.is_dir():
-            raise InputError(f"'{p}' is not a directory", field=field)
-        fd, probe = tempfile.mkstemp(prefix=".meshplan-probe-", dir=p)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise InputError(f"cannot write in '{p}': {exc.strerror or exc}", field=field) from None

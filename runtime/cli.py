@@ -52,7 +52,8 @@ def run_command(
     from planner.plan import load_plan
     from runtime import checkpoint as ckpt
     from planner.limits import check_option
-    from runtime.checks import check_run, check_writable_dir
+    from planner.outputs import check_new_output
+    from runtime.checks import check_run
     from runtime.launch import Launch, format_command, parse_endpoint, torchrun_command
 
     out = Console(highlight=False)
@@ -84,13 +85,7 @@ def run_command(
     if resume:
         ckpt.check_resumable(args.checkpoint_dir, ckpt.fingerprint(p, seed, lr, args.data), steps)
     if report is not None:
-        if report.exists() and not report.is_file():
-            raise InputError(f"'{report}' exists and is not a regular file", field="--report")
-        if report.exists() and not force:
-            raise InputError(f"'{report}' exists; pass --force to overwrite it", field="--report")
-        if not report.resolve().parent.is_dir():
-            raise InputError(f"directory '{report.parent}' does not exist", field="--report")
-        check_writable_dir(report.resolve().parent, "--report")
+        check_new_output(report, force, "--report")
 
     if print_command:
         if node_rank is not None and not 0 <= node_rank < nodes:

@@ -28,6 +28,13 @@ from planner.specs import ClusterSpec, ModelSpec, ParallelConfig, TrainingSpec
 from planner.validate import check_config
 
 
+# Fraction of the usable memory a plan keeps free. PyTorch's caching allocator leaves on average 15% (up to
+# 33%) of its reserved memory unusable in LLM training with recomputation and ZeRO (GMLake, Guo et al.
+# ASPLOS'24, arXiv:2401.08156, eight LLMs on A100-80GB); `allocator_margin` already adds 5% of the allocated
+# peak, so about 1 - 1.05 * 0.85 ~ 10% more must stay free for the average run (Galvatron keeps 20%).
+MEMORY_HEADROOM = 0.10
+
+
 def optimizer_bytes_per_param(precision: str, optimizer: str) -> float:
     """Device-memory traffic of one optimizer step per parameter (Megatron's MixedPrecisionOptimizer.step):
     gradient-norm read and clip (4 + 8), the update (Adam reads p, g, m, v and writes p, m, v: 28; SGD with
@@ -102,7 +109,8 @@ class CostModel:
     """Costs of parallel configurations for one (model, cluster, training)."""
 
     def __init__(self, model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
-                 profile: ModelProfile | None = None, profile_name: str = "profile"):
+                 profile: ModelProfile | None = None, profile_name: str = "profile",
+                 memory_headroom: float = MEMORY_HEADROOM):
         self.model, self.cluster, self.training = model, cluster, training
         self.gpu = cluster.gpu
         self.dt = Dtypes.of(training.precision)
@@ -111,6 +119,8 @@ class CostModel:
         self.layer = layer_params(model)
         self.seq = training.seq_len
         self.usable_bytes = self.gpu.memory_bytes - self.gpu.runtime_reserved_bytes
+        self.memory_headroom = memory_headroom
+        self.budget_bytes = self.usable_bytes * (1.0 - memory_headroom)   # what a feasible plan may reserve
         self.margin = 1.0 + self.gpu.allocator_margin
         self.opt_seconds_per_param = (optimizer_bytes_per_param(training.precision, training.optimizer)
                                       / (self.gpu.hbm_bandwidth * self.gpu.efficiency.memory))
@@ -287,7 +297,7 @@ class CostModel:
         for i in range(cfg.pp):
             per_block.append(per_block_states + blk.activation_bytes * self._held(cfg, i, nmb)[0])
             base.append(sum(self.stage_memory(cfg, i, [0], nmb, blk)))
-        split = partition_layers(m.num_layers, blk.total, extra, per_block, base, self.usable_bytes / self.margin)
+        split = partition_layers(m.num_layers, blk.total, extra, per_block, base, self.budget_bytes / self.margin)
         return split or partition_layers(m.num_layers, blk.total, extra)
 
     # ------------------------------------------------------------------ lower bounds for the search
@@ -517,7 +527,7 @@ class CostModel:
         peak_reserved = peak_total * self.margin
         return Core(cfg=cfg, order=order, chunks=chunks, nmb=nmb, step=step, crit=crit, time=time, stages=stages,
                     peak_total=peak_total, peak_reserved=peak_reserved, fullest=fullest,
-                    feasible=peak_reserved <= self.usable_bytes, devices=devices)
+                    feasible=peak_reserved <= self.budget_bytes, devices=devices)
 
     def sources_for(self, cfg: ParallelConfig) -> dict[str, str]:
         """`sources` with where this configuration's block numbers came from."""
@@ -538,14 +548,15 @@ class CostModel:
     def prediction(self, core: Core) -> Prediction:
         """The Prediction of an evaluated configuration."""
         m, tr, gpu, cfg = self.model, self.training, self.gpu, core.cfg
-        usable = self.usable_bytes
+        usable, budget = self.usable_bytes, self.budget_bytes
         stages = [StageMemory(stage=i, layers=s[0], params=round(s[1]), grads=round(s[2]), optimizer=round(s[3]),
                               activations=round(s[4]), other=round(s[5]), total=round(sum(s[1:])),
                               reserved=round(sum(s[1:]) * self.margin)) for i, s in enumerate(core.stages)]
         fullest = stages[core.fullest]
         reason = "" if core.feasible else (
             f"out of memory: stage {fullest.stage} needs {fullest.reserved / GIB:.1f} GiB, "
-            f"{(fullest.reserved - usable) / GIB:.1f} GiB more than the {usable / GIB:.1f} GiB usable")
+            f"{(fullest.reserved - budget) / GIB:.1f} GiB more than the {budget / GIB:.1f} GiB budget "
+            f"({usable / GIB:.1f} GiB usable less {self.memory_headroom:.0%} headroom)")
         time = TimeBreakdown(**core.time)
         step, gpus = core.step, cfg.tp * cfg.pp * cfg.dp
         model_flops = model_flops_per_step(m, tr.global_batch, self.seq)
@@ -556,8 +567,9 @@ class CostModel:
             tflops_per_gpu=model_flops / (step * gpus) / 1e12,
             hardware_tflops_per_gpu=hw_flops / (step * gpus) / 1e12,
             peak_memory_bytes=fullest.total, peak_reserved_bytes=fullest.reserved, critical_stage=core.crit,
-            binding=_binding(time, step, fullest, usable, core.feasible),
-            memory=MemoryBreakdown(capacity_bytes=gpu.memory_bytes, usable_bytes=round(usable), stages=stages),
+            binding=_binding(time, step, fullest, budget, core.feasible),
+            memory=MemoryBreakdown(capacity_bytes=gpu.memory_bytes, usable_bytes=round(usable),
+                                   headroom=self.memory_headroom, budget_bytes=round(budget), stages=stages),
             time=time, sources=self.sources_for(cfg))
         fields = {k: getattr(cfg, k) for k in ParallelConfig.model_fields if k != "layers_per_stage"}
         resolved = ResolvedConfig(**fields, layers_per_stage=core.chunks, num_microbatches=core.nmb,
@@ -566,15 +578,15 @@ class CostModel:
         return Prediction(feasible=core.feasible, reason=reason, config=resolved, predicted=predicted)
 
 
-def _binding(time: TimeBreakdown, step: float, fullest: StageMemory, usable: float, feasible: bool) -> str:
+def _binding(time: TimeBreakdown, step: float, fullest: StageMemory, budget: float, feasible: bool) -> str:
     """One line: the largest shares of the step and how full the fullest GPU is."""
     shares = sorted(time.model_dump().items(), key=lambda kv: -kv[1])
     top = ", ".join(f"{k} {v / step:.0%}" for k, v in shares[:3] if v > 0)
-    mem = f"stage {fullest.stage} memory {fullest.reserved / GIB:.1f} of {usable / GIB:.1f} GiB"
+    mem = f"stage {fullest.stage} memory {fullest.reserved / GIB:.1f} of a {budget / GIB:.1f} GiB budget"
     if not feasible:
         return f"memory: {mem}"
     kind = {"compute": "compute-bound", "recompute": "recompute-heavy", "bubble": "pipeline-bubble-bound",
             "tp_comm": "TP-communication-bound", "pp_comm": "PP-communication-bound",
             "dp_comm_exposed": "DP-communication-bound", "optimizer": "optimizer-bound"}[shares[0][0]]
-    return f"{kind} ({top}); {mem}" + (" (tight)" if fullest.reserved > 0.9 * usable else "")
+    return f"{kind} ({top}); {mem}" + (" (tight)" if fullest.reserved > 0.95 * budget else "")
 
