@@ -83,7 +83,12 @@ def run_command(
     if not p.feasible:
         err.print(f"[yellow]warning:[/] the plan is predicted not to fit: {escape(p.reason)}")
     if resume:
-        ckpt.check_resumable(args.checkpoint_dir, ckpt.fingerprint(p, seed, lr, args.data), steps)
+        (_, resume_path), skipped = ckpt.check_resumable(args.checkpoint_dir, ckpt.fingerprint(p, seed, lr, args.data),
+                                                         steps)
+        for line in skipped:
+            err.print(f"[yellow]warning:[/] {escape(line)}; resuming from '{escape(str(resume_path))}'",
+                      soft_wrap=True)
+        train_args += ["--resume-from", str(resume_path)]
     if report is not None:
         check_new_output(report, force, "--report")
 
