@@ -30,10 +30,10 @@ ModelOpt = typer.Option(..., "--model", "-m", help="Preset name (see `meshplan p
                                                    "file, or a Hugging Face config.json.")
 ClusterOpt = typer.Option(..., "--cluster", "-c", help="Built-in cluster (see `meshplan clusters`) or a cluster "
                                                        "YAML/JSON file (e.g. from `meshplan profile cluster`).")
-NodesOpt = typer.Option(None, "--nodes", help="Override the cluster's node count.")
-GpnOpt = typer.Option(None, "--gpus-per-node", help="Override the GPUs per node.")
-BatchOpt = typer.Option(..., "--global-batch", "-b", help="Sequences per optimizer step.")
-SeqOpt = typer.Option(2048, "--seq", "-s", help="Tokens per sequence.")
+NodesOpt = typer.Option(None, "--nodes", help="Override the cluster's node count (1-65,536; at most 262,144 GPUs).")
+GpnOpt = typer.Option(None, "--gpus-per-node", help="Override the GPUs per node (1-1,024).")
+BatchOpt = typer.Option(..., "--global-batch", "-b", help="Sequences per optimizer step (1-1,048,576).")
+SeqOpt = typer.Option(2048, "--seq", "-s", help="Tokens per sequence (1-16,777,216).")
 PrecisionOpt = typer.Option("bf16", "--precision", help="bf16 | fp16 (Megatron-style mixed precision), amp-bf16 "
                                                         "(autocast over fp32 params), fp32.")
 OptimizerOpt = typer.Option("adamw", "--optimizer", help="adam | adamw | sgd (with momentum).")
@@ -174,11 +174,15 @@ def parse_compare(text: str, world_size: int):
     from planner.loaders import parse_spec, read_data_file
     from planner.search.space import Candidate
     from planner.specs import ParallelConfig
+    from planner.loaders import exists
     path = Path(text)
-    if path.suffix in (".json", ".yaml", ".yml") or path.exists():
+    if path.suffix in (".json", ".yaml", ".yml") or exists(path):
         data = read_data_file(path, "--compare")
         data = data.get("config", data)
-        order = tuple(data.get("layout", DEFAULT_ORDER))
+        if not isinstance(data, dict):
+            raise InputError(f"'{path}' holds no configuration (a mapping, or one under `config`)", field="--compare")
+        layout = data.get("layout", DEFAULT_ORDER)
+        order = tuple(layout) if isinstance(layout, (list, tuple)) else (layout,)
         fields = {k: v for k, v in data.items() if k in ParallelConfig.model_fields}
     else:
         fields, order = {}, DEFAULT_ORDER
@@ -186,20 +190,21 @@ def parse_compare(text: str, world_size: int):
             key, _, value = item.partition("=")
             key = key.strip().replace("-", "_")
             if key not in ParallelConfig.model_fields or key == "layers_per_stage":
-                raise InputError(f"unknown key '{key}' (use tp, pp, dp, vpp, mbs, zero, recompute, sp, schedule)",
-                                 field="--compare")
+                raise InputError(f"unknown key '{key[:40]}' (use tp, pp, dp, vpp, mbs, zero, recompute, sp, "
+                                 f"schedule)", field="--compare")
             fields[key] = value.strip() if value else "true"
         for key, value in fields.items():
             if key == "sp":
                 fields[key] = value.lower() in ("1", "true", "yes")
             elif key in ("tp", "pp", "dp", "vpp", "mbs", "zero"):
-                if not value.isdigit():
-                    raise InputError(f"{key}={value} is not a whole number", field="--compare")
-                fields[key] = int(value)
-    tp, pp = int(fields.get("tp", 1)), int(fields.get("pp", 1))
-    fields.setdefault("dp", max(1, world_size // (tp * pp)))
+                try:
+                    fields[key] = int(value)
+                except ValueError:
+                    raise InputError(f"{key}={value[:40]} is not a whole number", field="--compare") from None
+    given = parse_spec(ParallelConfig, {**fields, "dp": fields.get("dp", 1)}, "--compare")   # types and ranges
+    fields.setdefault("dp", max(1, world_size // (given.tp * given.pp)))
     cfg = parse_spec(ParallelConfig, fields, "--compare")
-    if len(order) != 3 or sorted(order) != ["dp", "pp", "tp"]:
+    if len(order) != 3 or set(order) != {"dp", "pp", "tp"}:
         raise InputError(f"layout {list(order)} must order tp, dp and pp", field="--compare")
     return cfg, Candidate(cfg.tp, cfg.pp, cfg.dp, cfg.vpp, cfg.mbs, cfg.zero, cfg.recompute, cfg.sp, cfg.schedule,
                           order)

@@ -19,15 +19,18 @@ from runtime.train import DEFAULT_LR, DEFAULT_SEED, DEFAULT_STEPS, parse_args
 
 def run_command(
     plan: Path = typer.Argument(..., help="Plan file from `meshplan estimate -o` or `meshplan plan -o`."),
-    steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="Optimizer steps (with --resume: the step to reach)."),
-    seed: int = typer.Option(DEFAULT_SEED, "--seed", help="Seed of the initial weights, the data and dropout."),
-    lr: float = typer.Option(DEFAULT_LR, "--lr", help="Learning rate (constant)."),
+    steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="Optimizer steps (with --resume: the step to reach; "
+                                                             "1-10,000,000)."),
+    seed: int = typer.Option(DEFAULT_SEED, "--seed", help="Seed of the initial weights, the data and dropout "
+                                                          "(0-4,294,967,295)."),
+    lr: float = typer.Option(DEFAULT_LR, "--lr", help="Learning rate (constant; 0-10)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Flat binary file of token ids (nanoGPT / "
                                                             "Megatron .bin); default: synthetic tokens."),
     data_dtype: str = typer.Option("uint16", "--data-dtype", help="Token id type of --data: uint16 | uint32."),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Where checkpoints go."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Save every K steps (0: never)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --checkpoint-dir."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest intact checkpoint in "
+                                                        "--checkpoint-dir (damaged ones are named and skipped)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the run report (JSON) here."),
     force: bool = typer.Option(False, "--force", help="Overwrite --report if it exists; without --resume, delete "
                                                       "the checkpoints of an earlier run in --checkpoint-dir."),

@@ -99,6 +99,7 @@ class Files:
     cluster: Path
     hostile: list[str]               # paths of broken, hostile or odd input files
     unwritable: list[str]            # outputs that cannot be written (or must not be overwritten)
+    documents: dict[str, object]     # the valid plan, model and cluster as JSON data, for structural mutations
 
 
 def _deep_yaml(depth: int) -> str:
@@ -158,6 +159,8 @@ def make_files(root: Path) -> Files:
             "world_size": 8, "bandwidth": [[1.0]], "latency": [[0.0]]}}),
         "cluster-negative-latency.json": json.dumps({**cluster_data, "intra_node": {
             **cluster_data["intra_node"], "latency": -1.0}}),
+        "compare-list.json": '{"config": [1, 2]}', "compare-layout.json": '{"config": {"layout": 5, "tp": 1}}',
+        "compare-mixed-layout.json": '{"layout": [1, "tp", "dp"]}', "compare-tp-text.json": '{"tp": "x"}',
         "tokens-empty.bin": b"", "tokens-odd.bin": b"\x01\x02\x03",
         "tokens-wide.bin": bytes(4096), "tokens-big-ids.bin": b"\xff\xff" * 4096,
         "[bold]markup.yaml": "num_layers: [/bold]\n",
@@ -180,7 +183,8 @@ def make_files(root: Path) -> Files:
     unwritable = [str(root / "no-such-dir" / "out.json"), str(root / "a-directory"), "/proc/version",
                   "/proc/no-such-dir/out.json", "/dev/null", str(root / "exists.json"), str(root / ("y" * 5000)),
                   "", "/sys/out.json"]
-    return Files(root, root / "plan.json", root / "model.yaml", root / "cluster.json", hostile, unwritable)
+    documents = {"plan": json.loads(plan_text), "model": model_data, "cluster": cluster_data}
+    return Files(root, root / "plan.json", root / "model.yaml", root / "cluster.json", hostile, unwritable, documents)
 
 
 def _with(cluster: dict, key: str, value) -> dict:
@@ -252,6 +256,40 @@ def base_commands(files: Files) -> dict[str, list[str]]:
     }
 
 
+JSON_VALUES = [None, "x", "", -1, 0, 1, 3, 10 ** 30, 1e308, -1e308, 0.5, True, False, [], {}, [1, 2], {"a": 1},
+               "nan", "[bold]x[/]", "9" * 50, [[1.0]], {"fp32": 0}]
+
+
+def _mutated(draw, doc):
+    """`doc` with one value somewhere inside it replaced by an odd JSON value, or one key removed."""
+    if isinstance(doc, dict) and doc and draw(st.integers(0, 5)):
+        key = draw(st.sampled_from(sorted(doc)))
+        out = dict(doc)
+        if not draw(st.integers(0, 7)):
+            del out[key]
+        else:
+            out[key] = _mutated(draw, doc[key])
+        return out
+    if isinstance(doc, list) and doc and draw(st.integers(0, 5)):
+        i = draw(st.integers(0, len(doc) - 1))
+        return doc[:i] + [_mutated(draw, doc[i])] + doc[i + 1:]
+    return draw(st.sampled_from(JSON_VALUES))
+
+
+def _mutated_file(draw, files: Files, which: str) -> str:
+    """A structurally mutated copy of the valid plan, model or cluster file, written under files.root."""
+    import hashlib
+    text = json.dumps(_mutated(draw, files.documents[which]))
+    path = files.root / f"mutated-{which}-{hashlib.sha1(text.encode()).hexdigest()[:16]}.json"
+    path.write_text(text)
+    return str(path)
+
+
+MUTATED = {"estimate": {"--model": "model", "--cluster": "cluster"},
+           "plan": {"--model": "model", "--cluster": "cluster", "--compare": "plan"},
+           "run": {"PLAN": "plan"}, "profile model": {"--model": "model"}}
+
+
 def _kind(name: str) -> str:
     return name.split("-")[0] if not name.startswith("profile") else name
 
@@ -286,7 +324,8 @@ def cases(draw, files: Files) -> tuple[list[str], bool]:
     argv, kind = list(bases[name]), _kind(name)
     numbers = {"estimate": ESTIMATE_NUMBERS, "plan": PLAN_NUMBERS, "run": RUN_NUMBERS,
                "profile model": PROFILE_MODEL_NUMBERS, "profile cluster": PROFILE_CLUSTER_NUMBERS}.get(kind, [])
-    kinds = ["number"] * 4 + ["choice", "input", "output", "flag", "drop", "unknown", "compare"]
+    kinds = ["number"] * 4 + ["choice", "input", "mutated", "mutated", "output", "flag", "drop", "unknown",
+                              "compare"]
     for _ in range(draw(st.integers(0, 4))):
         what = draw(st.sampled_from(kinds))
         if what == "number" and numbers:
@@ -302,6 +341,9 @@ def cases(draw, files: Files) -> tuple[list[str], bool]:
             argv = ["schema", draw(st.sampled_from(BAD_CHOICES))]
         elif what == "input" and kind in INPUTS:
             argv = _set(argv, draw(st.sampled_from(INPUTS[kind])), draw(st.sampled_from(files.hostile)))
+        elif what == "mutated" and kind in MUTATED:
+            option = draw(st.sampled_from(sorted(MUTATED[kind])))
+            argv = _set(argv, option, _mutated_file(draw, files, MUTATED[kind][option]))
         elif what == "output" and kind in OUTPUTS:
             option = draw(st.sampled_from(OUTPUTS[kind]))
             argv = _set(argv, option, draw(st.sampled_from(files.unwritable)))
