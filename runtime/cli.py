@@ -52,10 +52,10 @@ def run_command(
     from rich.markup import escape
 
     from planner.errors import InputError
-    from planner.plan import load_plan
-    from runtime import checkpoint as ckpt
     from planner.limits import check_option
     from planner.outputs import check_new_output
+    from planner.plan import load_plan
+    from runtime import checkpoint as ckpt
     from runtime.checks import check_run
     from runtime.launch import Launch, format_command, parse_endpoint, torchrun_command
 
