@@ -66,7 +66,7 @@ BATCH = Range(1, MAX_GLOBAL_BATCH)
 SEQ = Range(1, MAX_SEQ)
 LAYERS = Range(1, MAX_LAYERS)
 
-TIMEOUT = Range(1e-3, 604_800.0)         # seconds: up to a week
+TIMEOUT = Range(1e-6, 604_800.0)         # seconds: up to a week
 OPTIONS: dict[str, Range] = {
     # meshplan estimate / plan
     "--nodes": Range(1, MAX_NODES), "--gpus-per-node": Range(1, MAX_GPUS_PER_NODE),
