@@ -235,6 +235,10 @@ def test_bad_input_is_refused_before_launch(tmp_path):
         (["--report", tmp_path / "exists.json"], "exists; pass --force"),
         (["--resume"], "needs --checkpoint-dir"),
         (["--checkpoint-dir", tmp_path / "none", "--resume"], "no complete checkpoint"),
+        (["--lr", "nan"], "--lr: must be a finite number in 0..10 (got nan)"),
+        (["--report", "/sys/run.json"], "--report: cannot write in '/sys'"),
+        (["--checkpoint-dir", "/proc/meshplan-ckpt", "--checkpoint-every", 2],
+         "--checkpoint-dir: cannot write in '/proc/meshplan-ckpt'"),
         (["--checkpoint-dir", tmp_path / "earlier", "--checkpoint-every", 2],
          "--checkpoint-dir: '" + str(tmp_path / "earlier") + "' holds checkpoints of an earlier run; pass --resume "
          "to continue it or --force to start over"),
@@ -243,7 +247,7 @@ def test_bad_input_is_refused_before_launch(tmp_path):
     heads = _edit(plan, tmp_path / "heads.json", lambda d: d["model"].update(num_heads=1))
     for target, args, match in [(plan, a, m) for a, m in cases] + [
             (old, [], "has schema_version 0; this meshplan reads version 1"),
-            (heads, [], "tp 2 must divide num_heads 1")]:
+            (heads, [], "tp 2 does not divide num_heads 1 (valid tp: 1)")]:
         proc = meshplan("run", target, *args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert match in proc.stderr, (args, proc.stderr)
