@@ -1,9 +1,9 @@
 """The range of every number meshplan accepts, on the command line and in files, checked before any work.
 
-The bounds (README, "Input ranges") are far beyond any training job run today, and they keep every answer
-within seconds: the search enumerates divisors and layer counts, whose number grows only slowly with the
-values below these bounds, and no float ever overflows to inf or divides by zero. A number outside its range
-is one InputError (exit 2) naming the option or the file and field.
+The bounds (README, "Input ranges") are far beyond any training job run today, and they bound every
+computation: the search's work grows with the number of divisors of the sizes below these bounds (tens of
+seconds at worst on 2 cores), and no float overflows to inf or underflows to a zero step time. A number
+outside its range is one InputError (exit 2) naming the option or the file and field.
 """
 
 from __future__ import annotations
