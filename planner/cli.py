@@ -30,10 +30,10 @@ ModelOpt = typer.Option(..., "--model", "-m", help="Preset name (see `meshplan p
                                                    "file, or a Hugging Face config.json.")
 ClusterOpt = typer.Option(..., "--cluster", "-c", help="Built-in cluster (see `meshplan clusters`) or a cluster "
                                                        "YAML/JSON file (e.g. from `meshplan profile cluster`).")
-NodesOpt = typer.Option(None, "--nodes", help="Override the cluster's node count.")
-GpnOpt = typer.Option(None, "--gpus-per-node", help="Override the GPUs per node.")
-BatchOpt = typer.Option(..., "--global-batch", "-b", help="Sequences per optimizer step.")
-SeqOpt = typer.Option(2048, "--seq", "-s", help="Tokens per sequence.")
+NodesOpt = typer.Option(None, "--nodes", help="Override the cluster's node count (1-65,536; at most 262,144 GPUs).")
+GpnOpt = typer.Option(None, "--gpus-per-node", help="Override the GPUs per node (1-1,024).")
+BatchOpt = typer.Option(..., "--global-batch", "-b", help="Sequences per optimizer step (1-1,048,576).")
+SeqOpt = typer.Option(2048, "--seq", "-s", help="Tokens per sequence (1-16,777,216).")
 PrecisionOpt = typer.Option("bf16", "--precision", help="bf16 | fp16 (Megatron-style mixed precision), amp-bf16 "
                                                         "(autocast over fp32 params), fp32.")
 OptimizerOpt = typer.Option("adamw", "--optimizer", help="adam | adamw | sgd (with momentum).")
@@ -47,6 +47,9 @@ EngineOpt = typer.Option("meshplan", "--engine", "-e",
                               "megatron, deepspeed, or an engine YAML file (see cluster_specs/engines/).")
 CompileOpt = typer.Option(False, "--compile/--no-compile",
                           help="torch.compile each block (meshplan and torchtitan engines): fewer, fused kernels.")
+HeadroomOpt = typer.Option(0.10, "--memory-headroom",
+                           help="Fraction of each GPU's usable memory a plan keeps free for allocator "
+                                "fragmentation (0-0.9; default 0.1, README 'Memory headroom').")
 ProfileOpt = typer.Option(None, "--profile", help="A `meshplan profile model` file: its measured layer times and "
                                                   "activation bytes replace the analytical ones where model, "
                                                   "precision and sequence match.")
@@ -61,29 +64,31 @@ def _choice(value: str, field: str, choices: tuple[str, ...]) -> str:
 def load_inputs(model: str, cluster: str, nodes: Optional[int], gpus_per_node: Optional[int], global_batch: int,
                 seq: int, precision: str, optimizer: str, overlap_grad_reduce: Optional[bool] = None):
     """Specs from CLI arguments, validated."""
+    from planner.limits import check_option
     from planner.loaders import load_cluster, load_model, parse_spec
     from planner.specs import TrainingSpec
-    m = load_model(model)
-    c = load_cluster(cluster, nodes, gpus_per_node)
+    check_option(global_batch, "--global-batch")
+    check_option(seq, "--seq")
     _choice(precision, "--precision", ("bf16", "fp16", "amp-bf16", "fp32"))
     _choice(optimizer, "--optimizer", ("adam", "adamw", "sgd"))
-    for value, field in ((global_batch, "--global-batch"), (seq, "--seq")):
-        if value < 1:
-            raise InputError(f"must be >= 1 (got {value})", field=field)
+    m = load_model(model)
+    c = load_cluster(cluster, nodes, gpus_per_node)
     t = parse_spec(TrainingSpec, dict(global_batch=global_batch, seq_len=seq, precision=precision,
                                       optimizer=optimizer, overlap_grad_reduce=overlap_grad_reduce), "training")
     return m, c, t
 
 
 def write_new_file(path: Path, text: str, force: bool, field: str) -> None:
-    """Write `text` to `path`, refusing to overwrite an existing file unless `force`."""
-    if path.exists() and not force:
-        raise InputError(f"'{path}' exists; pass --force to overwrite it", field=field)
-    if not path.parent.exists():
-        raise InputError(f"directory '{path.parent}' does not exist", field=field)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Write `text` to `path` (through a temporary file renamed over it), refusing to overwrite an existing
+    file unless `force`, and anything but a regular file even then; InputError when it cannot be written."""
+    from planner.outputs import check_new_output
+    check_new_output(path, force, field)
+    try:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as exc:
+        raise InputError(f"cannot write '{path}': {exc.strerror or exc}", field=field) from None
 
 
 def load_engine_opt(engine: str, compile: bool, training):
@@ -96,22 +101,27 @@ def load_engine_opt(engine: str, compile: bool, training):
     return spec
 
 
-def cost_model(model, cluster, training, profile: Optional[Path], engine=None):
+def cost_model(model, cluster, training, profile: Optional[Path], engine=None, memory_headroom: float = 0.10):
     """The cost model, with measured layer costs when a profile file is given."""
     from planner.cost.model import CostModel
     if profile is None:
-        return CostModel(model, cluster, training, engine=engine)
+        return CostModel(model, cluster, training, engine=engine, memory_headroom=memory_headroom)
     from planner.profile_data import load_profile
-    return CostModel(model, cluster, training, load_profile(profile), profile_name=profile.name, engine=engine)
+    return CostModel(model, cluster, training, load_profile(profile), profile_name=profile.name, engine=engine,
+                     memory_headroom=memory_headroom)
 
 
 def parse_int_list(text: Optional[str], field: str) -> Optional[list[int]]:
+    from planner.limits import check_option
     if text is None:
         return None
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise InputError(f"'{text}' is not a comma-separated list of integers", field=field) from None
+        raise InputError(f"'{text[:60]}' is not a comma-separated list of integers", field=field) from None
+    for value in values:
+        check_option(value, field)
+    return values
 
 
 # ---------------------------------------------------------------------------------------------- estimate
@@ -144,6 +154,7 @@ def estimate(
                                                    help="Blocks per pipeline chunk, e.g. 7,8,8,9."),
     precision: str = PrecisionOpt, optimizer: str = OptimizerOpt, overlap_grad_reduce: Optional[bool] = OverlapOpt,
     engine: str = EngineOpt, compile: bool = CompileOpt, profile: Optional[Path] = ProfileOpt,
+    memory_headroom: float = HeadroomOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (schema in README) to stdout."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write a plan file for `meshplan run`."),
     force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists."),
@@ -156,31 +167,32 @@ def estimate(
     from planner.loaders import parse_spec
     from planner.specs import ParallelConfig
 
+    from planner.limits import check_option
+    for value, field in ((tp, "--tp"), (pp, "--pp"), (dp, "--dp"), (mbs, "--mbs"), (vpp, "--vpp"),
+                         (memory_headroom, "--memory-headroom")):
+        check_option(value, field)
     if from_launch is not None:
         explicit = {name: value for name, value in ctx.params.items()
                     if ctx.get_parameter_source(name).name == "COMMANDLINE"}
         _estimate_launch(from_launch, cluster, nodes, gpus_per_node, model, seq, optimizer, explicit, profile,
-                         as_json, output, force)
+                         as_json, output, force, memory_headroom)
         return
     for value, field in ((model, "--model"), (global_batch, "--global-batch")):
         if value is None:
             raise InputError("missing option (or give --from)", field=field)
-    m, c, t = load_inputs(model, cluster, nodes, gpus_per_node, global_batch, seq, precision, optimizer,
-                          overlap_grad_reduce)
-    _choice(recompute, "--recompute", ("none", "selective", "full"))
-    _choice(schedule, "--schedule", ("gpipe", "1f1b", "interleaved"))
     if zero not in (0, 1, 2, 3):
         raise InputError(f"{zero} is not one of 0, 1, 2, 3", field="--zero")
-    for value, field in ((tp, "--tp"), (pp, "--pp"), (mbs, "--mbs"), (vpp, "--vpp")):
-        if value < 1:
-            raise InputError(f"must be >= 1 (got {value})", field=field)
+    _choice(recompute, "--recompute", ("none", "selective", "full"))
+    _choice(schedule, "--schedule", ("gpipe", "1f1b", "interleaved"))
+    m, c, t = load_inputs(model, cluster, nodes, gpus_per_node, global_batch, seq, precision, optimizer,
+                          overlap_grad_reduce)
     if dp is None:   # a non-dividing tp*pp is reported by the config check, after the heads check
         dp = max(1, c.world_size // (tp * pp))
     cfg = parse_spec(ParallelConfig, dict(tp=tp, pp=pp, dp=dp, mbs=mbs, vpp=vpp, zero=zero, recompute=recompute,
                                           sp=sp, schedule=schedule,
                                           layers_per_stage=parse_int_list(layers_per_stage, "--layers-per-stage")),
                      "config")
-    cost = cost_model(m, c, t, profile, load_engine_opt(engine, compile, t))
+    cost = cost_model(m, c, t, profile, load_engine_opt(engine, compile, t), memory_headroom)
     pred = cost.evaluate(cfg)
     if output is not None:
         from planner.plan import make_plan
@@ -195,7 +207,7 @@ def estimate(
 
 
 def _estimate_launch(path: Path, cluster: str, nodes, gpus_per_node, model, seq, optimizer, explicit, profile,
-                     as_json: bool, output: Optional[Path], force: bool) -> None:
+                     as_json: bool, output: Optional[Path], force: bool, memory_headroom: float = 0.10) -> None:
     """`estimate --from`: predict the launch at `path` (its engine is the target that wrote it)."""
     from planner.export.from_launch import cluster_for, estimate_inputs
     from planner.validate import check_config
@@ -206,7 +218,7 @@ def _estimate_launch(path: Path, cluster: str, nodes, gpus_per_node, model, seq,
         stderr.print(f"note: {note}", soft_wrap=True)
     engine = load_engine_opt(launch.engine, False, inputs.training)
     check_config(inputs.model, c, inputs.training, launch.config, engine)
-    cost = cost_model(inputs.model, c, inputs.training, profile, engine)
+    cost = cost_model(inputs.model, c, inputs.training, profile, engine, memory_headroom)
     pred = cost.evaluate(launch.config, launch.order)
     if output is not None:
         from planner.plan import make_plan
@@ -230,11 +242,15 @@ def parse_compare(text: str, world_size: int):
     from planner.loaders import parse_spec, read_data_file
     from planner.search.space import Candidate
     from planner.specs import ParallelConfig
+    from planner.loaders import exists
     path = Path(text)
-    if path.suffix in (".json", ".yaml", ".yml") or path.exists():
+    if path.suffix in (".json", ".yaml", ".yml") or exists(path):
         data = read_data_file(path, "--compare")
         data = data.get("config", data)
-        order = tuple(data.get("layout", DEFAULT_ORDER))
+        if not isinstance(data, dict):
+            raise InputError(f"'{path}' holds no configuration (a mapping, or one under `config`)", field="--compare")
+        layout = data.get("layout", DEFAULT_ORDER)
+        order = tuple(layout) if isinstance(layout, (list, tuple)) else (layout,)
         fields = {k: v for k, v in data.items() if k in ParallelConfig.model_fields}
     else:
         fields, order = {}, DEFAULT_ORDER
@@ -242,20 +258,21 @@ def parse_compare(text: str, world_size: int):
             key, _, value = item.partition("=")
             key = key.strip().replace("-", "_")
             if key not in ParallelConfig.model_fields or key == "layers_per_stage":
-                raise InputError(f"unknown key '{key}' (use tp, pp, dp, vpp, mbs, zero, recompute, sp, schedule)",
-                                 field="--compare")
+                raise InputError(f"unknown key '{key[:40]}' (use tp, pp, dp, vpp, mbs, zero, recompute, sp, "
+                                 f"schedule)", field="--compare")
             fields[key] = value.strip() if value else "true"
         for key, value in fields.items():
             if key == "sp":
                 fields[key] = value.lower() in ("1", "true", "yes")
             elif key in ("tp", "pp", "dp", "vpp", "mbs", "zero"):
-                if not value.isdigit():
-                    raise InputError(f"{key}={value} is not a whole number", field="--compare")
-                fields[key] = int(value)
-    tp, pp = int(fields.get("tp", 1)), int(fields.get("pp", 1))
-    fields.setdefault("dp", max(1, world_size // (tp * pp)))
+                try:
+                    fields[key] = int(value)
+                except ValueError:
+                    raise InputError(f"{key}={value[:40]} is not a whole number", field="--compare") from None
+    given = parse_spec(ParallelConfig, {**fields, "dp": fields.get("dp", 1)}, "--compare")   # types and ranges
+    fields.setdefault("dp", max(1, world_size // (given.tp * given.pp)))
     cfg = parse_spec(ParallelConfig, fields, "--compare")
-    if len(order) != 3 or sorted(order) != ["dp", "pp", "tp"]:
+    if len(order) != 3 or set(order) != {"dp", "pp", "tp"}:
         raise InputError(f"layout {list(order)} must order tp, dp and pp", field="--compare")
     return cfg, Candidate(cfg.tp, cfg.pp, cfg.dp, cfg.vpp, cfg.mbs, cfg.zero, cfg.recompute, cfg.sp, cfg.schedule,
                           order)
@@ -278,8 +295,8 @@ def _fit_hints(closest, constraints, cost) -> str:
         hints.append("micro-batch 1" + (" (drop --mbs)" if constraints.mbs else ""))
     recipe = cost.engine.recipe(training.precision, max(cost.engine.zero_stages), 2)
     states = total_params(model) * state_bytes(recipe, training.optimizer, 0, 1).total
-    usable = closest.predicted.memory.usable_bytes
-    gpus = -(-states // (0.8 * usable))
+    budget = closest.predicted.memory.budget_bytes or closest.predicted.memory.usable_bytes
+    gpus = -(-states // (0.8 * budget))
     nodes = max(cluster.num_nodes + 1, -(-int(gpus) // cluster.gpus_per_node))
     hints.append(f"more GPUs: the model states alone are {states / GIB:,.0f} GiB, so at least ~{int(gpus):,} GPUs "
                  f"(--nodes {nodes} or more)")
@@ -288,12 +305,12 @@ def _fit_hints(closest, constraints, cost) -> str:
 
 def _check_pins(model, cluster, training, tp, pp, dp, mbs) -> None:
     """Pinned degrees that can never work, as the same one-line errors `estimate` gives."""
-    from planner.validate import divisors
+    from planner.validate import tp_shards, valid_tp
     gpus = cluster.world_size
-    if tp is not None and (model.num_heads % tp or model.kv_heads % tp or gpus % tp):
-        valid = [d for d in divisors(model.kv_heads) if model.num_heads % d == 0 and gpus % d == 0]
-        raise InputError(f"tp {tp} must divide num_heads {model.num_heads}, num_kv_heads {model.kv_heads} and the "
-                         f"{gpus} GPUs (valid: {', '.join(map(str, valid))})", field="--tp")
+    if tp is not None and (tp_shards(model, tp) or gpus % tp):
+        raise InputError(f"tp {tp} must divide num_heads {model.num_heads}, num_kv_heads {model.kv_heads}, "
+                         f"ffn_hidden_size {model.ffn_size} and the {gpus} GPUs (valid: "
+                         f"{', '.join(map(str, valid_tp(model, gpus)))})", field="--tp")
     if pp is not None and (pp > model.num_layers or gpus % pp):
         raise InputError(f"pp {pp} must divide the {gpus} GPUs and be at most the {model.num_layers} layers",
                          field="--pp")
@@ -310,6 +327,7 @@ def plan(
     gpus_per_node: Optional[int] = GpnOpt, global_batch: int = BatchOpt, seq: int = SeqOpt,
     precision: str = PrecisionOpt, optimizer: str = OptimizerOpt, overlap_grad_reduce: Optional[bool] = OverlapOpt,
     engine: str = EngineOpt, compile: bool = CompileOpt, profile: Optional[Path] = ProfileOpt,
+    memory_headroom: float = HeadroomOpt,
     tp: Optional[int] = typer.Option(None, "--tp", help="Pin the tensor-parallel degree."),
     pp: Optional[int] = typer.Option(None, "--pp", help="Pin the pipeline degree."),
     dp: Optional[int] = typer.Option(None, "--dp", help="Pin the data-parallel degree."),
@@ -344,18 +362,19 @@ def plan(
     from planner.search.search import search
     from planner.search.space import Constraints
 
-    m, c, t = load_inputs(model, cluster, nodes, gpus_per_node, global_batch, seq, precision, optimizer,
-                          overlap_grad_reduce)
+    from planner.limits import check_option
+    for value, field in ((tp, "--tp"), (pp, "--pp"), (dp, "--dp"), (mbs, "--mbs"), (vpp, "--vpp"),
+                         (max_tp, "--max-tp"), (max_pp, "--max-pp"), (max_mbs, "--max-mbs"), (top, "--top"),
+                         (memory_headroom, "--memory-headroom")):
+        check_option(value, field)
+    if zero is not None and zero not in (0, 1, 2, 3):
+        raise InputError(f"{zero} is not one of 0, 1, 2, 3", field="--zero")
     if recompute is not None:
         _choice(recompute, "--recompute", ("none", "selective", "full"))
     if schedule is not None:
         _choice(schedule, "--schedule", ("gpipe", "1f1b", "interleaved"))
-    if zero is not None and zero not in (0, 1, 2, 3):
-        raise InputError(f"{zero} is not one of 0, 1, 2, 3", field="--zero")
-    for value, field in ((tp, "--tp"), (pp, "--pp"), (dp, "--dp"), (mbs, "--mbs"), (vpp, "--vpp"),
-                         (max_tp, "--max-tp"), (max_pp, "--max-pp"), (max_mbs, "--max-mbs"), (top, "--top")):
-        if value is not None and value < 1:
-            raise InputError(f"must be >= 1 (got {value})", field=field)
+    m, c, t = load_inputs(model, cluster, nodes, gpus_per_node, global_batch, seq, precision, optimizer,
+                          overlap_grad_reduce)
     _check_pins(m, c, t, tp, pp, dp, mbs)
     if html is not None:
         from planner.html_report.command import check_output
@@ -363,7 +382,7 @@ def plan(
     constraints = Constraints(tp=tp, pp=pp, dp=dp, vpp=vpp, mbs=mbs, zero=zero, recompute=recompute, sp=sp,
                               schedule=schedule, max_tp=max_tp, max_pp=max_pp, max_mbs=max_mbs,
                               max_zero=2 if no_zero3 else 3, allow_cross_node_tp=allow_cross_node_tp)
-    cost = cost_model(m, c, t, profile, load_engine_opt(engine, compile, t))
+    cost = cost_model(m, c, t, profile, load_engine_opt(engine, compile, t), memory_headroom)
     compare_cand = None
     if compare is not None:
         from planner.validate import check_config
@@ -528,17 +547,29 @@ app.add_typer(profile_app, name="profile")
 
 
 # ---------------------------------------------------------------------------------------------- entry point
+def _error_line(text: str) -> None:
+    """One line on stderr: 'error: <text>', the text printed as is (never read as rich markup)."""
+    from rich.markup import escape
+    one_line = "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    stderr.print(f"[red]error:[/] {escape(one_line)}", soft_wrap=True)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Run the CLI; user errors become one line on stderr and a non-zero exit code."""
     command = typer.main.get_command(app)
     try:
         rc = command.main(args=argv, prog_name="meshplan", standalone_mode=False)
     except MeshplanError as exc:
-        stderr.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        _error_line(str(exc))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         stderr.print("interrupted")
         sys.exit(130)
+    except OSError as exc:
+        # a path the user gave that the OS refuses (name too long, ...), wherever it was first touched
+        where = f"'{exc.filename}': " if exc.filename else ""
+        _error_line(f"{where}{exc.strerror or exc}")
+        sys.exit(2)
     except Exception as exc:
         # typer's (click's) own parse errors: one line instead of a usage box
         name = type(exc).__name__
@@ -549,7 +580,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             stderr.print("aborted")
             sys.exit(1)
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
-            stderr.print(f"[red]error:[/] {exc.format_message()} (see --help)", soft_wrap=True)
+            _error_line(f"{exc.format_message()} (see --help)")
             sys.exit(exc.exit_code)
         raise
     sys.exit(rc if isinstance(rc, int) else 0)

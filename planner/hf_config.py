@@ -21,15 +21,27 @@ def _need(data: dict[str, Any], key: str, source: str) -> Any:
     return data[key]
 
 
+def _number(data: dict[str, Any], key: str, source: str) -> float:
+    """An optional probability / rate key (0 when absent or null)."""
+    value = data.get(key) or 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"'{key}' must be a number (got {str(value)[:40]!r})", field=source)
+    return float(value)
+
+
+def _activation(data: dict[str, Any], key: str, default: str, known: set[str], source: str) -> str:
+    act = data.get(key, default)
+    if not isinstance(act, str) or act not in known:
+        raise InputError(f"{key} '{str(act)[:40]}' is not supported (one of {sorted(known)})", field=source)
+    return act
+
+
 def model_from_hf_config(data: dict[str, Any], source: str) -> dict[str, Any]:
     """Map Hugging Face keys onto ModelSpec fields (validated by the caller)."""
     name = data.get("_name_or_path") or data.get("model_type") or "hf-model"
     if "n_layer" in data:  # GPT-2 family
-        act = data.get("activation_function", "gelu_new")
-        if act not in _GELU_ACTS:
-            raise InputError(f"activation_function '{act}' is not supported (one of {sorted(_GELU_ACTS)})",
-                             field=source)
-        dropout = max(float(data.get(k, 0.0) or 0.0) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop"))
+        _activation(data, "activation_function", "gelu_new", _GELU_ACTS, source)
+        dropout = max(_number(data, k, source) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop"))
         return dict(name=name, num_layers=_need(data, "n_layer", source), hidden_size=_need(data, "n_embd", source),
                     num_heads=_need(data, "n_head", source), ffn_hidden_size=data.get("n_inner"),
                     vocab_size=_need(data, "vocab_size", source),
@@ -37,9 +49,7 @@ def model_from_hf_config(data: dict[str, Any], source: str) -> dict[str, Any]:
                     tied_embeddings=data.get("tie_word_embeddings", True), norm="layernorm", mlp="gelu",
                     bias=True, position_embedding="learned", norm_eps=data.get("layer_norm_epsilon", 1e-5),
                     dropout=dropout)
-    act = data.get("hidden_act", "silu")
-    if act not in _SWIGLU_ACTS:
-        raise InputError(f"hidden_act '{act}' is not supported (one of {sorted(_SWIGLU_ACTS)})", field=source)
+    _activation(data, "hidden_act", "silu", _SWIGLU_ACTS, source)
     model_type = data.get("model_type", "")
     heads = _need(data, "num_attention_heads", source)
     qkv_bias = bool(data.get("attention_bias", model_type == "qwen2"))
@@ -52,14 +62,17 @@ def model_from_hf_config(data: dict[str, Any], source: str) -> dict[str, Any]:
                 tied_embeddings=data.get("tie_word_embeddings", False), norm="rmsnorm", mlp="swiglu",
                 bias=bool(data.get("mlp_bias", False)), qkv_bias=qkv_bias, position_embedding="rope",
                 rope_theta=data.get("rope_theta", 10000.0), norm_eps=data.get("rms_norm_eps", 1e-5),
-                dropout=float(data.get("attention_dropout", 0.0) or 0.0))
+                dropout=_number(data, "attention_dropout", source))
 
 
 def validated(fields: dict[str, Any], source: str) -> ModelSpec:
     from pydantic import ValidationError
 
     from planner.errors import first_pydantic_error
+    from planner.limits import check_spec
     try:
-        return ModelSpec(**fields)
+        spec = ModelSpec(**fields)
     except ValidationError as exc:
         raise first_pydantic_error(exc, source) from None
+    check_spec(spec, source)
+    return spec

@@ -33,21 +33,21 @@ class Layout:
     def size(self, axis: str) -> int:
         return getattr(self, axis)
 
-    def stride(self, axis: str) -> int:
-        return self._strides[AXES.index(axis)]
-
     @cached_property
     def _strides(self) -> tuple[int, int, int]:
-        """Rank strides of pp, dp and tp (the order lists the fastest-varying axis first)."""
+        """Rank strides of (pp, dp, tp)."""
         out, s = {}, 1
         for a in self.order:
             out[a] = s
             s *= self.size(a)
         return out["pp"], out["dp"], out["tp"]
 
+    def stride(self, axis: str) -> int:
+        return self._strides[AXES.index(axis)]
+
     def rank(self, pp: int, dp: int, tp: int) -> int:
-        sp, sd, st = self._strides
-        return pp * sp + dp * sd + tp * st
+        s_pp, s_dp, s_tp = self._strides
+        return pp * s_pp + dp * s_dp + tp * s_tp
 
     def _devices_along(self, axis: str, coords: dict[str, int]) -> tuple[int, ...]:
         out = []

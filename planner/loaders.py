@@ -11,23 +11,46 @@ from pydantic import BaseModel, ValidationError
 
 from planner.errors import InputError, first_pydantic_error
 from planner.hf_config import is_hf_config, model_from_hf_config, validated
+from planner.limits import check_option, check_spec, check_world
 from planner.presets import PRESETS
 from planner.specs import ClusterSpec, ModelSpec
 
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster_specs"
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # libyaml when present: 10x faster
+MAX_FILE_BYTES = 256 * 2 ** 20     # a profiled 1,024-GPU cluster file (two 1024 x 1024 link matrices) is ~40 MB
+
+
+def is_file(path: Path) -> bool:
+    """Whether `path` names a regular file; False for names the OS cannot even look up (too long, ...)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def read_data_file(path: Path, field: str) -> dict[str, Any]:
     """Parse a YAML or JSON file into a mapping."""
-    if not path.is_file():
+    if not is_file(path):
         raise InputError(f"no such file '{path}'", field=field)
     try:
-        text = path.read_text()
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise InputError(f"'{path}' is larger than {MAX_FILE_BYTES // 2 ** 20} MiB", field=field)
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise InputError(f"cannot read '{path}': {exc.strerror}", field=field) from None
+    except UnicodeDecodeError:
+        raise InputError(f"'{path}' is not a UTF-8 text file", field=field) from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_YAML_LOADER)
+    except RecursionError:
+        raise InputError(f"'{path}' is nested too deeply", field=field) from None
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         line = getattr(exc, "lineno", None) or getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + (0 if path.suffix == '.json' else 1)})" if line is not None else ""
@@ -39,10 +62,15 @@ def read_data_file(path: Path, field: str) -> dict[str, Any]:
 
 
 def parse_spec(cls: type[BaseModel], data: dict[str, Any], source: str):
+    """`data` validated as `cls`, every number within its range (planner.limits); else one InputError."""
     try:
-        return cls.model_validate(data)
+        spec = cls.model_validate(data)
     except ValidationError as exc:
         raise first_pydantic_error(exc, source) from None
+    except RecursionError:
+        raise InputError("nested too deeply", field=source) from None
+    check_spec(spec, source)
+    return spec
 
 
 def load_versioned(path: str | Path, field: str, cls: type[BaseModel], version: int, kind: str | None = None,
@@ -63,7 +91,7 @@ def load_model(arg: str) -> ModelSpec:
     if arg in PRESETS:
         return PRESETS[arg]
     path = Path(arg)
-    if not path.exists():
+    if not exists(path):
         raise InputError(f"'{arg}' is neither a preset ({', '.join(PRESETS)}) nor an existing file",
                          field="--model")
     data = read_data_file(path, "--model")
@@ -78,14 +106,15 @@ def cluster_names() -> list[str]:
 
 def load_cluster(arg: str, nodes: int | None = None, gpus_per_node: int | None = None) -> ClusterSpec:
     """A name from cluster_specs/ or a YAML/JSON cluster file; `nodes`/`gpus_per_node` override the counts."""
-    for bad, name in ((nodes, "--nodes"), (gpus_per_node, "--gpus-per-node")):
-        if bad is not None and bad < 1:
-            raise InputError(f"must be >= 1 (got {bad})", field=name)
+    check_option(nodes, "--nodes")
+    check_option(gpus_per_node, "--gpus-per-node")
     path = CLUSTER_DIR / f"{arg}.yaml"
-    if not path.is_file():
+    if "/" in arg or not is_file(path):
         path = Path(arg)
-        if not path.exists():
+        if not exists(path):
             raise InputError(f"'{arg}' is neither a built-in cluster ({', '.join(cluster_names())}) "
                              f"nor an existing file", field="--cluster")
     spec = parse_spec(ClusterSpec, read_data_file(path, "--cluster"), str(path))
-    return spec.resized(nodes, gpus_per_node)
+    resized = spec.resized(nodes, gpus_per_node)
+    check_world(resized.num_nodes, resized.gpus_per_node, "--nodes" if nodes else "--gpus-per-node")
+    return resized

@@ -34,6 +34,9 @@ class StageMemory(_Out):
 class MemoryBreakdown(_Out):
     capacity_bytes: int = Field(description="Device memory.")
     usable_bytes: int = Field(description="capacity minus bytes outside the allocator (context, NCCL).")
+    headroom: float = Field(0.0, description="Fraction of usable_bytes kept free (--memory-headroom).")
+    budget_bytes: int | None = Field(None, description="usable_bytes * (1 - headroom): what the fullest GPU may "
+                                                       "reserve in a feasible plan.")
     stages: list[StageMemory]
 
 
@@ -60,7 +63,7 @@ class Predicted(_Out):
     hardware_tflops_per_gpu: float = Field(description="TFLOP/s per GPU including recomputation.")
     peak_memory_bytes: int = Field(description="Bytes held by tensors on the fullest GPU (max allocated).")
     peak_reserved_bytes: int = Field(description="peak_memory_bytes plus the allocator margin; feasibility "
-                                                 "compares it with usable_bytes.")
+                                                 "compares it with memory.budget_bytes.")
     critical_stage: int = Field(description="Pipeline stage that sets the steady state.")
     binding: str = Field(description="What limits this configuration, in words.")
     memory: MemoryBreakdown

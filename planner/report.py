@@ -43,11 +43,11 @@ def summary_table(pred: Prediction) -> Table:
     t.add_row("throughput", f"{p.tokens_per_s:,.0f} tokens/s")
     t.add_row("MFU", f"[bold]{p.mfu:.1%}[/]  ({p.tflops_per_gpu:.1f} model TFLOP/s per GPU, "
                      f"{p.hardware_tflops_per_gpu:.1f} with recompute; FLOPs of the active parameters)")
-    usable = p.memory.usable_bytes
+    usable, budget = p.memory.usable_bytes, p.memory.budget_bytes or p.memory.usable_bytes
     fullest = max(p.memory.stages, key=lambda s: s.reserved)
     t.add_row("peak memory", f"{p.peak_memory_bytes / GIB:.2f} GiB allocated, {p.peak_reserved_bytes / GIB:.2f} "
-                             f"GiB reserved of {usable / GIB:.1f} GiB usable (stage {fullest.stage}, in the "
-                             f"{fullest.peak_phase})")
+                             f"GiB reserved of a {budget / GIB:.1f} GiB budget ({usable / GIB:.1f} GiB usable less "
+                             f"{p.memory.headroom:.0%} headroom; stage {fullest.stage}, in the {fullest.peak_phase})")
     t.add_row("binds", p.binding)
     if pred.predicted.sources:
         t.add_row("sources", ", ".join(f"{k}: {v}" for k, v in pred.predicted.sources.items()))
@@ -85,12 +85,12 @@ def memory_table(pred: Prediction, max_rows: int = 12) -> Table:
     for col in ("stage", "layers", "params", "grads", "optimizer", "activations", "other", "total", "reserved",
                 "peaks in"):
         t.add_column(col, justify="right")
-    usable = pred.predicted.memory.usable_bytes
+    budget = pred.predicted.memory.budget_bytes or pred.predicted.memory.usable_bytes
     shown = stages if len(stages) <= max_rows else stages[:max_rows // 2] + stages[-max_rows // 2:]
     for i, s in enumerate(shown):
         if len(stages) > max_rows and i == max_rows // 2:
             t.add_row("...", *[""] * 9)
-        style = "red" if s.reserved > usable else ""
+        style = "red" if s.reserved > budget else ""
         t.add_row(str(s.stage), str(s.layers), *(f"{getattr(s, k) / GIB:.2f}" for k in
                   ("params", "grads", "optimizer", "activations", "other", "total", "reserved")), s.peak_phase,
                   style=style)
@@ -130,10 +130,19 @@ def plan_table(preds: list[Prediction], title: str) -> Table:
 
 
 def runner_up_reasons(preds: list[Prediction]) -> list[str]:
-    """One line per runner-up: how much slower than the winner, and where the time went."""
-    best = preds[0].predicted.step_time_s
-    return [f"#{i}: +{p.predicted.step_time_s / best - 1:.2%} step time: {why_slower(preds[0], p)}"
-            for i, p in enumerate(preds[1:], 2)]
+    """One line per runner-up: how much slower than the winner and where the time went, or, for a step time
+    that ties with the winner's (within 1%), how much less headroom it leaves."""
+    best = preds[0].predicted
+    lines = []
+    for i, p in enumerate(preds[1:], 2):
+        q = p.predicted
+        change = f"{q.step_time_s / best.step_time_s - 1:+.2%} step time"
+        if q.step_time_s <= best.step_time_s * 1.01:
+            extra = (q.peak_reserved_bytes - best.peak_reserved_bytes) / GIB
+            lines.append(f"#{i}: {change}, a tie within 1%: holds {extra:.2f} GiB more, less headroom")
+        else:
+            lines.append(f"#{i}: {change}: {why_slower(preds[0], p)}")
+    return lines
 
 
 def render_plan(console: Console, model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,

@@ -55,6 +55,9 @@ class ModelSpec(_Spec):
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.kv_heads}")
+        if self.position_embedding == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE rotates pairs of channels: head_dim {self.head_dim} (hidden_size / num_heads) "
+                             f"must be even")
         return self
 
     @property

@@ -2,19 +2,47 @@
 
 from __future__ import annotations
 
+import math
+
 from planner.errors import InputError
 from planner.specs import ClusterSpec, ModelSpec, ParallelConfig, TrainingSpec
 
 
+def prime_factors(n: int) -> dict[int, int]:
+    """{prime: exponent} of n >= 1 by trial division up to sqrt(n): at most ~sqrt(n)/2 divisions, about 3,000
+    for the largest number meshplan accepts (planner.limits), however many divisors n has."""
+    out: dict[int, int] = {}
+    for p in (2, 3):
+        while n % p == 0:
+            out[p] = out.get(p, 0) + 1
+            n //= p
+    p = 5
+    while p * p <= n:                      # candidates 6k - 1 and 6k + 1
+        for q in (p, p + 2):
+            while n % q == 0:
+                out[q] = out.get(q, 0) + 1
+                n //= q
+        p += 6
+    if n > 1:
+        out[n] = out.get(n, 0) + 1
+    return out
+
+
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """The divisors of n >= 1 in increasing order, built from its prime factorisation (time grows with the
+    number of divisors, not with n)."""
+    out = [1]
+    for p, k in prime_factors(n).items():
+        out = [d * p ** e for d in out for e in range(k + 1)]
+    return sorted(out)
 
 
 def tp_shards(model: ModelSpec, tp: int) -> str | None:
     """Why a tensor-parallel degree cannot split this model's layers evenly (None when it can): it must divide
-    heads, kv heads, MLP width and vocabulary (the runtime shards all four; Megatron pads the vocabulary)."""
+    heads, kv heads and the MLP width, which the runtime shards evenly (Megatron-LM asserts the same); the
+    vocabulary is padded instead (planner.cost.params.padded_vocab_size)."""
     for name, value in (("num_heads", model.num_heads), ("num_kv_heads", model.kv_heads),
-                        ("ffn_hidden_size", model.ffn_size), ("vocab_size", model.vocab_size)):
+                        ("ffn_hidden_size", model.ffn_size)):
         if value % tp:
             return f"tp {tp} does not divide {name} {value}"
     return None
@@ -39,15 +67,20 @@ def check_engine(engine, training: TrainingSpec, cfg: ParallelConfig, model: Mod
                              f"{model.vocab_size}", field="--tp")
 
 
+def valid_tp(model: ModelSpec, gpus: int | None = None) -> list[int]:
+    """Every tensor-parallel degree that shards this model (and divides `gpus` when given)."""
+    common = math.gcd(model.kv_heads, model.ffn_size)      # kv heads divide heads
+    return divisors(math.gcd(common, gpus) if gpus else common)
+
+
 def check_config(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, cfg: ParallelConfig,
                  engine=None) -> None:
     """Raise InputError naming the offending field and the valid choices."""
     if engine is not None:
         check_engine(engine, training, cfg, model)
-    if model.num_heads % cfg.tp or model.kv_heads % cfg.tp:
-        common = [d for d in divisors(model.kv_heads) if model.num_heads % d == 0]
-        raise InputError(f"tp {cfg.tp} must divide num_heads {model.num_heads} and num_kv_heads "
-                         f"{model.kv_heads} (valid: {', '.join(map(str, common))})", field="--tp")
+    why = tp_shards(model, cfg.tp)
+    if why:
+        raise InputError(f"{why} (valid tp: {', '.join(map(str, valid_tp(model)))})", field="--tp")
     gpus = cluster.world_size
     if cfg.num_gpus != gpus:
         raise InputError(f"tp*pp*dp = {cfg.tp}*{cfg.pp}*{cfg.dp} = {cfg.num_gpus} but the cluster has {gpus} "
@@ -57,7 +90,7 @@ def check_config(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
                          f"tp*pp = {cfg.tp * cfg.pp} does not divide the cluster's {gpus} GPUs",
                          field="--dp")
     if training.global_batch % (cfg.dp * cfg.mbs):
-        valid = [b for b in divisors(training.global_batch) if (training.global_batch // b) % cfg.dp == 0]
+        valid = divisors(training.global_batch // cfg.dp) if training.global_batch % cfg.dp == 0 else []
         raise InputError(f"global batch {training.global_batch} is not divisible by dp*mbs = {cfg.dp}*{cfg.mbs}"
                          f" (valid mbs for dp {cfg.dp}: {', '.join(map(str, valid)) or 'none'})", field="--mbs")
     m = cfg.microbatches(training.global_batch)

@@ -17,6 +17,8 @@ from typing import Optional, get_args
 import typer
 
 from planner.errors import InputError
+from planner.limits import check_option
+from planner.outputs import check_new_output
 from planner.specs import Optimizer, Precision, Recompute
 
 profile_app = typer.Typer(help="Measure per-layer costs and links on the real devices.", no_args_is_help=True)
@@ -30,9 +32,11 @@ def _int_list(text: str, field: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise InputError(f"'{text}' is not a comma-separated list of integers", field=field) from None
+        raise InputError(f"'{text[:60]}' is not a comma-separated list of integers", field=field) from None
     if not values or any(v < 1 for v in values):
-        raise InputError(f"'{text}' must list integers >= 1", field=field)
+        raise InputError(f"'{text[:60]}' must list integers >= 1", field=field)
+    for value in values:
+        check_option(value, field)
     return sorted(set(values))
 
 
@@ -72,6 +76,9 @@ def profile_model(
     from profiler.io import check_output
     from profiler.model import is_incomplete_profile, profile_model as run
 
+    for value, field in ((seq, "--seq"), (reps, "--reps"), (warmup, "--warmup"), (timeout, "--timeout"),
+                         (threads, "--threads")):
+        check_option(value, field)
     spec = load_model(model)
     # an output marked incomplete is not overwritten but completed: the rerun resumes it
     check_output(output, force or is_incomplete_profile(output), "--output", (".json",))
@@ -83,18 +90,9 @@ def profile_model(
     bad = [m for m in modes if m not in RECOMPUTE]
     if not modes or bad:
         raise InputError(f"'{recompute}' must list modes from {', '.join(RECOMPUTE)}", field="--recompute")
-    if seq < 1:
-        raise InputError(f"must be >= 1 (got {seq})", field="--seq")
     if spec.position_embedding == "learned" and seq > spec.max_position_embeddings:
         raise InputError(f"{seq} exceeds the model's max_position_embeddings {spec.max_position_embeddings} "
                          f"(learned positions)", field="--seq")
-    for value, field in ((reps, "--reps"), (timeout, "--timeout")):
-        if value <= 0:
-            raise InputError(f"must be > 0 (got {value})", field=field)
-    if warmup < 0:
-        raise InputError(f"must be >= 0 (got {warmup})", field="--warmup")
-    if threads is not None and threads < 1:
-        raise InputError(f"must be >= 1 (got {threads})", field="--threads")
     if tp is None:
         tps = [t for t in (1, 2, 4, 8) if tp_shards(spec, t) is None]
     else:
@@ -141,10 +139,16 @@ def profile_cluster(
     from profiler.errors import ProfileFailed
     from profiler.io import check_output, partial_path
 
+    for value, field in ((nproc, "--nproc"), (reps, "--reps"), (timeout, "--timeout"),
+                         (collective_timeout, "--collective-timeout")):
+        check_option(value, field)
     check_output(output, force, "--output")
+    if raw is not None:
+        check_new_output(raw, force, "--raw")
     for text, minimum, field in ((p2p_sizes, 3, "--p2p-sizes"), (collective_sizes, 1, "--collective-sizes")):
         try:
-            parse_sizes(text, minimum, field)
+            for size in parse_sizes(text, minimum, field) or ():
+                check_option(size, field)
         except ValueError as exc:
             raise InputError(str(exc).split(": ", 1)[1], field=field) from None
     if nproc is None:
@@ -155,11 +159,6 @@ def profile_cluster(
                              field="--nproc")
     if nproc < 2:
         raise InputError(f"needs at least 2 processes (got {nproc})", field="--nproc")
-    if reps < 1:
-        raise InputError(f"must be >= 1 (got {reps})", field="--reps")
-    for value, field in ((timeout, "--timeout"), (collective_timeout, "--collective-timeout")):
-        if value <= 0:
-            raise InputError(f"must be > 0 (got {value})", field=field)
 
     if not force:
         known = {"world_size": nproc, "gpus_per_node": nproc, "reps": reps}

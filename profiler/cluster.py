@@ -48,8 +48,8 @@ def parse_sizes(text: str | None, minimum: int, what: str) -> list[int] | None:
         return None
     try:
         sizes = sorted({parse_size(s) for s in text.split(",") if s.strip()})
-    except ValueError:
-        raise ValueError(f"{what}: '{text}' is not a comma-separated list of sizes like 4K,1M,32M") from None
+    except (ValueError, OverflowError):
+        raise ValueError(f"{what}: '{text[:60]}' is not a comma-separated list of sizes like 4K,1M,32M") from None
     if len(sizes) < minimum:
         raise ValueError(f"{what}: give at least {minimum} different sizes (got {text})")
     return sizes

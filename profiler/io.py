@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from planner.errors import InputError
+from planner.outputs import check_new_output
 
 RAW_KIND = "cluster_profile_raw"
 RAW_SCHEMA_VERSION = 1
@@ -29,11 +30,7 @@ def check_output(path: Path, force: bool, field: str = "--output", suffixes: tup
     names no format this writer knows."""
     if path.suffix.lower() not in suffixes:
         raise InputError(f"'{path}' must end in {' or '.join(suffixes)}", field=field)
-    if path.exists() and not force:
-        raise InputError(f"'{path}' exists; pass --force to overwrite it", field=field)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"directory '{parent}' does not exist", field=field)
+    check_new_output(path, force, field)
 
 
 def partial_path(output: Path) -> Path:

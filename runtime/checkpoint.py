@@ -1,4 +1,4 @@
-"""Distributed checkpoints with `torch.distributed.checkpoint` (DCP), written atomically.
+"""Distributed checkpoints with `torch.distributed.checkpoint` (DCP), written atomically and verified on resume.
 
 Layout of a checkpoint directory D:
     D/step_00000042/          one complete checkpoint (DCP shards + .metadata, and meshplan.json)
@@ -7,9 +7,14 @@ Layout of a checkpoint directory D:
 
 Parameters and optimizer state are saved by their names in the whole model (`RankModel`), each rank
 writing only its shards; each rank's RNG state is saved under its own key so dropout continues exactly.
-`meshplan.json` holds the step, the loss curve so far and a fingerprint of what must not change on
-resume (model, batch, parallel config, seed, optimizer); it is plain JSON so `meshplan run --resume`
-can check it before starting any process.
+`meshplan.json` holds the step, the loss curve so far, a fingerprint of what must not change on resume
+(model, batch, parallel config, seed, optimizer) and the size and SHA-256 of every file of the checkpoint;
+it is plain JSON so `meshplan run --resume` can check it before starting any process. A checkpoint whose
+files do not match (truncated, corrupted, missing) is refused with a line naming it, and the newest intact
+one is used instead.
+
+A save that fails on any rank (disk full, permission) removes what it wrote, leaves the earlier checkpoints
+as they were and says which one is still the newest usable; training goes on.
 
 A new run (no --resume) that would save into a directory holding complete checkpoints is refused
 (runtime.checks), unless --force, which deletes the step directories (and nothing else there) first.
@@ -53,18 +58,23 @@ def step_dir(root: str | Path, step: int) -> Path:
 
 
 def latest(root: str | Path) -> tuple[int, Path] | None:
-    """The newest complete checkpoint under `root` as (step, path), or None."""
-    best = None
+    """The newest complete checkpoint under `root` as (step, path), or None (not checked for damage)."""
+    found = complete(root)
+    return found[0] if found else None
+
+
+def complete(root: str | Path) -> list[tuple[int, Path]]:
+    """Every complete checkpoint under `root` (a step directory with DCP metadata and meshplan.json), newest
+    first."""
     p = Path(root)
     if not p.is_dir():
-        return None
+        return []
+    out = []
     for child in p.iterdir():
         m = STEP_DIR.match(child.name)
         if m and child.is_dir() and (child / INFO_FILE).is_file() and (child / ".metadata").is_file():
-            step = int(m.group(1))
-            if best is None or step > best[0]:
-                best = (step, child)
-    return best
+            out.append((int(m.group(1)), child))
+    return sorted(out, reverse=True)
 
 
 def clear(root: str | Path) -> None:
@@ -78,26 +88,83 @@ def clear(root: str | Path) -> None:
 
 def read_info(path: Path) -> dict:
     try:
-        return json.loads((path / INFO_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        info = json.loads((path / INFO_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"checkpoint '{path}' has no readable {INFO_FILE} ({exc})", field="--resume") from None
+    if not isinstance(info, dict):
+        raise InputError(f"checkpoint '{path}' has no readable {INFO_FILE}", field="--resume")
+    return info
 
 
-def check_resumable(root: str | Path, expected_fingerprint: str, steps: int) -> tuple[int, Path]:
-    """The checkpoint `--resume` continues from; InputError if there is none, if it was written for
-    another plan / seed / learning rate / data, or if it is already at or past `steps`."""
-    found = latest(root)
-    if found is None:
-        raise InputError(f"no complete checkpoint in '{root}' to resume from", field="--resume")
-    step, path = found
-    info = read_info(path)
-    if info.get("fingerprint") != expected_fingerprint:
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def damage(path: Path, verify_contents: bool = True) -> str | None:
+    """Why the checkpoint at `path` cannot be trusted (None when intact): an unreadable meshplan.json, or a
+    file missing or of another size (truncated) than when it was saved, or, with `verify_contents`, of
+    other contents (SHA-256). Checkpoints written before meshplan recorded their files pass unchecked."""
+    try:
+        info = read_info(path)
+    except InputError:
+        return f"its {INFO_FILE} is unreadable"
+    files = info.get("files")
+    if files is None:
+        return None
+    if not isinstance(files, dict):
+        return f"its {INFO_FILE} lists no files"
+    for name, entry in sorted(files.items()):
+        f = path / name
+        try:
+            size, digest = int(entry[0]), str(entry[1])
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != size:
+                return f"{name} has {f.stat().st_size:,} bytes, {size:,} when saved (truncated)"
+            if verify_contents and sha256(f) != digest:
+                return f"{name} does not have the contents it was saved with (corrupted)"
+        except (OSError, TypeError, ValueError, IndexError) as exc:
+            return f"{name} cannot be checked ({exc})"
+    return None
+
+
+def check_checkpoint(path: Path, expected_fingerprint: str, steps: int,
+                     verify_contents: bool = True) -> tuple[int, Path]:
+    """(step, path) of a checkpoint `--resume` may continue from; InputError if it is damaged, was written
+    for another plan / seed / learning rate / data, or is already at or past `steps`."""
+    m = STEP_DIR.match(path.name)
+    why = damage(path, verify_contents) if m else "not a checkpoint directory"
+    if why:
+        raise InputError(f"checkpoint '{path}' is damaged: {why}", field="--resume")
+    if read_info(path).get("fingerprint") != expected_fingerprint:
         raise InputError(f"checkpoint '{path}' was written for a different plan, seed, learning rate or data "
                          f"file; it cannot be resumed exactly", field="--resume")
+    step = int(m.group(1))
     if step >= steps:
         raise InputError(f"checkpoint '{path}' is at step {step}; --steps {steps} leaves nothing to run",
                          field="--steps")
     return step, path
+
+
+def check_resumable(root: str | Path, expected_fingerprint: str, steps: int,
+                    verify_contents: bool = True) -> tuple[tuple[int, Path], list[str]]:
+    """The checkpoint `--resume` continues from, the newest intact one, and a line for each newer damaged
+    one it passed over; InputError if there is none, or if the newest intact one was written for another
+    plan / seed / learning rate / data, or is already at or past `steps`."""
+    skipped = []
+    for _, path in complete(root):
+        why = damage(path, verify_contents)
+        if why:
+            skipped.append(f"checkpoint '{path}' is damaged ({why}); not used")
+            continue
+        return check_checkpoint(path, expected_fingerprint, steps, verify_contents=False), skipped
+    if skipped:
+        raise InputError(f"no intact checkpoint in '{root}' to resume from ({'; '.join(skipped)})", field="--resume")
+    raise InputError(f"no complete checkpoint in '{root}' to resume from", field="--resume")
 
 
 def _options():
@@ -117,28 +184,110 @@ def _state(model, optimizer, rank: int):
     return state
 
 
-def save(root: str | Path, step: int, model, optimizer, info: dict, rank: int) -> Path:
-    """Collective: every rank writes its shards into D/step_N.partial, then rank 0 adds meshplan.json and
-    renames the directory to D/step_N. Returns the final path."""
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _writer(path: Path, fail_with: int | None):
+    """DCP's file-system writer (fsyncing each file); with `fail_with`, one whose writes fail with that errno
+    (the disk-full testing hook), raised where a real write error would be."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    if fail_with is None:
+        return FileSystemWriter(str(path))
+
+    class FailingWriter(FileSystemWriter):
+        def write_data(self, plan, planner):
+            raise OSError(fail_with, os.strerror(fail_with), str(path))
+
+    return FailingWriter(str(path))
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an exception, the failing rank's own one for DCP's CheckpointException."""
+    failures = getattr(exc, "failures", None)
+    if failures:
+        rank, (inner, _) = next(iter(sorted(failures.items())))
+        return f"rank {rank}: {type(inner).__name__}: {inner}"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _first_error(error: str, rank: int) -> str:
+    """Collective: the first rank's error (as 'rank R: ...'), or '' when no rank has one."""
+    import torch.distributed as dist
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (rank, error))
+    for r, e in everyone:
+        if e:
+            return e if e.startswith("rank ") else f"rank {r}: {e}"
+    return ""
+
+
+def save(root: str | Path, step: int, model, optimizer, info: dict, rank: int,
+         fail_with: int | None = None) -> tuple[Path | None, str]:
+    """Collective: every rank writes its shards into D/step_N.partial, the ranks hash the files between
+    them, then rank 0 adds meshplan.json (with every file's size and SHA-256), fsyncs it and renames the
+    directory to D/step_N. Returns (the final path, ""), or (None, why) when any rank failed: then the
+    partial directory is removed, the earlier checkpoints are untouched, and `why` names the failing rank,
+    its error and the newest checkpoint still usable. `fail_with`: an errno this rank's writes fail with."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".partial")
+    error = ""
     if rank == 0:
-        Path(root).mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)                  # left by a run killed while saving
-    dist.barrier()
-    dcp.save(_state(model, optimizer, rank), checkpoint_id=str(tmp))
-    dist.barrier()
-    if rank == 0:
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    dist.barrier()
-    return final
+        try:
+            Path(root).mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)                  # left by a run killed while saving
+        except OSError as exc:
+            error = _describe(exc)
+    failed = _first_error(error, rank)
+    if not failed:
+        try:        # DCP gathers every rank's write errors and raises them on all ranks
+            dcp.save(_state(model, optimizer, rank), storage_writer=_writer(tmp, fail_with))
+        except (Exception, CheckpointException) as exc:
+            error = _describe(exc)
+        failed = _first_error(error, rank)
+    if not failed:
+        files, error = {}, ""
+        try:
+            names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+            world = dist.get_world_size()
+            files = {n: (tmp.joinpath(n).stat().st_size, sha256(tmp / n)) for n in names[rank::world]}
+        except OSError as exc:
+            error = _describe(exc)
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, (error, files))
+        error = next((e for e, _ in shares if e), "")
+        if rank == 0 and not error:
+            try:
+                manifest = {n: entry for _, share in shares for n, entry in share.items()}
+                with open(tmp / INFO_FILE, "w") as f:
+                    f.write(json.dumps({**info, "files": manifest}, indent=1))
+                    f.flush()
+                    os.fsync(f.fileno())
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(Path(root))
+            except OSError as exc:
+                error = _describe(exc)
+        failed = _first_error(error, rank)
+    if failed:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        newest = latest(root)
+        dist.barrier()
+        still = f"'{newest[1]}' is still the newest usable checkpoint" if newest else "there is no checkpoint yet"
+        return None, f"the checkpoint of step {step} was not saved ({failed}); {still}"
+    return final, ""
 
 
 def load(path: str | Path, model, optimizer, rank: int) -> dict:

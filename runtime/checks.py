@@ -7,8 +7,10 @@ Each check raises `planner.errors.InputError` (one line naming the field; exit 2
 from __future__ import annotations
 
 from planner.errors import InputError
+from planner.limits import check_option
+from planner.outputs import check_writable_dir
 from planner.plan import Plan
-from planner.validate import check_config, tp_shards
+from planner.validate import check_config
 from runtime import checkpoint as ckpt
 from runtime.data import check_data_file
 
@@ -59,9 +61,6 @@ def check_run(plan: Plan, world_size: int, args) -> None:
         raise InputError(f"the plan is for {plan.world_size} processes (tp {cfg.tp} x pp {cfg.pp} x dp {cfg.dp}) "
                          f"but {world_size} were started", field="plan")
     check_config(plan.model, plan.cluster, plan.training, cfg)
-    why = tp_shards(plan.model, cfg.tp)
-    if why:
-        raise InputError(why, field="plan.config.tp")
     if not cfg.layers_per_stage or len(cfg.layers_per_stage) != cfg.pp * cfg.vpp:
         raise InputError("the plan has no layers_per_stage with pp*vpp entries", field="plan.config")
     if cfg.num_microbatches != cfg.microbatches(plan.training.global_batch):
@@ -71,14 +70,16 @@ def check_run(plan: Plan, world_size: int, args) -> None:
         raise InputError(f"1F1B needs at least as many micro-batches ({cfg.num_microbatches}) as stages "
                          f"({cfg.pp})", field="plan.config")
     rank_grid(plan)
-    if args.steps < 1:
-        raise InputError(f"must be >= 1 (got {args.steps})", field="--steps")
-    if args.checkpoint_every < 0:
-        raise InputError(f"must be >= 0 (got {args.checkpoint_every})", field="--checkpoint-every")
+    for value, field in ((args.steps, "--steps"), (args.checkpoint_every, "--checkpoint-every"),
+                         (args.seed, "--seed"), (args.lr, "--lr")):
+        check_option(value, field)
     if (args.checkpoint_every or args.resume) and not args.checkpoint_dir:
         raise InputError("needs --checkpoint-dir", field="--checkpoint-every" if args.checkpoint_every else "--resume")
+    if args.checkpoint_every:
+        check_writable_dir(args.checkpoint_dir, "--checkpoint-dir", create=True)
     if args.checkpoint_every and not (args.resume or args.force) and ckpt.latest(args.checkpoint_dir) is not None:
         raise InputError(f"'{args.checkpoint_dir}' holds checkpoints of an earlier run; pass --resume to continue "
                          f"it or --force to start over", field="--checkpoint-dir")
     if args.data is not None:
         check_data_file(args.data, args.data_dtype, plan.training.seq_len, plan.model.vocab_size)
+

@@ -19,15 +19,18 @@ from runtime.train import DEFAULT_LR, DEFAULT_SEED, DEFAULT_STEPS, parse_args
 
 def run_command(
     plan: Path = typer.Argument(..., help="Plan file from `meshplan estimate -o` or `meshplan plan -o`."),
-    steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="Optimizer steps (with --resume: the step to reach)."),
-    seed: int = typer.Option(DEFAULT_SEED, "--seed", help="Seed of the initial weights, the data and dropout."),
-    lr: float = typer.Option(DEFAULT_LR, "--lr", help="Learning rate (constant)."),
+    steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="Optimizer steps (with --resume: the step to reach; "
+                                                             "1-10,000,000)."),
+    seed: int = typer.Option(DEFAULT_SEED, "--seed", help="Seed of the initial weights, the data and dropout "
+                                                          "(0-4,294,967,295)."),
+    lr: float = typer.Option(DEFAULT_LR, "--lr", help="Learning rate (constant; 0-10)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Flat binary file of token ids (nanoGPT / "
                                                             "Megatron .bin); default: synthetic tokens."),
     data_dtype: str = typer.Option("uint16", "--data-dtype", help="Token id type of --data: uint16 | uint32."),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Where checkpoints go."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Save every K steps (0: never)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --checkpoint-dir."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest intact checkpoint in "
+                                                        "--checkpoint-dir (damaged ones are named and skipped)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the run report (JSON) here."),
     html: Optional[Path] = typer.Option(None, "--html", help="Also draw the plan and the run as a self-contained "
                                                              "HTML page (as `meshplan report` does)."),
@@ -48,8 +51,11 @@ def run_command(
     Example: meshplan run plan.json --steps 20 --report run.json
     """
     from rich.console import Console
+    from rich.markup import escape
 
     from planner.errors import InputError
+    from planner.limits import check_option
+    from planner.outputs import check_new_output
     from planner.plan import load_plan
     from runtime import checkpoint as ckpt
     from runtime.checks import check_run
@@ -57,12 +63,12 @@ def run_command(
 
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
+    for value, field in ((steps, "--steps"), (seed, "--seed"), (lr, "--lr"), (checkpoint_every, "--checkpoint-every"),
+                         (nnodes, "--nnodes"), (node_rank, "--node-rank"), (nproc_per_node, "--nproc-per-node")):
+        check_option(value, field)
     p = load_plan(plan)
     nodes = nnodes if nnodes is not None else p.cluster.num_nodes
     per_node = nproc_per_node if nproc_per_node is not None else p.cluster.gpus_per_node
-    for value, field in ((nodes, "--nnodes"), (per_node, "--nproc-per-node")):
-        if value < 1:
-            raise InputError(f"must be >= 1 (got {value})", field=field)
     parse_endpoint(rdzv_endpoint)
     if data_dtype not in ("uint16", "uint32"):
         raise InputError(f"'{data_dtype}' is not one of uint16, uint32", field="--data-dtype")
@@ -80,14 +86,16 @@ def run_command(
     args = parse_args(train_args)          # what every rank will read
     check_run(p, nodes * per_node, args)
     if not p.feasible:
-        err.print(f"[yellow]warning:[/] the plan is predicted not to fit: {p.reason}")
+        err.print(f"[yellow]warning:[/] the plan is predicted not to fit: {escape(p.reason)}")
     if resume:
-        ckpt.check_resumable(args.checkpoint_dir, ckpt.fingerprint(p, seed, lr, args.data), steps)
+        (_, resume_path), skipped = ckpt.check_resumable(args.checkpoint_dir, ckpt.fingerprint(p, seed, lr, args.data),
+                                                         steps)
+        for line in skipped:
+            err.print(f"[yellow]warning:[/] {escape(line)}; resuming from '{escape(str(resume_path))}'",
+                      soft_wrap=True)
+        train_args += ["--resume-from", str(resume_path)]
     if report is not None:
-        if report.exists() and not force:
-            raise InputError(f"'{report}' exists; pass --force to overwrite it", field="--report")
-        if not report.resolve().parent.is_dir():
-            raise InputError(f"directory '{report.parent}' does not exist", field="--report")
+        check_new_output(report, force, "--report")
     if html is not None:
         from planner.html_report.command import check_output
         if print_command:
@@ -116,7 +124,7 @@ def run_command(
         report_path = report.resolve() if report is not None else job_dir / "report.json"
         train_args += ["--report", str(report_path), "--job-dir", str(job_dir), "--progress-protocol"]
         cmd = torchrun_command(train_args, per_node, log_dir=str(job_dir / "logs"))
-        err.print(f"launching {per_node} processes: {format_command(cmd)}", soft_wrap=True)
+        err.print(f"launching {per_node} processes: {format_command(cmd)}", soft_wrap=True, markup=False)
         launch = Launch(cmd, job_dir, err)
         rc = launch.run()
         if rc != 0:
@@ -124,7 +132,7 @@ def run_command(
             if failure.kind == "input":
                 raise InputError(failure.message)
             who = f"rank {failure.rank}" if failure.rank is not None else "a rank"
-            err.print(f"[red]error:[/] {who} failed: {failure.message}", soft_wrap=True)
+            err.print(f"[red]error:[/] {who} failed: {escape(failure.message)}", soft_wrap=True)
             raise typer.Exit(1)
         if not report_path.is_file():
             err.print("[red]error:[/] the ranks finished but rank 0 wrote no report")

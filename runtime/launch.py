@@ -1,6 +1,8 @@
 """Start the ranks with torchrun (`python -m torch.distributed.run`, the interpreter running meshplan) and
 follow them: a progress bar from rank 0's progress lines, the ranks' stderr passed through with their rank
-prefixed, and on failure the rank that failed first and its last error line.
+prefixed, and on failure the rank that failed first and its last error line. torchrun dies with this
+process (SIGTERM, runtime.process), and the ranks with torchrun, so killing `meshplan run` in any way leaves
+no process behind.
 
 No torch import here: the parent process only launches and watches.
 """
@@ -11,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -19,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from planner.errors import InputError
+from runtime.process import child_dies_with_us
 from runtime.train import PROGRESS_PREFIX
 
 TRAIN_MODULE = "runtime.train"
 RANK_PREFIX = re.compile(r"^\[[^\]]*?(\d+)\]:(.*)$")          # torchrun --tee: "[default3]:text"
-SUMMARY_RANK = re.compile(r"rank\s*:\s*(\d+)")
-SUMMARY_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)")
+SUMMARY_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")            # torchrun's failure summary, one entry per rank
+SUMMARY_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+SUMMARY_ROOT = "Root Cause"
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
@@ -89,7 +94,7 @@ class Launch:
             m = RANK_PREFIX.match(line)
             if m and m.group(2).strip():
                 self.rank_last[int(m.group(1))] = m.group(2).strip()
-            progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            progress.console.print(line, markup=False, highlight=False, emoji=False, soft_wrap=True)
 
     def run(self) -> int:
         """Run to completion; returns torchrun's exit status."""
@@ -101,7 +106,7 @@ class Launch:
         task = None
         with progress:
             proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    bufsize=1, env=self.env)
+                                    bufsize=1, env=self.env, preexec_fn=child_dies_with_us(signal.SIGTERM))
             pump = threading.Thread(target=self._pump_stderr, args=(proc.stderr, progress), daemon=True)
             pump.start()
             try:
@@ -115,7 +120,7 @@ class Launch:
                         progress.update(task, completed=info["step"],
                                         info=f"loss {info['loss']:.4f}  {info['step_time_s'] * 1e3:,.0f} ms/step")
                     else:
-                        progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+                        progress.console.print(line, markup=False, highlight=False, emoji=False, soft_wrap=True)
                 rc = proc.wait()
             except KeyboardInterrupt:
                 proc.terminate()
@@ -124,31 +129,56 @@ class Launch:
             pump.join(timeout=5)
         return rc
 
+    def exit_codes(self) -> tuple[dict[int, int], int | None]:
+        """({rank: exit code} of the failed ranks, the rank torchrun calls the root cause) from torchrun's
+        failure summary; negative codes are signals."""
+        codes, root, rank, in_root = {}, None, None, False
+        for line in self.stderr_tail:
+            in_root = in_root or SUMMARY_ROOT in line
+            if m := SUMMARY_RANK.match(line):
+                rank = int(m.group(1))
+            elif (m := SUMMARY_EXIT.match(line)) and rank is not None:
+                codes[rank] = int(m.group(1))
+                if in_root and root is None:
+                    root = rank
+                rank = None
+        return codes, root
+
     def failure(self) -> Failure:
-        """The first failure: the ranks' error files (earliest first; a user error beats a crash), else
-        torchrun's summary of the failed rank and that rank's last stderr line."""
+        """The rank that failed first and why, from the ranks' error files and torchrun's summary, in this
+        order: a user error (earliest first); a rank's own crash (earliest first); a rank killed by a signal
+        that torchrun does not send (SIGKILL, SIGSEGV, ...: it could write nothing); a collective that failed
+        because a peer went away; else torchrun's root cause with that rank's last stderr line."""
         records = []
         for f in sorted((self.job_dir / "errors").glob("rank*.json")):
             try:
                 records.append(json.loads(f.read_text()))
             except (OSError, json.JSONDecodeError):
                 continue
-        inputs = [r for r in records if r.get("kind") == "input"]
-        if inputs:
-            first = min(inputs, key=lambda r: r["time"])
-            return Failure("input", first["rank"], first["message"])
+        codes, root = self.exit_codes()
+        for kind in ("input", "crash"):
+            mine = [r for r in records if r.get("kind") == kind]
+            if mine:
+                first = min(mine, key=lambda r: r["time"])
+                return Failure(kind, first["rank"], first["message"])
+        written = {r["rank"] for r in records}
+        killed = [r for r, code in codes.items() if code < 0 and -code != signal.SIGTERM and r not in written]
+        if killed:
+            rank = root if root in killed else min(killed)
+            return Failure("crash", rank, f"killed by signal {-codes[rank]} ({_signal_name(-codes[rank])})")
         if records:
             first = min(records, key=lambda r: r["time"])
             return Failure("crash", first["rank"], first["message"])
-        rank = None
-        for line in self.stderr_tail:
-            m = SUMMARY_RANK.search(line)
-            if m and "local_rank" in line:
-                rank = int(m.group(1))
-                break
-        exitcode = next((SUMMARY_EXIT.search(x).group(1) for x in self.stderr_tail if SUMMARY_EXIT.search(x)), None)
+        rank = root if root is not None else next(iter(codes), None)
         last = self.rank_last.get(rank) if rank is not None else None
         if last is None:
             last = next((x for x in reversed(self.stderr_tail) if x.strip()), "no output")
-        detail = f" (exit code {exitcode})" if exitcode is not None else ""
+        detail = f" (exit code {codes[rank]})" if rank in codes else ""
         return Failure("crash", rank, f"{last}{detail}")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

@@ -2,8 +2,8 @@
 and the profiler measures.
 
 Every module here takes and returns activations of shape [batch, seq, hidden] (the embedding takes int64
-token ids [batch, seq]; the head returns logits [batch, seq, vocab]). `tp_degree > 1` builds the local
-shard shapes of one tensor-parallel rank (heads/tp, kv_heads/tp, ffn/tp, vocab/tp) with no communication,
+token ids [batch, seq]; the head returns logits [batch, seq, padded vocab]). `tp_degree > 1` builds the local
+shard shapes of one tensor-parallel rank (heads/tp, kv_heads/tp, ffn/tp, padded vocab/tp) with no communication,
 for profiling; for real tensor parallelism `runtime.parallelize` builds the full modules and shards them
 with `torch.distributed.tensor.parallel`, which is why attention infers its local head count from the
 projection outputs (`view(b, s, -1, head_dim)`).
@@ -29,6 +29,11 @@ fused kernel, which keeps no score matrix.
 Weights are initialised deterministically from (seed, global parameter name) by `init_weights`, so a
 pipeline stage holding layers 5-8, a tensor-parallel shard and a single-process model all start from the
 same numbers.
+
+The vocabulary is padded (planner.cost.params.padded_vocab_size: to a multiple of 128 * tp, as Megatron-LM
+does) so that any tensor-parallel degree splits it evenly: the padding rows of the embedding and LM head
+start at zero, no token id reaches them, and the head sets their logits to -inf, so the softmax, the loss and
+every gradient are those of the unpadded model.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from planner.cost.params import padded_vocab_size
 from planner.specs import ModelSpec, Recompute
 from planner.validate import tp_shards
 
@@ -343,17 +349,25 @@ class TransformerBlock(nn.Module):
         return self._forward(x)
 
 
-class Embedding(nn.Module):
-    """Token embedding (vocab/tp rows on one TP shard) plus learned positions when the spec has them, and
-    dropout: tokens [batch, seq] int64 -> [batch, seq, hidden]."""
+def vocab_rows(spec: ModelSpec, tp_degree: int, vocab_tp: int | None) -> int:
+    """Rows of the embedding / columns of the LM head on one shard of `tp_degree`: the vocabulary padded for
+    tensor-parallel degree `vocab_tp` (default `tp_degree`), divided by `tp_degree`."""
+    return padded_vocab_size(spec, vocab_tp or tp_degree) // tp_degree
 
-    def __init__(self, spec: ModelSpec, tp_degree: int = 1):
+
+class Embedding(nn.Module):
+    """Token embedding (padded vocab/tp rows on one TP shard) plus learned positions when the spec has them,
+    and dropout: tokens [batch, seq] int64 -> [batch, seq, hidden]. `vocab_tp`: the TP degree the vocabulary
+    is padded for, when the whole module is built to be sharded later (runtime.parallelize)."""
+
+    def __init__(self, spec: ModelSpec, tp_degree: int = 1, vocab_tp: int | None = None):
         super().__init__()
         _check_tp(spec, tp_degree)
         self.dropout_p = spec.dropout
+        self.vocab_size = spec.vocab_size
         # `_weight` skips nn.Embedding's own normal_ init (init_weights sets the values; on the meta device
         # that init would import torch._dynamo, seconds of start-up)
-        v, h = spec.vocab_size // tp_degree, spec.hidden_size
+        v, h = vocab_rows(spec, tp_degree, vocab_tp), spec.hidden_size
         self.tok = nn.Embedding(v, h, _weight=torch.empty(v, h))
         self.pos = None
         if spec.position_embedding == "learned":
@@ -370,21 +384,46 @@ class Embedding(nn.Module):
 
 
 class LMHead(nn.Module):
-    """Final norm and output projection (vocab/tp columns on one TP shard): [batch, seq, hidden] ->
-    logits [batch, seq, vocab]. Tied embeddings share `proj.weight` with `Embedding.tok.weight` (the model
-    assembly ties them)."""
+    """Final norm and output projection (padded vocab/tp columns on one TP shard): [batch, seq, hidden] ->
+    logits [batch, seq, padded vocab], -inf in the padding columns. Tied embeddings share `proj.weight` with
+    `Embedding.tok.weight` (the model assembly ties them). A shard built with `tp_degree > 1` (profiling)
+    holds the first shard's columns."""
 
-    def __init__(self, spec: ModelSpec, tp_degree: int = 1):
+    def __init__(self, spec: ModelSpec, tp_degree: int = 1, vocab_tp: int | None = None):
         super().__init__()
         _check_tp(spec, tp_degree)
         self.norm = make_norm(spec)
-        self.proj = nn.Linear(spec.hidden_size, spec.vocab_size // tp_degree, bias=False)
+        self.proj = nn.Linear(spec.hidden_size, vocab_rows(spec, tp_degree, vocab_tp), bias=False)
         self.tied = spec.tied_embeddings
+        self.vocab_size = spec.vocab_size
+        self._mask_cache: tuple | None = None
         if not _on_meta(self):
             init_weights(self, seed=0, prefix="head.", tied=self.tied)
 
+    def _padding_mask(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """0 for the real vocabulary, -inf for the padding columns, shaped and sharded like the logits'
+        last dimension; None when this module holds no padding column."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+        width = logits.shape[-1]                       # global width, also for a vocabulary-sharded DTensor
+        if width <= self.vocab_size:
+            return None
+        key = (width, logits.dtype, logits.device, getattr(logits, "device_mesh", None),
+               getattr(logits, "placements", None))
+        if self._mask_cache is None or self._mask_cache[0] != key:
+            mask = torch.zeros(width, dtype=logits.dtype, device=logits.device)
+            mask[self.vocab_size:] = float("-inf")
+            if isinstance(logits, DTensor):   # sharded as the logits' columns; each rank slices its own
+                last = logits.ndim - 1
+                placements = [Shard(0) if p.is_shard() and p.dim in (-1, last) else Replicate()
+                              for p in logits.placements]
+                mask = distribute_tensor(mask, logits.device_mesh, placements, src_data_rank=None)
+            self._mask_cache = (key, mask)
+        return self._mask_cache[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(x))
+        logits = self.proj(self.norm(x))
+        mask = self._padding_mask(logits)
+        return logits if mask is None else logits + mask
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -394,19 +433,21 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 class ModelChunk(nn.Module):
     """A contiguous piece of the model: the embedding if `first`, blocks `layer_ids` (kept in a ModuleDict
-    keyed by global layer index, so parameter names are the same in every layout) and the head if `last`.
+    keyed by global layer index, so parameter names are the same in every layout) and the head if `last`,
+    with the vocabulary padded for tensor-parallel degree `vocab_tp`.
 
     Input: token ids [b, s] (first chunk) or activations [b, s, h]; output: activations or logits.
     With `first` and `last` and tied embeddings the head shares the embedding's weight.
     """
 
-    def __init__(self, spec: ModelSpec, layer_ids: list[int], first: bool, last: bool, recompute: str = "none"):
+    def __init__(self, spec: ModelSpec, layer_ids: list[int], first: bool, last: bool, recompute: str = "none",
+                 vocab_tp: int = 1):
         super().__init__()
         self.spec = spec
         self.first, self.last = first, last
-        self.embed = Embedding(spec) if first else None
+        self.embed = Embedding(spec, vocab_tp=vocab_tp) if first else None
         self.layers = nn.ModuleDict({str(i): TransformerBlock(spec, 1, i, recompute) for i in layer_ids})
-        self.head = LMHead(spec) if last else None
+        self.head = LMHead(spec, vocab_tp=vocab_tp) if last else None
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -426,8 +467,7 @@ class ModelChunk(nn.Module):
 
 
 def build_model(spec: ModelSpec, seed: int = 0, recompute: str = "none") -> ModelChunk:
-    """The whole model on the current default device, initialised from `seed` (the single-process
-    reference)."""
+    """The whole model in one piece on the current default device, initialised from `seed`."""
     model = ModelChunk(spec, list(range(spec.num_layers)), first=True, last=True, recompute=recompute)
     init_weights(model, seed)
     return model
@@ -457,10 +497,17 @@ def _init_spec(name: str, num_layers: int) -> tuple[str, float]:
     return "normal", INIT_STD
 
 
+VOCAB_MATRICES = ("embed.tok.weight", "head.proj.weight")
+
+
 def init_value(name: str, shape: tuple[int, ...], seed: int, num_layers: int, device=None,
-               dtype=torch.float32) -> torch.Tensor:
+               dtype=torch.float32, vocab: int | None = None) -> torch.Tensor:
     """The initial value of the parameter `name` (global name, e.g. 'layers.3.attn.q_proj.weight') of the
-    full, unsharded model, drawn from a generator seeded by (seed, name) alone."""
+    full, unsharded model, drawn from a generator seeded by (seed, name) alone. A vocabulary matrix with more
+    rows than `vocab` (padded) holds the unpadded matrix's values and zeros in the padding rows."""
+    if vocab is not None and name.endswith(VOCAB_MATRICES) and shape[0] > vocab:
+        real = init_value(name, (vocab, *shape[1:]), seed, num_layers, device, dtype)
+        return torch.cat([real, torch.zeros((shape[0] - vocab, *shape[1:]), device=real.device, dtype=dtype)])
     kind, std = _init_spec(name, num_layers)
     if kind == "ones":
         return torch.ones(shape, device=device, dtype=dtype)
@@ -487,6 +534,7 @@ def init_weights(module: nn.Module, seed: int, prefix: str = "", tied: bool | No
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     spec = getattr(module, "spec", None)
+    vocab = spec.vocab_size if spec is not None else getattr(module, "vocab_size", None)
     if num_layers is None:
         num_layers = spec.num_layers if spec is not None else getattr(module, "num_layers", 1)
     if tied is None:
@@ -497,8 +545,9 @@ def init_weights(module: nn.Module, seed: int, prefix: str = "", tied: bool | No
             if tied and name.endswith("head.proj.weight"):
                 name = name[: -len("head.proj.weight")] + "embed.tok.weight"
             if isinstance(param, DTensor):
-                full = init_value(name, tuple(param.shape), seed, num_layers, param.device, param.dtype)
+                full = init_value(name, tuple(param.shape), seed, num_layers, param.device, param.dtype, vocab)
                 shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
                 param.to_local().copy_(shard.to_local())
             else:
-                param.copy_(init_value(name, tuple(param.shape), seed, num_layers, param.device, param.dtype))
+                param.copy_(init_value(name, tuple(param.shape), seed, num_layers, param.device, param.dtype,
+                                       vocab))

@@ -163,17 +163,29 @@ def build_chunks(plan: Plan, mesh: DeviceMesh, coords: Coords, device: torch.dev
     chunks = []
     for j in stages:
         with torch.device("meta"):
-            chunk = ModelChunk(spec, ids[j], first=(j == 0), last=(j == nchunks - 1), recompute=cfg.recompute)
+            chunk = ModelChunk(spec, ids[j], first=(j == 0), last=(j == nchunks - 1), recompute=cfg.recompute,
+                               vocab_tp=cfg.tp)
         if cfg.tp > 1:
             apply_tensor_parallel(chunk, mesh["tp"], cfg.sp, loss_parallel)
         if cfg.dp > 1:
             apply_data_parallel(chunk, mesh["dp"], cfg.zero, mp_policy)
         chunk.to_empty(device=device)
+        # `to_empty` gives each module a new Parameter for a plain (non-DTensor) tensor, which unties a
+        # head that shared the embedding's weight: tie it again, then check that the tie held
+        chunk.tie_weights()
+        _check_tied(chunk)
         for block in chunk.layers.values():
             block.attn.reset_buffers(device)
         init_weights(chunk, seed)
         chunks.append(chunk)
     return stages, chunks
+
+
+def _check_tied(chunk: ModelChunk) -> None:
+    """A chunk holding both ends of a tied model must hold one shared matrix, not two copies."""
+    if chunk.spec.tied_embeddings and chunk.embed is not None and chunk.head is not None:
+        if chunk.head.proj.weight is not chunk.embed.tok.weight:
+            raise RuntimeError("the LM head lost its tie to the token embedding while being parallelised")
 
 
 class RankModel(nn.Module):

@@ -6,22 +6,32 @@ says (runtime.parallelize, runtime.pipeline), trains for --steps, checkpoints ev
 steps, and rank 0 gathers every rank's measurements and writes the run report (runtime.report).
 
 Errors: a user error (InputError) prints one line and exits 2; any other exception prints its traceback and
-exits 1. With --job-dir each failing rank also writes job-dir/errors/rank<R>.json ({rank, kind, message,
-time}) so that `meshplan run` can say which rank failed first and why.
+exits 1. With --job-dir a failing rank first writes job-dir/errors/rank<R>.json ({rank, kind, message, time};
+kind "input", "crash", or "peer" for a collective that failed because another rank went away), written to a
+temporary file, fsynced and renamed, before anything else can happen to the process; then it leaves at once
+(os._exit), without tearing down a process group whose peers may be blocked, so that no teardown abort can
+replace its report. `meshplan run` reads these files to say which rank failed first and why. Each rank dies
+with torchrun (runtime.process).
 
 Progress: with --progress-protocol rank 0 prints one line per step, `@meshplan-progress {json}`, that
 `meshplan run` turns into a progress bar; otherwise it prints plain lines.
 
-Testing hook: MESHPLAN_INJECT_FAULT="RANK:STEP" makes that rank raise a RuntimeError at the start of that
-step (used by the fault-handling test).
+Testing hook: MESHPLAN_INJECT_FAULT="RANK:STEP[:KIND],..." makes that rank fail at that step: `raise` (the
+default) raises a RuntimeError at the start of the step, `kill` sends itself SIGKILL in the middle of the step
+(after its forward and backward, while the others wait in a collective), `hang` sleeps for an hour at the
+start of the step, `nospace` makes its checkpoint save at that step fail with ENOSPC (disk full) inside
+torch.distributed.checkpoint's writer.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
+import re
+import signal
 import sys
 import time
 import traceback
@@ -47,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data-dtype", default="uint16", choices=["uint16", "uint32"])
     ap.add_argument("--checkpoint-dir", default=None)
     ap.add_argument("--checkpoint-every", type=int, default=0, help="Save every K steps (0: never).")
-    ap.add_argument("--resume", action="store_true", help="Continue from the newest checkpoint.")
+    ap.add_argument("--resume", action="store_true", help="Continue from the newest intact checkpoint.")
+    ap.add_argument("--resume-from", default=None, help="Continue from this checkpoint (chosen by meshplan run).")
     ap.add_argument("--force", action="store_true",
                     help="Without --resume: delete the checkpoints of an earlier run in --checkpoint-dir.")
     ap.add_argument("--report", default=None, help="Run-report JSON written by rank 0.")
@@ -139,12 +150,14 @@ class LossScaler:
 
 
 def run_plan(plan, args: argparse.Namespace, rank: int, device, resume_from=None, fingerprint: str = "",
-             fault_step: int | None = None, on_step=None) -> tuple[list[float], dict, str]:
+             faults: dict[int, str] | None = None, on_step=None) -> tuple[list[float], dict, str]:
     """Train `plan` inside an initialised process group: build this rank's part of the model, run steps
-    up to `args.steps` (from a checkpoint when `resume_from` = (step, path)), checkpoint as asked.
+    up to `args.steps` (from a checkpoint when `resume_from` = (step, path)), checkpoint as asked (a save
+    that fails leaves the earlier checkpoints as they were, says so on rank 0's stderr and training goes on).
 
-    Returns (the loss of every step, the same on every rank; this rank's measurements; the precision
-    run). `on_step(step, loss, seconds)` is called on every rank after each step."""
+    Returns (the loss of every step, the same on every rank; this rank's measurements, with
+    `checkpoint_failures` [{step, error}]; the precision run). `on_step(step, loss, seconds)` is called on
+    every rank after each step. `faults`: {step: kind} of MESHPLAN_INJECT_FAULT for this rank."""
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -196,9 +209,14 @@ def run_plan(plan, args: argparse.Namespace, rank: int, device, resume_from=None
 
     timer = StepTimer(device)
     denom = cfg.num_microbatches * cfg.dp
+    faults = faults or {}
+    save_failures: list[dict] = []
     for step in range(first_step, args.steps + 1):
-        if fault_step == step:
+        fault = faults.get(step)
+        if fault == "raise":
             raise RuntimeError(f"injected fault on rank {rank} at step {step} ({FAULT_ENV})")
+        if fault == "hang":
+            time.sleep(3600)
         inputs, targets = data.local_batch(step, coords.dp, cfg.dp)
         x = torch.from_numpy(np.ascontiguousarray(inputs)).to(device)
         y = torch.from_numpy(np.ascontiguousarray(targets)).to(device)
@@ -206,6 +224,8 @@ def run_plan(plan, args: argparse.Namespace, rank: int, device, resume_from=None
         timer.start()
         optimizer.zero_grad(set_to_none=True)
         local = runner.step(x, y)
+        if fault == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
         tied()
         if scaler.unscale_and_check(params, device):
             optimizer.step()
@@ -219,12 +239,18 @@ def run_plan(plan, args: argparse.Namespace, rank: int, device, resume_from=None
         if on_step is not None:
             on_step(step, loss, dt)
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            ckpt.save(args.checkpoint_dir, step, model, optimizer,
-                      {"step": step, "losses": losses, "fingerprint": fingerprint, "seed": args.seed,
-                       "loss_scale": scaler.scale, "loss_scale_good_steps": scaler.good,
-                       "plan": os.path.abspath(args.plan) if getattr(args, "plan", None) else None}, rank)
+            _, why = ckpt.save(args.checkpoint_dir, step, model, optimizer,
+                               {"step": step, "losses": losses, "fingerprint": fingerprint, "seed": args.seed,
+                                "loss_scale": scaler.scale, "loss_scale_good_steps": scaler.good,
+                                "plan": os.path.abspath(args.plan) if getattr(args, "plan", None) else None},
+                               rank, fail_with=errno.ENOSPC if fault == "nospace" else None)
+            if why:
+                save_failures.append({"step": step, "error": why})
+                if rank == 0:
+                    print(f"warning: {why}", file=sys.stderr, flush=True)
     mine = {"rank": rank, "pp": coords.pp, "dp": coords.dp, "tp": coords.tp,
-            "step_times_s": timer.times, "step_time_s": median_excluding_first(timer.times)}
+            "step_times_s": timer.times, "step_time_s": median_excluding_first(timer.times),
+            "checkpoint_failures": save_failures}
     return losses, mine, run_precision
 
 
@@ -240,8 +266,14 @@ def train(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     check_run(plan, world, args)
     fp = ckpt.fingerprint(plan, args.seed, args.lr, args.data)
-    resume_from = ckpt.check_resumable(args.checkpoint_dir, fp, args.steps) if args.resume else None
-    fault = _fault(rank)
+    resume_from = None
+    if args.resume_from:        # chosen and verified by `meshplan run`
+        resume_from = ckpt.check_checkpoint(Path(args.resume_from), fp, args.steps, verify_contents=False)
+    elif args.resume:
+        resume_from, skipped = ckpt.check_resumable(args.checkpoint_dir, fp, args.steps)
+        for line in skipped if rank == 0 else ():
+            print(f"warning: {line}", file=sys.stderr, flush=True)
+    faults = _faults(rank)
     if args.force and args.checkpoint_every and not args.resume and rank == 0:
         ckpt.clear(args.checkpoint_dir)          # before any rank can save (saves follow collectives)
 
@@ -255,58 +287,66 @@ def train(args: argparse.Namespace) -> int:
     meter = MemoryMeter(device)
     started = time.time()
     dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
-    try:
-        # the distributed modules the run uses are imported before the baseline, so that on CPU the RSS
-        # increase counts tensors and buffers rather than Python modules
-        import torch._dynamo  # noqa: F401  (DTensor construction imports it anyway)
-        import torch.distributed.fsdp  # noqa: F401
-        import torch.distributed.pipelining  # noqa: F401
-        import torch.distributed.tensor.parallel  # noqa: F401
-        meter.baseline()
+    # the distributed modules the run uses are imported before the baseline, so that on CPU the RSS
+    # increase counts tensors and buffers rather than Python modules
+    import torch._dynamo  # noqa: F401  (DTensor construction imports it anyway)
+    import torch.distributed.fsdp  # noqa: F401
+    import torch.distributed.pipelining  # noqa: F401
+    import torch.distributed.tensor.parallel  # noqa: F401
+    meter.baseline()
 
-        def on_step(step, loss, dt):
-            if rank == 0:
-                _progress(args, step, loss, dt)
-
-        losses, mine, run_precision = run_plan(plan, args, rank, device, resume_from, fp, fault, on_step)
-        mine.update(meter.read())
-        gathered = [None] * world if rank == 0 else None
-        dist.gather_object(mine, gathered, dst=0)
+    def on_step(step, loss, dt):
         if rank == 0:
-            run = {"steps": args.steps, "first_step": 1,
-                   "resumed_from_step": resume_from[0] if resume_from else None,
-                   "timed_steps": max(0, len(mine["step_times_s"]) - 1), "seed": args.seed, "lr": args.lr,
-                   "optimizer": plan.training.optimizer,
-                   "data": os.path.abspath(args.data) if args.data else "synthetic",
-                   "device": device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
-                   "backend": backend, "world_size": world, "precision_plan": plan.training.precision,
-                   "precision_run": run_precision, "torch": torch.__version__, "wall_s": time.time() - started}
-            report = build_report(plan, run, losses, sorted(gathered, key=lambda r: r["rank"]))
-            if args.report:
-                tmp = Path(args.report + ".tmp")
-                tmp.write_text(json.dumps(report, indent=1))
-                os.replace(tmp, args.report)
-            if not args.progress_protocol:
-                from rich.console import Console
+            _progress(args, step, loss, dt)
 
-                from runtime.report import render_report
-                render_report(Console(highlight=False), report)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    losses, mine, run_precision = run_plan(plan, args, rank, device, resume_from, fp, faults, on_step)
+    mine.update(meter.read())
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    if rank == 0:
+        run = {"steps": args.steps, "first_step": 1,
+               "resumed_from_step": resume_from[0] if resume_from else None,
+               "timed_steps": max(0, len(mine["step_times_s"]) - 1), "seed": args.seed, "lr": args.lr,
+               "optimizer": plan.training.optimizer,
+               "data": os.path.abspath(args.data) if args.data else "synthetic",
+               "device": device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
+               "backend": backend, "world_size": world, "precision_plan": plan.training.precision,
+               "precision_run": run_precision, "torch": torch.__version__, "wall_s": time.time() - started,
+               "checkpoint_failures": mine["checkpoint_failures"]}
+        report = build_report(plan, run, losses, sorted(gathered, key=lambda r: r["rank"]))
+        if args.report:
+            tmp = Path(args.report + ".tmp")
+            tmp.write_text(json.dumps(report, indent=1))
+            os.replace(tmp, args.report)
+        if not args.progress_protocol:
+            from rich.console import Console
+
+            from runtime.report import render_report
+            render_report(Console(highlight=False), report)
+    dist.barrier()
+    dist.destroy_process_group()     # on success only: after a failure main() leaves without any teardown
     return 0
 
 
-def _fault(rank: int) -> int | None:
-    """The step at which MESHPLAN_INJECT_FAULT asks this rank to fail, or None."""
+FAULT_KINDS = ("raise", "kill", "hang", "nospace")
+
+
+def _faults(rank: int) -> dict[int, str]:
+    """{step: kind} of the failures MESHPLAN_INJECT_FAULT asks of this rank."""
     spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return None
-    try:
-        r, s = (int(v) for v in spec.split(":"))
-    except ValueError:
-        raise InputError(f"'{spec}' is not RANK:STEP", field=FAULT_ENV) from None
-    return s if r == rank else None
+    out: dict[int, str] = {}
+    for item in filter(None, (spec or "").split(",")):
+        parts = item.strip().split(":")
+        try:
+            r, s = int(parts[0]), int(parts[1])
+            kind = parts[2] if len(parts) > 2 else "raise"
+        except (ValueError, IndexError):
+            raise InputError(f"'{item}' is not RANK:STEP[:KIND]", field=FAULT_ENV) from None
+        if kind not in FAULT_KINDS or len(parts) > 3:
+            raise InputError(f"'{item}': the kind must be one of {', '.join(FAULT_KINDS)}", field=FAULT_ENV)
+        if r == rank:
+            out[s] = kind
+    return out
 
 
 def _progress(args, step: int, loss: float, dt: float) -> None:
@@ -318,34 +358,66 @@ def _progress(args, step: int, loss: float, dt: float) -> None:
 
 
 def _write_error(job_dir: str | None, rank: int, kind: str, message: str) -> None:
+    """job-dir/errors/rank<R>.json, durably: a temporary file, fsync, rename, fsync of the directory."""
     if not job_dir:
         return
     try:
         d = Path(job_dir) / "errors"
         d.mkdir(parents=True, exist_ok=True)
-        (d / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "kind": kind, "message": message,
-                                                        "time": time.time()}))
+        tmp = d / f".rank{rank}.json.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps({"rank": rank, "kind": kind, "message": message, "time": time.time()}))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, d / f"rank{rank}.json")
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError:
         pass
 
 
+# what a collective raises when a peer process went away (gloo's TCP transport, NCCL's abort, a timeout)
+PEER_FAILURE = re.compile(r"gloo/transport|[Cc]onnection (reset|closed|refused)|Broken pipe|[Rr]emote process "
+                          r"exited|NCCL communicator was aborted|[Ww]atchdog|Timed out waiting")
+
+
+def _is_peer_failure(exc: BaseException) -> bool:
+    import torch.distributed as dist
+    errors = tuple(getattr(dist, name) for name in ("DistNetworkError", "DistStoreError") if hasattr(dist, name))
+    return isinstance(exc, errors) or bool(PEER_FAILURE.search(str(exc)))
+
+
+def _leave(code: int) -> None:
+    """Exit now: flush what was printed and skip the interpreter's teardown (destructors of process groups
+    whose peers are gone can abort the process)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
+    from runtime.process import die_with_parent
+    die_with_parent(signal.SIGKILL)          # torchrun started us in a session of our own
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     try:
         rc = train(args)
     except MeshplanError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
         _write_error(args.job_dir, rank, "input", str(exc))
-        sys.exit(exc.exit_code)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        _leave(exc.exit_code)
+    except SystemExit:
+        raise
     except BaseException as exc:
-        if isinstance(exc, SystemExit):
-            raise
-        traceback.print_exc()
         text = str(exc).strip().splitlines()
-        _write_error(args.job_dir, rank, "crash", f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__)
-        sys.stderr.flush()
-        sys.exit(1)
+        message = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+        _write_error(args.job_dir, rank, "peer" if "torch" in sys.modules and _is_peer_failure(exc) else "crash",
+                     message)
+        traceback.print_exc()
+        _leave(1)
     sys.exit(rc)
 
 

@@ -1,5 +1,5 @@
-"""Shared pieces of the runtime tests: plans for any layout, and the single-process reference run that
-every parallel layout must reproduce."""
+"""Shared pieces of the runtime tests: plans for any layout, many layouts in one torchrun launch, and (from
+tests/reference_model.py) the plain PyTorch single-process run that every layout must reproduce."""
 
 from __future__ import annotations
 
@@ -34,36 +34,10 @@ def make_test_plan(model: str | ModelSpec = "gpt-tiny", global_batch: int = 8, s
     return make_plan(spec, cluster, training, CostModel(spec, cluster, training).evaluate(cfg))
 
 
-def reference_losses(spec: ModelSpec, global_batch: int, seq: int, steps: int, seed: int = 0,
-                     lr: float = 1e-3, optimizer: str = "adamw", data: str | None = None,
-                     data_dtype: str = "uint16") -> list[float]:
-    """The single-process run: the whole model, the whole global batch in one forward, mean token cross
-    entropy, the optimizers with the hyperparameters the README documents (written out here, so that a
-    wrong one in the runtime shows). No parallel code (no DTensor, pipeline or FSDP) is involved."""
-    import torch
-
-    from runtime.data import TokenData
-    from runtime.models import build_model, lm_loss
-
-    torch.manual_seed(seed)
-    model = build_model(spec, seed)
-    params = list(model.parameters())
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
-    elif optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.95), eps=1e-8)
-    else:
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    data = TokenData(seed, global_batch, seq, spec.vocab_size, data, data_dtype)
-    losses = []
-    for step in range(1, steps + 1):
-        tokens = torch.from_numpy(data.global_batch(step))
-        opt.zero_grad(set_to_none=True)
-        loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+def reference_losses(spec: ModelSpec, global_batch: int, seq: int, steps: int, **kwargs) -> list[float]:
+    """The loss curve of the plain PyTorch single-process run (tests/reference_model.py; imports torch)."""
+    from tests.reference_model import reference_losses as run
+    return run(spec, global_batch, seq, steps, **kwargs)
 
 
 def relative_error(a: list[float], b: list[float]) -> float:

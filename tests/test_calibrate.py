@@ -277,7 +277,7 @@ def _fails(capsys, *args) -> str:
     ({k: v for k, v in GOOD.items() if k != "step_time_s"}, "line 2: step_time_s: missing required key"),
     ({**GOOD, "tp": "2"}, "line 2: tp: Input should be a valid integer"),
     ({**GOOD, "step_time_s": -1.0}, "line 2: step_time_s: Input should be greater than 0"),
-    ({**GOOD, "tp": 3, "dp": 2}, "line 2: tp: tp 3 must divide num_heads"),
+    ({**GOOD, "tp": 3, "dp": 2}, "line 2: tp: tp 3 does not divide num_heads"),
     ({**GOOD, "dp": 2}, "line 2: dp: tp*pp*dp = 2*1*2 = 4 but the cluster has 8 GPUs"),
     ({**GOOD, "zero": 5}, "line 2: zero: Input should be less than or equal to 3"),
     ({**GOOD, "model": "no-such-model"}, "line 2: model: 'no-such-model' is neither a preset"),

@@ -21,7 +21,8 @@ def test_plan_json_round_trips_and_layout_covers_every_gpu(capsys, tmp_path):
     assert plan.feasible and plan.schema_version == 2 and plan.engine.name == "meshplan"
     assert len(plan.alternatives) == 3
     steps = [plan.predicted.step_time_s] + [a.predicted.step_time_s for a in plan.alternatives]
-    assert [round(s, 12) for s in steps] == sorted(round(s, 12) for s in steps)
+    # the ranking rule: each plan is within 1% of the fastest of those it was picked from (ties go to headroom)
+    assert all(steps[i] <= min(steps[i:]) * 1.01 for i in range(len(steps)))
     cfg = plan.config
     gpus = 16
     assert cfg.tp * cfg.pp * cfg.dp == gpus

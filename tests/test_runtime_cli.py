@@ -1,5 +1,6 @@
-"""`meshplan run` end to end: a 2x2x2 plan on 8 CPU processes with checkpoints, a crashing rank and the
-resumed run, bad input refused before launch, the multi-node command lines. (Bit-exact resume under
+"""`meshplan run` end to end: a 2x2x2 plan on 8 CPU processes with checkpoints; fault drills on 2 processes (a
+rank that raises, a rank killed with SIGKILL, a failed save, damaged checkpoints, the launcher killed, the
+resumed curve); bad input refused before launch; the multi-node command lines. (Bit-exact resume under
 TP + SP + ZeRO-3 + interleaved 1F1B is in test_runtime_exactness.py.)"""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -100,20 +102,134 @@ def test_end_to_end_run_html_draws_the_run(e2e):
     assert page.count('<circle class="pt"') == E2E_STEPS and 'id="run"' in page
 
 
-def test_a_crashing_rank_is_named_and_the_run_resumes(tmp_path):
-    """Rank 1 fails at step 3 of 4 (after the step-2 checkpoint): `meshplan run` names it and exits 1;
-    `--resume` then finishes the run, and the whole curve matches the single-process run."""
-    plan = write_plan(tmp_path / "plan.json", dp=2, mbs=2)
-    common = ["--steps", 4, "--checkpoint-dir", tmp_path / "ckpt"]
-    proc = meshplan("run", plan, *common, "--checkpoint-every", 2, env={"MESHPLAN_INJECT_FAULT": "1:3"})
+# ----------------------------------------------------------------------------------------------
+# Fault drills: one 2-process plan through five launches of `meshplan run` (10 steps, checkpoints every 2)
+# ----------------------------------------------------------------------------------------------
+FAULT = "MESHPLAN_INJECT_FAULT"
+DRILL_STEPS = 10
+
+
+def _names(root):
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """The command lines of live processes that mention `text` (zombies have none)."""
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd and d != str(os.getpid()):
+                found.append(f"{d}: {cmd[:200]}")
+    return found
+
+
+def _biggest_shard(checkpoint):
+    return max(checkpoint.glob("*.distcp"), key=lambda p: p.stat().st_size)
+
+
+@pytest.fixture(scope="module")
+def drills(tmp_path_factory):
+    """1. rank 1 raises at step 3; 2. --resume, the save at step 4 fails (disk full on rank 1), rank 1 is
+    killed with SIGKILL in the middle of step 9; 3. the step-8 checkpoint is truncated and the step-6 one
+    corrupted; 4. --resume with rank 0 hanging at step 5, and `meshplan run` itself killed with SIGKILL once
+    step 4 is saved; 5. --resume to the end."""
+    tmp = tmp_path_factory.mktemp("drills")
+    plan = write_plan(tmp / "plan.json", dp=2, mbs=2)
+    ckpt = tmp / "ckpt"
+    common = ["run", plan, "--steps", DRILL_STEPS, "--checkpoint-dir", ckpt]
+    out = {"ckpt": ckpt}
+    out["raised"] = meshplan(*common, "--checkpoint-every", 2, env={FAULT: "1:3"})
+    out["after_raise"] = _names(ckpt)
+    out["killed"] = meshplan(*common, "--checkpoint-every", 2, "--resume", env={FAULT: "1:4:nospace,1:9:kill"})
+    out["after_kill"] = _names(ckpt)
+    out["curve_to_8"] = json.loads((ckpt / "step_00000008" / "meshplan.json").read_text())["losses"]
+
+    shard = _biggest_shard(ckpt / "step_00000008")
+    out["truncated"] = shard.name
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    shard = _biggest_shard(ckpt / "step_00000006")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    with open(tmp / "hang.err", "w") as err:
+        launcher = subprocess.Popen([PYTHON, "-m", "planner.cli", *map(str, common), "--checkpoint-every", "2",
+                                     "--resume"], stdout=subprocess.DEVNULL, stderr=err, cwd=str(ROOT),
+                                    env={**os.environ, FAULT: "0:5:hang"})
+        deadline = time.monotonic() + 600
+        while not (ckpt / "step_00000004").exists() and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        out["hang_started"] = launcher.poll() is None and (ckpt / "step_00000004").exists()
+        launcher.kill()                                   # SIGKILL: no chance to clean up
+        launcher.wait()
+    deadline = time.monotonic() + 30
+    while _processes_mentioning(str(ckpt)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    out["left_behind"] = _processes_mentioning(str(ckpt))
+    out["hang_stderr"] = (tmp / "hang.err").read_text()
+
+    out["final"] = meshplan(*common, "--resume", "--report", tmp / "run.json")
+    out["report"] = json.loads((tmp / "run.json").read_text()) if (tmp / "run.json").is_file() else None
+    return out
+
+
+def test_a_crashing_rank_is_named_and_the_run_resumes(drills):
+    """Rank 1 raises at step 3 (after the step-2 checkpoint): its own error is named, whatever its teardown
+    might do (it reports, fsyncs and leaves before anything can abort it), and the run resumes."""
+    proc = drills["raised"]
     assert proc.returncode == 1, proc.stderr[-4000:]
-    assert "rank 1 failed: RuntimeError: injected fault on rank 1 at step 3" in proc.stderr
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000002"]
-    proc = meshplan("run", plan, *common, "--resume", "--report", tmp_path / "run.json")
+    assert "error: rank 1 failed: RuntimeError: injected fault on rank 1 at step 3" in proc.stderr
+    assert drills["after_raise"] == ["step_00000002"]
+    assert drills["killed"].stderr.count("launching") == 1       # the resumed run started
+
+
+def test_a_rank_killed_mid_step_is_named(drills):
+    proc = drills["killed"]
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "error: rank 1 failed: killed by signal 9 (SIGKILL)" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_says_so(drills):
+    """Disk full on rank 1 at step 4: nothing of that save is left, step 2 is named as still the newest, and
+    training goes on to save steps 6 and 8."""
+    err = drills["killed"].stderr
+    assert (f"warning: the checkpoint of step 4 was not saved (rank 1: OSError: [Errno 28] No space left on "
+            f"device") in err, err[-3000:]
+    assert f"'{drills['ckpt'] / 'step_00000002'}' is still the newest usable checkpoint" in err
+    assert drills["after_kill"] == ["step_00000002", "step_00000006", "step_00000008"]
+
+
+def test_damaged_checkpoints_are_refused_and_the_newest_intact_one_used(drills):
+    ckpt = drills["ckpt"]
+    for err, resumed in ((drills["hang_stderr"], 2), (drills["final"].stderr, 4)):
+        assert (f"warning: checkpoint '{ckpt / 'step_00000008'}' is damaged ({drills['truncated']} has "
+                in err), err[-3000:]
+        assert "when saved (truncated)); not used; resuming from" in err
+        assert (f"warning: checkpoint '{ckpt / 'step_00000006'}' is damaged (" in err
+                and "does not have the contents it was saved with (corrupted)); not used; resuming from "
+                    f"'{ckpt / f'step_{resumed:08d}'}'" in err), err[-3000:]
+    assert drills["report"]["run"]["resumed_from_step"] == 4
+
+
+def test_killing_the_launcher_leaves_no_process_behind(drills):
+    assert drills["hang_started"], drills["hang_stderr"][-3000:]
+    assert drills["left_behind"] == []
+
+
+def test_resume_continues_the_identical_loss_curve(drills):
+    """After all that, the curve is the uninterrupted one: steps 1-8 bit for bit those the killed run had
+    reached (5-8 now computed after resuming at 4), and all 10 within 1e-5 of the plain PyTorch reference."""
+    proc, report = drills["final"], drills["report"]
     assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads((tmp_path / "run.json").read_text())
-    assert report["run"]["resumed_from_step"] == 2
-    assert relative_error(report["losses"], reference_losses(model_spec("gpt-tiny"), 8, 32, 4)) < 1e-5
+    assert len(report["losses"]) == DRILL_STEPS
+    assert report["losses"][:8] == drills["curve_to_8"]
+    want = reference_losses(model_spec("gpt-tiny"), 8, 32, DRILL_STEPS)
+    assert relative_error(report["losses"], want) < 1e-5
 
 
 def _edit(path, out, fn):
@@ -140,6 +256,10 @@ def test_bad_input_is_refused_before_launch(tmp_path):
         (["--html", tmp_path / "r.html", "--print-command"], "--html: the ranks of a multi-node run write only"),
         (["--resume"], "needs --checkpoint-dir"),
         (["--checkpoint-dir", tmp_path / "none", "--resume"], "no complete checkpoint"),
+        (["--lr", "nan"], "--lr: must be a finite number in 0..10 (got nan)"),
+        (["--report", "/sys/run.json"], "--report: cannot write in '/sys'"),
+        (["--checkpoint-dir", "/proc/meshplan-ckpt", "--checkpoint-every", 2],
+         "--checkpoint-dir: cannot write in '/proc/meshplan-ckpt'"),
         (["--checkpoint-dir", tmp_path / "earlier", "--checkpoint-every", 2],
          "--checkpoint-dir: '" + str(tmp_path / "earlier") + "' holds checkpoints of an earlier run; pass --resume "
          "to continue it or --force to start over"),
@@ -148,7 +268,7 @@ def test_bad_input_is_refused_before_launch(tmp_path):
     heads = _edit(plan, tmp_path / "heads.json", lambda d: d["model"].update(num_heads=1))
     for target, args, match in [(plan, a, m) for a, m in cases] + [
             (old, [], "has schema_version 0; this meshplan reads version 2"),
-            (heads, [], "tp 2 must divide num_heads 1")]:
+            (heads, [], "tp 2 does not divide num_heads 1 (valid tp: 1)")]:
         proc = meshplan("run", target, *args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert match in proc.stderr, (args, proc.stderr)

@@ -11,27 +11,31 @@ from hypothesis import strategies as st
 from planner.cost.model import CostModel
 from planner.layout import DEFAULT_ORDER
 from planner.loaders import load_cluster
-from planner.search.search import rank_key, search
+from planner.search.search import search
 from planner.search.space import Constraints, enumerate_space
 from planner.specs import ModelSpec, TrainingSpec
 
 
 def exhaustive(model, cluster, training, constraints, k):
-    """Cost every candidate; keep the feasible ones, best first, one per (config, score) as the search does."""
+    """Cost every candidate; keep the feasible ones, one per (config, score) as the search does; then rank
+    them by brute force under the README's rule: step times within 1% tie, and the tie goes to the one
+    reserving the least memory (then the faster, then the first enumerated), again and again."""
     cost = CostModel(model, cluster, training)
-    rows = []
+    rows, seen = [], set()
     for i, cand in enumerate(enumerate_space(model, cluster, training, constraints, Counter())):
         core = cost.evaluate_core(cand, cand.order)
-        if core.feasible:
-            rows.append((rank_key(core), i, cand, core))
-    rows.sort(key=lambda r: (r[0], r[1]))
-    out, seen = [], set()
-    for key, _, cand, core in rows:
-        twin = (cand._replace(order=DEFAULT_ORDER), key)
-        if twin not in seen:
+        twin = (cand._replace(order=DEFAULT_ORDER), (core.step, core.peak_reserved))
+        if core.feasible and twin not in seen:
             seen.add(twin)
-            out.append(core)
-    return out[:k]
+            rows.append((core, i))
+    out = []
+    while rows and len(out) < k:
+        fastest = min(core.step for core, _ in rows)
+        ties = [row for row in rows if row[0].step <= fastest * 1.01]
+        pick = min(ties, key=lambda row: (row[0].peak_reserved, row[0].step, row[1]))
+        rows.remove(pick)
+        out.append(pick[0])
+    return out
 
 
 @st.composite
@@ -64,6 +68,26 @@ def test_search_equals_exhaustive_enumeration(problem, k):
     if expected:
         assert result.top[0].cfg == expected[0].cfg
     assert result.evaluated <= result.candidates
+
+
+@given(problems())
+@settings(max_examples=25, deadline=None)
+def test_the_winner_has_the_most_headroom_of_the_ties(problem):
+    """Of every feasible configuration within 1% of the fastest, the winner reserves the least memory, and it
+    leaves the memory headroom free."""
+    model, cluster, training = problem
+    cost = CostModel(model, cluster, training, memory_headroom=0.2)
+    result = search(model, cluster, training, Constraints(), top_k=1, cost=cost)
+    feasible = [core for cand in enumerate_space(model, cluster, training, Constraints(), Counter())
+                if (core := cost.evaluate_core(cand, cand.order)).feasible]
+    if not feasible:
+        assert not result.top
+        return
+    fastest = min(core.step for core in feasible)
+    (winner,) = result.top
+    assert winner.step <= fastest * 1.01 * (1 + 1e-12)
+    assert winner.peak_reserved == min(c.peak_reserved for c in feasible if c.step <= fastest * 1.01)
+    assert winner.peak_reserved <= 0.8 * cost.usable_bytes
 
 
 @given(problems())

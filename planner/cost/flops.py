@@ -7,6 +7,7 @@ not count recomputation.
 
 from __future__ import annotations
 
+from planner.cost.params import padded_vocab_size
 from planner.specs import ModelSpec
 
 
@@ -35,11 +36,16 @@ def model_flops_per_step(m: ModelSpec, sequences: int, seq: int) -> float:
     return 3.0 * (m.num_layers * layer_forward_flops(m, tokens, seq) + head_forward_flops(m, tokens))
 
 
-def hardware_flops_per_step(m: ModelSpec, sequences: int, seq: int, full_recompute: bool) -> float:
-    """Model FLOPs plus the extra forward of every block under full recomputation.
+def hardware_flops_per_step(m: ModelSpec, sequences: int, seq: int, full_recompute: bool, tp: int = 1,
+                            padded_vocab: int | None = None) -> float:
+    """Model FLOPs plus the extra forward of every block under full recomputation, with the logits of the
+    padded vocabulary (`padded_vocab`, default Megatron's padding for `tp`; the model FLOPs behind MFU count the
+    real vocabulary; Megatron-LM's logged TFLOP/s counts the padded one).
 
     With full recompute this is Megatron's 96*B*s*l*h^2*(1 + s/(6h) + V/(16lh)) for GPT models.
     """
     tokens = sequences * seq
     extra = m.num_layers * layer_forward_flops(m, tokens, seq) if full_recompute else 0.0
-    return model_flops_per_step(m, sequences, seq) + extra
+    padded = padded_vocab if padded_vocab is not None else padded_vocab_size(m, tp)
+    padding = 3.0 * 2.0 * tokens * m.hidden_size * (padded - m.vocab_size)
+    return model_flops_per_step(m, sequences, seq) + extra + padding

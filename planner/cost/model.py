@@ -35,6 +35,11 @@ from planner.prediction import (MemoryBreakdown, ModelSummary, Predicted, Predic
 from planner.specs import ClusterSpec, ModelSpec, ParallelConfig, TrainingSpec
 from planner.validate import check_config
 
+# Fraction of the usable memory a plan keeps free. PyTorch's caching allocator leaves on average 15% (up to
+# 33%) of its reserved memory unusable in LLM training with recomputation and ZeRO (GMLake, Guo et al.
+# ASPLOS'24, arXiv:2401.08156, eight LLMs on A100-80GB); `allocator_margin` already adds 5% of the allocated
+# peak, so about 1 - 1.05 * 0.85 ~ 10% more must stay free for the average run (Galvatron keeps 20%).
+MEMORY_HEADROOM = 0.10
 
 @dataclass(frozen=True)
 class PassCost:
@@ -135,7 +140,7 @@ class CostModel:
 
     def __init__(self, model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
                  profile: ModelProfile | None = None, profile_name: str = "profile",
-                 engine: EngineSpec | None = None):
+                 engine: EngineSpec | None = None, memory_headroom: float = MEMORY_HEADROOM):
         engine = engine_on(engine or load_engine(), cluster)
         if training.overlap_grad_reduce is not None:
             grad_reduce = "during_backward" if training.overlap_grad_reduce else "after_backward"
@@ -154,6 +159,8 @@ class CostModel:
                                    if engine.overlap.dp_calls == "parameter" else 1)
         self.seq = training.seq_len
         self.usable_bytes = self.gpu.memory_bytes - self.gpu.runtime_reserved_bytes
+        self.memory_headroom = memory_headroom
+        self.budget_bytes = self.usable_bytes * (1.0 - memory_headroom)   # what a feasible plan may reserve
         self.margin = 1.0 + self.gpu.allocator_margin
         measured = (MeasuredCosts(profile, model, training, self.gpu, cluster.backend, self.opts, self.host_fwd,
                                   self.host_bwd) if profile else None)
@@ -164,6 +171,7 @@ class CostModel:
         self._layouts: dict[tuple, tuple[Layout, Group, Group]] = {}
         self._held_cache: dict[tuple, list[int]] = {}
         self._p2p_cache: dict[tuple, float] = {}
+        self._pairs_cache: dict[Layout, tuple[tuple[int, int], ...]] = {}
         self._signatures: dict[tuple, tuple] = {}
         self._work_cache: dict[tuple, float] = {}
         self._state_bounds_cache: dict[tuple, tuple[float, float, float]] = {}
@@ -401,8 +409,8 @@ class CostModel:
 
     @property
     def capacity(self) -> float:
-        """Allocated bytes a GPU may reach: usable memory over the allocator margin."""
-        return self.usable_bytes / self.margin
+        """Allocated bytes a GPU may reach: the memory budget over the allocator margin."""
+        return self.budget_bytes / self.margin
 
     # ------------------------------------------------------------------ layer split
     def default_layers(self, cfg: ParallelConfig, blk: BlockCost, ends: EndsCost, dt: Dtypes) -> list[int]:
@@ -597,12 +605,24 @@ class CostModel:
         key = (layout, nbytes)
         t = self._p2p_cache.get(key)
         if t is None:
+            t = self._p2p_cache[key] = max((self.net.p2p(nbytes, a, b) for a, b in self._stage_pairs(layout)),
+                                           default=0.0) + self.host_coll
+        return t
+
+    def _stage_pairs(self, layout: Layout) -> tuple[tuple[int, int], ...]:
+        """Device pairs of neighbouring stages: every pair when links are measured; else one pair inside a node
+        and one across nodes where the pipeline has them (spec-sheet links differ only by that)."""
+        pairs = self._pairs_cache.get(layout)
+        if pairs is None:
             coords = ([(d, k) for d in range(layout.dp) for k in range(layout.tp)] if self.net.matrix is not None
                       else [(0, 0)])
-            t = self._p2p_cache[key] = max(
-                (self.net.p2p(nbytes, layout.device(layout.rank(i, d, k)), layout.device(layout.rank(i + 1, d, k)))
-                 for i in range(layout.pp - 1) for d, k in coords), default=0.0) + self.host_coll
-        return t
+            every = [(layout.device(layout.rank(i, d, k)), layout.device(layout.rank(i + 1, d, k)))
+                     for i in range(layout.pp - 1) for d, k in coords]
+            if self.net.matrix is None:
+                node = self.cluster.gpus_per_node
+                every = list({a // node == b // node: (a, b) for a, b in every}.values())
+            pairs = self._pairs_cache[layout] = tuple(every)
+        return pairs
 
     def _tied_pair(self, layout: Layout) -> Group:
         """First and last stage devices that all-reduce the tied embedding's gradients."""
@@ -703,7 +723,7 @@ class CostModel:
         peak_reserved = peak_total * self.margin
         return Core(cfg=cfg, order=order, chunks=chunks, nmb=nmb, step=step, crit=crit, time=time, stages=stages,
                     peak_total=peak_total, peak_reserved=peak_reserved, fullest=fullest,
-                    feasible=peak_reserved <= self.usable_bytes, devices=devices,
+                    feasible=peak_reserved <= self.budget_bytes, devices=devices,
                     work=StageWork(device_chunks, blk, ends, zero_fwd, zero_bwd, p2p,
                                    [e[1] for e in sorted(ends_at, key=lambda e: e[3])],
                                    [e[2] for e in sorted(ends_at, key=lambda e: e[3])], pipe,
@@ -735,7 +755,7 @@ class CostModel:
     def prediction(self, core: Core) -> Prediction:
         """The Prediction of an evaluated configuration."""
         m, tr, gpu, cfg = self.model, self.training, self.gpu, core.cfg
-        usable = self.usable_bytes
+        usable, budget = self.usable_bytes, self.budget_bytes
         stages = [StageMemory(stage=i, layers=s.layers, params=round(s.params), grads=round(s.grads),
                               optimizer=round(s.optimizer), activations=round(s.activations), other=round(s.other),
                               total=round(s.total), reserved=round(s.total * self.margin), peak_phase=s.phase,
@@ -744,20 +764,23 @@ class CostModel:
         fullest = stages[core.fullest]
         reason = "" if core.feasible else (
             f"out of memory: stage {fullest.stage} needs {fullest.reserved / GIB:.1f} GiB at its {fullest.peak_phase} "
-            f"peak, {(fullest.reserved - usable) / GIB:.1f} GiB more than the {usable / GIB:.1f} GiB usable")
+            f"peak, {(fullest.reserved - budget) / GIB:.1f} GiB more than the {budget / GIB:.1f} GiB budget "
+            f"({usable / GIB:.1f} GiB usable less {self.memory_headroom:.0%} headroom)")
         time = TimeBreakdown(**core.time)
         step, gpus = core.step, cfg.tp * cfg.pp * cfg.dp
         dt = self.dtypes(cfg.zero, cfg.dp)
         model_flops = model_flops_per_step(m, tr.global_batch, self.seq)
-        hw_flops = hardware_flops_per_step(m, tr.global_batch, self.seq, cfg.recompute == "full")
+        hw_flops = hardware_flops_per_step(m, tr.global_batch, self.seq, cfg.recompute == "full",
+                                           padded_vocab=self.vocab(cfg.tp))
         predicted = Predicted(
             step_time_s=step, tokens_per_s=tr.tokens_per_step / step,
             mfu=model_flops / (step * gpus * gpu.peak(dt.matmul)),
             tflops_per_gpu=model_flops / (step * gpus) / 1e12,
             hardware_tflops_per_gpu=hw_flops / (step * gpus) / 1e12,
             peak_memory_bytes=fullest.total, peak_reserved_bytes=fullest.reserved, critical_stage=core.crit,
-            binding=_binding(time, step, fullest, usable, core.feasible),
-            memory=MemoryBreakdown(capacity_bytes=gpu.memory_bytes, usable_bytes=round(usable), stages=stages),
+            binding=_binding(time, step, fullest, budget, core.feasible),
+            memory=MemoryBreakdown(capacity_bytes=gpu.memory_bytes, usable_bytes=round(usable),
+                                   headroom=self.memory_headroom, budget_bytes=round(budget), stages=stages),
             time=time, sources=self.sources_for(cfg))
         fields = {k: getattr(cfg, k) for k in ParallelConfig.model_fields if k != "layers_per_stage"}
         resolved = ResolvedConfig(**fields, layers_per_stage=core.chunks, num_microbatches=core.nmb,
@@ -767,15 +790,16 @@ class CostModel:
                           model=self.model_summary(), config=resolved, predicted=predicted)
 
 
-def _binding(time: TimeBreakdown, step: float, fullest: StageMemory, usable: float, feasible: bool) -> str:
+def _binding(time: TimeBreakdown, step: float, fullest: StageMemory, budget: float, feasible: bool) -> str:
     """One line: the largest shares of the step and how full the fullest GPU is."""
     shares = sorted(time.model_dump().items(), key=lambda kv: -kv[1])
     top = ", ".join(f"{k} {v / step:.0%}" for k, v in shares[:3] if v > 0)
-    mem = f"stage {fullest.stage} memory {fullest.reserved / GIB:.1f} of {usable / GIB:.1f} GiB ({fullest.peak_phase})"
+    mem = (f"stage {fullest.stage} memory {fullest.reserved / GIB:.1f} of a {budget / GIB:.1f} GiB budget "
+           f"({fullest.peak_phase})")
     if not feasible:
         return f"memory: {mem}"
     kind = {"compute": "compute-bound", "recompute": "recompute-heavy", "bubble": "pipeline-bubble-bound",
             "tp_comm": "TP-communication-bound", "pp_comm": "PP-communication-bound",
             "dp_comm_exposed": "DP-communication-bound", "optimizer": "optimizer-bound",
             "host": "host-bound"}[shares[0][0]]
-    return f"{kind} ({top}); {mem}" + (" (tight)" if fullest.reserved > 0.9 * usable else "")
+    return f"{kind} ({top}); {mem}" + (" (tight)" if fullest.reserved > 0.95 * budget else "")

@@ -39,9 +39,21 @@ def layer_params(m: ModelSpec) -> LayerParams:
     return LayerParams(sharded=qkv + proj + up + down, replicated=norm + row_biases)
 
 
-def embedding_params(m: ModelSpec) -> int:
-    """Token embedding (sharded over TP by vocabulary)."""
-    return m.vocab_size * m.hidden_size
+VOCAB_MULTIPLE = 128   # Megatron-LM's --make-vocab-size-divisible-by default
+
+
+def padded_vocab_size(m: ModelSpec, tp: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """Rows of the embedding and LM head as trained under tensor-parallel degree `tp`: the vocabulary rounded
+    up to a multiple of `multiple` * tp, so that every TP rank holds the same number of rows (Megatron-LM's
+    `_vocab_size_with_padding`; GPT-2's 50,257 becomes 50,304 at tp 1 and 51,200 at tp 8). The padded
+    logits are excluded from the loss, so the loss is the unpadded model's."""
+    step = multiple * tp
+    return -(-m.vocab_size // step) * step
+
+
+def embedding_params(m: ModelSpec, tp: int = 1) -> int:
+    """Token embedding with the vocabulary padded for `tp` (sharded over TP by vocabulary)."""
+    return padded_vocab_size(m, tp) * m.hidden_size
 
 
 def position_params(m: ModelSpec) -> int:
@@ -54,22 +66,14 @@ def final_norm_params(m: ModelSpec) -> int:
 
 
 def lm_head_params(m: ModelSpec) -> int:
-    """Output projection, counted only when it is not tied to the embedding."""
+    """Output projection of the real vocabulary, counted only when it is not tied to the embedding."""
     return 0 if m.tied_embeddings else m.vocab_size * m.hidden_size
 
 
 def total_params(m: ModelSpec) -> int:
-    """Unique trainable parameters of the whole model."""
-    return (m.num_layers * layer_params(m).total + embedding_params(m) + position_params(m)
+    """Unique trainable parameters of the model itself (the real vocabulary, no padding rows)."""
+    return (m.num_layers * layer_params(m).total + m.vocab_size * m.hidden_size + position_params(m)
             + final_norm_params(m) + lm_head_params(m))
-
-
-def padded_vocab_size(m: ModelSpec, tp: int, multiple: int = 128) -> int:
-    """The vocabulary an engine allocates: padded to a multiple of `multiple` x tp so that every TP rank holds
-    an equal, aligned shard (Megatron-LM's --make-vocab-size-divisible-by, 128 by default); padded logits
-    are excluded from the loss."""
-    step = multiple * tp
-    return -(-m.vocab_size // step) * step
 
 
 def active_params(m: ModelSpec) -> int:

@@ -1,12 +1,16 @@
 """Exact best-first search over the parallel configurations of `space.py`, costed by `planner.cost`.
 
 Branch and bound: every candidate gets a lower bound on its step time and on its memory (CostModel.bounds)
-at the cost of a few dictionary look-ups; candidates whose memory bound already exceeds the GPU are out of
-memory, the rest are costed in increasing order of their time bound, and the search stops when the next
-bound exceeds the k-th best step time found (nothing after it can enter the top k). The result is the top k
-of an exhaustive enumeration under the same cost model (tests check exactly that).
-Ranking: step time, ties broken by lower peak memory. With a measured link matrix, the top k are then placed
-on devices by `placement.py` (a local search, reported against the naive placement) and re-ranked.
+at the cost of a few dictionary look-ups; candidates whose memory bound already exceeds the memory budget are
+out of memory, the rest are costed in increasing order of their time bound, and the search stops when the
+next bound exceeds (1 + TIE_TOLERANCE) times the k-th best step time found (nothing after it can enter the top
+k). The result is the top k of an exhaustive enumeration under the same cost model and ranking rule (tests
+check exactly that).
+Ranking (`rank`): step times within TIE_TOLERANCE of each other tie, and a tie goes to the configuration with
+the most memory headroom: the first is, of all configurations within 1% of the fastest, the one reserving the
+least memory; the second the same among the rest, and so on. With a measured link matrix, the top k are
+then placed on devices by `placement.py` (a local search, reported against the naive placement) and
+re-ranked.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from planner.search.space import Candidate, Constraints, enumerate_space
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
 
 SLACK = 1 + 1e-9     # bounds and costs add the same terms in different orders: allow for rounding
+# Predicted step times within 1% are a tie: below what a measured run resolves (step-to-step variation of
+# real runs is about 1%) and far below the cost model's own error (6.7% MAPE on the vTrain runs).
+TIE_TOLERANCE = 0.01
 
 
 @dataclass
@@ -39,10 +46,19 @@ class SearchResult:
     naive_step: float | None = None          # the winner's step with rank r on device r (before placement)
 
 
-def rank_key(core: Core) -> tuple[float, float]:
-    """Step time, then peak memory; rounded so that configurations the cost model prices alike through
-    different sums of the same terms tie exactly (and enumeration order breaks the tie)."""
-    return round(core.step, 12), round(core.peak_reserved)
+def rank(entries: list[tuple[Core, int]], k: int, tolerance: float = TIE_TOLERANCE) -> list[Core]:
+    """The best k of (core, enumeration index) pairs under the ranking rule: repeatedly, among the remaining
+    configurations whose step time is within `tolerance` of the fastest remaining one, the one that reserves
+    the least memory (the most headroom), then the faster, then the first enumerated."""
+    rest = sorted(entries, key=lambda e: (e[0].step, e[1]))
+    out: list[Core] = []
+    while rest and len(out) < k:
+        limit = rest[0][0].step * (1 + tolerance)
+        ties = [e for e in rest if e[0].step <= limit]            # a prefix of `rest`
+        pick = min(ties, key=lambda e: (e[0].peak_reserved, e[0].step, e[1]))
+        rest.remove(pick)
+        out.append(pick[0])
+    return out
 
 
 def search(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, constraints: Constraints = Constraints(),
@@ -52,7 +68,7 @@ def search(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, const
     start = time.perf_counter()
     cost = cost or CostModel(model, cluster, training)
     rejected: Counter = Counter()
-    usable = cost.usable_bytes
+    budget = cost.budget_bytes
     queue: list[tuple[float, int, Candidate]] = []
     closest_lb: tuple[float, int, Candidate] | None = None
     count = 0
@@ -63,7 +79,7 @@ def search(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, const
             continue
         count += 1
         mem_lb = cost.memory_bound(cand)
-        if mem_lb > usable * SLACK:
+        if mem_lb > budget * SLACK:
             rejected["out_of_memory"] += 1
             if closest_lb is None or mem_lb < closest_lb[0]:
                 closest_lb = (mem_lb, count, cand)
@@ -74,15 +90,16 @@ def search(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, const
 
     compare_core = cost.evaluate_core(compare, compare.order) if compare is not None else None
     threshold_extra = compare_core.step if compare_core is not None else 0.0
-    top: list[tuple[tuple[float, float], int, Core]] = []     # max-heap by negated key, size <= top_k
+    found: list[tuple[Core, int]] = []          # every feasible, distinct configuration costed
+    best_steps: list[float] = []                # max-heap (negated) of the top_k smallest step times found
     faster_than_compare = 0
     seen: set = set()
     closest: Core | None = None
     evaluated = 0
     while queue:
         time_lb, tie, cand = queue[0]
-        kth = -top[0][0][0] if len(top) == top_k else float("inf")
-        if time_lb > max(kth, threshold_extra) * SLACK:
+        kth = -best_steps[0] if len(best_steps) == top_k else float("inf")
+        if time_lb > max(kth * (1 + TIE_TOLERANCE), threshold_extra) * SLACK:
             break
         heapq.heappop(queue)
         core = cost.evaluate_core(cand, cand.order)
@@ -96,21 +113,21 @@ def search(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, const
             continue
         if compare_core is not None and core.step < compare_core.step:
             faster_than_compare += 1
-        key = rank_key(core)
-        twin = (cand._replace(order=DEFAULT_ORDER), key)
+        twin = (cand._replace(order=DEFAULT_ORDER), (core.step, core.peak_reserved))
         if twin in seen:               # another rank order of the same config, costed the same: no news
             rejected["dominated"] += 1
             continue
         seen.add(twin)
-        if len(top) < top_k:
-            heapq.heappush(top, ((-key[0], -key[1]), -tie, core))
-        elif (key, tie) < ((-top[0][0][0], -top[0][0][1]), -top[0][1]):
-            heapq.heapreplace(top, ((-key[0], -key[1]), -tie, core))
+        found.append((core, tie))
+        if len(best_steps) < top_k:
+            heapq.heappush(best_steps, -core.step)
+        elif core.step < -best_steps[0]:
+            heapq.heapreplace(best_steps, -core.step)
     rejected["dominated"] += len(queue)
-    ranked = [entry[2] for entry in sorted(top, key=lambda e: (-e[0][0], -e[0][1], -e[1]))]
+    ranked = rank(found, top_k)
     naive_step = ranked[0].step if ranked else None
     if cost.net.matrix is not None and ranked:
-        ranked = sorted((improve_placement(cost, core.cfg, core) for core in ranked), key=rank_key)
+        ranked = rank([(improve_placement(cost, core.cfg, core), i) for i, core in enumerate(ranked)], top_k)
     if not ranked and closest_lb is not None:
         lb_core = cost.evaluate_core(closest_lb[2], closest_lb[2].order)
         if closest is None or lb_core.peak_reserved < closest.peak_reserved:

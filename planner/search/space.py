@@ -8,7 +8,7 @@ from typing import Iterator, NamedTuple
 
 from planner.layout import DEFAULT_ORDER
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
-from planner.validate import divisors
+from planner.validate import divisors, tp_shards
 
 ORDERS: tuple[tuple[str, str, str], ...] = (DEFAULT_ORDER, ("tp", "pp", "dp"))
 
@@ -74,7 +74,7 @@ def enumerate_space(model: ModelSpec, cluster: ClusterSpec, training: TrainingSp
                          and (model.attention_kernel or engine.kernels.attention) == "flash")
     pads = engine.memory_extras.vocab_multiple > 1
     for tp in _pick(c.tp, divisors(gpus)):
-        if (model.num_heads % tp or model.kv_heads % tp or (c.max_tp and tp > c.max_tp)
+        if (tp_shards(model, tp) or (c.max_tp and tp > c.max_tp)
                 or (tp > node and not c.allow_cross_node_tp) or (c.sp and tp == 1)
                 or (not pads and model.vocab_size % tp) or (tp > 1 and c.sp and not engine.sequence_parallel)):
             rejected["indivisible"] += 1
@@ -122,5 +122,10 @@ def _schedules(pp: int, m: int, L: int, c: Constraints, rejected: Counter,
     out = [(s, 1) for s in _pick(c.schedule, [x for x in ("gpipe", "1f1b") if x in allowed])
            if c.vpp in (None, 1) and (s == "gpipe" or m >= pp)]
     if c.schedule in (None, "interleaved") and "interleaved" in allowed and m % pp == 0:
-        out += [("interleaved", v) for v in _pick(c.vpp, range(2, L // pp + 1))]
+        if c.vpp is not None:
+            out += [("interleaved", c.vpp)] if 2 <= c.vpp <= L // pp else []
+        elif L % pp == 0:
+            # equal chunks, as Megatron-LM requires (layers per stage divisible by layers per virtual stage):
+            # a number of choices that grows with the divisors of L / pp, not with L
+            out += [("interleaved", v) for v in divisors(L // pp) if v >= 2]
     return out
