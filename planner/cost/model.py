@@ -108,11 +108,12 @@ class _StageFixed:
     last_params: float
     end_acts_held: float
     end_acts_one: float
+    head_acts: float
     head_transient: float
     head_backward: float
     copies_per_block: float
     end_copies: float
-    pipeline_buffers: float
+    pipeline_buffers: tuple[float, float]     # (kept all step, in flight)
 
 
 @dataclass
@@ -333,11 +334,12 @@ class CostModel:
         acts = blk.activation_bytes * sum(n * h for n, h in zip(chunk_layers, held)) + fixed.end_acts_held
         inputs = StageInputs(params=layers * fixed.block_params + fixed.end_params, block_params=fixed.block_params,
                              end_params=fixed.end_params, last_params=fixed.last_params, acts_held=acts,
-                             acts_one=blk.activation_bytes * layers + fixed.end_acts_one, held=max(held),
+                             acts_one=blk.activation_bytes * layers + fixed.end_acts_one,
+                             head_acts=fixed.head_acts, held=max(held),
                              microbatches=nmb, block_transient=blk.transient_bytes,
                              head_transient=fixed.head_transient, head_backward=fixed.head_backward,
                              autocast_copies=layers * fixed.copies_per_block + fixed.end_copies,
-                             pipeline_buffers=fixed.pipeline_buffers)
+                             pipeline_buffers=fixed.pipeline_buffers[0], inflight_outputs=fixed.pipeline_buffers[1])
         return stage_timeline(fixed.recipe, fixed.regime, inputs, fixed.states, fixed.grads_between)
 
     def _stage_fixed(self, cfg: ParallelConfig, device: int, nmb: int, blk: BlockCost, dt: Dtypes) -> "_StageFixed":
@@ -353,7 +355,7 @@ class CostModel:
         vocab = self.vocab(tp)
         recipe = self.recipe(cfg.zero, cfg.dp)
         fsdp = recipe.gathered_weights_bytes > 0 and cfg.dp > 1 and cfg.zero >= recipe.weights.sharded_from
-        end_held = end_one = head_transient = head_backward = end_copies = 0.0
+        end_held = end_one = head_transient = head_backward = end_copies = head_acts = 0.0
         if device == 0:
             emb = embedding_activation_bytes(m, mbs, self.seq, tp, cfg.sp)
             end_held += emb * held[0]
@@ -362,8 +364,11 @@ class CostModel:
             head = head_activation_bytes(m, mbs, self.seq, tp, cfg.sp, dt, self.opts, vocab)
             end_held += head * held[-1]
             end_one += head
+            head_acts = head
             head_transient = head_transient_bytes(m, mbs, self.seq, tp, dt, self.opts, vocab)
             head_backward = head_transient_bytes(m, mbs, self.seq, tp, dt, self.opts, vocab, "backward")
+            if cfg.pp > 1 and self.engine.memory_extras.pipeline_buffers == "all_microbatches":
+                head_backward += mbs * self.seq * vocab / tp * dt.act   # the stage output kept for the backward
             if dt.autocast and not fsdp:
                 end_copies = dt.act * vocab * m.hidden_size / tp          # the LM head is a Linear too
         regime = self.regime(cfg, nmb)
@@ -372,27 +377,31 @@ class CostModel:
             grads_between=grads_between_bytes(recipe, regime), held_per_chunk=held,
             block_params=self.layer.per_tp_rank(tp),
             end_params=self.end_params(cfg, device), last_params=self._embedding_params(cfg, device),
-            end_acts_held=end_held, end_acts_one=end_one,
+            end_acts_held=end_held, end_acts_one=end_one, head_acts=head_acts,
             head_transient=head_transient, head_backward=head_backward,
             copies_per_block=0.0 if fsdp else autocast_weight_bytes(m, tp, dt), end_copies=end_copies,
             pipeline_buffers=self._pipeline_buffers(cfg, device, nmb, held))
         return hit
 
-    def _pipeline_buffers(self, cfg: ParallelConfig, device: int, nmb: int, held: list[int]) -> float:
-        """Bytes of a device's pipeline buffers: torch.distributed.pipelining allocates, for each local stage, a
-        receive buffer per micro-batch for the activation (not the first stage) and for its gradient (not the
-        last) at the first step and keeps them, and keeps each in-flight micro-batch's output for its backward
-        (the last stage's output is the logits, counted with the loss)."""
+    def _pipeline_buffers(self, cfg: ParallelConfig, device: int, nmb: int, held: list[int]) -> tuple[float, float]:
+        """(kept, in flight) bytes of a device's pipeline buffers: torch.distributed.pipelining allocates, for each
+        local stage, a receive buffer per micro-batch for the activation (not the first stage) and for its
+        gradient (not the last) at the first step and keeps them; and it keeps each in-flight micro-batch's
+        output for its backward (the last stage's outputs are logits)."""
         if cfg.pp == 1 or self.engine.memory_extras.pipeline_buffers != "all_microbatches":
-            return 0.0
+            return 0.0, 0.0
         msg = self._act_msg(cfg)
         chunks = cfg.pp * cfg.vpp
-        total = 0.0
+        dt = self.dtypes(cfg.zero, cfg.dp)
+        logits = cfg.mbs * self.seq * self.vocab(cfg.tp) / cfg.tp * dt.act
+        kept = in_flight = 0.0
         for local, stage in enumerate(range(device, chunks, cfg.pp)):
-            total += msg * nmb * ((stage > 0) + (stage < chunks - 1))
+            kept += msg * nmb * ((stage > 0) + (stage < chunks - 1))
             if stage < chunks - 1:
-                total += msg * held[local]
-        return total
+                in_flight += msg * held[local]
+            else:        # the last stage's outputs are logits; the loss counts the current micro-batch's
+                in_flight += logits * max(0, held[local] - 1)
+        return kept, in_flight
 
     def stage_memory(self, cfg: ParallelConfig, device: int, chunk_layers: list[int], nmb: int,
                      blk: BlockCost, dt: Dtypes) -> StageMem:
@@ -569,9 +578,10 @@ class CostModel:
         def forward(n: int) -> float:
             block = self.layer.per_tp_rank(cfg.tp)
             inputs = StageInputs(params=n * block, block_params=block, end_params=0.0, last_params=0.0,
-                                 acts_held=0.0, acts_one=0.0,
+                                 acts_held=0.0, acts_one=0.0, head_acts=0.0,
                                  held=most_held, microbatches=nmb, block_transient=0.0, head_transient=0.0,
-                                 head_backward=0.0, autocast_copies=n * copies, pipeline_buffers=0.0)
+                                 head_backward=0.0, autocast_copies=n * copies, pipeline_buffers=0.0,
+                                 inflight_outputs=0.0)
             return stage_timeline(recipe, self.regime(cfg, nmb), inputs).phases["forward"].total
         hit = self._forward_slope_cache[key] = forward(1) - forward(0)
         return hit
@@ -700,6 +710,11 @@ class CostModel:
         finish, post_comm, post_opt, post_dev = max(ends_at)
         first = max(once_first)
         step = finish + first + host.per_step_s
+        # what the step spends after the pipeline: the finishing device's communication and optimizer, less the
+        # part of it that ran while the pipeline drained
+        after = finish - pipe
+        if post_comm + post_opt > after > 0:
+            post_comm, post_opt = (x * after / (post_comm + post_opt) for x in (post_comm, post_opt))
 
         # --- time breakdown on the critical path (sums to step)
         n = layers[crit]
@@ -709,7 +724,8 @@ class CostModel:
             if is_end:
                 tp_comm += parts[0].comm + parts[1].comm
         compute = fwd[crit] + bwd[crit] - every[crit] - recompute - tp_comm - host.per_microbatch_s
-        transfers = p2p_on_path(cfg.schedule, nmb, pp, p2p, cfg.vpp, blocking)
+        # what the transfers add to the pipeline (its time less the same schedule with instant transfers)
+        transfers = pipe - pipeline_time(cfg.schedule, nmb, fwd, bwd, 0.0, cfg.vpp, blocking)[0] if pp > 1 else 0.0
         time = dict(compute=nmb * compute, recompute=nmb * recompute, tp_comm=nmb * tp_comm, pp_comm=transfers,
                     dp_comm_exposed=nmb * every[crit] + first + post_comm, optimizer=post_opt,
                     host=nmb * host.per_microbatch_s + host.per_step_s)

@@ -31,13 +31,15 @@ class StageInputs:
     last_params: float        # parameters whose gradients come last in the backward (stage 0's embedding)
     acts_held: float          # activations of the micro-batches in flight at the stage's peak
     acts_one: float           # activations of one micro-batch on this stage
+    head_acts: float          # of which the loss's (last stage; 0 elsewhere)
     held: int                 # micro-batches in flight at the peak
     microbatches: int
     block_transient: float    # a block's backward working set
     head_transient: float     # logits in flight in the forward (last stage; 0 elsewhere)
     head_backward: float      # the loss's backward buffers (last stage; 0 elsewhere)
     autocast_copies: float    # 16-bit weight copies autocast keeps for the whole step (0 if none)
-    pipeline_buffers: float   # pipeline receive buffers and the outputs kept for in-flight backwards
+    pipeline_buffers: float   # pipeline receive buffers (kept all step)
+    inflight_outputs: float   # stage outputs kept for the in-flight micro-batches' backwards
 
 
 @dataclass(frozen=True)
@@ -110,18 +112,20 @@ def stage_timeline(recipe, regime: Regime, s: StageInputs, sb: StateBytes | None
     reduced = s.params * sb.grads
     grads_between = s.params * (grads_between_bytes(recipe, regime) if between is None else between)
 
+    # unsharded parameter copies: between blocks (at the loss, at the embedding) and inside a block's backward
     fsdp = recipe.gathered_weights_bytes > 0 and regime.dp > 1 and regime.zero >= recipe.weights.sharded_from
-    gathered_fwd = gathered_bwd = 0.0
+    between_blocks = in_block = 0.0
     if fsdp:
-        everything = (s.params - s.end_params) * recipe.gathered_weights_bytes
-        in_flight = (2 if regime.prefetch else 1) * s.block_params * recipe.gathered_weights_bytes
-        ends = s.end_params * recipe.gathered_weights_bytes          # the root module is never resharded
-        reshard = regime.zero >= 3 and regime.reshard_after_forward
-        kept_after_backward = regime.pp > 1 and regime.defer_under_pipeline
-        gathered_fwd = ends + (in_flight if reshard and not kept_after_backward else everything)
-        gathered_bwd = ends + (in_flight if reshard and not kept_after_backward else everything)
+        root = s.end_params * recipe.gathered_weights_bytes          # the root module is never resharded
+        resharded = (regime.zero >= 3 and regime.reshard_after_forward
+                     and not (regime.pp > 1 and regime.defer_under_pipeline))
+        if resharded:      # a block is gathered for its forward and again for its backward, then freed
+            between_blocks = root
+            in_block = root + (2 if regime.prefetch else 1) * s.block_params * recipe.gathered_weights_bytes
+        else:              # gathered at the first forward and kept until the backward is done
+            between_blocks = in_block = s.params * recipe.gathered_weights_bytes
     if regime.zero == 0 and regime.dp > 1:   # a replicate wrapper's unsharded copy (FSDP2's replicate)
-        gathered_fwd = gathered_bwd = s.params * recipe.replicate_copy_bytes
+        between_blocks = in_block = s.params * recipe.replicate_copy_bytes
     reduce_buffer = (s.block_params * recipe.gathered_grads_bytes
                      if fsdp and regime.sync_every_microbatch else 0.0)
 
@@ -138,16 +142,22 @@ def stage_timeline(recipe, regime: Regime, s: StageInputs, sb: StateBytes | None
     working = s.block_transient + reduce_buffer
     # at the last block, its own gradients and the embedding's are still to come
     pending = min(new, (s.block_params + s.last_params) * (new / s.params)) if s.params > 0 else 0.0
-    ends = [(s.acts_held, existing, s.head_backward), (s.acts_held, existing, working),
-            (s.acts_held - s.acts_one, existing + new - pending, working),
-            (s.acts_held - s.acts_one, existing + new, 0.0)]          # the embedding's, the backward's last
-    acts_bwd, grads_bwd, transient_bwd = max(ends, key=sum)
-    held = s.autocast_copies + s.pipeline_buffers
+    points = [(between_blocks, s.acts_held, existing, s.head_backward),
+              (in_block, s.acts_held, existing, working),
+              (in_block, s.acts_held - s.acts_one, existing + new - pending, working),
+              (between_blocks, s.acts_held - s.acts_one, existing + new, 0.0)]   # the embedding's, the last
+    gathered_bwd, acts_bwd, grads_bwd, transient_bwd = max(points, key=sum)
+    held = s.autocast_copies + s.pipeline_buffers + s.inflight_outputs
+    # the forward peaks at the loss (the last block's parameters freed when resharded) or in the last block
+    # (gathered, the loss's activations not yet made)
+    at_loss = (between_blocks, s.acts_held, held + s.head_transient)
+    at_last_block = (in_block, s.acts_held - s.head_acts, held)
+    gathered_fwd, acts_fwd, other_fwd = max(at_loss, at_last_block, key=sum)
     forward = PhaseMemory(params=weights + gathered_fwd, grads=grads_fwd, optimizer=opt_states,
-                          activations=s.acts_held, other=held + s.head_transient)
+                          activations=acts_fwd, other=other_fwd)
     backward = PhaseMemory(params=weights + gathered_bwd, grads=grads_bwd, optimizer=opt_states,
                            activations=acts_bwd, other=held + transient_bwd)
     temp_share = regime.dp if regime.zero >= recipe.moments_sharded_from else 1
     optimizer = PhaseMemory(params=weights, grads=reduced, optimizer=opt_states, activations=0.0,
-                            other=s.params * recipe.optimizer_temp_bytes / temp_share)
+                            other=s.pipeline_buffers + s.params * recipe.optimizer_temp_bytes / temp_share)
     return Timeline({"forward": forward, "backward": backward, "optimizer": optimizer})
