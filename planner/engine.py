@@ -151,6 +151,10 @@ class MemoryExtras(_Spec):
         False, description="Autocast casts the fp32 input of each Linear separately, so q/k/v (and gate/up) each "
                            "keep their own 16-bit copy of one norm output.")
     vocab_multiple: int = Field(128, ge=1, description="Vocabulary padded to a multiple of this times tp.")
+    embedding_grad_whole: bool = Field(
+        False, description="Under tensor parallelism each rank keeps the token embedding's whole gradient (V x h), "
+                           "not its vocabulary shard (DTensor's row-wise embedding, measured by "
+                           "profiler.memory_trace).")
     pipeline_buffers: Literal["all_microbatches", "in_flight"] = Field(
         "in_flight", description="Pipeline receive buffers: one per micro-batch of the step, kept all step "
                                  "(torch.distributed.pipelining), or only those in flight (Megatron).")

@@ -107,8 +107,15 @@ def _precision(plan, device):
 
 def make_optimizer(params, kind: str, lr: float):
     """The optimizer `kind` (a plan's training.optimizer) as the runtime trains with it and the profiler
-    times it: SGD with momentum 0.9; Adam with betas (0.9, 0.95); AdamW with those and weight decay 0.1."""
+    times it: SGD with momentum 0.9; Adam with betas (0.9, 0.95); AdamW with those and weight decay 0.1.
+    Tensor-parallel DTensor parameters and plain ones (norms replicated without sequence parallelism) go in two
+    parameter groups of the same settings: torch's foreach kernels (the default on CUDA) refuse to mix them."""
     import torch
+    from torch.distributed.tensor import DTensor
+    params = list(params)
+    sharded = [p for p in params if isinstance(p, DTensor)]
+    if sharded and len(sharded) < len(params):
+        params = [{"params": sharded}, {"params": [p for p in params if not isinstance(p, DTensor)]}]
     if kind == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
     if kind == "adam":

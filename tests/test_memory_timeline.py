@@ -87,6 +87,7 @@ TWO_RANKS = {
     "ZeRO-1, bf16 FSDP2 mixed precision": ("bf16", 8, dict(dp=2, mbs=4, zero=1)),
     "pp 2, 1F1B": ("fp32", 8, dict(pp=2, mbs=2, layers_per_stage=[2, 2])),
     "pp 2, GPipe": ("fp32", 8, dict(pp=2, mbs=2, schedule="gpipe", layers_per_stage=[2, 2])),
+    "tp 2": ("fp32", 8, dict(tp=2, mbs=4)),
 }
 
 

@@ -109,6 +109,7 @@ class _StageFixed:
     end_acts_held: float
     end_acts_one: float
     head_acts: float
+    whole_grad_params: float
     head_transient: float
     head_backward: float
     copies_per_block: float
@@ -333,7 +334,8 @@ class CostModel:
         held = fixed.held_per_chunk
         acts = blk.activation_bytes * sum(n * h for n, h in zip(chunk_layers, held)) + fixed.end_acts_held
         inputs = StageInputs(params=layers * fixed.block_params + fixed.end_params, block_params=fixed.block_params,
-                             end_params=fixed.end_params, last_params=fixed.last_params, acts_held=acts,
+                             end_params=fixed.end_params, last_params=fixed.last_params,
+                             whole_grad_params=fixed.whole_grad_params, acts_held=acts,
                              acts_one=blk.activation_bytes * layers + fixed.end_acts_one,
                              head_acts=fixed.head_acts, held=max(held),
                              microbatches=nmb, block_transient=blk.transient_bytes,
@@ -367,8 +369,11 @@ class CostModel:
             head_acts = head
             head_transient = head_transient_bytes(m, mbs, self.seq, tp, dt, self.opts, vocab)
             head_backward = head_transient_bytes(m, mbs, self.seq, tp, dt, self.opts, vocab, "backward")
+            logits = mbs * self.seq * vocab / tp
             if cfg.pp > 1 and self.engine.memory_extras.pipeline_buffers == "all_microbatches":
-                head_backward += mbs * self.seq * vocab / tp * dt.act   # the stage output kept for the backward
+                head_backward += logits * dt.act         # the stage output kept for the backward
+            if tp > 1 and "cross_entropy" not in self.opts.fused:
+                head_backward += logits * 4              # loss_parallel's backward: one more fp32 logits tensor
             if dt.autocast and not fsdp:
                 end_copies = dt.act * vocab * m.hidden_size / tp          # the LM head is a Linear too
         regime = self.regime(cfg, nmb)
@@ -378,6 +383,8 @@ class CostModel:
             block_params=self.layer.per_tp_rank(tp),
             end_params=self.end_params(cfg, device), last_params=self._embedding_params(cfg, device),
             end_acts_held=end_held, end_acts_one=end_one, head_acts=head_acts,
+            whole_grad_params=(self.vocab(tp) * m.hidden_size * (1 - 1 / tp)
+                               if device == 0 and tp > 1 and self.engine.memory_extras.embedding_grad_whole else 0.0),
             head_transient=head_transient, head_backward=head_backward,
             copies_per_block=0.0 if fsdp else autocast_weight_bytes(m, tp, dt), end_copies=end_copies,
             pipeline_buffers=self._pipeline_buffers(cfg, device, nmb, held))
@@ -578,7 +585,7 @@ class CostModel:
         def forward(n: int) -> float:
             block = self.layer.per_tp_rank(cfg.tp)
             inputs = StageInputs(params=n * block, block_params=block, end_params=0.0, last_params=0.0,
-                                 acts_held=0.0, acts_one=0.0, head_acts=0.0,
+                                 whole_grad_params=0.0, acts_held=0.0, acts_one=0.0, head_acts=0.0,
                                  held=most_held, microbatches=nmb, block_transient=0.0, head_transient=0.0,
                                  head_backward=0.0, autocast_copies=n * copies, pipeline_buffers=0.0,
                                  inflight_outputs=0.0)

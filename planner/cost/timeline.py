@@ -29,6 +29,7 @@ class StageInputs:
     block_params: float       # parameters of one block on this TP rank
     end_params: float         # embedding / head / final-norm parameters on this stage
     last_params: float        # parameters whose gradients come last in the backward (stage 0's embedding)
+    whole_grad_params: float  # parameters more whose gradients are kept unsharded beside `params`
     acts_held: float          # activations of the micro-batches in flight at the stage's peak
     acts_one: float           # activations of one micro-batch on this stage
     head_acts: float          # of which the loss's (last stage; 0 elsewhere)
@@ -109,8 +110,9 @@ def stage_timeline(recipe, regime: Regime, s: StageInputs, sb: StateBytes | None
     (state_bytes and grads_between_bytes of the recipe and regime) may be passed in precomputed."""
     sb = sb or state_bytes(recipe, regime.optimizer, regime.zero, regime.dp)
     weights, opt_states = s.params * sb.weights, s.params * sb.optimizer
-    reduced = s.params * sb.grads
-    grads_between = s.params * (grads_between_bytes(recipe, regime) if between is None else between)
+    grad_params = s.params + s.whole_grad_params
+    reduced = grad_params * sb.grads
+    grads_between = grad_params * (grads_between_bytes(recipe, regime) if between is None else between)
 
     # unsharded parameter copies: between blocks (at the loss, at the embedding) and inside a block's backward
     fsdp = recipe.gathered_weights_bytes > 0 and regime.dp > 1 and regime.zero >= recipe.weights.sharded_from
