@@ -123,7 +123,7 @@ def test_time_breakdown_sums_to_step_and_feasibility_matches_memory(setup):
     p = pred.predicted
     assert sum(p.time.model_dump().values()) == pytest.approx(p.step_time_s, rel=1e-9)
     assert all(v >= 0 for v in p.time.model_dump().values())
-    assert pred.feasible == (p.peak_reserved_bytes <= p.memory.usable_bytes)
+    assert pred.feasible == (p.peak_reserved_bytes <= p.memory.budget_bytes)
     assert (pred.reason == "") == pred.feasible
 
 
