@@ -45,6 +45,9 @@ def run_command(
                                       help="host:port of node 0 for a multi-node rendezvous."),
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node",
                                                  help="Processes per node (default: the plan's GPUs per node)."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                           help="torch.compile each transformer block (default: as the plan's engine "
+                                                "was costed, `estimate/plan --compile`)."),
 ):
     """Train with a plan through torchrun, show progress, and compare measured against predicted.
 
@@ -73,6 +76,8 @@ def run_command(
     if data_dtype not in ("uint16", "uint32"):
         raise InputError(f"'{data_dtype}' is not one of uint16, uint32", field="--data-dtype")
     train_args = ["--plan", str(plan.resolve()), "--steps", str(steps), "--seed", str(seed), "--lr", repr(lr)]
+    if compile if compile is not None else p.engine.compile:
+        train_args.append("--compile")
     if data:
         train_args += ["--data", str(data.resolve()), "--data-dtype", data_dtype]
     if checkpoint_dir:

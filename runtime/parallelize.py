@@ -150,8 +150,11 @@ def local_chunk_indices(pp: int, vpp: int, pp_rank: int) -> list[int]:
 
 
 def build_chunks(plan: Plan, mesh: DeviceMesh, coords: Coords, device: torch.device, seed: int,
-                 mp_policy=None, loss_parallel: bool = True) -> tuple[list[int], list[ModelChunk]]:
-    """This rank's model chunks, parallelised as the plan says and initialised from `seed`.
+                 mp_policy=None, loss_parallel: bool = True,
+                 compile_blocks: bool = False) -> tuple[list[int], list[ModelChunk]]:
+    """This rank's model chunks, parallelised as the plan says and initialised from `seed`. With
+    `compile_blocks` each transformer block is compiled (torch.compile, in place) after tensor parallelism and
+    before data parallelism, torchtitan's order, so FSDP2's hooks stay outside the compiled graph.
 
     Returns (stage indices, chunks). Parameters are created on the meta device, sharded, then materialised
     on `device`, so no rank ever holds more than its shard of a layer plus one full parameter at a time.
@@ -167,6 +170,9 @@ def build_chunks(plan: Plan, mesh: DeviceMesh, coords: Coords, device: torch.dev
                                vocab_tp=cfg.tp)
         if cfg.tp > 1:
             apply_tensor_parallel(chunk, mesh["tp"], cfg.sp, loss_parallel)
+        if compile_blocks:
+            for block in chunk.layers.values():
+                block.compile()
         if cfg.dp > 1:
             apply_data_parallel(chunk, mesh["dp"], cfg.zero, mp_policy)
         chunk.to_empty(device=device)

@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--report", default=None, help="Run-report JSON written by rank 0.")
     ap.add_argument("--job-dir", default=None, help="Directory for per-rank error files.")
     ap.add_argument("--progress-protocol", action="store_true", help="Machine-readable progress lines.")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block.")
     return ap.parse_args(argv)
 
 
@@ -181,7 +182,8 @@ def run_plan(plan, args: argparse.Namespace, rank: int, device, resume_from=None
     mesh = build_mesh(plan, device.type)
     coords = my_coords(plan, rank)
     run_precision, mp_policy, autocast, scaled = _precision(plan, device)
-    stages, chunks = build_chunks(plan, mesh, coords, device, args.seed, mp_policy, loss_parallel=cfg.tp > 1)
+    stages, chunks = build_chunks(plan, mesh, coords, device, args.seed, mp_policy, loss_parallel=cfg.tp > 1,
+                                  compile_blocks=getattr(args, "compile", False))
     model = RankModel(chunks)
     tied = TiedEmbeddingSync(plan, coords, model)
     params = list(model.parameters())
@@ -318,7 +320,7 @@ def train(args: argparse.Namespace) -> int:
                "data": os.path.abspath(args.data) if args.data else "synthetic",
                "device": device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
                "backend": backend, "world_size": world, "precision_plan": plan.training.precision,
-               "precision_run": run_precision, "torch": torch.__version__, "wall_s": time.time() - started,
+               "precision_run": run_precision, "compiled": bool(getattr(args, "compile", False)), "torch": torch.__version__, "wall_s": time.time() - started,
                "checkpoint_failures": mine["checkpoint_failures"]}
         report = build_report(plan, run, losses, sorted(gathered, key=lambda r: r["rank"]))
         if args.report:

@@ -340,3 +340,26 @@ def test_rendezvous_endpoint_is_host_and_port(text, ok):
 def test_cli_module_does_not_import_torch():
     code = "import sys, planner.cli; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([PYTHON, "-c", code], cwd=str(ROOT)).returncode == 0
+
+
+def test_a_plan_costed_with_compile_runs_compiled_and_trains_the_same(tmp_path):
+    """`estimate --compile` records the compiled engine in the plan; `meshplan run` then torch.compiles each
+    block (inductor on CPU) and trains the same losses as the eager run, to float rounding."""
+    plans = {}
+    for flag in ("--compile", "--no-compile"):
+        plans[flag] = tmp_path / f"plan{flag}.json"
+        proc = subprocess.run([PYTHON, "-m", "planner.cli", "estimate", "--model", "llama-tiny", "--cluster", "cpu-local",
+                               "--nodes", "1", "--gpus-per-node", "1", "-b", "4", "--seq", "32", "--precision", "fp32",
+                               flag, "-o", str(plans[flag])], capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+    compiled, eager = (json.loads(plans[f].read_text()) for f in ("--compile", "--no-compile"))
+    assert compiled["engine"]["compile"] and not eager["engine"]["compile"]
+    assert compiled["predicted"]["step_time_s"] != eager["predicted"]["step_time_s"]
+    reports = {}
+    for flag, plan in plans.items():
+        reports[flag] = tmp_path / f"run{flag}.json"
+        proc = meshplan("run", plan, "--steps", 2, "--report", reports[flag])
+        assert proc.returncode == 0, proc.stderr
+    runs = {f: json.loads(r.read_text()) for f, r in reports.items()}
+    assert runs["--compile"]["run"]["compiled"] and not runs["--no-compile"]["run"]["compiled"]
+    assert relative_error(runs["--compile"]["losses"], runs["--no-compile"]["losses"]) < 1e-6

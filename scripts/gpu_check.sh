@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 8 item 6, as one short script for a lent H200 (the `device` tool runs it in the repo
+# root; everything it measures lands in $OUT). About 8-10 minutes; run it once with a timeout that leaves room
+# for a rerun, then give the machine back.
+#
+#   1. profile model: one Llama-3-8B block at tp 1, 2, 4, 8 and micro-batch 1, 2 (seq 4096, bf16);
+#   2. profile cluster on this device (GEMM curve, copy bandwidth, kernel overhead, flash attention);
+#   3. 20-step `meshplan run`s of llama3.2-1b and gpt3-1.3b on one GPU, eager and with --compile, each
+#      against the plan's prediction (step time, tokens/s, peak allocated and reserved memory).
+# Afterwards: fold $OUT/cluster.json's efficiencies into cluster_specs/hgx-h200.yaml (with this script named
+# as their source), and calibrate the meshplan engine's host costs on the runs:
+#   meshplan calibrate --cluster hgx-h200 --runs $OUT/run_*.json -o h200-calibrated.yaml
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+log() { echo "== $(date +%T) $*" | tee -a "$OUT/gpu_check.log"; }
+
+if [ ! -x .venv/bin/meshplan ]; then
+    log "setting up .venv (torch from the registry: the device machine has a CUDA wheel cache of its own)"
+    python3 -m venv .venv && .venv/bin/pip install -q torch && .venv/bin/pip install -q -e '.[test]' || exit 1
+fi
+M=.venv/bin/meshplan
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv | tee "$OUT/gpu.csv"
+
+log "1. profile model llama3-8b block"
+timeout 240 $M profile model -m llama3-8b --tp 1,2,4,8 --mbs 1,2 --seq 4096 --precision bf16 \
+    --recompute none -o "$OUT/llama8b_profile.json" --force 2>&1 | tail -20 | tee -a "$OUT/gpu_check.log"
+
+log "2. profile cluster (one device)"
+timeout 120 $M profile cluster --nproc 1 -o "$OUT/cluster.json" --force 2>&1 | tail -20 | tee -a "$OUT/gpu_check.log"
+
+log "3. meshplan run, eager and compiled"
+for model in llama3.2-1b gpt3-1.3b; do
+    for compile in no-compile compile; do
+        name="${model}_${compile}"
+        $M estimate -m "$model" -c hgx-h200 --nodes 1 --gpus-per-node 1 -b 8 --seq 2048 --mbs 4 \
+            --precision bf16 --"$compile" -o "$OUT/plan_$name.json" --force > /dev/null || continue
+        timeout 150 $M run "$OUT/plan_$name.json" --steps 20 --"$compile" --report "$OUT/run_$name.json" --force \
+            2>&1 | tail -12 | tee -a "$OUT/gpu_check.log"
+    done
+done
+log "done"
