@@ -104,9 +104,10 @@ def estimate(model: ModelSpec, cluster: ClusterSpec, nodes: int, gpn: int, train
 def vtrain_set() -> Set:
     engine, cluster, cache = load_engine("deepspeed"), load_cluster("dgx-a100-80gb"), {}
     cases = []
-    for r in read("vtrain_single_node_a100.csv"):
-        g, b, mbs, h, a, L, s, tp, dp, pp, ms = (r[k] for k in r)
-        g, b, mbs, h, a, L, s, tp, dp, pp = map(int, (g, b, mbs, h, a, L, s, tp, dp, pp))
+    with open(REFERENCE / "vtrain_single_node_a100.csv") as f:     # its header line is a comment
+        rows = [rec for rec in csv.reader(f) if rec and not rec[0].startswith("#")]
+    for *ints, ms in rows:
+        g, b, mbs, h, a, L, s, tp, dp, pp = map(int, ints)
         model = gpt(f"gpt-h{h}-l{L}", L, h, a, seq=s)
         training = TrainingSpec(global_batch=b, seq_len=s, precision="fp16", optimizer="adam")
         cfg = ParallelConfig(tp=tp, pp=pp, dp=dp, mbs=mbs, recompute="full")
@@ -178,10 +179,15 @@ def llama3_set() -> Set:
                                                 "data_parallel_fsdp", "seq_len"))
         B = int(r["batch_size_per_dp"]) * dp
         training = TrainingSpec(global_batch=B, seq_len=s, precision="bf16")
-        pins = Constraints(tp=tp, pp=pp, dp=dp, mbs=1, zero=2, schedule="interleaved")
         c = cluster.resized(g // 8, 8)
-        best = search(model, c, training, pins, top_k=1, cost=CostModel(model, c, training, engine=engine)).top
-        cfg = ParallelConfig(**{k: getattr(best[0].cfg, k) for k in ParallelConfig.model_fields
+        cost = CostModel(model, c, training, engine=engine)
+        # 126 layers do not split evenly over 16 stages, so the search wants the virtual stages pinned
+        best = min((r for v in range(2, model.num_layers // pp + 1)
+                    for r in search(model, c, training, Constraints(tp=tp, pp=pp, dp=dp, mbs=1, zero=2, vpp=v,
+                                                                    schedule="interleaved"),
+                                    top_k=1, cost=cost).top),
+                   key=lambda r: r.step)
+        cfg = ParallelConfig(**{k: getattr(best.cfg, k) for k in ParallelConfig.model_fields
                                 if k != "layers_per_stage"})
         flops = model_flops_per_step(model, B, s)
         step = flops / (float(r["tflops_per_gpu"]) * 1e12 * g)
