@@ -4,7 +4,7 @@ costs to the three A100 sets of ../shared/reference/ at once, each predicted wit
   vtrain        1,440 Megatron-DeepSpeed iterations on 2-8 A100s (deepspeed engine): small, launch-bound
                 models, which pin the host costs and the GEMM shape penalty;
   korthikanti   Table 5, 22B-1T GPTs on 8-512 A100s (megatron engine, 2022);
-  sc21-table2   the PTD-P rows of Megatron SC21 Table 2 (megatron engine, 2021): large GEMMs, which pin
+  sc21-ptdp     the PTD-P rows of Megatron SC21 Table 2 (megatron engine, 2021): large GEMMs, which pin
                 the GEMM asymptote. Its ZeRO-3 rows are left out (DeepSpeed 2021's ZeRO-3 without model
                 parallelism ran at a third of its links' bandwidth; see README "Accuracy").
 
@@ -44,8 +44,7 @@ VTRAIN_WEIGHT = 3.0
 
 
 def main() -> None:
-    vt, ko, sc = sets.vtrain_set(), sets.korthikanti_set(), sets.sc21_set()
-    ptdp = [c for c in sc.cases if c.label.startswith("PTD-P")]
+    vt, ko, ptdp = sets.vtrain_set(), sets.korthikanti_set(), sets.sc21_ptdp_set().cases
     scale = np.array([p[4] for p in PARAMS])
 
     def clusters(x: np.ndarray):
