@@ -374,6 +374,7 @@ class CostModel:
             if cfg.pp > 1 and self.engine.memory_extras.pipeline_buffers == "all_microbatches":
                 head_backward += logits * dt.act         # the stage output kept for the backward
             if tp > 1 and "cross_entropy" not in self.opts.fused:
+                head_transient += logits * 4             # loss_parallel's forward: logits - max beside the logits
                 head_backward += logits * 4              # loss_parallel's backward: one more fp32 logits tensor
             if dt.autocast and not fsdp:
                 end_copies = dt.act * vocab * m.hidden_size / tp          # the LM head is a Linear too
