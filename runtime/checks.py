@@ -10,6 +10,7 @@ from planner.errors import InputError
 from planner.limits import check_option
 from planner.outputs import check_writable_dir
 from planner.plan import Plan
+from planner.specs import ModelSpec
 from planner.validate import check_config
 from runtime import checkpoint as ckpt
 from runtime.data import check_data_file
@@ -52,6 +53,20 @@ def rank_grid(plan: Plan) -> list[list[list[int]]]:
     return grid
 
 
+def unsupported(spec: ModelSpec) -> str | None:
+    """Why these blocks cannot build `spec` (None when they can): they are GPT-2 and Llama blocks, without
+    mixture-of-experts MLPs, gated GELU, explicit head widths, q/k norms, sandwich norms or windowed attention
+    (the planner costs those; runtime/models.py does not build them yet)."""
+    for field, default in (("moe", None), ("qk_norm", "none"), ("sandwich_norm", False), ("sliding_window", None)):
+        if getattr(spec, field) != default:
+            return f"the runtime does not build models with {field} (a dense GPT-2 / Llama model only)"
+    if spec.mlp == "geglu":
+        return "the runtime does not build gated-GELU (geglu) MLPs"
+    if spec.head_dim not in (None, spec.hidden_size // spec.num_heads):
+        return f"the runtime does not build a head_dim ({spec.head_dim}) other than hidden_size / num_heads"
+    return None
+
+
 def check_run(plan: Plan, world_size: int, args) -> None:
     """Everything that can be wrong before training starts, for `world_size` processes; `args` carries
     steps, checkpoint_every, checkpoint_dir, resume, force, data and data_dtype (runtime.train's
@@ -61,6 +76,9 @@ def check_run(plan: Plan, world_size: int, args) -> None:
         raise InputError(f"the plan is for {plan.world_size} processes (tp {cfg.tp} x pp {cfg.pp} x dp {cfg.dp}) "
                          f"but {world_size} were started", field="plan")
     check_config(plan.model, plan.cluster, plan.training, cfg)
+    why = unsupported(plan.model)
+    if why:
+        raise InputError(why, field="plan.model")
     if not cfg.layers_per_stage or len(cfg.layers_per_stage) != cfg.pp * cfg.vpp:
         raise InputError("the plan has no layers_per_stage with pp*vpp entries", field="plan.config")
     if cfg.num_microbatches != cfg.microbatches(plan.training.global_batch):

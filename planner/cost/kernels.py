@@ -237,7 +237,7 @@ def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: s
     """Kernels and collectives of one block for one micro-batch on one TP rank, as the engine of `opts` runs
     them."""
     e, er = dt.act, dt.residual
-    h, d, f = m.hidden_size, m.head_dim, m.ffn_size
+    h, d, f = m.hidden_size, m.dim_per_head, m.ffn_size
     fused = opts.fused
     heads = m.num_heads / tp
     q_out, kv_out = heads * d, m.kv_heads / tp * d
@@ -331,7 +331,7 @@ def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: s
 def projection_widths(m: ModelSpec, tp: int, fused_projections: bool) -> list[float]:
     """Output widths of a block's weight GEMMs on one TP rank, in forward order (q, k, v, o, gate, up, down;
     q/k/v and gate/up as one GEMM each when the engine fuses projections)."""
-    q_out, kv_out, f = m.num_heads / tp * m.head_dim, m.kv_heads / tp * m.head_dim, m.ffn_size / tp
+    q_out, kv_out, f = m.num_heads / tp * m.dim_per_head, m.kv_heads / tp * m.dim_per_head, m.ffn_size / tp
     up = [f, f] if m.mlp == "swiglu" else [f]
     if fused_projections:
         return [q_out + 2 * kv_out, m.hidden_size, sum(up), m.hidden_size]

@@ -67,7 +67,7 @@ def block_activation_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, 
     e, er = dt.act, dt.residual
     tokens = mbs * seq
     local = tokens / tp if sp else tokens          # sequence-sharded tensors under SP
-    h, d = m.hidden_size, m.head_dim
+    h, d = m.hidden_size, m.dim_per_head
     heads, kv = m.num_heads / tp, m.kv_heads / tp
     mask = 1 if m.dropout > 0 else 0
     if recompute == "full":
@@ -106,7 +106,7 @@ def _op_policy_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dt
     heads = m.num_heads / tp
     widths = projection_widths(m, tp, "projections" in opts.fused)
     kept = sum(widths[j] for j in kept_projections(len(widths))) * e * tokens
-    attention = (e * tokens * heads * m.head_dim + FP32 * mbs * heads * seq) if m.attention == "flash" else 0
+    attention = (e * tokens * heads * m.dim_per_head + FP32 * mbs * heads * seq) if m.attention == "flash" else 0
     reduce_scatters = 2 * e * local * h if (sp and tp > 1) else 0
     return er * local * h + kept + attention + reduce_scatters
 
