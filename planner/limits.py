@@ -71,7 +71,7 @@ OPTIONS: dict[str, Range] = {
     # meshplan estimate / plan
     "--nodes": Range(1, MAX_NODES), "--gpus-per-node": Range(1, MAX_GPUS_PER_NODE),
     "--global-batch": BATCH, "--seq": SEQ,
-    "--tp": GPUS, "--pp": GPUS, "--dp": GPUS, "--max-tp": GPUS, "--max-pp": GPUS,
+    "--tp": GPUS, "--pp": GPUS, "--dp": GPUS, "--ep": GPUS, "--moe-imbalance": Range(1.0, 64.0), "--max-tp": GPUS, "--max-pp": GPUS,
     "--mbs": BATCH, "--max-mbs": BATCH, "--vpp": LAYERS, "--zero": Range(0, 3), "--top": Range(1, 100),
     "--layers-per-stage": Range(0, MAX_LAYERS), "--memory-headroom": Range(0.0, 0.9),
     # meshplan run
@@ -95,8 +95,8 @@ FIELDS: dict[str, dict[str, Range]] = {
     "MoESpec": {"num_experts": Range(1, 65_536), "top_k": Range(1, 65_536), "expert_ffn_size": Range(1, 4_194_304),
                 "shared_experts": Range(0, 1_024), "shared_ffn_size": Range(1, 4_194_304),
                 "first_dense_layers": Range(0, MAX_LAYERS), "every": LAYERS, "capacity_factor": Range(1e-3, 1e3)},
-    "TrainingSpec": {"global_batch": BATCH, "seq_len": SEQ},
-    "ParallelConfig": {"tp": GPUS, "pp": GPUS, "dp": GPUS, "vpp": LAYERS, "mbs": BATCH,
+    "TrainingSpec": {"global_batch": BATCH, "seq_len": SEQ, "moe_imbalance": Range(1.0, 64.0)},
+    "ParallelConfig": {"tp": GPUS, "pp": GPUS, "dp": GPUS, "ep": GPUS, "vpp": LAYERS, "mbs": BATCH,
                        "layers_per_stage": Range(0, MAX_LAYERS), "num_microbatches": BATCH,
                        "placement": Range(0, MAX_GPUS - 1)},
     "GPUSpec": {"memory_bytes": Range(MIB, PIB), "peak_flops": Range(1e6, 1e18), "hbm_bandwidth": Range(1e6, 1e15),

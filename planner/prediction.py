@@ -47,6 +47,8 @@ class TimeBreakdown(_Out):
     recompute: float = Field(description="Extra forward work of activation recomputation.")
     bubble: float = Field(description="Pipeline fill and drain the slowest stage waits through.")
     tp_comm: float = Field(description="Tensor-parallel collectives (not overlapped).")
+    ep_comm: float = Field(0.0, description="Expert-parallel all-to-alls (token dispatch and combine of MoE layers, "
+                                            "forward and backward; not overlapped).")
     pp_comm: float = Field(description="Pipeline sends and receives on the critical path.")
     dp_comm_exposed: float = Field(description="Data-parallel / ZeRO communication not hidden under compute.")
     optimizer: float = Field(description="Optimizer step.")

@@ -13,7 +13,8 @@ from planner.prediction import Prediction
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
 
 TIME_LABELS = {"compute": "compute", "recompute": "recompute", "bubble": "pipeline bubble",
-               "tp_comm": "TP comm", "pp_comm": "PP comm", "dp_comm_exposed": "DP comm (exposed)",
+               "tp_comm": "TP comm", "ep_comm": "EP all-to-all", "pp_comm": "PP comm",
+               "dp_comm_exposed": "DP comm (exposed)",
                "optimizer": "optimizer", "host": "host overhead"}
 BAR_WIDTH = 40
 

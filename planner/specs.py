@@ -379,6 +379,11 @@ class TrainingSpec(_Spec):
         None, description="Override the engine's choice: data-parallel gradient reduction overlaps the backward "
                           "(true) or runs after it (false); default: the engine's (planner/engine.py).")
 
+    moe_imbalance: float | None = Field(
+        None, ge=1.0, le=64.0,
+        description="Mixture-of-experts models: routed tokens the busiest expert-parallel rank computes, as a multiple "
+                    "of the mean; default planner.cost.moe.DEFAULT_IMBALANCE (1.25).")
+
     @property
     def tokens_per_step(self) -> int:
         return self.global_batch * self.seq_len
@@ -390,6 +395,8 @@ class ParallelConfig(_Spec):
     tp: PositiveInt = Field(1, description="Tensor-parallel degree.")
     pp: PositiveInt = Field(1, description="Pipeline-parallel degree (stages).")
     dp: PositiveInt = Field(1, description="Data-parallel degree.")
+    ep: PositiveInt = Field(1, description="Expert-parallel degree: each MoE layer's routed experts sharded over ep "
+                                           "ranks of the data-parallel group (ep divides dp and the expert count).")
     vpp: PositiveInt = Field(1, description="Virtual pipeline stages (model chunks) per GPU.")
     mbs: PositiveInt = Field(1, description="Micro-batch size, sequences.")
     zero: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage over the data-parallel group.")
@@ -426,7 +433,7 @@ class ParallelConfig(_Spec):
 
     def short(self) -> str:
         """A compact one-line label, e.g. 'tp8 pp4 dp2 mbs1 z1 full sp 1f1b'."""
-        parts = [f"tp{self.tp}", f"pp{self.pp}", f"dp{self.dp}"]
+        parts = [f"tp{self.tp}", f"pp{self.pp}", f"dp{self.dp}"] + ([f"ep{self.ep}"] if self.ep > 1 else [])
         if self.vpp > 1:
             parts.append(f"v{self.vpp}")
         parts += [f"mbs{self.mbs}", f"z{self.zero}", self.recompute]

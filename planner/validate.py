@@ -73,6 +73,30 @@ def valid_tp(model: ModelSpec, gpus: int | None = None) -> list[int]:
     return divisors(math.gcd(common, gpus) if gpus else common)
 
 
+def expert_shards(model: ModelSpec, ep: int, dp: int) -> str | None:
+    """Why an expert-parallel degree cannot shard this model's experts inside dp (None when it can)."""
+    if ep == 1:
+        return None
+    if model.moe is None:
+        return f"ep {ep} needs a mixture-of-experts model ({model.name} is dense)"
+    if dp % ep:
+        return f"ep {ep} does not divide dp {dp} (experts are sharded inside the data-parallel group)"
+    if model.moe.num_experts % ep:
+        return f"ep {ep} does not divide num_experts {model.moe.num_experts}"
+    return None
+
+
+def check_experts(model: ModelSpec, cfg: ParallelConfig) -> None:
+    """ep against the model and dp; a MoE layer under tp > 1 needs sequence parallelism (Megatron-Core's rule)."""
+    why = expert_shards(model, cfg.ep, cfg.dp)
+    if why:
+        valid = [e for e in divisors(cfg.dp) if expert_shards(model, e, cfg.dp) is None]
+        raise InputError(f"{why} (valid ep: {', '.join(map(str, valid))})", field="--ep")
+    if model.moe is not None and cfg.tp > 1 and not cfg.sp:
+        raise InputError(f"tp {cfg.tp} with mixture-of-experts layers needs sequence parallelism (--sp), as "
+                         f"Megatron-Core requires", field="--sp")
+
+
 def check_config(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, cfg: ParallelConfig,
                  engine=None) -> None:
     """Raise InputError naming the offending field and the valid choices."""
@@ -107,6 +131,10 @@ def check_config(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
                              f"{model.num_layers} layers", field="layers_per_stage")
         if min(cfg.layers_per_stage) < 1:
             raise InputError("every pipeline chunk needs at least one layer", field="layers_per_stage")
+    check_experts(model, cfg)
+    if model.attention_chunk is not None and training.seq_len > model.attention_chunk:
+        raise InputError(f"seq {training.seq_len} exceeds the model's attention_chunk {model.attention_chunk}: "
+                         f"chunked local attention is modelled only up to one chunk", field="--seq")
     if cfg.sp and training.seq_len % cfg.tp:
         raise InputError(f"sequence parallelism needs seq {training.seq_len} divisible by tp {cfg.tp}",
                          field="--sp")
