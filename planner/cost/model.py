@@ -639,7 +639,7 @@ class CostModel:
                 comm = add_comm(comm, stage_dp_comm(self.engine, erecipe, cfg.zero, edp, cfg.pp, experts, 0,
                                                     expert_call))
                 eshare = edp if cfg.zero >= erecipe.moments_sharded_from else 1
-                opt += experts / eshare * self.optimizer_seconds_per_param(cfg.zero, edp)
+                opt += experts / eshare * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
             per_cycle = kappa * (comm.fwd_each + comm.bwd_each)
             once = kappa * (comm.first_fwd + comm.last_bwd) + comm.after + opt
             hit = self._state_bounds_cache[key] = (per_cycle, once)
@@ -692,7 +692,7 @@ class CostModel:
 
     def _total_params_per_tp_rank(self, cfg: ParallelConfig) -> float:
         return sum(self.end_params(cfg, i) for i in {0, cfg.pp - 1}) + \
-            self.model.num_layers * self.layer.per_tp_rank(cfg.tp)
+            self.model.num_layers * self.layer.dense_per_tp_rank(cfg.tp)
 
     # ------------------------------------------------------------------ evaluation
     def _act_msg(self, cfg: ParallelConfig) -> float:
