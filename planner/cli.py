@@ -51,8 +51,8 @@ HeadroomOpt = typer.Option(0.10, "--memory-headroom",
                            help="Fraction of each GPU's usable memory a plan keeps free for allocator "
                                 "fragmentation (0-0.9; default 0.1, README 'Memory headroom').")
 ImbalanceOpt = typer.Option(None, "--moe-imbalance",
-                            help="Mixture-of-experts models: routed tokens the busiest expert-parallel rank computes "
-                                 "over the mean (1-64; default 1.25, README 'Mixture of experts').")
+                            help="Mixture-of-experts models: routed tokens the busiest expert computes over the mean "
+                                 "(1-64; default 1.25, README 'Mixture of experts').")
 ProfileOpt = typer.Option(None, "--profile", help="A `meshplan profile model` file: its measured layer times and "
                                                   "activation bytes replace the analytical ones where model, "
                                                   "precision and sequence match.")
@@ -412,8 +412,10 @@ def plan(
         task = bar.add_task("search", total=0)
         result = search(m, c, t, constraints, top_k=top, compare=compare_cand, cost=cost,
                         progress=lambda done, total: bar.update(task, completed=done, total=total))
+    from planner.search.expert_parallel import explain
     stats = SearchStats(seconds=result.seconds, candidates=result.candidates, evaluated=result.evaluated,
-                        rejected=dict(result.rejected), naive_step_time_s=result.naive_step)
+                        rejected=dict(result.rejected), naive_step_time_s=result.naive_step,
+                        expert_parallelism=explain(cost, result.top[0]) if result.top else None)
     if not result.top:
         closest = cost.prediction(result.closest) if result.closest else None
         if closest is None:

@@ -164,6 +164,8 @@ def render_plan(console: Console, model: ModelSpec, cluster: ClusterSpec, traini
                   f"{stats['evaluated']:,} fully costed; rejected {rej.get('out_of_memory', 0):,} out of memory, "
                   f"{rej.get('indivisible', 0):,} indivisible, {rej.get('dominated', 0):,} dominated "
                   f"(duplicates, or bounded above the top {len(preds)})")
+    if stats.get("expert_parallelism"):
+        console.print(stats["expert_parallelism"], soft_wrap=True, markup=False)
     naive = stats.get("naive_step_time_s")
     if best.config.placement is not None and naive:
         console.print(f"placement on the measured links: {naive / best.predicted.step_time_s - 1:+.1%} faster than "

@@ -381,8 +381,9 @@ class TrainingSpec(_Spec):
 
     moe_imbalance: float | None = Field(
         None, ge=1.0, le=64.0,
-        description="Mixture-of-experts models: routed tokens the busiest expert-parallel rank computes, as a multiple "
-                    "of the mean; default planner.cost.moe.DEFAULT_IMBALANCE (1.25).")
+        description="Mixture-of-experts models: routed tokens the busiest expert computes, as a multiple of the mean "
+                    "(the busiest expert-parallel rank's follows from it); default planner.cost.moe.DEFAULT_IMBALANCE "
+                    "(1.25).")
 
     @property
     def tokens_per_step(self) -> int:

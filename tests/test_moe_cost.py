@@ -57,9 +57,12 @@ def test_moe_block_dispatch_combine_and_expert_flops(tp, ep):
 
 
 def test_imbalance_default_override_and_capacity():
+    """One expert per rank: the busiest expert's factor; E/ep experts per rank: its excess times the
+    finite-population correction of a mean of E/ep loads drawn from E, sqrt((ep - 1)/(E - 1))."""
     t = TrainingSpec(global_batch=8, seq_len=4096)
     assert imbalance(MIXTRAL, t, 1) == 1.0
     assert imbalance(MIXTRAL, t, 8) == DEFAULT_IMBALANCE == 1.25
+    assert imbalance(MIXTRAL, t, 2) == pytest.approx(1 + 0.25 * (1 / 7) ** 0.5)
     assert imbalance(MIXTRAL, t.model_copy(update={"moe_imbalance": 1.6}), 8) == 1.6
     capped = MIXTRAL.model_copy(update={"moe": MIXTRAL.moe.model_copy(update={"capacity_factor": 1.1})})
     assert imbalance(capped, t, 8) == 1.1

@@ -81,9 +81,12 @@ class EndsCost:
 def _summed(a: Timeline, b: Timeline) -> Timeline:
     """Two timelines of one device added phase by phase (the dense and the expert parameters' states: each
     phase's peak of the sum is at most the sum of the peaks, so this errs on the full side)."""
-    return Timeline({k: PhaseMemory(*(getattr(a.phases[k], f) + getattr(b.phases[k], f) for f in
-                                      ("params", "grads", "optimizer", "activations", "other")))
-                     for k in a.phases})
+    out = {}
+    for k, x in a.phases.items():
+        y = b.phases[k]
+        out[k] = PhaseMemory(x.params + y.params, x.grads + y.grads, x.optimizer + y.optimizer,
+                             x.activations + y.activations, x.other + y.other)
+    return Timeline(out)
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,11 @@ class CostModel:
         self._acts_cache: dict[tuple, float] = {}
         self._memory_bound_cache: dict[tuple, float] = {}
         self._moe_groups: dict[tuple, tuple[Group, Group]] = {}
+        self._block_works: dict[tuple, tuple] = {}
+        self._expert_timelines: dict[tuple, Timeline] = {}
+        self._expert_state_cache: dict[tuple, tuple] = {}
+        self._kind_acts: dict[tuple, float] = {}
+        self._timelines: dict[tuple, Timeline] = {}
 
     def _sources(self, profile_name: str, measured: MeasuredCosts | None) -> dict[str, str]:
         """Which numbers are measured and which computed, for the report."""
@@ -295,20 +303,43 @@ class CostModel:
 
     def _block_kind(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group, dt: Dtypes, ep: int,
                     ep_group: Group | None, moe: bool, windowed: bool) -> BlockCost:
-        m, o = self.model, self.opts
-        load = imbalance(m, self.training, ep) if moe else 1.0
-        w = block_work(m, mbs, self.seq, tp, sp, recompute, dt, o, moe, windowed, ep, load)
+        w, acts, transient = self._block_work(tp, mbs, sp, recompute, dt, ep, moe, windowed)
         fwd = self._pass_cost(w.forward, tp_group, dt, self.host_fwd, ep_group)
         bwd = self._pass_cost(w.backward, tp_group, dt, self.host_bwd, ep_group)
         rec = self._pass_cost(w.recompute, tp_group, dt, self.host_fwd, ep_group)
-        acts = block_activation_bytes(m, mbs, self.seq, tp, sp, recompute, dt, o, moe, load)
         factors = self.measured.block(tp, mbs, recompute) if self.measured else None
         if factors is not None:   # measured kernels; TP collectives stay on the cluster's links
             fwd, bwd, rec = (PassCost(pc.compute * k, pc.comm, pc.ep) for pc, k in
                              ((fwd, factors.forward), (bwd, factors.backward), (rec, factors.backward)))
-            acts *= factors.activations
-        return BlockCost(fwd, bwd, rec, acts,
-                         block_backward_transient_bytes(m, mbs, self.seq, tp, sp, recompute, dt, o, moe, load))
+        return BlockCost(fwd, bwd, rec, acts, transient)
+
+    def _block_work(self, tp: int, mbs: int, sp: bool, recompute: str, dt: Dtypes, ep: int, moe: bool,
+                    windowed: bool) -> tuple:
+        """(kernels and collectives, kept bytes, backward working set) of one kind of block (cached: they do not
+        depend on where the groups are placed)."""
+        key = (tp, mbs, sp, recompute, dt, ep, moe, windowed)
+        hit = self._block_works.get(key)
+        if hit is None:
+            m, o = self.model, self.opts
+            load = imbalance(m, self.training, ep) if moe else 1.0
+            hit = self._block_works[key] = (
+                block_work(m, mbs, self.seq, tp, sp, recompute, dt, o, moe, windowed, ep, load),
+                self._kind_activations(tp, mbs, sp, recompute, dt, ep, moe),
+                block_backward_transient_bytes(m, mbs, self.seq, tp, sp, recompute, dt, o, moe, load))
+        return hit
+
+    def _kind_activations(self, tp: int, mbs: int, sp: bool, recompute: str, dt: Dtypes, ep: int, moe: bool) -> float:
+        """Bytes one kind of block keeps for its backward (measured factors applied), cached."""
+        key = (tp, mbs, sp, recompute, dt, ep if moe else 1, moe)
+        hit = self._kind_acts.get(key)
+        if hit is None:
+            load = imbalance(self.model, self.training, ep) if moe else 1.0
+            hit = block_activation_bytes(self.model, mbs, self.seq, tp, sp, recompute, dt, self.opts, moe, load)
+            factors = self.measured.block(tp, mbs, recompute) if self.measured else None
+            if factors is not None:
+                hit *= factors.activations
+            self._kind_acts[key] = hit
+        return hit
 
     def ends(self, tp: int, mbs: int, sp: bool, tp_group: Group, dt: Dtypes) -> EndsCost:
         key = (tp, mbs, sp, tp_group if self.net.matrix else tp_group.nodes, dt)
@@ -351,11 +382,21 @@ class CostModel:
     def device_params(self, cfg: ParallelConfig, device: int, layers: int) -> float:
         """Parameters one TP rank of pipeline device `device` holds that are reduced over the whole data-parallel
         group: all but the routed experts (elements)."""
-        return layers * self.layer.dense_per_tp_rank(cfg.tp) + self.end_params(cfg, device)
+        return layers * self.block_params(cfg) + self.end_params(cfg, device)
+
+    def block_params(self, cfg) -> float:
+        """Parameters of the mean block one TP rank holds that are reduced over the whole data-parallel group:
+        without expert parallelism the routed experts too (their states then follow the dense ones exactly)."""
+        return self.layer.dense_per_tp_rank(cfg.tp) + (self.layer.experts / cfg.tp if cfg.ep == 1 else 0.0)
+
+    def has_experts(self, cfg) -> bool:
+        """Whether `cfg` shards routed experts over an EP group (their states then follow dp/ep ranks)."""
+        return cfg.ep > 1 and self.layer.experts > 0
 
     def expert_params(self, cfg, layers: int) -> float:
-        """Routed-expert parameters one rank holds in `layers` (mean) blocks: its E/ep experts' TP shards."""
-        return layers * self.layer.experts / (cfg.tp * cfg.ep)
+        """Routed-expert parameters one rank holds in `layers` (mean) blocks under expert parallelism: its E/ep
+        experts' TP shards (0 without: `block_params` counts them)."""
+        return layers * self.layer.experts / (cfg.tp * cfg.ep) if cfg.ep > 1 else 0.0
 
     def _expert_regime(self, cfg, nmb: int) -> Regime:
         """The regime of the expert parameters: ZeRO over the expert-data-parallel group (dp/ep ranks)."""
@@ -381,7 +422,17 @@ class CostModel:
 
     def stage_timeline(self, cfg: ParallelConfig, device: int, chunk_layers: list[int], nmb: int,
                        blk: BlockCost, dt: Dtypes) -> Timeline:
-        """Phase peaks of one GPU of pipeline device `device` whose local chunks hold `chunk_layers` blocks."""
+        """Phase peaks of one GPU of pipeline device `device` whose local chunks hold `chunk_layers` blocks (cached:
+        the layer split asks for many counts, and rank orders of one configuration share their memory)."""
+        key = (cfg.tp, cfg.pp, cfg.dp, cfg.ep, cfg.vpp, cfg.mbs, cfg.zero, cfg.sp, cfg.schedule, device, nmb,
+               blk.activation_bytes, blk.transient_bytes, tuple(chunk_layers))
+        hit = self._timelines.get(key)
+        if hit is None:
+            hit = self._timelines[key] = self._stage_timeline(cfg, device, chunk_layers, nmb, blk, dt)
+        return hit
+
+    def _stage_timeline(self, cfg: ParallelConfig, device: int, chunk_layers: list[int], nmb: int,
+                        blk: BlockCost, dt: Dtypes) -> Timeline:
         fixed = self._stage_fixed(cfg, device, nmb, blk, dt)
         layers = sum(chunk_layers)
         held = fixed.held_per_chunk
@@ -396,19 +447,35 @@ class CostModel:
                              autocast_copies=layers * fixed.copies_per_block + fixed.end_copies,
                              pipeline_buffers=fixed.pipeline_buffers[0], inflight_outputs=fixed.pipeline_buffers[1])
         dense = stage_timeline(fixed.recipe, fixed.regime, inputs, fixed.states, fixed.grads_between)
-        if not self.layer.experts:
+        if not self.has_experts(cfg):
             return dense
         return _summed(dense, self._expert_timeline(cfg, layers, nmb, fixed))
 
     def _expert_timeline(self, cfg, layers: int, nmb: int, fixed: "_StageFixed") -> Timeline:
         """The routed experts' states over a step: the same recipe with ZeRO over the expert-data-parallel group,
         no activations of their own (the blocks' activations count the routed tokens)."""
+        key = (cfg.tp, cfg.pp, cfg.dp, cfg.ep, cfg.zero, nmb, max(fixed.held_per_chunk), layers)
+        hit = self._expert_timelines.get(key)
+        if hit is not None:
+            return hit
         block = self.expert_params(cfg, 1)
         inputs = StageInputs(params=layers * block, block_params=block, end_params=0.0, last_params=0.0,
                              whole_grad_params=0.0, acts_held=0.0, acts_one=0.0, head_acts=0.0, held=max(fixed.held_per_chunk),
                              microbatches=nmb, block_transient=0.0, head_transient=0.0, head_backward=0.0,
                              autocast_copies=0.0, pipeline_buffers=0.0, inflight_outputs=0.0)
-        return stage_timeline(fixed.recipe, self._expert_regime(cfg, nmb), inputs)
+        regime, sb, between = self._expert_states(cfg, nmb, fixed.recipe)
+        hit = self._expert_timelines[key] = stage_timeline(fixed.recipe, regime, inputs, sb, between)
+        return hit
+
+    def _expert_states(self, cfg, nmb: int, recipe) -> tuple[Regime, object, float]:
+        """(regime, state bytes, gradient bytes held between backwards) of the expert parameters (cached)."""
+        key = (cfg.zero, cfg.dp, cfg.ep, cfg.pp, nmb, id(recipe))      # recipes live as long as the engine
+        hit = self._expert_state_cache.get(key)
+        if hit is None:
+            regime = self._expert_regime(cfg, nmb)
+            hit = self._expert_state_cache[key] = (regime, state_bytes(recipe, self.training.optimizer, cfg.zero,
+                                                                       regime.dp), grads_between_bytes(recipe, regime))
+        return hit
 
     def _stage_fixed(self, cfg: ParallelConfig, device: int, nmb: int, blk: BlockCost, dt: Dtypes) -> "_StageFixed":
         """What of a device's memory does not depend on its block count (cached: the layer split asks for many
@@ -446,7 +513,7 @@ class CostModel:
         hit = self._stage_fixed_cache[key] = _StageFixed(
             recipe=recipe, regime=regime, states=state_bytes(recipe, self.training.optimizer, cfg.zero, cfg.dp),
             grads_between=grads_between_bytes(recipe, regime), held_per_chunk=held,
-            block_params=self.layer.dense_per_tp_rank(tp),
+            block_params=self.block_params(cfg),
             end_params=self.end_params(cfg, device), last_params=self._embedding_params(cfg, device),
             end_acts_held=end_held, end_acts_one=end_one, head_acts=head_acts,
             whole_grad_params=(self.vocab(tp) * m.hidden_size * (1 - 1 / tp)
@@ -602,10 +669,10 @@ class CostModel:
         """One block's kept bytes per micro-batch (the TP group's placement does not change them)."""
         key = (cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, dt, cfg.ep)
         hit = self._acts_cache.get(key)
-        if hit is None:
-            one, ep_one = Group(tuple(range(cfg.tp)), 1), Group(tuple(range(cfg.ep)), 1)
-            hit = self._acts_cache[key] = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, one, dt, cfg.ep,
-                                                     ep_one).activation_bytes
+        if hit is None:      # the mean block's, as `block` weighs the kinds
+            hit = self._acts_cache[key] = sum(
+                self._kind_activations(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, dt, cfg.ep, moe) * n
+                for (moe, win), n in self.mix) / self.model.num_layers
         return hit
 
     def _work(self, cfg: ParallelConfig, blk: BlockCost, tp_group: Group, dt: Dtypes) -> float:
@@ -631,7 +698,7 @@ class CostModel:
             comm = stage_dp_comm(self.engine, recipe, cfg.zero, cfg.dp, cfg.pp, params, 0, one_call)
             share = cfg.dp if cfg.zero >= recipe.moments_sharded_from else 1
             opt = params / share * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
-            if self.layer.experts:
+            if self.has_experts(cfg):
                 experts = self.expert_params(cfg, self.model.num_layers) / cfg.pp
                 edp, edp_group = cfg.dp // cfg.ep, self.moe_groups(cfg, order)[1]
                 erecipe = recipe         # the engine wraps the experts as the rest: its recipe, dp/ep ranks
@@ -666,9 +733,9 @@ class CostModel:
                                  head_backward=0.0, autocast_copies=n * copies, pipeline_buffers=0.0,
                                  inflight_outputs=0.0)
             return stage_timeline(recipe, regime, inputs).phases["forward"].total
-        dense, regime = self.layer.dense_per_tp_rank(cfg.tp), self.regime(cfg, nmb)
+        dense, regime = self.block_params(cfg), self.regime(cfg, nmb)
         hit = forward(1, dense, copies, regime) - forward(0, dense, copies, regime)
-        if self.layer.experts:    # the experts' states at the expert-data-parallel degree, as the timeline adds them
+        if self.has_experts(cfg):   # the experts' states at the expert-data-parallel degree, as the timeline adds them
             experts, eregime = self.expert_params(cfg, 1), self._expert_regime(cfg, nmb)
             hit += forward(1, experts, 0.0, eregime) - forward(0, experts, 0.0, eregime)
         self._forward_slope_cache[key] = hit
@@ -692,7 +759,7 @@ class CostModel:
 
     def _total_params_per_tp_rank(self, cfg: ParallelConfig) -> float:
         return sum(self.end_params(cfg, i) for i in {0, cfg.pp - 1}) + \
-            self.model.num_layers * self.layer.dense_per_tp_rank(cfg.tp)
+            self.model.num_layers * self.block_params(cfg)
 
     # ------------------------------------------------------------------ evaluation
     def _act_msg(self, cfg: ParallelConfig) -> float:
@@ -769,7 +836,7 @@ class CostModel:
         # --- data-parallel communication as the engine issues it, against the compute it overlaps
         kappa = self.cluster.overlap_slowdown
         comms = [self.dp_comm(cfg, params[i], layers[i], dp_group) for i in range(pp)]
-        if self.layer.experts:       # expert gradients over the expert-data-parallel group, in the same windows
+        if self.has_experts(cfg):    # expert gradients over the expert-data-parallel group, in the same windows
             comms = [add_comm(c, self.dp_comm(cfg, self.expert_params(cfg, n), n, edp_group, cfg.dp // cfg.ep))
                      for c, n in zip(comms, layers)]
         zero_fwd, zero_bwd = [0.0] * pp, [0.0] * pp

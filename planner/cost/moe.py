@@ -15,12 +15,15 @@ layer. Per MoE layer and micro-batch a rank
 
 the backward runs the same two all-to-alls (DESIGN.md Sec. 10). Routing is uneven: the busiest EP rank computes
 and receives `imbalance` times the mean number of routed rows and sets the pace of the all-to-alls and of the
-expert GEMMs (a capacity factor caps it: tokens beyond capacity are dropped). Expert gradients are reduced over
+expert GEMMs (`imbalance()`: the busiest expert's excess, spread over the experts a rank holds; a capacity
+factor caps it: tokens beyond capacity are dropped). Expert gradients are reduced over
 the expert-data-parallel group (dp/ep ranks: the ranks holding the same experts); model.py costs them with the
 same data-parallel machinery as the dense parameters.
 """
 
 from __future__ import annotations
+
+import math
 
 from planner.cost.comm import Group
 from planner.cost.dp_comm import DPComm
@@ -28,8 +31,8 @@ from planner.cost.kernels import FP32, Collective, Dtypes, KernelOptions, Pass, 
 from planner.layout import Layout
 from planner.specs import ModelSpec, TrainingSpec
 
-# The busiest EP rank's routed rows over the mean. Switch Transformer (Fedus et al. 2022, JMLR, Sec. 2.2 and
-# Table 1) trains with expert capacity 1.25x the mean, the provision its load-balancing loss needs for few
+# The busiest expert's routed tokens over the mean. Switch Transformer (Fedus et al. 2022, JMLR, Sec. 2.2 and
+# Table 1) trains with an expert capacity of 1.25x the mean, the provision its load-balancing loss needs for few
 # tokens to overflow; GShard (Lepikhin et al. 2021, Sec. 2.2) and Megatron-Core's `--moe-expert-capacity-factor`
 # examples use the same range. Override with `--moe-imbalance` (TrainingSpec.moe_imbalance) from measured
 # routing statistics.
@@ -38,12 +41,17 @@ ROUTING_INDEX = 8          # int64 expert index per routed copy, kept for the un
 
 
 def imbalance(m: ModelSpec, training: TrainingSpec, ep: int) -> float:
-    """Routed rows of the busiest EP rank over the mean: 1 without expert parallelism (one rank computes every
-    expert's rows), else the load-imbalance factor, capped by the capacity factor when tokens are dropped."""
+    """Routed rows of the busiest EP rank over the mean. A rank holds n = E/ep experts; the spread of the mean
+    load of n experts drawn from E shrinks by the finite-population factor sqrt((E - n) / (n (E - 1))) =
+    sqrt((ep - 1) / (E - 1)) against one expert's, so the busiest rank's excess is the busiest expert's
+    (the factor) times that: 1 without expert parallelism (one rank computes every expert's rows), the full
+    factor with one expert per rank. A capacity factor caps it (tokens beyond capacity are dropped)."""
     if m.moe is None or ep == 1:
         return 1.0
     factor = training.moe_imbalance or DEFAULT_IMBALANCE
-    return min(factor, m.moe.capacity_factor) if m.moe.capacity_factor else factor
+    experts = m.moe.num_experts
+    rank = 1.0 + (factor - 1.0) * math.sqrt((ep - 1) / (experts - 1))
+    return min(rank, m.moe.capacity_factor) if m.moe.capacity_factor else rank
 
 
 def routed_rows(m: ModelSpec, tokens: float, factor: float) -> float:
