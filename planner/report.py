@@ -8,7 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from planner.cost.memory import GIB
-from planner.cost.params import total_params
+from planner.cost.params import active_params, total_params
 from planner.prediction import Prediction
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
 
@@ -25,7 +25,10 @@ def _fmt_time(s: float) -> str:
 
 def header(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec) -> Text:
     return Text.assemble(
-        (f"{model.name}", "bold"), f" ({total_params(model) / 1e9:.2f} B params, {model.num_layers} layers) on ",
+        (f"{model.name}", "bold"), f" ({total_params(model) / 1e9:.2f} B params"
+                                   + (f", {active_params(model) / 1e9:.2f} B active (top-{model.moe.top_k} of "
+                                      f"{model.moe.num_experts} experts)" if model.moe else "")
+                                   + f", {model.num_layers} layers) on ",
         (f"{cluster.name}", "bold"), f" ({cluster.num_nodes} x {cluster.gpus_per_node} {cluster.gpu.name}), ",
         f"global batch {training.global_batch} x {training.seq_len} tokens, {training.precision}, "
         f"{training.optimizer}")

@@ -73,6 +73,20 @@ def valid_tp(model: ModelSpec, gpus: int | None = None) -> list[int]:
     return divisors(math.gcd(common, gpus) if gpus else common)
 
 
+def beyond_dense_blocks(spec: ModelSpec) -> str | None:
+    """The first field of `spec` beyond a GPT-2 / Llama block (what runtime/models.py builds and the exports
+    write), e.g. 'moe' or 'sliding_window'; None for a plain dense model."""
+    for field, plain in (("moe", None), ("qk_norm", "none"), ("sandwich_norm", False), ("sliding_window", None),
+                         ("attention_chunk", None)):
+        if getattr(spec, field) != plain:
+            return field
+    if spec.mlp == "geglu":
+        return "mlp geglu"
+    if spec.head_dim not in (None, spec.hidden_size // spec.num_heads):
+        return "head_dim"
+    return None
+
+
 def expert_shards(model: ModelSpec, ep: int, dp: int) -> str | None:
     """Why an expert-parallel degree cannot shard this model's experts inside dp (None when it can)."""
     if ep == 1:

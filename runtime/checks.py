@@ -11,7 +11,7 @@ from planner.limits import check_option
 from planner.outputs import check_writable_dir
 from planner.plan import Plan
 from planner.specs import ModelSpec
-from planner.validate import check_config
+from planner.validate import beyond_dense_blocks, check_config
 from runtime import checkpoint as ckpt
 from runtime.data import check_data_file
 
@@ -54,17 +54,9 @@ def rank_grid(plan: Plan) -> list[list[list[int]]]:
 
 
 def unsupported(spec: ModelSpec) -> str | None:
-    """Why these blocks cannot build `spec` (None when they can): they are GPT-2 and Llama blocks, without
-    mixture-of-experts MLPs, gated GELU, explicit head widths, q/k norms, sandwich norms or windowed attention
-    (the planner costs those; runtime/models.py does not build them yet)."""
-    for field, default in (("moe", None), ("qk_norm", "none"), ("sandwich_norm", False), ("sliding_window", None)):
-        if getattr(spec, field) != default:
-            return f"the runtime does not build models with {field} (a dense GPT-2 / Llama model only)"
-    if spec.mlp == "geglu":
-        return "the runtime does not build gated-GELU (geglu) MLPs"
-    if spec.head_dim not in (None, spec.hidden_size // spec.num_heads):
-        return f"the runtime does not build a head_dim ({spec.head_dim}) other than hidden_size / num_heads"
-    return None
+    """Why runtime/models.py cannot build `spec` (None when it can): it builds GPT-2 and Llama blocks only."""
+    field = beyond_dense_blocks(spec)
+    return f"the runtime does not build models with {field} yet (GPT-2 and Llama blocks only)" if field else None
 
 
 def check_run(plan: Plan, world_size: int, args) -> None:

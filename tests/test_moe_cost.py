@@ -159,3 +159,26 @@ def test_moe_spec_validation():
     with pytest.raises(InputError):
         from planner.validate import check_experts
         check_experts(MIXTRAL, ParallelConfig(dp=4, ep=8))
+
+
+def test_plan_for_mixtral_on_16_h100_uses_ep_where_it_is_faster(capsys, tmp_path):
+    """64k tokens per step on 2 DGX H100 (Megatron engine): the winner shards the experts, and the plan says why,
+    naming the links its EP group uses; the plan file carries the model object."""
+    out = tmp_path / "plan.json"
+    r = run_cli(capsys, "plan", "-m", "mixtral-8x7b", "-c", "dgx-h100", "--nodes", "2", "-b", "32", "--seq", "2048",
+                "-e", "megatron", "--json", "-o", out)
+    assert r.code == 0, r.err
+    d = r.json()
+    cfg = d["config"]
+    assert cfg["ep"] > 1 and cfg["dp"] % cfg["ep"] == 0
+    why = d["search"]["expert_parallelism"]
+    assert why.startswith(f"expert parallelism: ep {cfg['ep']} wins")
+    ranks = [row["rank"] for row in d["rank_layout"] if row["pp"] == 0 and row["tp"] == 0 and row["dp"] < cfg["ep"]]
+    nodes = {r // 8 for r in ranks}
+    assert ("inside one node (NVLink)" in why) == (len(nodes) == 1)
+    assert d["model_summary"]["active_params"] == 12_879_925_248
+    # neither the exports nor the runtime build MoE models yet: one line each, exit 2
+    r = run_cli(capsys, "export", out, "--to", "megatron", "-o", tmp_path / "exp")
+    assert r.code == 2 and "plan.model: the exports write dense GPT-2 / Llama models only" in r.err
+    r = run_cli(capsys, "run", out)
+    assert r.code == 2 and "the runtime does not build models with moe" in r.err

@@ -931,8 +931,11 @@ class CostModel:
 
     def model_summary(self) -> ModelSummary:
         from planner.cost.params import active_params
+        moe = self.model.moe
         return ModelSummary(name=self.model.name, params=total_params(self.model),
                             active_params=active_params(self.model),
+                            num_experts=moe.num_experts if moe else None, top_k=moe.top_k if moe else None,
+                            moe_layers=self.model.num_moe_layers if moe else None,
                             attention_kernel=self.model.attention_kernel)
 
     def prediction(self, core: Core) -> Prediction:
