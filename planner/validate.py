@@ -41,8 +41,10 @@ def tp_shards(model: ModelSpec, tp: int) -> str | None:
     """Why a tensor-parallel degree cannot split this model's layers evenly (None when it can): it must divide
     heads, kv heads and the MLP width, which the runtime shards evenly (Megatron-LM asserts the same); the
     vocabulary is padded instead (planner.cost.params.padded_vocab_size)."""
+    experts = (("moe.expert_ffn_size", model.moe.expert_ffn_size),) if model.moe else ()
+    shared = (("moe.shared_ffn_size", model.moe.shared_width),) if model.moe and model.moe.shared_width else ()
     for name, value in (("num_heads", model.num_heads), ("num_kv_heads", model.kv_heads),
-                        ("ffn_hidden_size", model.ffn_size)):
+                        ("ffn_hidden_size", model.ffn_size), *experts, *shared):
         if value % tp:
             return f"tp {tp} does not divide {name} {value}"
     return None
@@ -70,6 +72,8 @@ def check_engine(engine, training: TrainingSpec, cfg: ParallelConfig, model: Mod
 def valid_tp(model: ModelSpec, gpus: int | None = None) -> list[int]:
     """Every tensor-parallel degree that shards this model (and divides `gpus` when given)."""
     common = math.gcd(model.kv_heads, model.ffn_size)      # kv heads divide heads
+    if model.moe:
+        common = math.gcd(common, model.moe.expert_ffn_size, model.moe.shared_width)
     return divisors(math.gcd(common, gpus) if gpus else common)
 
 
