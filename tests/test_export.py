@@ -15,7 +15,7 @@ from planner.export.torchtitan import default_split
 from tests.cli_helpers import run_cli
 from tests.export_helpers import PLANS, make_test_plan, write_export
 
-CONFIG_KEYS = ("tp", "pp", "dp", "vpp", "mbs", "zero", "recompute", "sp", "schedule", "layers_per_stage", "layout")
+CONFIG_KEYS = ("tp", "pp", "dp", "ep", "vpp", "mbs", "zero", "recompute", "sp", "schedule", "layers_per_stage", "layout")
 
 
 def _estimate_from(capsys, directory, plan, *extra):
@@ -34,6 +34,8 @@ def _cluster_name(plan) -> str:
     ("gpt_dense", "megatron"), ("llama_gqa", "torchtitan"), ("interleaved_uneven", "megatron"),
     ("interleaved_uneven_amp", "torchtitan"), ("gpt_fp16_pp", "megatron"), ("gpt_pipe_zero1", "deepspeed"),
     ("gpt_zero2_tp", "deepspeed"), ("llama_zero2_pp", "torchtitan"),
+    ("mixtral_ep_tp", "megatron"), ("qwen3_moe_ep", "megatron"), ("moe_variants", "megatron"),
+    ("qwen3_moe_fsdp", "torchtitan"), ("mixtral_ep_zero3", "deepspeed"),
 ])
 def test_export_read_back_gives_the_plans_configuration_and_prediction(capsys, tmp_path, name, target):
     """A plan costed for the target's engine, exported and read back, predicts the same."""
@@ -48,6 +50,10 @@ def test_export_read_back_gives_the_plans_configuration_and_prediction(capsys, t
     assert d["predicted"]["step_time_s"] == pytest.approx(plan.predicted.step_time_s, rel=1e-12)
     assert d["predicted"]["peak_reserved_bytes"] == plan.predicted.peak_reserved_bytes
     assert d["predicted"]["tokens_per_s"] == pytest.approx(plan.predicted.tokens_per_s, rel=1e-12)
+    if plan.model.moe is not None:      # the same experts read back: total and active parameters
+        from planner.cost.params import active_params, total_params
+        assert (d["model"]["params"], d["model"]["active_params"]) == (total_params(plan.model),
+                                                                      active_params(plan.model))
 
 
 def test_an_args_file_or_a_bare_ds_config_reads_like_the_directory(capsys, tmp_path):
