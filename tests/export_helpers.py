@@ -57,6 +57,10 @@ PLANS = {
     # DeepSpeed-shaped: AutoEP over 8 ranks under ZeRO-3
     "mixtral_ep_zero3": ("mixtral-8x7b", "dgx-h100", 2, dict(global_batch=32, seq_len=2048, precision="bf16"),
                          dict(tp=1, pp=1, dp=16, ep=8, mbs=1, zero=3, recompute="full")),
+    # what `meshplan plan -m mixtral-8x7b -c dgx-h100 --nodes 2 -b 32 -e megatron` picks: Megatron-FSDP, interleaved
+    "mixtral_fsdp_interleaved": ("mixtral-8x7b", "dgx-h100", 2, dict(global_batch=32, seq_len=2048, precision="bf16"),
+                                 dict(tp=2, pp=2, dp=4, ep=2, vpp=8, mbs=1, zero=2, recompute="none", sp=True,
+                                      schedule="interleaved")),
     # every MoE field Megatron writes, with an interleaved pipeline
     "moe_variants": (MOE_VARIANTS, "dgx-h100", 1, dict(global_batch=16, seq_len=4096, precision="bf16"),
                      dict(tp=2, pp=2, dp=2, ep=2, vpp=2, mbs=1, zero=1, recompute="none", sp=True,

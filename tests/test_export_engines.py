@@ -20,7 +20,8 @@ from tests.export_helpers import make_test_plan, write_export
 ENGINE_PYTHON = ROOT / ".engines" / "venv" / "bin" / "python"
 DRIVERS = ROOT / "tests" / "engines"
 EXPORTS = {"megatron": ["gpt_dense", "llama_gqa", "interleaved_uneven", "gpt_fp16_pp", "gpt_zero2_tp",
-                        "gpt_pipe_zero1", "mixtral_ep_tp", "qwen3_moe_ep", "qwen3_moe_fsdp", "moe_variants"],
+                        "gpt_pipe_zero1", "mixtral_ep_tp", "qwen3_moe_ep", "qwen3_moe_fsdp", "moe_variants",
+                        "mixtral_fsdp_interleaved"],
            "deepspeed": ["gpt_pipe_zero1", "gpt_zero2_tp", "llama_gqa", "mixtral_ep_zero3", "qwen3_moe_fsdp"],
            "torchtitan": ["llama_gqa", "interleaved_uneven_amp", "llama_zero2_pp", "qwen3_moe_fsdp"]}
 
