@@ -54,6 +54,9 @@ PLANS = {
     # torchtitan-shaped: EP inside FSDP2's shard dimension (ZeRO-3), full recomputation
     "qwen3_moe_fsdp": ("qwen3-30b-a3b", "dgx-h100", 2, dict(global_batch=32, seq_len=2048, precision="bf16"),
                        dict(tp=1, pp=1, dp=16, ep=8, mbs=1, zero=3, recompute="full")),
+    # ... and under a 1F1B pipeline (FSDP2 without resharding)
+    "qwen3_moe_pp": ("qwen3-30b-a3b", "dgx-h100", 2, dict(global_batch=32, seq_len=2048, precision="bf16"),
+                     dict(tp=1, pp=2, dp=8, ep=8, mbs=1, zero=2, recompute="full", layers_per_stage=[23, 25])),
     # DeepSpeed-shaped: AutoEP over 8 ranks under ZeRO-3
     "mixtral_ep_zero3": ("mixtral-8x7b", "dgx-h100", 2, dict(global_batch=32, seq_len=2048, precision="bf16"),
                          dict(tp=1, pp=1, dp=16, ep=8, mbs=1, zero=3, recompute="full")),

@@ -36,6 +36,7 @@ def _cluster_name(plan) -> str:
     ("gpt_zero2_tp", "deepspeed"), ("llama_zero2_pp", "torchtitan"),
     ("mixtral_ep_tp", "megatron"), ("qwen3_moe_ep", "megatron"), ("moe_variants", "megatron"),
     ("qwen3_moe_fsdp", "torchtitan"), ("mixtral_ep_zero3", "deepspeed"), ("mixtral_fsdp_interleaved", "megatron"),
+    ("qwen3_moe_pp", "torchtitan"),
 ])
 def test_export_read_back_gives_the_plans_configuration_and_prediction(capsys, tmp_path, name, target):
     """A plan costed for the target's engine, exported and read back, predicts the same."""
@@ -386,3 +387,29 @@ def test_deepspeed_batch_rule(ds, want):
     dp, mbs, gas = want
     assert (launch.config.dp, launch.config.mbs, launch.global_batch // (mbs * dp)) == (dp, mbs, gas)
     assert launch.config.tp * launch.config.pp * launch.config.dp == 8
+
+
+def test_a_deepspeed_autoep_config_must_route_like_the_model_given(capsys, tmp_path):
+    """ds_config carries no model, but AutoEP's top-k and router must be the --model's."""
+    plan = make_test_plan("mixtral_ep_zero3", engine="deepspeed")
+    write_export(export_plan(plan, "deepspeed"), tmp_path)
+    for model, message in (("qwen3-30b-a3b", "top-2 with a softmax router; qwen3-30b-a3b has top-8"),
+                           ("llama3-8b", "llama3-8b has no experts")):
+        r = run_cli(capsys, "estimate", "--from", tmp_path, "--cluster", "dgx-h100", "--model", model,
+                    "--seq", "2048")
+        lines = [x for x in r.err.splitlines() if x.strip()]
+        assert r.code == 2 and len(lines) == 1 and message in lines[0] and "--model" in lines[0], r.err
+
+
+def test_megatron_moe_overlaps_are_read_with_a_note_and_gemma_blocks_are_refused(capsys, tmp_path):
+    plan = make_test_plan("qwen3_moe_ep", engine="megatron")
+    items = json.loads(export_plan(plan, "megatron").files["args.json"])
+    (tmp_path / "args.json").write_text(json.dumps(items + ["--moe-shared-expert-overlap"]))
+    r = run_cli(capsys, "estimate", "--from", tmp_path / "args.json", "--cluster", "dgx-h100", "--nodes", "2",
+                "--json")
+    assert r.code == 0 and "note: --moe-shared-expert-overlap is modelled without that overlap" in r.err
+    assert r.json()["predicted"]["step_time_s"] == pytest.approx(plan.predicted.step_time_s, rel=1e-12)
+    from planner.presets import PRESETS
+    from planner.export.megatron import nearest
+    with pytest.raises(Exception, match="does not write sandwich_norm"):
+        nearest(plan.model_copy(update={"model": PRESETS["gemma2-9b"]}))

@@ -23,7 +23,7 @@ EXPORTS = {"megatron": ["gpt_dense", "llama_gqa", "interleaved_uneven", "gpt_fp1
                         "gpt_pipe_zero1", "mixtral_ep_tp", "qwen3_moe_ep", "qwen3_moe_fsdp", "moe_variants",
                         "mixtral_fsdp_interleaved"],
            "deepspeed": ["gpt_pipe_zero1", "gpt_zero2_tp", "llama_gqa", "mixtral_ep_zero3", "qwen3_moe_fsdp"],
-           "torchtitan": ["llama_gqa", "interleaved_uneven_amp", "llama_zero2_pp", "qwen3_moe_fsdp"]}
+           "torchtitan": ["llama_gqa", "interleaved_uneven_amp", "llama_zero2_pp", "qwen3_moe_fsdp", "qwen3_moe_pp"]}
 
 if not ENGINE_PYTHON.exists():
     if os.environ.get("CI"):

@@ -65,6 +65,7 @@ class Launch:
     overlap_grad_reduce: bool
     order: tuple[str, str, str] = DEFAULT_ORDER
     notes: list[str] = field(default_factory=list)   # how something was read that meshplan models approximately
+    routing: tuple[int, str] | None = None   # (top-k, router) a launch without the model states (DeepSpeed AutoEP)
 
     @property
     def engine(self) -> str:

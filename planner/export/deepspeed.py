@@ -204,8 +204,11 @@ def read(ds: dict, source: str, world_size: int) -> Launch:
     if opt_type and optimizer is None:
         raise InputError(f"optimizer type '{opt_type}' is not modelled (Adam, AdamW, SGD)", field=source)
     expert = ds.get("expert_parallel") or {}
-    ep = 1
+    ep, routing = 1, None
     if expert.get("enabled", False):
+        top_k, router = expert.get("top_k", "auto"), expert.get("score_func", "auto")
+        if top_k != "auto" and router != "auto":
+            routing = (top_k, router)
         ep = expert.get("autoep_size", 1)
         if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
             raise InputError(f"autoep_size must be a whole number >= 1 (got {ep!r})", field=f"{source}: expert_parallel")
@@ -219,7 +222,7 @@ def read(ds: dict, source: str, world_size: int) -> Launch:
     cfg = parse_spec(ParallelConfig, dict(tp=tp, pp=pp, dp=dp, ep=ep, mbs=mbs, zero=zero,
                                           recompute="full" if checkpointing else "none"), source)
     return Launch(target=TARGET, source=source, model=None, config=cfg, global_batch=batch, seq_len=None,
-                  precision=precision, optimizer=optimizer, overlap_grad_reduce=overlap)
+                  precision=precision, optimizer=optimizer, overlap_grad_reduce=overlap, routing=routing)
 
 
 def read_file(path: Path) -> dict:

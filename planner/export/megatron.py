@@ -25,7 +25,10 @@ FSDP_STRATEGY = {2: "optim_grads", 3: "optim_grads_params"}   # Megatron-FSDP's 
 UNMODELLED = {"--context-parallel-size": "context parallelism", "--fp8-format": "FP8 training",
               "--fp4-format": "FP4 training", "--multi-latent-attention": "multi-latent attention",
               "--hybrid-layer-pattern": "hybrid (Mamba) layers", "--use-torch-fsdp2": "torch FSDP2 inside Megatron",
-              "--moe-latent-size": "MoE latent projections", "--moe-router-num-groups": "group-limited routing"}
+              "--moe-latent-size": "MoE latent projections", "--moe-router-num-groups": "group-limited routing",
+              "--moe-pad-expert-input-to-capacity": "experts padded to their capacity"}
+# MoE overlaps meshplan does not model: a launch using them is predicted without them, with a note
+MOE_OVERLAPS = ("--moe-shared-expert-overlap", "--overlap-moe-expert-parallel-comm")
 # MoE options whose value meshplan does not model (a launch using them is refused); the values the export writes
 MOE_FIXED = {"--moe-token-dispatcher-type": ("alltoall", "all-to-all token dispatch (meshplan's EP model)"),
              "--expert-tensor-parallel-size": (None, "expert tensor parallelism = tp (Megatron's default)")}
@@ -407,6 +410,8 @@ def read(items: list[str], source: str, world_size: int) -> Launch:
     granularity = take_str(a, "--recompute-granularity", "selective" if "--recompute-activations" in a else None,
                            source)
     method, count = take_str(a, "--recompute-method", None, source), take_int(a, "--recompute-num-layers", 1, source)
+    notes += [f"{flag} is modelled without that overlap (the all-to-alls and shared experts run in sequence)"
+              for flag in MOE_OVERLAPS if flag in a and model.moe is not None]
     if granularity == "full" and (method == "block" or count != 1):
         notes.append(f"--recompute-method {method} --recompute-num-layers {count} is modelled as full "
                      f"recomputation of every layer")
