@@ -15,7 +15,8 @@ from planner.export.torchtitan import default_split
 from tests.cli_helpers import run_cli
 from tests.export_helpers import PLANS, make_test_plan, write_export
 
-CONFIG_KEYS = ("tp", "pp", "dp", "ep", "vpp", "mbs", "zero", "recompute", "sp", "schedule", "layers_per_stage", "layout")
+CONFIG_KEYS = ("tp", "pp", "dp", "ep", "vpp", "mbs", "zero", "recompute", "sp", "schedule", "layers_per_stage",
+               "layout")
 
 
 def _estimate_from(capsys, directory, plan, *extra):
@@ -413,3 +414,16 @@ def test_megatron_moe_overlaps_are_read_with_a_note_and_gemma_blocks_are_refused
     from planner.export.megatron import nearest
     with pytest.raises(Exception, match="does not write sandwich_norm"):
         nearest(plan.model_copy(update={"model": PRESETS["gemma2-9b"]}))
+
+
+def test_torchtitan_moe_launches_meshplan_does_not_model_are_refused(capsys, tmp_path):
+    """torchtitan's EP borrows TP ranks and has no expert TP; meshplan's experts are tensor-parallel: refused."""
+    plan = make_test_plan("qwen3_moe_fsdp", engine="torchtitan")
+    items = json.loads(export_plan(plan, "torchtitan").files["args.json"])
+    i = items.index("--parallelism.tensor_parallel_degree")
+    items[i + 1] = "2"
+    items[items.index("--parallelism.data_parallel_shard_degree") + 1] = "8"
+    (tmp_path / "args.json").write_text(json.dumps(items))
+    r = run_cli(capsys, "estimate", "--from", tmp_path / "args.json", "--cluster", "dgx-h100", "--nodes", "2")
+    lines = [x for x in r.err.splitlines() if x.strip()]
+    assert r.code == 2 and len(lines) == 1 and "no expert tensor parallelism" in lines[0], r.err

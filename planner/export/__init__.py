@@ -107,9 +107,9 @@ def with_model(launch: Launch, model) -> Launch:
     if launch.routing is not None:
         routing = (model.moe.top_k, model.moe.router) if model.moe is not None else None
         if routing != launch.routing:
+            has = "no experts" if routing is None else f"top-{routing[0]}, {routing[1]}"
             raise InputError(f"the launch routes top-{launch.routing[0]} with a {launch.routing[1]} router; "
-                             f"{model.name} has {'no experts' if routing is None else f'top-{routing[0]}, {routing[1]}'}",
-                             field="--model")
+                             f"{model.name} has {has}", field="--model")
     if launch.config.layers_per_stage is None:
         layers = balanced_layers(model.num_layers, launch.config.pp * launch.config.vpp)
         launch.config = launch.config.model_copy(update={"layers_per_stage": layers})

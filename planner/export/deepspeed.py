@@ -211,7 +211,8 @@ def read(ds: dict, source: str, world_size: int) -> Launch:
             routing = (top_k, router)
         ep = expert.get("autoep_size", 1)
         if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
-            raise InputError(f"autoep_size must be a whole number >= 1 (got {ep!r})", field=f"{source}: expert_parallel")
+            raise InputError(f"autoep_size must be a whole number >= 1 (got {ep!r})",
+                             field=f"{source}: expert_parallel")
         if expert.get("expert_tensor_parallel_size", 1) != 1:
             raise InputError("expert_tensor_parallel_size other than 1 is not modelled",
                              field=f"{source}: expert_parallel")

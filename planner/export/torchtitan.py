@@ -2,8 +2,8 @@
 an argument list read back.
 
 Keys are those of torchtitan 0.3.0 (`torchtitan/config/configs.py`, parsed by tyro); the flavours are the
-model shapes its `llama3` config registry ships (`torchtitan/models/llama3/__init__.py`), checked against the
-installed package by tests/engines/torchtitan_check.py.
+model shapes its `llama3` config registry ships (`torchtitan/models/llama3/__init__.py`) and its `qwen3` module's
+mixture-of-experts `qwen3_30b_a3b`, checked against the installed package by tests/engines/torchtitan_check.py.
 """
 
 from __future__ import annotations
@@ -211,10 +211,10 @@ def read(items: list[str], source: str, world_size: int) -> Launch:
     dp = replicate * shard
     if tp * pp * dp != world_size:
         raise InputError(f"tp {tp} x pp {pp} x dp {dp} != world size {world_size}", field=source)
-    if model.moe is not None and ep > 1 and (tp > 1 or replicate > 1):
-        raise InputError(f"expert parallelism over TP ranks or DDP replicas (ep {ep}, tp {tp}, replicate "
-                         f"{replicate}) is not modelled by meshplan (ep inside FSDP's shard dimension is)",
-                         field=source)
+    if model.moe is not None and (tp > 1 or (ep > 1 and replicate > 1)):
+        raise InputError(f"mixture-of-experts layers under tp {tp} (torchtitan has no expert tensor parallelism) "
+                         f"or ep {ep} over DDP replicas ({replicate}) are not modelled by meshplan (ep inside FSDP's "
+                         f"shard dimension at tp 1 is)", field=source)
     if model.moe is None:
         ep = 1              # torchtitan: no effect for dense models
     reshard = get_str("parallelism.fsdp_reshard_after_forward", "default")
@@ -249,7 +249,8 @@ def read(items: list[str], source: str, world_size: int) -> Launch:
         raise InputError("--training.dtype bfloat16 (pure bf16 training) is not modelled", field=source)
     precision = "fp32" if get_str("training.mixed_precision_param", "bfloat16") == "float32" else "bf16"
     from planner.loaders import parse_spec
-    cfg = parse_spec(ParallelConfig, dict(tp=tp, pp=pp, dp=dp, ep=ep, vpp=vpp, mbs=mbs, zero=zero, recompute=recompute,
+    cfg = parse_spec(ParallelConfig, dict(tp=tp, pp=pp, dp=dp, ep=ep, vpp=vpp, mbs=mbs, zero=zero,
+                                          recompute=recompute,
                                           sp=tp > 1 and _bool(a, "parallelism.enable_sequence_parallel", True),
                                           schedule=schedule, layers_per_stage=layers), source)
     return Launch(target=TARGET, source=source, model=model, config=cfg, global_batch=global_batch,

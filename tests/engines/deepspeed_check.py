@@ -1,8 +1,9 @@
 """Run DeepSpeed's own config parser on meshplan exports; print what it read back, as JSON.
 
-Usage (in the engine venv): python deepspeed_check.py JOBS.json, JOBS a list of {"dir", "dp", "world_size"}. DeepSpeedConfig
-(DeepSpeed 0.19.8) takes its world size from deepspeed.comm, which without a process group answers 1: the
-data-parallel size and rank 0 are patched in while it parses (../shared/engine-validation.md).
+Usage (in the engine venv): python deepspeed_check.py JOBS.json, JOBS a list of {"dir", "dp", "world_size"}.
+DeepSpeedConfig (DeepSpeed 0.19.8) takes its world size from deepspeed.comm, which without a process group
+answers 1: the data-parallel size and rank 0 are patched in while it parses (../shared/engine-validation.md).
+AutoEP's expert_parallel section is validated for the whole world (tp x pp x dp GPUs).
 """
 
 import json
