@@ -464,6 +464,8 @@ def export(
 
     What the target cannot express is exported as the nearest configuration it can, with each change and the
     re-estimated prediction shown (--exact refuses instead). Read an export back with `estimate --from DIR`.
+    Mixture-of-experts plans carry their experts and ep: Megatron-LM's MoE flags, torchtitan's qwen3_30b_a3b
+    with expert_parallel_degree, DeepSpeed's AutoEP (expert_parallel) section.
 
     Example: meshplan export plan.json --to megatron -o megatron_job
     """

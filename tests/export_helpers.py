@@ -7,12 +7,18 @@ from planner.engine import load_engine
 from planner.loaders import load_cluster
 from planner.plan import make_plan
 from planner.presets import PRESETS
-from planner.specs import ParallelConfig, TrainingSpec
+from planner.specs import ModelSpec, MoESpec, ParallelConfig, TrainingSpec
 
-# name -> (preset, cluster, nodes, training, parallel config). An MoE plan joins these (and the round-trip and
-# engine lists of tests/test_export*.py) once ModelSpec describes experts: megatron.model_args is where its
-# --num-experts / --moe-router-topk / --expert-model-parallel-size go, and the readers' refusal of those flags
-# is where they are read back.
+# A Qwen2-MoE-like model with everything a MoE spec can say: the first layer dense, then every second layer
+# MoE, a gated shared expert (two of width 512: one MLP of 1024 in Megatron), a sigmoid router, capacity 1.25
+MOE_VARIANTS = ModelSpec(name="moe-variants", num_layers=8, hidden_size=1024, num_heads=16, num_kv_heads=4,
+                         ffn_hidden_size=2816, vocab_size=32000, max_position_embeddings=4096, tied_embeddings=False,
+                         norm="rmsnorm", mlp="swiglu", bias=False, position_embedding="rope", rope_theta=1e6,
+                         dropout=0.0, moe=MoESpec(num_experts=16, top_k=4, expert_ffn_size=512, shared_experts=2,
+                                                  shared_expert_gate=True, first_dense_layers=1, every=2,
+                                                  router="sigmoid", capacity_factor=1.25))
+
+# name -> (preset or model, cluster, nodes, training, parallel config)
 PLANS = {
     # GPT-3 style: LayerNorm, GELU, learned positions, biases, tied embeddings
     "gpt_dense": ("gpt3-1.3b", "dgx-a100-80gb", 1, dict(global_batch=64, seq_len=2048, precision="bf16"),
@@ -40,6 +46,28 @@ PLANS = {
     # torchtitan-shaped: FSDP2 without resharding (ZeRO-2) under a 1F1B pipeline, fp32
     "llama_zero2_pp": ("llama3-8b", "dgx-h100", 1, dict(global_batch=32, seq_len=2048, precision="fp32"),
                        dict(tp=1, pp=2, dp=4, mbs=2, zero=2, recompute="selective", layers_per_stage=[15, 17])),
+    # mixture of experts on 2 DGX H100: Megatron-shaped (experts over 4 DP ranks, expert TP = tp 2, pipeline)
+    "mixtral_ep_tp": ("mixtral-8x7b", "dgx-h100", 2, dict(global_batch=32, seq_len=2048, precision="bf16"),
+                      dict(tp=2, pp=2, dp=4, ep=4, mbs=1, zero=1, recompute="selective", sp=True)),
+    "qwen3_moe_ep": ("qwen3-30b-a3b", "dgx-h100", 2, dict(global_batch=32, seq_len=2048, precision="bf16"),
+                     dict(tp=1, pp=1, dp=16, ep=8, mbs=1, zero=1, recompute="selective")),
+    # torchtitan-shaped: EP inside FSDP2's shard dimension (ZeRO-3), full recomputation
+    "qwen3_moe_fsdp": ("qwen3-30b-a3b", "dgx-h100", 2, dict(global_batch=32, seq_len=2048, precision="bf16"),
+                       dict(tp=1, pp=1, dp=16, ep=8, mbs=1, zero=3, recompute="full")),
+    # ... and under a 1F1B pipeline (FSDP2 without resharding)
+    "qwen3_moe_pp": ("qwen3-30b-a3b", "dgx-h100", 2, dict(global_batch=32, seq_len=2048, precision="bf16"),
+                     dict(tp=1, pp=2, dp=8, ep=8, mbs=1, zero=2, recompute="full", layers_per_stage=[23, 25])),
+    # DeepSpeed-shaped: AutoEP over 8 ranks under ZeRO-3
+    "mixtral_ep_zero3": ("mixtral-8x7b", "dgx-h100", 2, dict(global_batch=32, seq_len=2048, precision="bf16"),
+                         dict(tp=1, pp=1, dp=16, ep=8, mbs=1, zero=3, recompute="full")),
+    # what `meshplan plan -m mixtral-8x7b -c dgx-h100 --nodes 2 -b 32 -e megatron` picks: Megatron-FSDP, interleaved
+    "mixtral_fsdp_interleaved": ("mixtral-8x7b", "dgx-h100", 2, dict(global_batch=32, seq_len=2048, precision="bf16"),
+                                 dict(tp=2, pp=2, dp=4, ep=2, vpp=8, mbs=1, zero=2, recompute="none", sp=True,
+                                      schedule="interleaved")),
+    # every MoE field Megatron writes, with an interleaved pipeline
+    "moe_variants": (MOE_VARIANTS, "dgx-h100", 1, dict(global_batch=16, seq_len=4096, precision="bf16"),
+                     dict(tp=2, pp=2, dp=2, ep=2, vpp=2, mbs=1, zero=1, recompute="none", sp=True,
+                          schedule="interleaved")),
 }
 ORDERS = {"gpt_fp16_pp": ("tp", "pp", "dp")}
 
@@ -47,7 +75,8 @@ ORDERS = {"gpt_fp16_pp": ("tp", "pp", "dp")}
 def make_test_plan(name: str, engine: str = "meshplan"):
     """The plan of PLANS[name] as `meshplan estimate --engine ENGINE -o` writes it."""
     preset, cluster_name, nodes, training, cfg = PLANS[name]
-    model, cluster = PRESETS[preset], load_cluster(cluster_name, nodes)
+    model = PRESETS[preset] if isinstance(preset, str) else preset
+    cluster = load_cluster(cluster_name, nodes)
     training = TrainingSpec(**training)
     order = ORDERS.get(name, ("tp", "dp", "pp"))
     cost = CostModel(model, cluster, training, engine=load_engine(engine))

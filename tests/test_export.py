@@ -15,7 +15,8 @@ from planner.export.torchtitan import default_split
 from tests.cli_helpers import run_cli
 from tests.export_helpers import PLANS, make_test_plan, write_export
 
-CONFIG_KEYS = ("tp", "pp", "dp", "vpp", "mbs", "zero", "recompute", "sp", "schedule", "layers_per_stage", "layout")
+CONFIG_KEYS = ("tp", "pp", "dp", "ep", "vpp", "mbs", "zero", "recompute", "sp", "schedule", "layers_per_stage",
+               "layout")
 
 
 def _estimate_from(capsys, directory, plan, *extra):
@@ -34,6 +35,9 @@ def _cluster_name(plan) -> str:
     ("gpt_dense", "megatron"), ("llama_gqa", "torchtitan"), ("interleaved_uneven", "megatron"),
     ("interleaved_uneven_amp", "torchtitan"), ("gpt_fp16_pp", "megatron"), ("gpt_pipe_zero1", "deepspeed"),
     ("gpt_zero2_tp", "deepspeed"), ("llama_zero2_pp", "torchtitan"),
+    ("mixtral_ep_tp", "megatron"), ("qwen3_moe_ep", "megatron"), ("moe_variants", "megatron"),
+    ("qwen3_moe_fsdp", "torchtitan"), ("mixtral_ep_zero3", "deepspeed"), ("mixtral_fsdp_interleaved", "megatron"),
+    ("qwen3_moe_pp", "torchtitan"),
 ])
 def test_export_read_back_gives_the_plans_configuration_and_prediction(capsys, tmp_path, name, target):
     """A plan costed for the target's engine, exported and read back, predicts the same."""
@@ -48,6 +52,10 @@ def test_export_read_back_gives_the_plans_configuration_and_prediction(capsys, t
     assert d["predicted"]["step_time_s"] == pytest.approx(plan.predicted.step_time_s, rel=1e-12)
     assert d["predicted"]["peak_reserved_bytes"] == plan.predicted.peak_reserved_bytes
     assert d["predicted"]["tokens_per_s"] == pytest.approx(plan.predicted.tokens_per_s, rel=1e-12)
+    if plan.model.moe is not None:      # the same experts read back: total and active parameters
+        from planner.cost.params import active_params, total_params
+        assert (d["model"]["params"], d["model"]["active_params"]) == (total_params(plan.model),
+                                                                      active_params(plan.model))
 
 
 def test_an_args_file_or_a_bare_ds_config_reads_like_the_directory(capsys, tmp_path):
@@ -138,7 +146,110 @@ def test_torchtitan_rejects_no_llama_flavour_it_ships():
     assert flavour_of(PRESETS["llama3-8b"]) == "llama3_8b"
     assert flavour_of(PRESETS["llama3-70b"]) == "llama3_70b"
     assert flavour_of(PRESETS["llama3-405b"]) == "llama3_405b"
-    assert set(FLAVOURS) == {"llama3_debugmodel", "llama3_8b", "llama3_70b", "llama3_405b"}
+    assert flavour_of(PRESETS["qwen3-30b-a3b"]) == "qwen3_30b_a3b"
+    assert set(FLAVOURS) == {"llama3_debugmodel", "llama3_8b", "llama3_70b", "llama3_405b", "qwen3_30b_a3b"}
+
+
+# ---------------------------------------------------------------------------------------------- mixture of experts
+def _rule(layers: int, k: int, every: int) -> list[int]:
+    """MoESpec's rule, written out: the first k layers dense, then layer i MoE when (i + 1) % every == 0."""
+    return [1 if i >= k and (i + 1) % every == 0 else 0 for i in range(layers)]
+
+
+def test_megatron_layer_pattern_evaluates_to_the_specs_moe_layers():
+    """--moe-layer-freq as Megatron evaluates it (its _eval_pattern: a charset check, then Python's eval) for every
+    (first dense layers, every) on up to 12 layers."""
+    import re
+    from planner.export.megatron import moe_layer_pattern
+    from planner.specs import MoESpec
+    for layers in range(1, 13):
+        for k in range(layers + 1):
+            for every in range(1, layers + 1):
+                text = moe_layer_pattern(MoESpec(num_experts=4, top_k=2, expert_ffn_size=8, first_dense_layers=k,
+                                                 every=every), layers)
+                assert not re.search(r"[^,\d\[\]\(\)\+\*]", text)
+                value = eval(text)     # noqa: S307 - what Megatron does with it
+                got = [1 if i % value == 0 else 0 for i in range(layers)] if isinstance(value, int) else value
+                assert got == _rule(layers, k, every), (layers, k, every, text)
+
+
+def test_reading_a_megatron_layer_pattern_finds_the_spec_form_or_refuses():
+    """Every 0/1 pattern on up to 10 layers (brute force): read back as (k, every) exactly when some form gives it,
+    and the form found gives it."""
+    from itertools import product
+    from planner.export.megatron import _dense_then_every
+    for layers in range(1, 11):
+        forms = {tuple(_rule(layers, k, e)) for k in range(layers + 1) for e in range(1, layers + 1)}
+        for pattern in product((0, 1), repeat=layers):
+            found = _dense_then_every(list(pattern))
+            assert (found is not None) == (pattern in forms), pattern
+            if found is not None:
+                assert tuple(_rule(layers, *found)) == pattern
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--moe-token-dispatcher-type", "allgather"], "all-to-all token dispatch"),
+    (["--moe-layer-freq", "2"], "--moe-layer-freq 10101010"),          # Megatron's N: layer 0 MoE, then every N-th
+    (["--moe-layer-freq", "[1,1,0,0,1,1,0,0]"], "--moe-layer-freq 11001100"),
+    (["--moe-layer-freq", "__import__('os')"], "is not an integer or a list expression"),
+    (["--moe-router-score-function", "sqrtsoftplus"], "sqrtsoftplus is not modelled"),
+    (["--expert-tensor-parallel-size", "1"], "expert tensor parallelism = tp"),
+    (["--moe-latent-size", "256"], "MoE latent projections"),
+])
+def test_megatron_moe_flags_meshplan_does_not_model_are_refused_in_one_line(capsys, tmp_path, flags, message):
+    plan = make_test_plan("moe_variants", engine="megatron")
+    items = json.loads(export_plan(plan, "megatron").files["args.json"])
+    for i in range(0, len(flags), 2):
+        if flags[i] in items:
+            j = items.index(flags[i])
+            del items[j:j + 2]
+    (tmp_path / "args.json").write_text(json.dumps(items + flags))
+    r = run_cli(capsys, "estimate", "--from", tmp_path / "args.json", "--cluster", "dgx-h100", "--nodes", "1")
+    lines = [x for x in r.err.splitlines() if x.strip()]
+    assert r.code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in r.err, r.err
+
+
+@pytest.mark.parametrize("name,target,update,message", [
+    ("mixtral_ep_zero3", "torchtitan", {}, "ships no mixture-of-experts model shaped like mixtral-8x7b"),
+    ("qwen3_moe_fsdp", "torchtitan", {"tp": 2, "dp": 8, "sp": True}, "no expert tensor parallelism"),
+    ("mixtral_ep_tp", "deepspeed", {}, "AutoEP has no expert tensor parallelism"),
+    ("moe_variants", "deepspeed", {"tp": 1, "dp": 4, "sp": False, "pp": 2, "vpp": 1, "schedule": "1f1b",
+                                   "layers_per_stage": [4, 4]}, "capacity factor 1.25"),
+])
+def test_moe_plans_a_target_cannot_run_are_refused_in_one_line(capsys, tmp_path, name, target, update, message):
+    plan = make_test_plan(name)
+    plan = plan.model_copy(update={"config": plan.config.model_copy(update=update)})
+    r = run_cli(capsys, "export", _save(plan, tmp_path), "--to", target, "-o", tmp_path / "out")
+    lines = [x for x in r.err.splitlines() if x.strip()]
+    assert r.code == 2 and len(lines) == 1 and message in lines[0], r.err
+    if target == "torchtitan" and not update:
+        assert "qwen3_30b_a3b" in lines[0] and "deepseek_v3" in lines[0]
+
+
+def test_torchtitan_moe_under_ddp_is_exported_on_fsdp_and_re_estimated():
+    """EP needs FSDP's shard dimension in torchtitan: ZeRO 0 -> 2, and the re-estimate is that configuration's."""
+    from planner.export import cost_model_for
+    plan = make_test_plan("qwen3_moe_fsdp", engine="torchtitan")
+    plan = plan.model_copy(update={"config": plan.config.model_copy(update={"zero": 0})})
+    result = export_plan(plan, "torchtitan")
+    assert [c.split(":")[0] for c in result.adjusted.changes] == ["ZeRO 0 -> 2"]
+    assert result.adjusted.config.zero == 2 and result.adjusted.config.ep == 8
+    cost = cost_model_for(plan, result.adjusted.training)
+    assert result.after.predicted.step_time_s == cost.evaluate(result.adjusted.config).predicted.step_time_s
+
+
+def test_estimate_from_a_moe_launch_takes_ep_from_it_and_the_imbalance_from_the_command_line(capsys, tmp_path):
+    plan = make_test_plan("qwen3_moe_ep", engine="megatron")
+    write_export(export_plan(plan, "megatron"), tmp_path)
+    r = run_cli(capsys, "estimate", "--from", tmp_path, "--cluster", "dgx-h100", "--ep", "4")
+    assert r.code == 2 and "--ep" in r.err and "the launch sets it" in r.err
+    r = run_cli(capsys, "estimate", "--from", tmp_path, "--cluster", "dgx-h100", "--moe-imbalance", "1.6", "--json")
+    typed = run_cli(capsys, "estimate", "-m", "qwen3-30b-a3b", "-c", "dgx-h100", "--nodes", "2", "-b", "32",
+                    "--seq", "2048", "--ep", "8", "--zero", "1", "--recompute", "selective", "-e", "megatron",
+                    "--moe-imbalance", "1.6", "--json")
+    assert r.code == typed.code == 0, (r.err, typed.err)
+    assert r.json()["predicted"]["step_time_s"] == pytest.approx(typed.json()["predicted"]["step_time_s"], rel=1e-12)
+    assert r.json()["predicted"]["step_time_s"] > plan.predicted.step_time_s     # 1.6 > the default 1.25
 
 
 def test_launch_sh_runs_torchrun_with_the_args_file_on_every_node(tmp_path):
@@ -237,7 +348,7 @@ def test_estimate_from_bad_launches_are_one_line_errors(capsys, tmp_path):
     ]
     (tmp_path / "moe.txt").write_text("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 128 "
                                       "--vocab-size 512 --micro-batch-size 1 --num-experts 8\n")
-    cases.append(([tmp_path / "moe.txt"], "mixture-of-experts"))            # MoE launches: not modelled yet
+    cases.append(([tmp_path / "moe.txt"], "bias-free experts"))     # Megatron's default biases on the experts
     (tmp_path / "bad.json").write_text("[1, 2")
     cases.append(([tmp_path / "bad.json"], "not valid JSON"))
     (tmp_path / "noshape.txt").write_text("--tensor-model-parallel-size 2 --micro-batch-size 1\n")
@@ -277,3 +388,42 @@ def test_deepspeed_batch_rule(ds, want):
     dp, mbs, gas = want
     assert (launch.config.dp, launch.config.mbs, launch.global_batch // (mbs * dp)) == (dp, mbs, gas)
     assert launch.config.tp * launch.config.pp * launch.config.dp == 8
+
+
+def test_a_deepspeed_autoep_config_must_route_like_the_model_given(capsys, tmp_path):
+    """ds_config carries no model, but AutoEP's top-k and router must be the --model's."""
+    plan = make_test_plan("mixtral_ep_zero3", engine="deepspeed")
+    write_export(export_plan(plan, "deepspeed"), tmp_path)
+    for model, message in (("qwen3-30b-a3b", "top-2 with a softmax router; qwen3-30b-a3b has top-8"),
+                           ("llama3-8b", "llama3-8b has no experts")):
+        r = run_cli(capsys, "estimate", "--from", tmp_path, "--cluster", "dgx-h100", "--model", model,
+                    "--seq", "2048")
+        lines = [x for x in r.err.splitlines() if x.strip()]
+        assert r.code == 2 and len(lines) == 1 and message in lines[0] and "--model" in lines[0], r.err
+
+
+def test_megatron_moe_overlaps_are_read_with_a_note_and_gemma_blocks_are_refused(capsys, tmp_path):
+    plan = make_test_plan("qwen3_moe_ep", engine="megatron")
+    items = json.loads(export_plan(plan, "megatron").files["args.json"])
+    (tmp_path / "args.json").write_text(json.dumps(items + ["--moe-shared-expert-overlap"]))
+    r = run_cli(capsys, "estimate", "--from", tmp_path / "args.json", "--cluster", "dgx-h100", "--nodes", "2",
+                "--json")
+    assert r.code == 0 and "note: --moe-shared-expert-overlap is modelled without that overlap" in r.err
+    assert r.json()["predicted"]["step_time_s"] == pytest.approx(plan.predicted.step_time_s, rel=1e-12)
+    from planner.presets import PRESETS
+    from planner.export.megatron import nearest
+    with pytest.raises(Exception, match="does not write sandwich_norm"):
+        nearest(plan.model_copy(update={"model": PRESETS["gemma2-9b"]}))
+
+
+def test_torchtitan_moe_launches_meshplan_does_not_model_are_refused(capsys, tmp_path):
+    """torchtitan's EP borrows TP ranks and has no expert TP; meshplan's experts are tensor-parallel: refused."""
+    plan = make_test_plan("qwen3_moe_fsdp", engine="torchtitan")
+    items = json.loads(export_plan(plan, "torchtitan").files["args.json"])
+    i = items.index("--parallelism.tensor_parallel_degree")
+    items[i + 1] = "2"
+    items[items.index("--parallelism.data_parallel_shard_degree") + 1] = "8"
+    (tmp_path / "args.json").write_text(json.dumps(items))
+    r = run_cli(capsys, "estimate", "--from", tmp_path / "args.json", "--cluster", "dgx-h100", "--nodes", "2")
+    lines = [x for x in r.err.splitlines() if x.strip()]
+    assert r.code == 2 and len(lines) == 1 and "no expert tensor parallelism" in lines[0], r.err

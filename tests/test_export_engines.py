@@ -20,9 +20,10 @@ from tests.export_helpers import make_test_plan, write_export
 ENGINE_PYTHON = ROOT / ".engines" / "venv" / "bin" / "python"
 DRIVERS = ROOT / "tests" / "engines"
 EXPORTS = {"megatron": ["gpt_dense", "llama_gqa", "interleaved_uneven", "gpt_fp16_pp", "gpt_zero2_tp",
-                        "gpt_pipe_zero1"],
-           "deepspeed": ["gpt_pipe_zero1", "gpt_zero2_tp", "llama_gqa"],
-           "torchtitan": ["llama_gqa", "interleaved_uneven_amp", "llama_zero2_pp"]}
+                        "gpt_pipe_zero1", "mixtral_ep_tp", "qwen3_moe_ep", "qwen3_moe_fsdp", "moe_variants",
+                        "mixtral_fsdp_interleaved"],
+           "deepspeed": ["gpt_pipe_zero1", "gpt_zero2_tp", "llama_gqa", "mixtral_ep_zero3", "qwen3_moe_fsdp"],
+           "torchtitan": ["llama_gqa", "interleaved_uneven_amp", "llama_zero2_pp", "qwen3_moe_fsdp", "qwen3_moe_pp"]}
 
 if not ENGINE_PYTHON.exists():
     if os.environ.get("CI"):
@@ -63,13 +64,15 @@ def checked(tmp_path_factory):
             cfg = result.adjusted.config
             size = cfg.dp if target == "deepspeed" else cfg.tp * cfg.pp * cfg.dp
             exports.append((name, plan, result))
-            jobs.append({"dir": str(directory), ("dp" if target == "deepspeed" else "world_size"): size})
+            jobs.append({"dir": str(directory), ("dp" if target == "deepspeed" else "world_size"): size,
+                         **({"world_size": cfg.tp * cfg.pp * cfg.dp} if target == "deepspeed" else {})})
         jobs.append({**jobs[0]})               # the first export again, on a world it does not fit
         key = "dp" if target == "deepspeed" else "world_size"
         jobs[-1][key] = jobs[0][key] + 1 if target != "deepspeed" else jobs[0][key] * 2
         results = run_driver(target, jobs, root)
         if target == "torchtitan":
             broken["splits"] = results.pop()
+            broken["moe_flavours"] = results.pop()
             broken["flavours"] = results.pop()
         out[target] = [(n, p, r, got) for (n, p, r), got in zip(exports, results)]
         broken[target] = results[-1]
@@ -87,7 +90,7 @@ def test_megatron_accepts_the_exports_and_reads_back_the_plan(checked):
     for name, plan, result, got in rows:
         cfg, t, m = result.adjusted.config, result.adjusted.training, plan.model
         assert (got["tp"], got["pp"], got["dp"], got["vpp"]) == (cfg.tp, cfg.pp, cfg.dp, cfg.vpp), name
-        assert got["groups"] == {"tp": cfg.tp, "pp": cfg.pp, "dp": cfg.dp}, name
+        assert {k: got["groups"][k] for k in ("tp", "pp", "dp")} == {"tp": cfg.tp, "pp": cfg.pp, "dp": cfg.dp}, name
         assert got["layers_per_chunk"] == list(cfg.layers_per_stage), name
         assert (got["mbs"], got["global_batch"]) == (cfg.mbs, t.global_batch), name
         assert got["sp"] == cfg.sp, name
@@ -114,7 +117,32 @@ def test_megatron_accepts_the_exports_and_reads_back_the_plan(checked):
         assert (got["seq_length"], got["max_position_embeddings"]) == (t.seq_len, m.max_position_embeddings), name
         assert got["hidden_dropout"] == got["attention_dropout"] == m.dropout, name
         assert got["attention_backend"] == "flash" and got["layernorm_epsilon"] == m.norm_eps, name
+        assert got["kv_channels"] == m.dim_per_head and got["qk_layernorm"] == (m.qk_norm == "rmsnorm"), name
+        assert got["num_moe_experts"] == (m.moe.num_experts if m.moe else None), name
+        if m.moe is not None:
+            _megatron_moe(name, m, cfg, got)
     assert "world size" in checked[1]["megatron"]["error"]
+
+
+def _megatron_moe(name, m, cfg, got):
+    """Megatron's TransformerConfig and process groups against the plan's experts and ep; which layers its GPT
+    layer specs build as MoE against the spec's rule (the first k dense, then every n-th)."""
+    moe = m.moe
+    assert (got["moe_router_topk"], got["moe_ffn_hidden_size"]) == (moe.top_k, moe.expert_ffn_size), name
+    assert got["expert_model_parallel_size"] == cfg.ep and got["expert_tensor_parallel_size"] == cfg.tp, name
+    want_layers = "".join("1" if i >= moe.first_dense_layers and (i + 1) % moe.every == 0 else "0"
+                          for i in range(m.num_layers))
+    assert got["moe_layers"] == want_layers, name
+    assert got["moe_router_score_function"] == moe.router, name
+    shared = moe.shared_experts * (moe.shared_ffn_size or moe.expert_ffn_size)
+    assert got["moe_shared_expert_intermediate_size"] == (shared or None), name
+    assert got["moe_shared_expert_gate"] == moe.shared_expert_gate, name
+    assert got["moe_expert_capacity_factor"] == moe.capacity_factor, name
+    assert got["moe_token_dispatcher_type"] == "alltoall" and got["moe_grouped_gemm"] is True, name
+    g = got["groups"]
+    # experts over ep consecutive data-parallel ranks (global ranks tp apart), each expert over the TP group
+    assert (g["ep"], g["etp"], g["edp"]) == (cfg.ep, cfg.tp, cfg.dp // cfg.ep), name
+    assert g["ep_ranks"] == [d * cfg.tp for d in range(cfg.ep)], name
 
 
 def test_deepspeed_accepts_the_exports_and_reads_back_the_plan(checked):
@@ -136,6 +164,14 @@ def test_deepspeed_accepts_the_exports_and_reads_back_the_plan(checked):
         if cfg.pp > 1:
             assert got["pipeline"]["stages"] == cfg.pp, name
             assert got["pipeline"]["activation_checkpoint_interval"] == (1 if cfg.recompute == "full" else 0), name
+        moe = plan.model.moe
+        if moe is None or cfg.ep == 1:
+            assert got["expert_parallel"] == {}, name
+        else:       # AutoEP: experts over ep consecutive ranks, their replicas ep apart
+            e = got["expert_parallel"]
+            assert (e["ep"], e["etp"], e["top_k"], e["score_func"]) == (cfg.ep, 1, moe.top_k, moe.router), name
+            assert e["ep_ranks"] == list(range(cfg.ep)), name
+            assert e["edp_ranks"] == list(range(0, cfg.dp, cfg.ep)), name
     assert "train_batch_size is not equal" in checked[1]["deepspeed"]["error"]
 
 
@@ -167,13 +203,33 @@ def test_torchtitan_accepts_the_exports_and_reads_back_the_plan(checked):
                                                 "full": "FullAC"}[cfg.recompute], name
         assert got["compile"] is False and (got["num_layers"], got["dim"]) == (
             plan.model.num_layers, plan.model.hidden_size), name
+        assert (got["ep"], got["ep_enabled"]) == (cfg.ep, cfg.ep > 1), name
+        assert got["module"] == ("qwen3" if plan.model.moe else "llama3"), name
     assert "error" in checked[1]["torchtitan"]
+
+
+def test_torchtitan_moe_flavour_is_what_its_registry_builds(checked):
+    """The qwen3_30b_a3b config torchtitan ships against meshplan's flavour and the qwen3-30b-a3b preset
+    (Qwen's published config.json)."""
+    from planner.presets import PRESETS
+    spec, preset = FLAVOURS["qwen3_30b_a3b"], PRESETS["qwen3-30b-a3b"]
+    s = checked[1]["moe_flavours"]["qwen3_30b_a3b"]
+    for m in (spec, preset):
+        assert (s["num_layers"], s["hidden_size"], s["num_heads"], s["num_kv_heads"], s["head_dim"],
+                s["vocab_size"], s["tied"], s["rope_theta"], s["max_seq_len"], s["norm_eps"]) == (
+            m.num_layers, m.hidden_size, m.num_heads, m.kv_heads, m.dim_per_head, m.vocab_size, m.tied_embeddings,
+            m.rope_theta, m.max_position_embeddings, m.norm_eps)
+        assert s["qk_norm"] == (m.qk_norm == "rmsnorm") and s["every_layer_moe"] == (m.num_moe_layers == m.num_layers)
+        assert (s["num_experts"], s["top_k"], s["expert_ffn"], s["score_func"]) == (
+            m.moe.num_experts, m.moe.top_k, m.moe.expert_ffn_size, m.moe.router)
+        assert s["capacity_factor"] == m.moe.capacity_factor and s["shared_experts"] == (m.moe.shared_experts > 0)
 
 
 def test_torchtitan_flavours_are_those_its_registry_ships(checked):
     shipped = checked[1]["flavours"]
-    assert set(shipped) == set(FLAVOURS)
-    for name, spec in FLAVOURS.items():
+    dense = {n: s for n, s in FLAVOURS.items() if s.moe is None}
+    assert set(shipped) == set(dense)
+    for name, spec in dense.items():
         s = shipped[name]
         assert (s["num_layers"], s["hidden_size"], s["num_heads"], s["num_kv_heads"], s["ffn_hidden_size"],
                 s["vocab_size"], s["tied"], s["bias"], s["rope_theta"], s["norm_eps"]) == (

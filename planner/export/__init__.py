@@ -39,12 +39,6 @@ def export_plan(plan, target: str) -> Export:
     """Files for `target`; InputError when the target cannot express the plan even approximately."""
     if target not in TARGETS:
         raise InputError(f"'{target}' is not one of {', '.join(TARGETS)}", field="--to")
-    from planner.validate import beyond_dense_blocks
-    field = beyond_dense_blocks(plan.model)
-    if field:
-        raise InputError(f"the exports write dense GPT-2 / Llama models only; this plan's model has {field} "
-                         f"(mixture-of-experts and the newer attention variants are planned, not yet exported)",
-                         field="plan.model")
     module = TARGETS[target]
     adjusted = module.nearest(plan)
     before = after = None
@@ -110,6 +104,12 @@ def _which_args(items: list[str], path: Path) -> str:
 
 def with_model(launch: Launch, model) -> Launch:
     """The launch with its model filled in (DeepSpeed) and an engine's uniform split where it gave none."""
+    if launch.routing is not None:
+        routing = (model.moe.top_k, model.moe.router) if model.moe is not None else None
+        if routing != launch.routing:
+            has = "no experts" if routing is None else f"top-{routing[0]}, {routing[1]}"
+            raise InputError(f"the launch routes top-{launch.routing[0]} with a {launch.routing[1]} router; "
+                             f"{model.name} has {has}", field="--model")
     if launch.config.layers_per_stage is None:
         layers = balanced_layers(model.num_layers, launch.config.pp * launch.config.vpp)
         launch.config = launch.config.model_copy(update={"layers_per_stage": layers})

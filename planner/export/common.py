@@ -65,6 +65,7 @@ class Launch:
     overlap_grad_reduce: bool
     order: tuple[str, str, str] = DEFAULT_ORDER
     notes: list[str] = field(default_factory=list)   # how something was read that meshplan models approximately
+    routing: tuple[int, str] | None = None   # (top-k, router) a launch without the model states (DeepSpeed AutoEP)
 
     @property
     def engine(self) -> str:
@@ -86,6 +87,55 @@ def balanced_layers(num_layers: int, chunks: int) -> list[int]:
 
 def change_config(cfg: ParallelConfig, **update) -> ParallelConfig:
     return ParallelConfig(**{**cfg.model_dump(), **update})
+
+
+# ---------------------------------------------------------------------------------------------- model shapes
+def model_shape(m: ModelSpec) -> dict:
+    """The fields that decide a model's cost, as two specs of the same model agree on them: the dense MLP width
+    only where some layer is dense (an all-MoE model's ffn_hidden_size is unused), the head width resolved."""
+    all_moe = m.moe is not None and m.num_moe_layers == m.num_layers
+    return {"num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_heads": m.num_heads,
+            "kv_heads": m.kv_heads, "head_dim": m.dim_per_head, "ffn_size": None if all_moe else m.ffn_size,
+            "vocab_size": m.vocab_size, "tied_embeddings": m.tied_embeddings, "norm": m.norm, "mlp": m.mlp,
+            "qk_norm": m.qk_norm, "bias": m.bias, "has_qkv_bias": m.has_qkv_bias,
+            "position_embedding": m.position_embedding, "dropout": m.dropout, "attention": m.attention_kernel,
+            "moe": None if m.moe is None else _moe_shape(m),
+            "windows": (m.sliding_window, m.global_every, m.attention_chunk), "sandwich_norm": m.sandwich_norm}
+
+
+def _moe_shape(m: ModelSpec) -> tuple:
+    """What a MoE spec costs: experts, top-k, widths (shared experts by their total width), the router,
+    capacity, and which layers route (not how first_dense_layers / every spell it)."""
+    e = m.moe
+    layers = "".join("1" if e.is_moe_layer(i) else "0" for i in range(m.num_layers))
+    return (e.num_experts, e.top_k, e.expert_ffn_size, e.shared_width, e.shared_expert_gate and e.shared_width > 0,
+            e.router, e.capacity_factor, layers)
+
+
+def shape_difference(a: ModelSpec, b: ModelSpec) -> str | None:
+    """The first cost-deciding field on which two models differ ('moe ...'), or None; an attention kernel left
+    to the engine (None) matches either kernel."""
+    sa, sb = model_shape(a), model_shape(b)
+    for name in sa:
+        if name == "attention" and None in (sa[name], sb[name]):
+            continue
+        if sa[name] != sb[name]:
+            return f"{name} {sa[name]} vs {sb[name]}"
+    return None
+
+
+def refuse_unwritten(m: ModelSpec, target: str, expressible: tuple[str, ...]) -> None:
+    """InputError naming the first field beyond a dense GPT-2 / Llama block that `target` does not write
+    (those in `expressible` it does: 'moe', 'head_dim', 'qk_norm')."""
+    from planner.validate import beyond_dense_blocks
+    field = beyond_dense_blocks(m)
+    while field in expressible:
+        plain = {"moe": {"moe": None}, "head_dim": {"head_dim": None}, "qk_norm": {"qk_norm": "none"}}[field]
+        m = m.model_copy(update=plain)
+        field = beyond_dense_blocks(m)
+    if field:
+        raise InputError(f"the {target} export does not write {field} ({m.name}); it writes dense GPT-2 / Llama "
+                         f"blocks{' and ' + ', '.join(expressible) if expressible else ''}", field=f"--to {target}")
 
 
 # ---------------------------------------------------------------------------------------------- argument lists

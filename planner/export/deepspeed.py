@@ -25,6 +25,8 @@ OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}
 def nearest(plan) -> Adjusted:
     cfg, training, changes = resolved_config(plan), plan.training, []
     m = plan.model
+    if m.moe is not None:
+        _check_moe(m, cfg)
     if cfg.tp > 1 and cfg.pp > 1:
         raise InputError(f"DeepSpeed's config expresses tensor parallelism only as AutoTP "
                          f"(tensor_parallel.autotp_size), which its pipeline engine does not combine with; tp "
@@ -64,11 +66,24 @@ def nearest(plan) -> Adjusted:
     return Adjusted(cfg, training, DEFAULT_ORDER, tuple(changes))
 
 
+def _check_moe(m, cfg: ParallelConfig) -> None:
+    """What DeepSpeed's AutoEP (the ds_config `expert_parallel` section, 0.19.8) cannot run as meshplan costs it."""
+    if cfg.tp > 1:
+        raise InputError(f"DeepSpeed's AutoEP has no expert tensor parallelism (expert_tensor_parallel_size must be "
+                         f"1; with AutoTP it spreads whole experts over the TP ranks), which meshplan does not "
+                         f"model: export a MoE plan with tp 1 (this one has tp {cfg.tp}), or --to megatron",
+                         field="--to deepspeed")
+    if m.moe.capacity_factor is not None:
+        raise InputError(f"DeepSpeed's AutoEP routes dropless; the model's capacity factor "
+                         f"{m.moe.capacity_factor} has no ds_config key (--to megatron writes it)",
+                         field="--to deepspeed")
+
+
 def config(plan, adj: Adjusted) -> dict:
     """The ds_config dictionary."""
-    from planner.cost.params import layer_params
+    from planner.cost.params import mean_layer_params
     cfg, t = adj.config, adj.training
-    block = round(layer_params(plan.model).per_tp_rank(cfg.tp))   # the cost model's bucket: one block
+    block = round(mean_layer_params(plan.model).per_tp_rank(cfg.tp, cfg.ep))   # the cost model's bucket: one block
     ds: dict = {"train_batch_size": t.global_batch, "train_micro_batch_size_per_gpu": cfg.mbs,
                 "gradient_accumulation_steps": t.global_batch // (cfg.mbs * cfg.dp)}
     zero: dict = {"stage": cfg.zero}
@@ -91,6 +106,12 @@ def config(plan, adj: Adjusted) -> dict:
     ds["optimizer"] = {"type": OPTIMIZERS[t.optimizer]}
     if cfg.tp > 1:
         ds["tensor_parallel"] = {"autotp_size": cfg.tp}
+    moe = plan.model.moe
+    if moe is not None and cfg.ep > 1:
+        # AutoEP replaces the Hugging Face model's MoE blocks: experts over ep consecutive ranks, the rest data
+        # parallel; the model's own router settings, pinned to the plan's
+        ds["expert_parallel"] = {"enabled": True, "autoep_size": cfg.ep, "expert_tensor_parallel_size": 1,
+                                 "top_k": moe.top_k, "score_func": moe.router}
     if cfg.recompute != "none":
         ds["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False,
                                           "cpu_checkpointing": False}
@@ -182,11 +203,27 @@ def read(ds: dict, source: str, world_size: int) -> Launch:
     optimizer = {"adamw": "adamw", "adam": "adam", "fusedadam": "adam", "sgd": "sgd"}.get(opt_type)
     if opt_type and optimizer is None:
         raise InputError(f"optimizer type '{opt_type}' is not modelled (Adam, AdamW, SGD)", field=source)
+    expert = ds.get("expert_parallel") or {}
+    ep, routing = 1, None
+    if expert.get("enabled", False):
+        top_k, router = expert.get("top_k", "auto"), expert.get("score_func", "auto")
+        if top_k != "auto" and router != "auto":
+            routing = (top_k, router)
+        ep = expert.get("autoep_size", 1)
+        if not isinstance(ep, int) or isinstance(ep, bool) or ep < 1:
+            raise InputError(f"autoep_size must be a whole number >= 1 (got {ep!r})",
+                             field=f"{source}: expert_parallel")
+        if expert.get("expert_tensor_parallel_size", 1) != 1:
+            raise InputError("expert_tensor_parallel_size other than 1 is not modelled",
+                             field=f"{source}: expert_parallel")
+        if ep > 1 and tp > 1:
+            raise InputError(f"AutoEP folded over AutoTP ranks (autoep_size {ep}, autotp_size {tp}) is not modelled "
+                             f"by meshplan", field=f"{source}: expert_parallel")
     from planner.loaders import parse_spec
-    cfg = parse_spec(ParallelConfig, dict(tp=tp, pp=pp, dp=dp, mbs=mbs, zero=zero,
+    cfg = parse_spec(ParallelConfig, dict(tp=tp, pp=pp, dp=dp, ep=ep, mbs=mbs, zero=zero,
                                           recompute="full" if checkpointing else "none"), source)
     return Launch(target=TARGET, source=source, model=None, config=cfg, global_batch=batch, seq_len=None,
-                  precision=precision, optimizer=optimizer, overlap_grad_reduce=overlap)
+                  precision=precision, optimizer=optimizer, overlap_grad_reduce=overlap, routing=routing)
 
 
 def read_file(path: Path) -> dict:

@@ -10,12 +10,11 @@ from typing import Any
 
 from planner.errors import InputError
 from planner.export import TARGETS, launch_source, with_model
-from planner.export.common import Launch, read_launch_counts
+from planner.export.common import Launch, read_launch_counts, shape_difference
 from planner.export.deepspeed import looks_like
-from planner.export.torchtitan import SHAPE
 
 # estimate options a launch sets: passing one with --from is an error (the launch decides)
-PARALLEL_OPTIONS = ("tp", "pp", "dp", "mbs", "vpp", "zero", "recompute", "sp", "schedule", "layers_per_stage",
+PARALLEL_OPTIONS = ("tp", "pp", "dp", "ep", "mbs", "vpp", "zero", "recompute", "sp", "schedule", "layers_per_stage",
                     "overlap_grad_reduce")
 
 
@@ -25,15 +24,6 @@ class LaunchInputs:
     cluster: Any
     training: Any
     launch: Launch
-
-
-def _shape_difference(a, b) -> str | None:
-    for name in SHAPE:
-        if name == "attention" and None in (a.attention_kernel, b.attention_kernel):
-            continue          # one side leaves the kernel to the engine
-        if getattr(a, name) != getattr(b, name):
-            return f"{name} {getattr(a, name)} vs {getattr(b, name)}"
-    return None
 
 
 def read(path: Path, world_size: int) -> tuple[Launch, tuple[int | None, int | None]]:
@@ -67,7 +57,7 @@ def estimate_inputs(path: Path, cluster_spec, model_arg: str | None, explicit: d
     if launch.model is None and model is None:
         raise InputError(f"{path} does not carry the model's shape ({launch.target}): pass --model", field="--model")
     if model is not None and launch.model is not None:
-        diff = _shape_difference(model, launch.model)
+        diff = shape_difference(model, launch.model)
         if diff:
             raise InputError(f"the launch's model differs: {diff} (--model vs {path})", field="--model")
     launch = with_model(launch, model or launch.model)
@@ -81,7 +71,8 @@ def estimate_inputs(path: Path, cluster_spec, model_arg: str | None, explicit: d
                              field="--" + name.replace("_", "-"))
     training = parse_spec(TrainingSpec, dict(
         global_batch=launch.global_batch, seq_len=launch.seq_len or seq, precision=launch.precision,
-        optimizer=launch.optimizer or optimizer, overlap_grad_reduce=launch.overlap_grad_reduce), str(path))
+        optimizer=launch.optimizer or optimizer, overlap_grad_reduce=launch.overlap_grad_reduce,
+        moe_imbalance=explicit.get("moe_imbalance")), str(path))
     return LaunchInputs(launch.model, cluster_spec, training, launch)
 
 
@@ -92,7 +83,7 @@ def compare_launch(path: Path, model, cluster, training) -> Launch:
         raise InputError(f"{path} runs {counts[0]} x {counts[1]} GPUs but the search has {cluster.world_size}",
                          field="--compare")
     if launch.model is not None:
-        diff = _shape_difference(model, launch.model)
+        diff = shape_difference(model, launch.model)
         if diff:
             raise InputError(f"the launch trains another model: {diff} (--model vs {path})", field="--compare")
     launch = with_model(launch, model)

@@ -6,6 +6,7 @@ Flag names and defaults are those of megatron-core 0.19.2's `megatron/training/a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from planner.errors import InputError
@@ -21,10 +22,16 @@ TITLE = "Megatron-LM pretrain_gpt.py"
 TP_PP_DP = ("tp", "pp", "dp")              # --use-tp-pp-dp-mapping; Megatron's default is tp-dp-pp
 FSDP_STRATEGY = {2: "optim_grads", 3: "optim_grads_params"}   # Megatron-FSDP's ZeRO-2 / ZeRO-3
 # Flags meshplan does not model: a launch using them is refused rather than predicted wrongly.
-UNMODELLED = {"--num-experts": "mixture-of-experts layers", "--context-parallel-size": "context parallelism",
-              "--expert-model-parallel-size": "expert parallelism", "--fp8-format": "FP8 training",
+UNMODELLED = {"--context-parallel-size": "context parallelism", "--fp8-format": "FP8 training",
               "--fp4-format": "FP4 training", "--multi-latent-attention": "multi-latent attention",
-              "--hybrid-layer-pattern": "hybrid (Mamba) layers", "--use-torch-fsdp2": "torch FSDP2 inside Megatron"}
+              "--hybrid-layer-pattern": "hybrid (Mamba) layers", "--use-torch-fsdp2": "torch FSDP2 inside Megatron",
+              "--moe-latent-size": "MoE latent projections", "--moe-router-num-groups": "group-limited routing",
+              "--moe-pad-expert-input-to-capacity": "experts padded to their capacity"}
+# MoE overlaps meshplan does not model: a launch using them is predicted without them, with a note
+MOE_OVERLAPS = ("--moe-shared-expert-overlap", "--overlap-moe-expert-parallel-comm")
+# MoE options whose value meshplan does not model (a launch using them is refused); the values the export writes
+MOE_FIXED = {"--moe-token-dispatcher-type": ("alltoall", "all-to-all token dispatch (meshplan's EP model)"),
+             "--expert-tensor-parallel-size": (None, "expert tensor parallelism = tp (Megatron's default)")}
 
 
 def _vocab_divisor(vocab: int, tp: int) -> int:
@@ -39,6 +46,14 @@ def _vocab_divisor(vocab: int, tp: int) -> int:
 # ---------------------------------------------------------------------------------------------- export
 def nearest(plan) -> Adjusted:
     m = plan.model
+    from planner.export.common import refuse_unwritten
+    refuse_unwritten(m, TARGET, ("moe", "head_dim", "qk_norm"))
+    if m.qk_norm == "rmsnorm" and m.norm != "rmsnorm":
+        raise InputError("Megatron-LM's --qk-layernorm uses the model's --normalization: q/k RMSNorm needs "
+                         "RMSNorm blocks", field="--to megatron")
+    if m.moe is not None and m.bias:
+        raise InputError("Megatron-LM gives routed experts biases with --add-bias-linear (only under expert "
+                         "tensor parallelism 1); meshplan models bias-free experts", field="--to megatron")
     if m.bias and not m.has_qkv_bias:
         raise InputError("Megatron-LM cannot express linear biases without q/k/v biases (--add-bias-linear "
                          "turns --add-qkv-bias on)", field="--to megatron")
@@ -60,16 +75,58 @@ def nearest(plan) -> Adjusted:
     return Adjusted(cfg, training, order, tuple(changes))
 
 
-def model_args(m, tp: int, seq: int) -> list[str]:
+def moe_layer_pattern(moe, num_layers: int) -> str:
+    """--moe-layer-freq: 1 when every layer is MoE, else a list expression (1 = MoE layer) in the first-k-dense
+    then every-n-th form, e.g. '[0]*3+[1]*29' or '([0]*1+[1])*24' (Megatron evaluates it, digits []()+* only)."""
+    if moe.first_dense_layers == 0 and moe.every == 1:
+        return "1"
+    k, e = min(moe.first_dense_layers, num_layers), moe.every
+    if e == 1:
+        return f"[0]*{k}+[1]*{num_layers - k}" if k < num_layers else f"[0]*{num_layers}"
+    # after k dense layers, layer i is MoE when (i + 1) % e == 0: dense up to the next multiple, then blocks of e
+    lead = next((i for i in range(k, num_layers) if (i + 1) % e == 0), num_layers)
+    blocks, tail = divmod(num_layers - lead, e)
+    parts = [f"[0]*{lead}"] if lead else []
+    if blocks:
+        parts.append(f"([1]+[0]*{e - 1})*{blocks}")
+    if tail:
+        parts.append(f"[1]+[0]*{tail - 1}" if tail > 1 else "[1]")
+    return "+".join(parts)
+
+
+def moe_args(m, ep: int) -> list[str]:
+    """Mixture-of-experts flags (megatron-core 0.19.2's MoE arguments): routed experts, top-k, expert and
+    shared widths, the dense/MoE layer pattern, the router's score function, all-to-all dispatch with grouped
+    GEMMs, dropless unless the spec has a capacity factor, and the expert-parallel degree."""
+    moe = m.moe
+    args = ["--num-experts", str(moe.num_experts), "--moe-router-topk", str(moe.top_k),
+            "--moe-ffn-hidden-size", str(moe.expert_ffn_size),
+            "--moe-layer-freq", moe_layer_pattern(moe, m.num_layers),
+            "--moe-router-score-function", moe.router, "--moe-token-dispatcher-type", "alltoall",
+            "--moe-grouped-gemm", "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "0.01",
+            "--expert-model-parallel-size", str(ep)]
+    if moe.shared_width:       # Megatron's shared expert is one MLP of the shared experts' total width
+        args += ["--moe-shared-expert-intermediate-size", str(moe.shared_width)]
+        if moe.shared_expert_gate:
+            args.append("--moe-shared-expert-gate")
+    if moe.capacity_factor is not None:
+        args += ["--moe-expert-capacity-factor", repr(moe.capacity_factor), "--moe-token-drop-policy", "probs"]
+    return args
+
+
+def model_args(m, tp: int, seq: int, ep: int = 1) -> list[str]:
     """Model shape flags (GPT-2/3: LayerNorm, GELU, learned positions, biases, tied embeddings; Llama: RMSNorm,
-    SwiGLU, RoPE, GQA, untied, no bias; Qwen2: q/k/v bias). Mixture-of-experts flags (--num-experts,
-    --moe-router-topk, --expert-model-parallel-size) belong here once ModelSpec describes experts."""
+    SwiGLU, RoPE, GQA, untied, no bias; Qwen2: q/k/v bias; Qwen3: head width, q/k RMSNorm; MoE: moe_args)."""
     args = ["--num-layers", str(m.num_layers), "--hidden-size", str(m.hidden_size),
             "--num-attention-heads", str(m.num_heads), "--ffn-hidden-size", str(m.ffn_size),
             "--seq-length", str(seq), "--max-position-embeddings", str(m.max_position_embeddings),
             "--vocab-size", str(m.vocab_size), "--make-vocab-size-divisible-by", str(_vocab_divisor(m.vocab_size, tp))]
     if m.kv_heads != m.num_heads:
         args += ["--group-query-attention", "--num-query-groups", str(m.kv_heads)]
+    if m.dim_per_head != m.hidden_size // m.num_heads:
+        args += ["--kv-channels", str(m.dim_per_head)]
+    if m.qk_norm != "none":
+        args.append("--qk-layernorm" if m.qk_norm == "rmsnorm" else "--qk-l2-norm")
     args += ["--normalization", "LayerNorm" if m.norm == "layernorm" else "RMSNorm", "--norm-epsilon", repr(m.norm_eps)]
     if m.mlp == "swiglu":
         args.append("--swiglu")
@@ -85,7 +142,7 @@ def model_args(m, tp: int, seq: int) -> list[str]:
         args.append("--untie-embeddings-and-output-weights")
     args += ["--hidden-dropout", repr(m.dropout), "--attention-dropout", repr(m.dropout),
              "--attention-backend", "flash" if m.attention_kernel == "flash" else "unfused"]
-    return args
+    return args + (moe_args(m, ep) if m.moe is not None else [])
 
 
 def _layout(layers: list[int]) -> str:
@@ -120,8 +177,8 @@ def parallel_args(plan, adj: Adjusted) -> list[str]:
     if overlaps_grad_reduce(plan):
         args.append("--overlap-grad-reduce")
     # the cost model reduces gradients block by block: one bucket holds one block's parameters
-    from planner.cost.params import layer_params
-    args += ["--ddp-bucket-size", str(round(layer_params(plan.model).per_tp_rank(cfg.tp)))]
+    from planner.cost.params import mean_layer_params
+    args += ["--ddp-bucket-size", str(round(mean_layer_params(plan.model).per_tp_rank(cfg.tp, cfg.ep)))]
     args += {"bf16": ["--bf16"], "fp16": ["--fp16"], "fp32": []}[t.precision]
     args += {"adamw": ["--optimizer", "adam"], "adam": ["--optimizer", "adam", "--weight-decay", "0"],
              "sgd": ["--optimizer", "sgd"]}[t.optimizer]
@@ -129,7 +186,7 @@ def parallel_args(plan, adj: Adjusted) -> list[str]:
 
 
 def arguments(plan, adj: Adjusted) -> list[str]:
-    return model_args(plan.model, adj.config.tp, adj.training.seq_len) + parallel_args(plan, adj)
+    return model_args(plan.model, adj.config.tp, adj.training.seq_len, adj.config.ep) + parallel_args(plan, adj)
 
 
 def files(plan, adj: Adjusted) -> dict[str, str]:
@@ -172,6 +229,10 @@ def _model(a: dict, source: str) -> tuple[dict, int]:
     if position not in ("rope", "learned_absolute"):
         raise InputError(f"--position-embedding-type {position} is not modelled (rope, learned_absolute)",
                          field=source)
+    if "--qk-layernorm" in a and norm != "RMSNorm":
+        raise InputError("--qk-layernorm with LayerNorm blocks is not modelled (q/k RMSNorm is)", field=source)
+    qk_norm = "rmsnorm" if "--qk-layernorm" in a else "l2" if "--qk-l2-norm" in a else "none"
+    kv_channels = take_int(a, "--kv-channels", None, source)
     hidden_dropout = take_float(a, "--hidden-dropout", 0.1, source)
     attention_dropout = take_float(a, "--attention-dropout", 0.1, source)
     backend = take_str(a, "--attention-backend", "auto", source)
@@ -187,7 +248,83 @@ def _model(a: dict, source: str) -> tuple[dict, int]:
                 rope_theta=take_float(a, "--rotary-base", 10000.0, source),
                 norm_eps=take_float(a, "--norm-epsilon", 1e-5, source),
                 dropout=max(hidden_dropout, attention_dropout),
-                attention_kernel="eager" if backend in ("unfused", "local") else "flash"), seq
+                attention_kernel="eager" if backend in ("unfused", "local") else "flash", qk_norm=qk_norm,
+                head_dim=kv_channels if kv_channels not in (None, hidden // heads) else None,
+                moe=_moe(a, layers, ffn, bias, source)), seq
+
+
+def _pattern(text: str, num_layers: int, source: str) -> list[int]:
+    """--moe-layer-freq: an integer N (layer i is MoE when i % N == 0) or a list expression of 0/1 made of
+    [..], +, * and parentheses (evaluated here without eval)."""
+    import ast
+    if re.fullmatch(r"\d+", text):
+        n = int(text)
+        if n < 1:
+            raise InputError("--moe-layer-freq must be >= 1", field=source)
+        return [1 if i % n == 0 else 0 for i in range(num_layers)]
+
+    def value(node):
+        if isinstance(node, ast.List):
+            return [value(x) for x in node.elts]
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        raise ValueError
+    try:
+        if re.search(r"[^,\d\[\]()+* ]", text):
+            raise ValueError
+        pattern = value(ast.parse(text, mode="eval").body)
+    except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
+        raise InputError(f"--moe-layer-freq '{text}' is not an integer or a list expression of 0 and 1",
+                         field=source) from None
+    if not isinstance(pattern, list) or len(pattern) != num_layers or set(pattern) - {0, 1}:
+        raise InputError(f"--moe-layer-freq '{text}' is not a list of {num_layers} zeros and ones", field=source)
+    return pattern
+
+
+def _dense_then_every(pattern: list[int]) -> tuple[int, int] | None:
+    """(first_dense_layers, every) of meshplan's form (the first k layers dense, then layer i MoE when
+    (i + 1) % every == 0) giving `pattern`, the smallest such k; None when no form does."""
+    ones = [i for i, x in enumerate(pattern) if x]
+    if not ones:
+        return len(pattern), 1
+    first = ones[0]
+    periods = [ones[1] - first] if len(ones) > 1 else [d for d in range(1, first + 2) if (first + 1) % d == 0]
+    for e in periods:
+        k = max(0, first - e + 1)
+        if (first + 1) % e == 0 and pattern == [1 if i >= k and (i + 1) % e == 0 else 0 for i in range(len(pattern))]:
+            return k, e
+    return None
+
+
+def _moe(a: dict, layers: int, ffn: int, bias: bool, source: str) -> dict | None:
+    """MoESpec fields from the MoE flags (None without --num-experts), with megatron-core's defaults."""
+    experts = take_int(a, "--num-experts", None, source)
+    if experts in (None, 0):
+        return None
+    for flag, (written, what) in MOE_FIXED.items():
+        if flag in a and take_str(a, flag, None, source) != written:
+            raise InputError(f"{flag} {' '.join(a[flag])}: meshplan models {what}", field=source)
+    if bias:
+        raise InputError("--num-experts with linear biases: meshplan models bias-free experts", field=source)
+    pattern = _pattern(take_str(a, "--moe-layer-freq", "1", source), layers, source)
+    form = _dense_then_every(pattern)
+    if form is None:
+        raise InputError(f"--moe-layer-freq {''.join(map(str, pattern))}: meshplan models the first k layers "
+                         f"dense, then every n-th layer MoE", field=source)
+    router = take_str(a, "--moe-router-score-function", "softmax", source)
+    if router not in ("softmax", "sigmoid"):
+        raise InputError(f"--moe-router-score-function {router} is not modelled (softmax, sigmoid)", field=source)
+    shared = take_int(a, "--moe-shared-expert-intermediate-size", None, source)
+    capacity = take_float(a, "--moe-expert-capacity-factor", -1.0, source)
+    return dict(num_experts=experts, top_k=take_int(a, "--moe-router-topk", 2, source),
+                expert_ffn_size=take_int(a, "--moe-ffn-hidden-size", ffn, source),
+                shared_experts=1 if shared else 0, shared_ffn_size=shared or None,
+                shared_expert_gate=bool(shared) and "--moe-shared-expert-gate" in a,
+                first_dense_layers=form[0], every=form[1], router=router,
+                capacity_factor=capacity if capacity > 0 else None)   # Megatron: < 0 or absent = dropless
 
 
 def _layers_per_chunk(a: dict, layers: int, pp: int, source: str) -> tuple[list[int], int]:
@@ -273,6 +410,8 @@ def read(items: list[str], source: str, world_size: int) -> Launch:
     granularity = take_str(a, "--recompute-granularity", "selective" if "--recompute-activations" in a else None,
                            source)
     method, count = take_str(a, "--recompute-method", None, source), take_int(a, "--recompute-num-layers", 1, source)
+    notes += [f"{flag} is modelled without that overlap (the all-to-alls and shared experts run in sequence)"
+              for flag in MOE_OVERLAPS if flag in a and model.moe is not None]
     if granularity == "full" and (method == "block" or count != 1):
         notes.append(f"--recompute-method {method} --recompute-num-layers {count} is modelled as full "
                      f"recomputation of every layer")
@@ -290,7 +429,8 @@ def read(items: list[str], source: str, world_size: int) -> Launch:
     if optimizer == "adam":
         optimizer = "adam" if take_float(a, "--weight-decay", 0.01, source) == 0 else "adamw"
     precision = "bf16" if "--bf16" in a else "fp16" if "--fp16" in a else "fp32"
-    cfg_fields = dict(tp=tp, pp=pp, dp=dp, vpp=vpp, mbs=mbs, zero=zero,
+    ep = take_int(a, "--expert-model-parallel-size", 1, source)
+    cfg_fields = dict(tp=tp, pp=pp, dp=dp, ep=ep, vpp=vpp, mbs=mbs, zero=zero,
                       recompute={"full": "full", "selective": "selective", None: "none"}[granularity],
                       sp="--sequence-parallel" in a and tp > 1, schedule="interleaved" if vpp > 1 else "1f1b",
                       layers_per_stage=layers)

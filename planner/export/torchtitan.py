@@ -2,8 +2,8 @@
 an argument list read back.
 
 Keys are those of torchtitan 0.3.0 (`torchtitan/config/configs.py`, parsed by tyro); the flavours are the
-model shapes its `llama3` config registry ships (`torchtitan/models/llama3/__init__.py`), checked against the
-installed package by tests/engines/torchtitan_check.py.
+model shapes its `llama3` config registry ships (`torchtitan/models/llama3/__init__.py`) and its `qwen3` module's
+mixture-of-experts `qwen3_30b_a3b`, checked against the installed package by tests/engines/torchtitan_check.py.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from planner.errors import InputError
 from planner.export.common import (Adjusted, Launch, change_config, launch_script, overlaps_grad_reduce,
                                    parse_arg_list, resolved_config, slurm_script, take_int, take_str)
 from planner.layout import DEFAULT_ORDER
-from planner.specs import ModelSpec, ParallelConfig
+from planner.specs import ModelSpec, MoESpec, ParallelConfig
 
 TARGET = "torchtitan"
 TITLE = "torchtitan (python -m torchtitan.train)"
-MODULE = "llama3"
 _LLAMA3 = dict(tied_embeddings=False, norm="rmsnorm", mlp="swiglu", bias=False, position_embedding="rope",
                rope_theta=500000.0, norm_eps=1e-5, max_position_embeddings=131072, dropout=0.0,
                attention_kernel="flash")
@@ -31,19 +30,32 @@ FLAVOURS: dict[str, ModelSpec] = {
                         "llama3_8b": (32, 4096, 32, 8, 14336, 128256),
                         "llama3_70b": (80, 8192, 64, 8, 28672, 128256),
                         "llama3_405b": (126, 16384, 128, 8, 53248, 128256)}.items()}
-# the fields that decide a model's cost: a plan's model matches a flavour when all of them agree
-SHAPE = ("num_layers", "hidden_size", "num_heads", "kv_heads", "ffn_size", "vocab_size", "tied_embeddings", "norm",
-         "mlp", "bias", "has_qkv_bias", "position_embedding", "dropout", "attention")
+# the qwen3 module's mixture-of-experts config (torchtitan/models/qwen3/__init__.py, _30b_a3b: every layer routes
+# with a softmax router, dropless; flex attention, which keeps no score matrix: meshplan's flash)
+FLAVOURS["qwen3_30b_a3b"] = ModelSpec(
+    name="qwen3_30b_a3b", num_layers=48, hidden_size=2048, num_heads=32, num_kv_heads=4, head_dim=128,
+    ffn_hidden_size=6144, vocab_size=151936, max_position_embeddings=40960, tied_embeddings=False, norm="rmsnorm",
+    mlp="swiglu", bias=False, qk_norm="rmsnorm", position_embedding="rope", rope_theta=1e6, norm_eps=1e-6,
+    dropout=0.0, attention_kernel="flash", moe=MoESpec(num_experts=128, top_k=8, expert_ffn_size=768))
+MODULES = {name: name.split("_")[0] for name in FLAVOURS}        # --module of each --config
+# the MoE models torchtitan 0.3.0 ships (its models/ folder) that meshplan does not model, for the refusal
+OTHER_MOE = ("deepseek_v3 and kimi_k2_7 (multi-latent attention)", "gpt_oss (attention sinks, sliding window)")
 SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B"}
 RESHARD = {2: "never", 3: "always"}      # FSDP2 reshard_after_forward: ZeRO-2 keeps gathered params, ZeRO-3 not
 
 
 def flavour_of(model: ModelSpec) -> str:
-    """The llama3 --config whose shape is the model's; InputError naming the flavours when none is."""
+    """The --config whose shape is the model's; InputError naming the shipped flavours when none is."""
+    from planner.export.common import shape_difference
     for name, spec in FLAVOURS.items():
-        if all(getattr(spec, f) == getattr(model, f) for f in SHAPE):
+        if shape_difference(spec, model) is None:
             return name
-    shipped = ", ".join(f"{n} ({s.num_layers} layers, h {s.hidden_size})" for n, s in FLAVOURS.items())
+    if model.moe is not None:
+        raise InputError(f"torchtitan 0.3.0 ships no mixture-of-experts model shaped like {model.name}; meshplan "
+                         f"exports its qwen3 module's qwen3_30b_a3b (48 layers, h 2048, 128 experts, top-8); it "
+                         f"also ships {', '.join(OTHER_MOE)}", field="--to torchtitan")
+    shipped = ", ".join(f"{n} ({s.num_layers} layers, h {s.hidden_size})" for n, s in FLAVOURS.items()
+                        if s.moe is None)
     raise InputError(f"torchtitan 0.3.0 ships no model shaped like {model.name}; its llama3 module has {shipped}",
                      field="--to torchtitan")
 
@@ -52,6 +64,14 @@ def flavour_of(model: ModelSpec) -> str:
 def nearest(plan) -> Adjusted:
     flavour_of(plan.model)
     cfg, training, changes = resolved_config(plan), plan.training, []
+    if plan.model.moe is not None and cfg.tp > 1:
+        raise InputError(f"torchtitan 0.3.0 has no expert tensor parallelism (its expert parallelism borrows the "
+                         f"TP ranks: efsdp = dp_shard * tp / ep), which meshplan does not model: export a plan with "
+                         f"tp 1 (this one has tp {cfg.tp})", field="--to torchtitan")
+    if cfg.ep > 1 and cfg.zero == 0:
+        cfg = change_config(cfg, zero=2)
+        changes.append(f"ZeRO 0 -> 2: torchtitan's expert parallelism takes its ep {cfg.ep} ranks from FSDP's "
+                       f"shard dimension (dp_shard), not from DDP's replicas")
     if cfg.dp > 1 and cfg.zero == 1:
         cfg = change_config(cfg, zero=2)
         changes.append("ZeRO 1 -> 2: torchtitan's FSDP2 shards gradients with the optimizer states")
@@ -98,8 +118,10 @@ def arguments(plan, adj: Adjusted) -> list[str]:
                ["--parallelism.data_parallel_replicate_degree", "1",
                 "--parallelism.data_parallel_shard_degree", str(cfg.dp),
                 "--parallelism.fsdp_reshard_after_forward", RESHARD[cfg.zero]])
-    args = ["--module", MODULE, "--config", flavour_of(plan.model), *dp_args,
+    flavour = flavour_of(plan.model)
+    args = ["--module", MODULES[flavour], "--config", flavour, *dp_args,
             "--parallelism.tensor_parallel_degree", str(cfg.tp),
+            *(["--parallelism.expert_parallel_degree", str(cfg.ep)] if plan.model.moe is not None else []),
             "--parallelism.enable_sequence_parallel" if cfg.sp else "--parallelism.no-enable_sequence_parallel",
             "--parallelism.pipeline_parallel_degree", str(cfg.pp)]
     if cfg.pp > 1:
@@ -110,6 +132,8 @@ def arguments(plan, adj: Adjusted) -> list[str]:
                  "--training.local_batch_size", str(t.global_batch // cfg.dp), "--training.disable_cuda_graphs"]
     else:   # one micro-batch per gradient-accumulation step
         args += ["--training.local_batch_size", str(cfg.mbs)]
+        if plan.model.moe is not None:      # its all-to-all dispatcher syncs with the CPU: no CUDA graphs
+            args.append("--training.disable_cuda_graphs")
     args += ["--training.global_batch_size", str(t.global_batch), "--training.seq_len", str(t.seq_len),
              "--training.mixed_precision_param", "float32" if t.precision == "fp32" else "bfloat16",
              "--training.mixed_precision_reduce", "float32",
@@ -168,14 +192,15 @@ def read(items: list[str], source: str, world_size: int) -> Launch:
     get_int = lambda key, default: take_int(a, _key(a, key), default, source)   # noqa: E731
     get_str = lambda key, default: take_str(a, _key(a, key), default, source)   # noqa: E731
     module, flavour = get_str("module", None), get_str("config", None)
-    if module != MODULE or flavour not in FLAVOURS:
-        raise InputError(f"--module {module} --config {flavour} is not a model meshplan knows (llama3 with "
-                         f"{', '.join(FLAVOURS)})", field=source)
+    if flavour not in FLAVOURS or module != MODULES[flavour]:
+        known = ", ".join(f"{MODULES[n]} {n}" for n in FLAVOURS)
+        raise InputError(f"--module {module} --config {flavour} is not a model meshplan knows ({known})",
+                         field=source)
     model = FLAVOURS[flavour]
-    for key, what in (("parallelism.context_parallel_degree", "context parallelism"),
-                      ("parallelism.expert_parallel_degree", "expert parallelism")):
-        if (get_int(key, 1) or 1) > 1:
-            raise InputError(f"--{key}: {what} is not modelled by meshplan", field=source)
+    if (get_int("parallelism.context_parallel_degree", 1) or 1) > 1:
+        raise InputError("--parallelism.context_parallel_degree: context parallelism is not modelled by meshplan",
+                         field=source)
+    ep = get_int("parallelism.expert_parallel_degree", 1)
     tp, pp = get_int("parallelism.tensor_parallel_degree", 1), get_int("parallelism.pipeline_parallel_degree", 1)
     replicate, shard = get_int("parallelism.data_parallel_replicate_degree", 1), \
         get_int("parallelism.data_parallel_shard_degree", -1)
@@ -186,6 +211,12 @@ def read(items: list[str], source: str, world_size: int) -> Launch:
     dp = replicate * shard
     if tp * pp * dp != world_size:
         raise InputError(f"tp {tp} x pp {pp} x dp {dp} != world size {world_size}", field=source)
+    if model.moe is not None and (tp > 1 or (ep > 1 and replicate > 1)):
+        raise InputError(f"mixture-of-experts layers under tp {tp} (torchtitan has no expert tensor parallelism) "
+                         f"or ep {ep} over DDP replicas ({replicate}) are not modelled by meshplan (ep inside FSDP's "
+                         f"shard dimension at tp 1 is)", field=source)
+    if model.moe is None:
+        ep = 1              # torchtitan: no effect for dense models
     reshard = get_str("parallelism.fsdp_reshard_after_forward", "default")
     # torchtitan's "default" reshards after forward except under pipeline parallelism
     zero = 0 if shard == 1 else (3 if reshard == "always" or (reshard == "default" and pp == 1) else 2)
@@ -218,7 +249,8 @@ def read(items: list[str], source: str, world_size: int) -> Launch:
         raise InputError("--training.dtype bfloat16 (pure bf16 training) is not modelled", field=source)
     precision = "fp32" if get_str("training.mixed_precision_param", "bfloat16") == "float32" else "bf16"
     from planner.loaders import parse_spec
-    cfg = parse_spec(ParallelConfig, dict(tp=tp, pp=pp, dp=dp, vpp=vpp, mbs=mbs, zero=zero, recompute=recompute,
+    cfg = parse_spec(ParallelConfig, dict(tp=tp, pp=pp, dp=dp, ep=ep, vpp=vpp, mbs=mbs, zero=zero,
+                                          recompute=recompute,
                                           sp=tp > 1 and _bool(a, "parallelism.enable_sequence_parallel", True),
                                           schedule=schedule, layers_per_stage=layers), source)
     return Launch(target=TARGET, source=source, model=model, config=cfg, global_batch=global_batch,

@@ -29,7 +29,9 @@ def check(directory: str, world_size: int) -> dict:
     from megatron.core.transformer.enums import LayerType
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
+    import torch
     margs.get_device_arch_version = lambda: 9         # no GPU to ask: Hopper
+    torch.cuda.get_device_capability = lambda *a: (9, 0)   # --moe-grouped-gemm asks for compute capability >= 8
     with open(os.path.join(directory, "launch.sh")) as f:
         env = dict(re.findall(r"^export (\w+)=(\S+)$", f.read(), re.MULTILINE))
     os.environ.pop("CUDA_DEVICE_MAX_CONNECTIONS", None)
@@ -60,11 +62,18 @@ def check(directory: str, world_size: int) -> dict:
     try:
         parallel_state.initialize_model_parallel(
             args.tensor_model_parallel_size, pp, args.virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=args.expert_model_parallel_size,
+            expert_tensor_parallel_size=args.expert_tensor_parallel_size,
             order="tp-cp-ep-pp-dp" if args.use_tp_pp_dp_mapping else "tp-cp-ep-dp-pp",
             create_gloo_process_groups=False)
         groups = {"tp": parallel_state.get_tensor_model_parallel_world_size(),
                   "pp": parallel_state.get_pipeline_model_parallel_world_size(),
                   "dp": parallel_state.get_data_parallel_world_size()}
+        if cfg.num_moe_experts is not None:
+            groups.update(ep=parallel_state.get_expert_model_parallel_world_size(),
+                          etp=parallel_state.get_expert_tensor_parallel_world_size(),
+                          edp=parallel_state.get_expert_data_parallel_world_size(),
+                          ep_ranks=dist.get_process_group_ranks(parallel_state.get_expert_model_parallel_group()))
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
@@ -87,7 +96,33 @@ def check(directory: str, world_size: int) -> dict:
         "max_position_embeddings": args.max_position_embeddings, "padded_vocab_size": padded,
         "hidden_dropout": cfg.hidden_dropout, "attention_dropout": cfg.attention_dropout,
         "attention_backend": cfg.attention_backend.name, "layernorm_epsilon": cfg.layernorm_epsilon,
+        "kv_channels": cfg.kv_channels, "qk_layernorm": cfg.qk_layernorm, "qk_l2_norm": cfg.qk_l2_norm,
+        **(moe_fields(cfg) if cfg.num_moe_experts is not None else {"num_moe_experts": None}),
     }
+
+
+def _builds(spec, cls) -> bool:
+    """Whether a layer spec (a ModuleSpec or a functools.partial of one's class) builds `cls`."""
+    target = getattr(spec, "module", None) or getattr(spec, "func", None)
+    return isinstance(target, type) and issubclass(target, cls)
+
+
+def moe_fields(cfg) -> dict:
+    """The MoE settings as TransformerConfig holds them, and which layers Megatron's GPT spec builds as MoE."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    specs = get_gpt_decoder_layer_specs(cfg, use_transformer_engine=False)
+    return {"num_moe_experts": cfg.num_moe_experts, "moe_router_topk": cfg.moe_router_topk,
+            "expert_model_parallel_size": cfg.expert_model_parallel_size,
+            "expert_tensor_parallel_size": cfg.expert_tensor_parallel_size,
+            "moe_ffn_hidden_size": cfg.moe_ffn_hidden_size,
+            "moe_layers": "".join("1" if _builds(s.submodules.mlp, MoELayer) else "0" for s in specs),
+            "moe_router_score_function": cfg.moe_router_score_function,
+            "moe_shared_expert_intermediate_size": cfg.moe_shared_expert_intermediate_size,
+            "moe_shared_expert_gate": cfg.moe_shared_expert_gate,
+            "moe_expert_capacity_factor": cfg.moe_expert_capacity_factor,
+            "moe_token_dispatcher_type": cfg.moe_token_dispatcher_type, "moe_grouped_gemm": cfg.moe_grouped_gemm,
+            "moe_aux_loss_coeff": cfg.moe_aux_loss_coeff}
 
 
 def main() -> None:

@@ -45,7 +45,8 @@ def check(directory: str, world_size: int) -> dict:
         "local_batch": t.local_batch_size, "global_batch": t.global_batch_size, "seq_len": t.seq_len,
         "param_dtype": t.mixed_precision_param, "reduce_dtype": t.mixed_precision_reduce,
         "activation_checkpoint": type(cfg.activation_checkpoint).__qualname__.split(".")[0],
-        "compile": cfg.compile.enable, "num_layers": len(m.layers), "dim": m.dim,
+        "compile": cfg.compile.enable, "num_layers": len(m.layers), "dim": m.dim, "ep": dims.ep,
+        "ep_enabled": dims.ep_enabled, "module": cfg.model_spec.name, "flavor": cfg.model_spec.flavor,
     }
 
 
@@ -71,6 +72,30 @@ def flavours() -> dict:
     return out
 
 
+def moe_flavours() -> dict:
+    """The qwen3 MoE configs meshplan exports, as torchtitan's registry builds them (config objects only)."""
+    import torchtitan.models.qwen3.config_registry as registry
+    out = {}
+    for name in ("qwen3_30b_a3b",):
+        model = getattr(registry, name)().model_spec.model
+        layer = model.layers[0]
+        moe, attention = layer.moe, layer.attention
+        out[name] = {"num_layers": len(model.layers), "hidden_size": model.dim, "num_heads": attention.n_heads,
+                     "num_kv_heads": attention.n_kv_heads, "head_dim": attention.head_dim,
+                     "qk_norm": attention.qk_norm is not None, "vocab_size": model.vocab_size,
+                     "tied": bool(getattr(model, "enable_weight_tying", False)),
+                     "rope_theta": attention.rope.theta, "max_seq_len": attention.rope.max_seq_len,
+                     "norm_eps": layer.attention_norm.eps,
+                     "every_layer_moe": all(block.moe is not None for block in model.layers),
+                     "num_experts": moe.num_experts, "top_k": moe.router.top_k,
+                     "score_func": moe.router.score_func, "route_norm": moe.router.route_norm,
+                     "expert_ffn": moe.routed_experts.inner_experts.hidden_dim,
+                     "capacity_factor": getattr(moe.routed_experts.token_dispatcher, "non_blocking_capacity_factor",
+                                                None),
+                     "shared_experts": getattr(moe, "shared_experts", None) is not None}
+    return out
+
+
 SPLITS = [(4, 32, 1, 1), (2, 6, 1, 1), (8, 32, 1, 1), (6, 80, 2, 3)]   # (stages, layers, first less, last less)
 
 
@@ -85,7 +110,7 @@ def main() -> None:
     logging.disable(logging.WARNING)
     with open(sys.argv[1]) as f:
         jobs = json.load(f)
-    result = [check(job["dir"], job["world_size"]) for job in jobs] + [flavours(), default_splits()]
+    result = [check(job["dir"], job["world_size"]) for job in jobs] + [flavours(), moe_flavours(), default_splits()]
     print("\n" + json.dumps(result))      # the last line of stdout
 
 
