@@ -177,8 +177,10 @@ def test_plan_for_mixtral_on_16_h100_uses_ep_where_it_is_faster(capsys, tmp_path
     nodes = {r // 8 for r in ranks}
     assert ("inside one node (NVLink)" in why) == (len(nodes) == 1)
     assert d["model_summary"]["active_params"] == 12_879_925_248
-    # neither the exports nor the runtime build MoE models yet: one line each, exit 2
+    # the exports write no MoE model yet, and the runtime runs MoE layers without tp only: one line each, exit 2
     r = run_cli(capsys, "export", out, "--to", "megatron", "-o", tmp_path / "exp")
     assert r.code == 2 and "plan.model: the exports write dense GPT-2 / Llama models only" in r.err
     r = run_cli(capsys, "run", out)
-    assert r.code == 2 and "the runtime does not build models with moe" in r.err
+    assert cfg["tp"] > 1
+    assert r.code == 2 and "plan.config: the runtime does not run mixture-of-experts layers with tensor parallelism" \
+        in r.err

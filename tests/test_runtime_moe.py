@@ -27,7 +27,8 @@ def test_moe_mlp_matches_a_per_token_loop():
             p = (m.router.weight @ v).softmax(-1)
             w, e = p.topk(2)
             w = w / w.sum()
-            want = sum(w[j] * ((F.silu(v @ m.gate[e[j]]) * (v @ m.up[e[j]])) @ m.down[e[j]]) for j in range(2))
+            ex = m.experts
+            want = sum(w[j] * ((F.silu(v @ ex.gate[e[j]]) * (v @ ex.up[e[j]])) @ ex.down[e[j]]) for j in range(2))
             s = m.shared
             want = want + s["down"].weight @ (F.silu(s["gate"].weight @ v) * (s["up"].weight @ v))
             assert torch.allclose(y[b, t], want, rtol=1e-5, atol=1e-6)
