@@ -78,3 +78,25 @@ def test_expert_parallel_runs_match_the_single_process_reference(tmp_path):
         want = reference_losses(spec, 8, 32, 4, lr=lay.get("lr", 1e-3), optimizer=lay.get("optimizer", "adamw"))
         got = results[lay["name"]]["losses"]
         assert len(got) == 4 and relative_error(got, want) < 1e-5, (lay["name"], got, want)
+
+
+def test_plan_with_ep_runs_end_to_end(tmp_path):
+    """`meshplan plan --ep 2` for moe-tiny on 4 CPU processes, then `meshplan run` of that plan: the run honours the
+    plan's ep (the report says so) and its losses are the single-process reference's."""
+    from tests.runtime_helpers import PYTHON, model_spec, reference_losses, relative_error
+
+    def meshplan(*args):
+        return subprocess.run([PYTHON, "-m", "planner.cli", *map(str, args)], capture_output=True, text=True,
+                              timeout=600, cwd=ROOT)
+
+    plan = tmp_path / "plan.json"
+    proc = meshplan("plan", "-m", "moe-tiny", "--cluster", "cpu-local", "--nodes", 1, "--gpus-per-node", 4,
+                    "-b", 8, "-s", 32, "--precision", "fp32", "--ep", 2, "--tp", 1, "-o", plan)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(plan.read_text())["config"]["ep"] == 2
+    proc = meshplan("run", plan, "--steps", 3, "--report", tmp_path / "run.json")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = json.loads((tmp_path / "run.json").read_text())
+    assert "ep2" in report["config"] and "ep2" in proc.stdout and report["plan"]["config"]["ep"] == 2
+    want = reference_losses(model_spec("moe-tiny"), 8, 32, 3)
+    assert relative_error(report["losses"], want) < 1e-5, (report["losses"], want)
