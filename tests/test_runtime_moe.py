@@ -100,3 +100,28 @@ def test_plan_with_ep_runs_end_to_end(tmp_path):
     assert "ep2" in report["config"] and "ep2" in proc.stdout and report["plan"]["config"]["ep"] == 2
     want = reference_losses(model_spec("moe-tiny"), 8, 32, 3)
     assert relative_error(report["losses"], want) < 1e-5, (report["losses"], want)
+
+
+def test_what_the_runtime_refuses_for_moe_models(tmp_path):
+    """One line naming the field (InputError, exit 2) before anything launches."""
+    import argparse
+
+    import pytest
+
+    from planner.errors import InputError
+    from runtime.checks import check_run, unsupported
+    from tests.runtime_helpers import make_test_plan, model_spec
+
+    args = argparse.Namespace(steps=2, checkpoint_every=1, checkpoint_dir=str(tmp_path / "ck"), resume=False,
+                              force=False, data=None, data_dtype="uint16", seed=0, lr=1e-3)
+    with pytest.raises(InputError, match="checkpoints of expert-parallel runs"):
+        check_run(make_test_plan("moe-tiny", dp=4, ep=2), 4, args)
+    args.checkpoint_every = 0
+    check_run(make_test_plan("moe-tiny", dp=4, ep=2), 4, args)          # without checkpoints: accepted
+    with pytest.raises(InputError, match="with tensor parallelism"):
+        check_run(make_test_plan("moe-tiny", tp=2, sp=True), 2, args)
+    moe = model_spec("moe-tiny").moe
+    for change, field in (({"router": "sigmoid"}, "moe.router"), ({"capacity_factor": 1.25}, "moe.capacity_factor")):
+        spec = model_spec("moe-tiny", {"moe": moe.model_copy(update=change)})
+        assert field in unsupported(spec)
+    assert unsupported(model_spec("moe-tiny")) is None
