@@ -64,5 +64,10 @@ PRESETS: dict[str, ModelSpec] = {
         ModelSpec(name="gpt-tiny", num_layers=4, hidden_size=64, num_heads=4, vocab_size=512,
                   max_position_embeddings=256, dropout=0.0),
         _llama("llama-tiny", 4, 64, 4, 2, 176, vocab=512, tied=False, max_pos=256, theta=10000.0),
+        # layer 0 dense, layers 1-3 route to 2 of 4 experts and pass a shared expert
+        ModelSpec(**{**_llama("moe-tiny", 4, 64, 4, 2, 176, vocab=512, tied=False, max_pos=256,
+                              theta=10000.0).model_dump(), "name": "moe-tiny",
+                     "moe": MoESpec(num_experts=4, top_k=2, expert_ffn_size=64, shared_experts=1, shared_ffn_size=32,
+                                    first_dense_layers=1)}),
     ]
 }

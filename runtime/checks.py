@@ -54,8 +54,16 @@ def rank_grid(plan: Plan) -> list[list[list[int]]]:
 
 
 def unsupported(spec: ModelSpec) -> str | None:
-    """Why runtime/models.py cannot build `spec` (None when it can): it builds GPT-2 and Llama blocks only."""
-    field = beyond_dense_blocks(spec)
+    """Why runtime/models.py cannot build `spec` (None when it can): GPT-2 and Llama blocks, and Llama blocks
+    with dropless softmax-routed SwiGLU experts (runtime/moe.py)."""
+    moe = spec.moe
+    if moe is not None:
+        for field, value, plain in (("moe.router", moe.router, "softmax"), ("moe.capacity_factor",
+                                    moe.capacity_factor, None), ("moe.shared_expert_gate", moe.shared_expert_gate,
+                                    False), ("mlp", spec.mlp, "swiglu"), ("bias", spec.bias, False)):
+            if value != plain:
+                return f"the runtime builds mixture-of-experts layers only with {field} {plain} (got {value})"
+    field = beyond_dense_blocks(spec.model_copy(update={"moe": None}))
     return f"the runtime does not build models with {field} yet (GPT-2 and Llama blocks only)" if field else None
 
 
@@ -79,12 +87,18 @@ def check_run(plan: Plan, world_size: int, args) -> None:
     if cfg.pp > 1 and cfg.schedule != "gpipe" and cfg.num_microbatches < cfg.pp:
         raise InputError(f"1F1B needs at least as many micro-batches ({cfg.num_microbatches}) as stages "
                          f"({cfg.pp})", field="plan.config")
+    if plan.model.moe is not None and cfg.tp > 1:
+        raise InputError(f"the runtime does not run mixture-of-experts layers with tensor parallelism yet "
+                         f"(tp {cfg.tp}); use tp 1", field="plan.config")
     rank_grid(plan)
     for value, field in ((args.steps, "--steps"), (args.checkpoint_every, "--checkpoint-every"),
                          (args.seed, "--seed"), (args.lr, "--lr")):
         check_option(value, field)
     if (args.checkpoint_every or args.resume) and not args.checkpoint_dir:
         raise InputError("needs --checkpoint-dir", field="--checkpoint-every" if args.checkpoint_every else "--resume")
+    if cfg.ep > 1 and (args.checkpoint_every or args.resume):
+        raise InputError(f"checkpoints of expert-parallel runs (ep {cfg.ep}) are not written yet",
+                         field="--checkpoint-every" if args.checkpoint_every else "--resume")
     if args.checkpoint_every:
         check_writable_dir(args.checkpoint_dir, "--checkpoint-dir", create=True)
     if args.checkpoint_every and not (args.resume or args.force) and ckpt.latest(args.checkpoint_dir) is not None:

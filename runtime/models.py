@@ -303,6 +303,18 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+def make_mlp(spec: ModelSpec, layer_id: int, tp_degree: int = 1, ep_group=None) -> nn.Module:
+    """The MLP of layer `layer_id`: runtime.moe.MoEMLP for a mixture-of-experts layer of the spec (its experts
+    sharded over `ep_group`, a torch.distributed process group, when given), the dense MLP otherwise."""
+    moe = spec.moe
+    if moe is None or not moe.is_moe_layer(layer_id):
+        return MLP(spec, tp_degree)
+    if tp_degree != 1:
+        raise ValueError("mixture-of-experts layers are not built for tensor parallelism")
+    from runtime.moe import MoEMLP     # runtime.moe imports this module
+    return MoEMLP(spec.hidden_size, moe.expert_ffn_size, moe.num_experts, moe.top_k, moe.shared_width, ep_group)
+
+
 # ----------------------------------------------------------------------------------------------
 # Block, embedding, head
 # ----------------------------------------------------------------------------------------------
@@ -314,7 +326,8 @@ class TransformerBlock(nn.Module):
     model (used for its initialisation and its name in checkpoints).
     """
 
-    def __init__(self, spec: ModelSpec, tp_degree: int = 1, layer_id: int = 0, recompute: str = "none"):
+    def __init__(self, spec: ModelSpec, tp_degree: int = 1, layer_id: int = 0, recompute: str = "none",
+                 ep_group=None):
         super().__init__()
         _check_tp(spec, tp_degree)
         self.layer_id = layer_id
@@ -323,7 +336,7 @@ class TransformerBlock(nn.Module):
         self.norm1 = make_norm(spec)
         self.attn = Attention(spec, tp_degree)
         self.norm2 = make_norm(spec)
-        self.mlp = MLP(spec, tp_degree)
+        self.mlp = make_mlp(spec, layer_id, tp_degree, ep_group)
         self.recompute = recompute
         if not _on_meta(self):
             init_weights(self, seed=0, prefix=f"layers.{layer_id}.")
@@ -441,12 +454,12 @@ class ModelChunk(nn.Module):
     """
 
     def __init__(self, spec: ModelSpec, layer_ids: list[int], first: bool, last: bool, recompute: str = "none",
-                 vocab_tp: int = 1):
+                 vocab_tp: int = 1, ep_group=None):
         super().__init__()
         self.spec = spec
         self.first, self.last = first, last
         self.embed = Embedding(spec, vocab_tp=vocab_tp) if first else None
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(spec, 1, i, recompute) for i in layer_ids})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(spec, 1, i, recompute, ep_group) for i in layer_ids})
         self.head = LMHead(spec, vocab_tp=vocab_tp) if last else None
         self.tie_weights()
 
@@ -492,7 +505,8 @@ def _init_spec(name: str, num_layers: int) -> tuple[str, float]:
         return ("ones", 0.0) if leaf == "weight" else ("zeros", 0.0)
     if leaf == "bias":
         return "zeros", 0.0
-    if owner in ("o_proj", "fc2", "down_proj"):
+    # "down": a MoE layer's shared expert ('mlp.shared.down.weight'); its routed experts' 'mlp.experts.down'
+    if owner in ("o_proj", "fc2", "down_proj", "down") or (owner == "experts" and leaf == "down"):
         return "normal", INIT_STD / math.sqrt(2 * num_layers)
     return "normal", INIT_STD
 
@@ -539,15 +553,38 @@ def init_weights(module: nn.Module, seed: int, prefix: str = "", tied: bool | No
         num_layers = spec.num_layers if spec is not None else getattr(module, "num_layers", 1)
     if tied is None:
         tied = spec.tied_embeddings if spec is not None else getattr(module, "tied", False)
+    expert_rows = _expert_rows(module)
     with torch.no_grad():
         for local_name, param in module.named_parameters():
             name = prefix + local_name
             if tied and name.endswith("head.proj.weight"):
                 name = name[: -len("head.proj.weight")] + "embed.tok.weight"
-            if isinstance(param, DTensor):
+            if local_name in expert_rows:      # this EP rank's experts: its rows of the [num_experts, ...] value
+                lo, n, total = expert_rows[local_name]
+                whole = init_value(name, (total, *param.shape[1:]), seed, num_layers, param.device, param.dtype)
+                full = whole[lo:lo + n]
+                if isinstance(param, DTensor):
+                    full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+                    param.to_local().copy_(full.to_local())
+                else:
+                    param.copy_(full)
+            elif isinstance(param, DTensor):
                 full = init_value(name, tuple(param.shape), seed, num_layers, param.device, param.dtype, vocab)
                 shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
                 param.to_local().copy_(shard.to_local())
             else:
                 param.copy_(init_value(name, tuple(param.shape), seed, num_layers, param.device, param.dtype,
                                        vocab))
+
+
+def _expert_rows(module: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """{parameter name relative to `module`: (first expert, experts held, experts in all)} for the routed experts
+    of every MoE MLP inside it (an EP rank holds a slice of the experts)."""
+    from runtime.moe import MoEMLP
+    out = {}
+    for mod_name, mod in module.named_modules():
+        if isinstance(mod, MoEMLP):
+            for leaf in ("gate", "up", "down"):
+                name = f"{mod_name}.experts.{leaf}" if mod_name else f"experts.{leaf}"
+                out[name] = (mod.rank * mod.local, mod.local, mod.num_experts)
+    return out

@@ -11,8 +11,10 @@ two all-to-alls in reverse (autograd). Expert gradients then hold the contributi
 reducing them over the ranks that hold the same experts (the expert-data-parallel group) and the other
 parameters over the whole data-parallel group is the caller's (as for dense data parallelism).
 
-Not yet wired into `meshplan run` (runtime/checks.py refuses MoE plans): tests/test_runtime_moe.py checks it
-against a single process.
+The routed experts live in their own module (`GroupedExperts`) so that data parallelism can reduce their gradients
+over the expert-data-parallel group and everything else over the data-parallel group (runtime/parallelize.py).
+runtime/models.py builds it for the MoE layers of a spec; tests/test_runtime_moe.py checks it against a per-token
+loop and a single process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,44 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.models import INIT_STD
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `scale` in backward."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class GroupedExperts(nn.Module):
+    """`local` SwiGLU experts of width `ffn`: gate, up [local, hidden, ffn] and down [local, ffn, hidden].
+
+    `grad_scale` multiplies the gradients of the weights (1 / ep under expert parallelism: an EP rank's expert
+    gradient already sums the contributions of the ep ranks' tokens, and the data-parallel average over the dp/ep
+    expert-data-parallel ranks must come out as the mean over all dp ranks)."""
+
+    def __init__(self, local: int, hidden: int, ffn: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.empty(local, hidden, ffn))
+        self.up = nn.Parameter(torch.empty(local, hidden, ffn))
+        self.down = nn.Parameter(torch.empty(local, ffn, hidden))
+        self.grad_scale = 1.0
+
+    def forward(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Each local expert on its consecutive block of `rows` (counts[e] rows for expert e)."""
+        gate, up, down = self.gate, self.up, self.down
+        if self.grad_scale != 1.0 and torch.is_grad_enabled():
+            gate, up, down = (_ScaleGrad.apply(w, self.grad_scale) for w in (gate, up, down))
+        outs = []
+        for e, block in enumerate(torch.split(rows, counts)):
+            outs.append((F.silu(block @ gate[e]) * (block @ up[e])) @ down[e])
+        return torch.cat(outs) if outs else rows
 
 
 class MoEMLP(nn.Module):
@@ -37,11 +77,9 @@ class MoEMLP(nn.Module):
         self.rank = dist.get_rank(ep_group) if ep_group is not None else 0
         if experts % self.ep:
             raise ValueError(f"ep {self.ep} does not divide {experts} experts")
-        self.experts, self.top_k, self.local = experts, top_k, experts // self.ep
+        self.num_experts, self.top_k, self.local = experts, top_k, experts // self.ep
         self.router = nn.Linear(hidden, experts, bias=False)
-        self.gate = nn.Parameter(torch.empty(self.local, hidden, ffn))
-        self.up = nn.Parameter(torch.empty(self.local, hidden, ffn))
-        self.down = nn.Parameter(torch.empty(self.local, ffn, hidden))
+        self.experts = GroupedExperts(self.local, hidden, ffn)
         self.shared = None
         if shared_ffn:
             self.shared = nn.ModuleDict({"gate": nn.Linear(hidden, shared_ffn, bias=False),
@@ -54,15 +92,9 @@ class MoEMLP(nn.Module):
         """Take this rank's slice of every expert's weights ([experts, ...] each)."""
         lo = self.rank * self.local
         with torch.no_grad():
-            for mine, whole in ((self.gate, gate), (self.up, up), (self.down, down)):
+            ex = self.experts
+            for mine, whole in ((ex.gate, gate), (ex.up, up), (ex.down, down)):
                 mine.copy_(whole[lo:lo + self.local])
-
-    def _run_experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Each local expert on its consecutive block of `rows` (counts[e] rows for expert e)."""
-        outs = []
-        for e, block in enumerate(torch.split(rows, counts)):
-            outs.append((F.silu(block @ self.gate[e]) * (block @ self.up[e])) @ self.down[e])
-        return torch.cat(outs) if outs else rows
 
     def _exchange(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Send the expert-sorted `rows` (counts[e] for global expert e) to the ranks holding their experts, run
@@ -78,7 +110,7 @@ class MoEMLP(nn.Module):
         starts = torch.cumsum(recv.flatten(), 0) - recv.flatten()
         blocks = [(int(starts[s * local + e]), int(recv[s, e])) for e in range(local) for s in range(ep)]
         perm = torch.cat([torch.arange(a, a + n) for a, n in blocks]) if blocks else torch.arange(0)
-        out = self._run_experts(arrived[perm], recv.sum(0).tolist())
+        out = self.experts(arrived[perm], recv.sum(0).tolist())
         back = out[torch.argsort(perm)]
         return all_to_all_single(back, send_splits, recv_splits, group)
 
@@ -91,9 +123,9 @@ class MoEMLP(nn.Module):
         flat = chosen.reshape(-1)
         order = torch.argsort(flat, stable=True)          # the k copies of every token, sorted by expert
         rows = x[order // self.top_k]
-        counts = torch.bincount(flat, minlength=self.experts)
+        counts = torch.bincount(flat, minlength=self.num_experts)
         if self.ep == 1:
-            out = self._run_experts(rows, counts.tolist())
+            out = self.experts(rows, counts.tolist())
         else:
             out = self._exchange(rows, counts)
         out = out[torch.argsort(order)].view(-1, self.top_k, shape[-1])

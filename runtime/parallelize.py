@@ -34,6 +34,15 @@ def build_mesh(plan: Plan, device_type: str) -> DeviceMesh:
     return DeviceMesh(device_type, grid, mesh_dim_names=MESH_DIMS)
 
 
+def build_expert_mesh(plan: Plan, device_type: str) -> DeviceMesh:
+    """The (pp, edp, ep, tp) DeviceMesh of expert parallelism: data-parallel rank d is (edp, ep) = (d // ep, d % ep),
+    so an EP group is `ep` consecutive data-parallel ranks and an expert-data-parallel group the dp/ep ranks
+    holding the same experts (planner/cost/moe.py's groups, Megatron-Core's and torchtitan's)."""
+    cfg = plan.config
+    grid = torch.tensor(rank_grid(plan), dtype=torch.int).view(cfg.pp, cfg.dp // cfg.ep, cfg.ep, cfg.tp)
+    return DeviceMesh(device_type, grid, mesh_dim_names=("pp", "edp", "ep", "tp"))
+
+
 @dataclass(frozen=True)
 class Coords:
     pp: int
@@ -105,14 +114,22 @@ def apply_tensor_parallel(chunk: ModelChunk, tp_mesh: DeviceMesh, sp: bool, loss
 # ----------------------------------------------------------------------------------------------
 # Data parallelism
 # ----------------------------------------------------------------------------------------------
-def apply_data_parallel(chunk: ModelChunk, dp_mesh: DeviceMesh, zero: int, mp_policy=None) -> None:
+def apply_data_parallel(chunk: ModelChunk, dp_mesh: DeviceMesh, zero: int, mp_policy=None,
+                        expert_mesh: DeviceMesh | None = None) -> None:
     """ZeRO 1-3 with FSDP2 (`fully_shard` per block, then the chunk for the embedding and head);
     ZeRO-3 reshards each block's parameters after its forward, ZeRO 1-2 keep them until backward.
     ZeRO 0 with FSDP2's `replicate` (DDP semantics; plain `DDP(process_group=...)` rejects TP's DTensor
-    parameters). Gradients are averaged over the data-parallel group."""
+    parameters). Gradients are averaged over the data-parallel group.
+
+    Under expert parallelism (`expert_mesh`: the 'edp' sub-mesh of build_expert_mesh) the routed experts of each
+    MoE layer are wrapped first, on their own, the same way over the expert-data-parallel group, and their
+    gradients scaled by 1/ep in backward (GroupedExperts.grad_scale), so that they too come out as the mean over
+    all data-parallel ranks; the block's wrapper then leaves them alone."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = mp_policy or MixedPrecisionPolicy()
+    if expert_mesh is not None:
+        _wrap_experts(chunk, dp_mesh.size() // expert_mesh.size(), expert_mesh, zero, policy)
     if zero == 0:
         from torch.distributed._composable.replicate_with_fsdp import replicate
         for block in chunk.layers.values():
@@ -122,6 +139,23 @@ def apply_data_parallel(chunk: ModelChunk, dp_mesh: DeviceMesh, zero: int, mp_po
     for block in chunk.layers.values():
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=(zero == 3), mp_policy=policy)
     fully_shard(chunk, mesh=dp_mesh, reshard_after_forward=False, mp_policy=policy)
+
+
+def _wrap_experts(chunk: ModelChunk, ep: int, edp_mesh: DeviceMesh, zero: int, policy) -> None:
+    """Data parallelism over the expert-data-parallel mesh for the routed experts of every MoE layer of `chunk`."""
+    from torch.distributed.fsdp import fully_shard
+
+    from runtime.moe import MoEMLP
+    for block in chunk.layers.values():
+        if not isinstance(block.mlp, MoEMLP):
+            continue
+        experts = block.mlp.experts
+        experts.grad_scale = 1.0 / ep
+        if zero == 0:
+            from torch.distributed._composable.replicate_with_fsdp import replicate
+            replicate(experts, mesh=edp_mesh, mp_policy=policy)
+        else:
+            fully_shard(experts, mesh=edp_mesh, reshard_after_forward=(zero == 3), mp_policy=policy)
 
 
 def set_gradient_sync(chunk: nn.Module, enabled: bool) -> None:
@@ -163,18 +197,21 @@ def build_chunks(plan: Plan, mesh: DeviceMesh, coords: Coords, device: torch.dev
     ids = chunk_layer_ids(list(cfg.layers_per_stage))
     stages = local_chunk_indices(cfg.pp, cfg.vpp, coords.pp)
     nchunks = cfg.pp * cfg.vpp
+    expert_mesh = build_expert_mesh(plan, device.type) if cfg.ep > 1 else None
+    ep_group = expert_mesh["ep"].get_group() if expert_mesh is not None else None
     chunks = []
     for j in stages:
         with torch.device("meta"):
             chunk = ModelChunk(spec, ids[j], first=(j == 0), last=(j == nchunks - 1), recompute=cfg.recompute,
-                               vocab_tp=cfg.tp)
+                               vocab_tp=cfg.tp, ep_group=ep_group)
         if cfg.tp > 1:
             apply_tensor_parallel(chunk, mesh["tp"], cfg.sp, loss_parallel)
         if compile_blocks:
             for block in chunk.layers.values():
                 block.compile()
         if cfg.dp > 1:
-            apply_data_parallel(chunk, mesh["dp"], cfg.zero, mp_policy)
+            apply_data_parallel(chunk, mesh["dp"], cfg.zero, mp_policy,
+                                expert_mesh["edp"] if expert_mesh is not None else None)
         chunk.to_empty(device=device)
         # `to_empty` gives each module a new Parameter for a plain (non-DTensor) tensor, which unties a
         # head that shared the embedding's weight: tie it again, then check that the tie held

@@ -32,13 +32,13 @@ def case(rank: int, world: int, ep_group, edp_group, shared: int, skew: float) -
     ((out_ref - y) ** 2).sum().div(world * TOKENS).backward()
 
     mod = MoEMLP(H, FFN, EXPERTS, TOP_K, shared, ep_group=ep_group)
-    mod.load_state_dict({k: v for k, v in ref.state_dict().items() if k not in ("gate", "up", "down")}, strict=False)
-    mod.load_experts(ref.gate, ref.up, ref.down)
+    mod.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.startswith("experts.")}, strict=False)
+    mod.load_experts(ref.experts.gate, ref.experts.up, ref.experts.down)
     mine = slice(rank * TOKENS, (rank + 1) * TOKENS)
     out = mod(x[mine])
     ((out - y[mine]) ** 2).sum().div(world * TOKENS).backward()
-    experts = {"gate", "up", "down"}
-    unreduced = max(rel(mod.gate.grad, ref.gate.grad[mod.rank * mod.local:][:mod.local]), 0.0)
+    experts = {"experts.gate", "experts.up", "experts.down"}
+    unreduced = max(rel(mod.experts.gate.grad, ref.experts.gate.grad[mod.rank * mod.local:][:mod.local]), 0.0)
     for name, p in mod.named_parameters():
         dist.all_reduce(p.grad, group=edp_group if name in experts else None)
     errors = {"output": rel(out, out_ref[mine]), "unreduced_expert_grad": unreduced}

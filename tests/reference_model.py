@@ -45,8 +45,47 @@ def _rope(x, theta: float):
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
-class _Block(nn.Module):
+class _MoE(nn.Module):
+    """Mixture of experts computed densely: every expert on every token, weighted by a [tokens, E] matrix that
+    holds the renormalised softmax probabilities of each token's top-k experts and zeros elsewhere (Mixtral,
+    Jiang et al. 2024, Sec. 2.1), plus the shared expert."""
+
     def __init__(self, spec: ModelSpec):
+        super().__init__()
+        h, moe = spec.hidden_size, spec.moe
+        self.top_k = moe.top_k
+        self.router = nn.Parameter(torch.empty(moe.num_experts, h))
+        self.w_gate = nn.Parameter(torch.empty(moe.num_experts, h, moe.expert_ffn_size))
+        self.w_up = nn.Parameter(torch.empty(moe.num_experts, h, moe.expert_ffn_size))
+        self.w_down = nn.Parameter(torch.empty(moe.num_experts, moe.expert_ffn_size, h))
+        f_s = moe.shared_width
+        self.shared = nn.ParameterList([nn.Parameter(torch.empty(f_s, h)), nn.Parameter(torch.empty(f_s, h)),
+                                        nn.Parameter(torch.empty(h, f_s))]) if f_s else None
+
+    def runtime_names(self):
+        """(parameter, its name under the runtime's 'layers.i.mlp.')."""
+        yield self.router, "router.weight"
+        yield self.w_gate, "experts.gate"
+        yield self.w_up, "experts.up"
+        yield self.w_down, "experts.down"
+        if self.shared is not None:
+            for p, name in zip(self.shared, ("gate", "up", "down")):
+                yield p, f"shared.{name}.weight"
+
+    def forward(self, x):
+        probs = torch.softmax(x @ self.router.t(), -1)                         # [b, s, E]
+        top, idx = probs.topk(self.top_k, -1)
+        weights = torch.zeros_like(probs).scatter(-1, idx, top / top.sum(-1, keepdim=True))
+        hidden = F.silu(torch.einsum("bsh,ehf->bsef", x, self.w_gate)) * torch.einsum("bsh,ehf->bsef", x, self.w_up)
+        y = torch.einsum("bsef,efh,bse->bsh", hidden, self.w_down, weights)
+        if self.shared is not None:
+            gate, up, down = self.shared
+            y = y + (F.silu(x @ gate.t()) * (x @ up.t())) @ down.t()
+        return y
+
+
+class _Block(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int = 0):
         super().__init__()
         h, d = spec.hidden_size, spec.dim_per_head
         self.spec = spec
@@ -57,10 +96,11 @@ class _Block(nn.Module):
         self.v = nn.Linear(h, spec.kv_heads * d, bias=qkv_bias)
         self.o = nn.Linear(spec.num_heads * d, h, bias=spec.bias)
         f = spec.ffn_size
-        if spec.mlp == "swiglu":
+        self.moe = _MoE(spec) if spec.moe is not None and spec.moe.is_moe_layer(layer) else None
+        if self.moe is None and spec.mlp == "swiglu":
             self.gate, self.up, self.down = (nn.Linear(h, f, bias=spec.bias), nn.Linear(h, f, bias=spec.bias),
                                              nn.Linear(f, h, bias=spec.bias))
-        else:
+        elif self.moe is None:
             self.fc1, self.fc2 = nn.Linear(h, f, bias=spec.bias), nn.Linear(f, h, bias=spec.bias)
 
     def attention(self, x):
@@ -79,6 +119,8 @@ class _Block(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, s, -1))
 
     def mlp(self, x):
+        if self.moe is not None:
+            return self.moe(x)
         if self.spec.mlp == "swiglu":
             return self.down(F.silu(self.gate(x)) * self.up(x))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -100,7 +142,7 @@ class ReferenceGPT(nn.Module):
         self.tok = nn.Parameter(torch.empty(spec.vocab_size, h))
         self.pos = nn.Parameter(torch.empty(spec.max_position_embeddings, h)) \
             if spec.position_embedding == "learned" else None
-        self.blocks = nn.ModuleList(_Block(spec) for _ in range(spec.num_layers))
+        self.blocks = nn.ModuleList(_Block(spec, i) for i in range(spec.num_layers))
         self.final_norm = _Norm(spec)
         self.head = self.tok if spec.tied_embeddings else nn.Parameter(torch.empty(spec.vocab_size, h))
         self._init(seed)
@@ -114,7 +156,12 @@ class ReferenceGPT(nn.Module):
         if self.pos is not None:
             yield self.pos, "embed.pos.weight"
         for i, block in enumerate(self.blocks):
+            if block.moe is not None:
+                for p, name in block.moe.runtime_names():
+                    yield p, f"layers.{i}.mlp.{name}"
             for name, p in block.named_parameters():
+                if name.startswith("moe."):
+                    continue
                 owner, leaf = name.split(".")
                 yield p, f"layers.{i}.{rename[owner]}.{leaf}"
         for name, p in self.final_norm.named_parameters():

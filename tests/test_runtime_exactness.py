@@ -28,6 +28,9 @@ ONE_PROCESS = [
      "optimizer": "sgd", "lr": 0.1, "config": {}},
     # a vocabulary of 500 is padded to 512 (a multiple of 128 * tp); the loss is the unpadded model's
     {"name": "one-process-vocab-500", "model_update": {"vocab_size": 500}, "config": {}},
+    # mixture of experts (layer 0 dense, 1-3 routed with a shared expert) against the reference's dense-gated MoE
+    {"name": "one-process-moe-tiny", "model": "moe-tiny", "config": {"mbs": 2}},
+    {"name": "one-process-moe-tiny-sgd", "model": "moe-tiny", "optimizer": "sgd", "lr": 0.1, "config": {}},
 ]
 
 TWO_PROCESS = [
