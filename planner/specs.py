@@ -340,22 +340,28 @@ class ClusterSpec(_Spec):
 
     @property
     def gpu(self) -> GPUSpec:
-        return self.gpu_types[self._single("one GPU type").gpu_type]
+        return self.gpu_types[(self.nodes or self._single("one GPU type")).gpu_type]
 
     @property
     def gpus_per_node(self) -> int:
-        sizes = {g.gpus_per_node for g in self.groups_raw()}
+        if self.nodes is not None:
+            return self.nodes.gpus_per_node
+        sizes = {g.gpus_per_node for g in self.node_groups}
         if len(sizes) > 1:
             self._single("one node size")
         return sizes.pop()
 
     @property
     def num_nodes(self) -> int:
-        return sum(g.count for g in self.groups_raw())
+        if self.nodes is not None:
+            return self.nodes.count
+        return sum(g.count for g in self.node_groups)
 
     @property
     def world_size(self) -> int:
-        return sum(g.count * g.gpus_per_node for g in self.groups_raw())
+        if self.nodes is not None:
+            return self.nodes.count * self.nodes.gpus_per_node
+        return sum(g.count * g.gpus_per_node for g in self.node_groups)
 
     def resized(self, nodes: int | None = None, gpus_per_node: int | None = None) -> "ClusterSpec":
         """The same hardware with other node / GPU counts (a measured link matrix no longer applies)."""
