@@ -123,6 +123,10 @@ class HeteroCost:
         return first, last
 
     # ------------------------------------------------------------------ placement of stages on devices
+    def rank_order(self, cand: Candidate) -> tuple[int, ...]:
+        """The group of each stage when rank r runs on device r: stages fill the groups in listing order."""
+        return tuple(k for k, n in enumerate(self.capacity(cand.tp, cand.dp)) for _ in range(n))
+
     def devices(self, cand: Candidate, groups: tuple[int, ...]) -> tuple[int, ...]:
         """Global device of every rank (Megatron order: tp fastest, then dp, then pp): the j-th stage placed on a
         group takes that group's j-th block of tp * dp GPUs."""

@@ -185,8 +185,7 @@ def _refine(hc: HeteroCost, core: HeteroCore) -> HeteroCore:
 def naive_rank_order(hc: HeteroCost, cand: Candidate) -> HeteroCore:
     """`cand` with stages in rank order over the groups as listed and the layers split evenly (the remainder to
     the middle stages), as a planner that sees one kind of GPU would run it."""
-    capacity = hc.capacity(cand.tp, cand.dp)
-    groups = tuple(k for k, n in enumerate(capacity) for _ in range(n))
+    groups = hc.rank_order(cand)
     base, rest = divmod(hc.model.num_layers, cand.pp)
     layers = [base] * cand.pp
     order = list(range(1, cand.pp - 1)) + [0, cand.pp - 1] if cand.pp > 2 else list(range(cand.pp))
