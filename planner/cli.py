@@ -355,6 +355,8 @@ def plan(
 ):
     """Search every parallel configuration and pick the fastest that fits in memory.
 
+    On a cluster with node groups (mixed GPU types or networks, e.g. -c mixed-h100-a100 or -c two-islands) every pipeline stage runs on one group, TP inside a node and DP inside the group; stages are assigned to groups and layers to stages by an exact ILP (README "Node groups").
+
     Example: meshplan plan -m llama3-70b -c dgx-h100 --nodes 64 -b 1024 --seq 8192 -o plan.json
     """
     from planner.errors import NoFeasiblePlan
@@ -473,6 +475,8 @@ def export(
     from planner.plan import load_plan
     _choice(to, "--to", ("megatron", "deepspeed", "torchtitan"))
     the_plan = load_plan(plan_file)
+    if the_plan.cluster.heterogeneous:
+        raise InputError("is a plan on node groups: the exported launches run one GPU type", field=str(plan_file))
     result = export_plan(the_plan, to)
     if result.adjusted.changes and exact:
         raise InputError(f"{to} cannot express the plan exactly: {result.adjusted.changes[0]}", field="--exact")

@@ -334,8 +334,9 @@ class ClusterSpec(_Spec):
     def _single(self, what: str):
         if self.heterogeneous:
             from planner.errors import InputError
-            raise InputError(f"cluster '{self.name}' has {len(self.node_groups)} node groups: {what} needs one "
-                             f"kind of node (`meshplan plan` plans node groups)", field="--cluster")
+            raise InputError(f"cluster '{self.name}' has {len(self.node_groups)} node groups ({what} needs one "
+                             f"kind of node); only `meshplan plan` and `meshplan run` take node groups",
+                             field="--cluster")
         return self.nodes
 
     @property

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from planner.hetero.cost import HeteroCost  # noqa: E402
-from planner.hetero.report import explain, stage_runs  # noqa: E402
+from planner.hetero.report import explain  # noqa: E402
 from planner.hetero.search import label, search_hetero  # noqa: E402
 from planner.loaders import load_cluster, load_model  # noqa: E402
 from planner.specs import TrainingSpec  # noqa: E402
@@ -42,8 +42,7 @@ def show(title: str, model, cluster, training) -> None:
     best = result.top[0]
     print(f"== {title}: {cluster.world_size} GPUs, batch {training.global_batch} x {training.seq_len}")
     print(f"best: {label(best.cand)}, step {best.step:.3f} s, {training.tokens_per_step / best.step:,.0f} tokens/s")
-    print(f"  {stage_runs(hc, best)}")
-    for line in explain(hc, result)[1:]:
+    for line in explain(hc, result):
         print(f"  {line}")
     print()
 

@@ -104,6 +104,12 @@ def explain(hc: HeteroCost, result: HeteroResult) -> list[str]:
                             f"({hc.block_seconds(cand, g.index) * 1e3:.1f} ms per block and micro-batch)")
         lines.append("layers follow each GPU type's speed and each position's memory: " + ", ".join(held) + ".")
     lines.append(f"stages assigned by {best.method}.")
+    faster = [p for p in result.parts if p.step is not None and p.step < best.step]
+    if faster:
+        alone = min(faster, key=lambda p: p.step)
+        lines.insert(0, f"warning: {alone.group} alone ({alone.config}) is faster, {alone.step:.3g} s against "
+                        f"{best.step:.3g} s: this plan uses every GPU; plan that group by itself to leave the "
+                        f"others idle.")
     if result.naive is not None:
         n = result.naive
         fit = "" if n.feasible else "; the naive order does not even fit in memory"
