@@ -169,3 +169,29 @@ def test_two_islands_keep_dp_and_tp_inside_and_pipeline_across(capsys):
     text = " ".join(plan["node_groups"]["explanation"])
     assert "data parallelism inside a group" in text and "only pipeline transfers cross groups" in text
     assert "one fabric at its slowest group link" in text
+
+
+def test_search_prunes_nothing_better_than_its_answer():
+    """Against every candidate costed with its best contiguous assignment: the bound never exceeds the step,
+    and the search's answer is at least as fast as the fastest of them (the ILP may improve on it)."""
+    from collections import Counter
+
+    from planner.hetero.assign import contiguous
+    from planner.hetero.search import enumerate_hetero, time_bound
+    from planner.search.space import Constraints
+    mixed = load_cluster("mixed-h100-a100")
+    small = mixed.model_copy(update={"node_groups": [g.model_copy(update={"count": 1}) for g in mixed.node_groups]})
+    training = TrainingSpec(global_batch=16, seq_len=2048)
+    model = PRESETS["llama3-8b"]
+    hc = HeteroCost(model, small, training)
+    best = math.inf
+    for cand in enumerate_hetero(hc, Constraints(), Counter()):
+        a = contiguous(hc.problem(cand))
+        if a is None:
+            continue
+        core = hc.evaluate(cand, a.groups, a.layers)
+        assert time_bound(hc, cand) <= core.step * (1 + 1e-9), cand
+        if core.feasible:
+            best = min(best, core.step)
+    found = search_hetero(model, small, training, top_k=1, baselines=False)
+    assert found.top[0].step <= best * (1 + 1e-12)
