@@ -21,7 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from planner.hetero.cost import HeteroCost  # noqa: E402
 from planner.hetero.report import explain  # noqa: E402
 from planner.hetero.search import label, search_hetero  # noqa: E402
 from planner.loaders import load_cluster, load_model  # noqa: E402
@@ -38,7 +37,7 @@ def scaled_mixed(h100_nodes: int, a100_nodes: int):
 
 def show(title: str, model, cluster, training) -> None:
     result = search_hetero(model, cluster, training, top_k=5)
-    hc = HeteroCost(model, cluster, training)
+    hc = result.cost
     best = result.top[0]
     print(f"== {title}: {cluster.world_size} GPUs, batch {training.global_batch} x {training.seq_len}")
     print(f"best: {label(best.cand)}, step {best.step:.3f} s, {training.tokens_per_step / best.step:,.0f} tokens/s")

@@ -225,10 +225,10 @@ def solve_ilp(problem: StageProblem, seconds: float = ILP_SECONDS, start: Assign
     return Assignment(groups, layers, problem.objective(groups, layers), "ilp")
 
 
-def best_assignment(problem: StageProblem, exact: bool = True) -> Assignment | None:
+def best_assignment(problem: StageProblem) -> Assignment | None:
     """The ILP's optimum when the instance is within its size (and CBC proves it), else the local search's."""
     start = contiguous(problem)
-    if exact and problem.stages * problem.groups <= ILP_MAX_BINARIES:
+    if problem.stages * problem.groups <= ILP_MAX_BINARIES:
         found = solve_ilp(problem)
         if found is not None:
             return found

@@ -18,7 +18,7 @@ def hetero_plan(model, cluster, training, constraints: Constraints, engine, memo
                 top_k: int) -> tuple[Plan, HeteroResult, HeteroCost]:
     """The plan file of the best plan on a cluster of node groups; NoFeasiblePlan when nothing fits."""
     result = search_hetero(model, cluster, training, constraints, top_k, engine, memory_headroom)
-    hc = HeteroCost(model, cluster, training, engine, memory_headroom)
+    hc = result.cost
     if not result.top:
         closest = result.closest
         if closest is None:

@@ -16,7 +16,7 @@ homogeneous model's number (tests check it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from planner.cost.comm import Group
 from planner.cost.dp_comm import exposed
@@ -48,7 +48,6 @@ class HeteroCore:
     devices: tuple[int, ...]         # global device of each rank (rank = pp * dp * tp + dp * tp + tp)
     p2p: float
     method: str = ""                 # how the stages were assigned (planner.hetero.assign)
-    notes: list[str] = field(default_factory=list)
 
     @property
     def fullest(self) -> int:
@@ -193,7 +192,7 @@ class HeteroCost:
         return total
 
     # ------------------------------------------------------------------ the assignment problem
-    def problem(self, cand: Candidate, with_memory: bool = True) -> StageProblem:
+    def problem(self, cand: Candidate) -> StageProblem:
         """The stage-to-group problem of `cand` (planner.hetero.assign): per-block and per-position seconds,
         and each position's most blocks by its group's memory timeline."""
         p, K = cand.pp, len(self.groups)
@@ -211,7 +210,7 @@ class HeteroCost:
                 if s == p - 1:
                     extra[s][k] += ends.head_fwd.total + ends.head_bwd.total
             if capacity[k]:
-                for s, cap in enumerate(self._caps(cand, k, nmb) if with_memory else [self.model.num_layers] * p):
+                for s, cap in enumerate(self._caps(cand, k, nmb)):
                     caps[s][k] = cap
         hop = self.hop_table(cand) if p > 1 else [[0.0] * K for _ in range(K)]
         if self.engine.overlap.pp_p2p != "exposed":

@@ -54,6 +54,7 @@ class HeteroResult:
     naive: HeteroCore | None = None
     parts: list[PartResult] = field(default_factory=list)
     closest: HeteroCore | None = None
+    cost: HeteroCost | None = None           # the cost models the plans were costed with
 
 
 def enumerate_hetero(hc: HeteroCost, c: Constraints, rejected: Counter) -> Iterator[Candidate]:
@@ -157,7 +158,7 @@ def search_hetero(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec
     refined = [_refine(hc, core) for core in found[:TOP_EXACT]] + found[TOP_EXACT:]
     top = sorted(refined, key=lambda c: c.step)[:top_k]
     result = HeteroResult(top=top, candidates=count, evaluated=evaluated, rejected=rejected,
-                          closest=None if top else closest)
+                          closest=None if top else closest, cost=hc)
     if top:
         result.naive = naive_rank_order(hc, top[0].cand)
     if baselines:
