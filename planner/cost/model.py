@@ -181,6 +181,7 @@ class CostModel:
         self._stage_memory_cache: dict[tuple, StageMem] = {}
         self._forward_slope_cache: dict[tuple, float] = {}
         self._stage_fixed_cache: dict[tuple, _StageFixed] = {}
+        self._max_blocks_cache: dict[tuple, int] = {}
         self._acts_cache: dict[tuple, float] = {}
         self._memory_bound_cache: dict[tuple, float] = {}
 
@@ -449,14 +450,48 @@ class CostModel:
         cap = self.capacity
         if all(self.stage_memory(cfg, i, [n], nmb, blk, dt).total <= cap for i, n in enumerate(free)):
             return free          # memory does not bind: the unconstrained optimum is the constrained one
-        caps = [self._max_blocks(cfg, i, nmb, blk, dt) for i in range(cfg.pp)]
+        caps = self._device_caps(cfg, nmb, blk, dt)
         return partition_layers(m.num_layers, blk.total, extra, caps=caps) or free
+
+    def _device_caps(self, cfg: ParallelConfig, nmb: int, blk: BlockCost, dt: Dtypes) -> list[int]:
+        """The most blocks each pipeline device can hold. The middle devices differ only in the micro-batches
+        they keep in flight, which fall with the device index (1F1B; GPipe keeps all), so their caps rise with it:
+        where two of them agree, every device between agrees too, and only the devices where the cap changes
+        need computing (a few dozen for hundreds of stages)."""
+        pp = cfg.pp
+        caps: list[int | None] = [None] * pp
+        for i in {0, 1, pp - 2, pp - 1}:
+            if 0 <= i < pp:
+                caps[i] = self._max_blocks(cfg, i, nmb, blk, dt)
+
+        def fill(a: int, b: int) -> None:          # caps[a] and caps[b] known, a < b
+            if b - a <= 1:
+                return
+            if caps[a] == caps[b]:
+                caps[a + 1:b] = [caps[a]] * (b - a - 1)
+                return
+            mid = (a + b) // 2
+            caps[mid] = self._max_blocks(cfg, mid, nmb, blk, dt)
+            fill(a, mid)
+            fill(mid, b)
+
+        if pp > 3:
+            fill(1, pp - 2)
+        return caps
 
     def _max_blocks(self, cfg: ParallelConfig, device: int, nmb: int, blk: BlockCost, dt: Dtypes) -> int:
         """The most blocks device `device` can hold within capacity. A stage's peak is the largest of its phase
         peaks, each affine in its block count or the larger of two affine parts: convex and increasing. So
         the chord from a fitting count to the full count stays above it and its crossing of the capacity
         never overshoots; a few chords reach the largest fitting count."""
+        key = (cfg.tp, cfg.pp, cfg.dp, cfg.vpp, cfg.mbs, cfg.zero, cfg.recompute, cfg.sp, cfg.schedule, device, nmb,
+               blk.activation_bytes, blk.transient_bytes)
+        hit = self._max_blocks_cache.get(key)       # the layouts of one configuration share their memory
+        if hit is None:
+            hit = self._max_blocks_cache[key] = self._max_blocks_uncached(cfg, device, nmb, blk, dt)
+        return hit
+
+    def _max_blocks_uncached(self, cfg: ParallelConfig, device: int, nmb: int, blk: BlockCost, dt: Dtypes) -> int:
         cap = self.capacity
 
         def total(n: int) -> float:
