@@ -53,6 +53,14 @@ def test_builtin_examples():
     assert mixed.world_size == 96 and mixed.heterogeneous
     islands = load_cluster("two-islands")
     assert [g.gpus for g in node_groups(islands)] == [64, 64]
+    # each group is the built-in single-type cluster's device and links (the files cannot drift apart)
+    for group, source in zip(node_groups(mixed), ("dgx-h100", "dgx-a100-80gb")):
+        single = load_cluster(source)
+        assert group.cluster.gpu == single.gpu
+        assert (group.cluster.intra_node, group.cluster.inter_node, group.cluster.nics_per_node) == (
+            single.intra_node, single.inter_node, single.nics_per_node)
+    h100 = load_cluster("dgx-h100")
+    assert all(g.cluster.gpu == h100.gpu and g.cluster.inter_node == h100.inter_node for g in node_groups(islands))
 
 
 @pytest.mark.parametrize("edit, message", [

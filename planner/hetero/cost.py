@@ -218,44 +218,9 @@ class HeteroCost:
         return StageProblem(self.model.num_layers, nmb, block, extra, caps, hop, capacity)
 
     def _caps(self, cand: Candidate, k: int, nmb: int) -> list[int]:
-        """The most blocks each pipeline position holds on group k (CostModel._max_blocks). Between the first and
-        the last position a stage's memory only falls with its position (fewer micro-batches in flight, the
-        same buffers), so the caps of the middle positions rise monotonically: where two positions agree,
-        every position between them does too, and only the ranges that differ are split."""
+        """The most blocks each pipeline position holds on group k (the homogeneous model's per-device caps)."""
         cost, blk, _, dt, _, _ = self._on_group(cand, k)
-        p = cand.pp
-        room = cost.capacity
-        slope = cost._forward_bytes_per_block(cand, cost.recipe(cand.zero, cand.dp))
-
-        def cap(s: int) -> int:
-            # the forward peak grows by at least slope + activations x micro-batches held per block, so no count
-            # above `most` fits: when `most` itself fits it is the answer (one timeline instead of a search)
-            per_block = slope + blk.activation_bytes * max(cost._held(cand, s, nmb))
-            most = min(self.model.num_layers, int(room // per_block)) if per_block > 0 else self.model.num_layers
-            if most >= 1 and cost.stage_timeline(cand, s, [most], nmb, blk, dt).peak.total <= room:
-                return most
-            return cost._max_blocks(cand, s, nmb, blk, dt)
-
-        out = [0] * p
-        out[0] = cap(0)
-        if p == 1:
-            return out
-        out[p - 1] = cap(p - 1)
-
-        def fill(lo: int, hi: int, c_lo: int, c_hi: int) -> None:
-            out[lo], out[hi] = c_lo, c_hi
-            if c_lo == c_hi:
-                out[lo:hi + 1] = [c_lo] * (hi - lo + 1)
-            elif hi - lo > 1:
-                mid = (lo + hi) // 2
-                c_mid = cap(mid)
-                fill(lo, mid, c_lo, c_mid)
-                fill(mid, hi, c_mid, c_hi)
-
-        if p > 2:
-            first = cap(1)
-            fill(1, p - 2, first, first if p == 3 else cap(p - 2))
-        return out
+        return cost._device_caps(cand, nmb, blk, dt)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, cand: Candidate, groups: tuple[int, ...], layers: list[int], method: str = "") -> HeteroCore:
