@@ -203,8 +203,10 @@ def solve_ilp(problem: StageProblem, seconds: float = ILP_SECONDS, start: Assign
         lp += n[s, k] >= xv
     for (s, a, b), v in y.items():
         lp += v >= x[s, a] + x[s + 1, b] - 1
+    full = sum(problem.capacity) == p          # every group's room used: the counts are fixed, a tighter model
     for k in range(K):
-        lp += pulp.lpSum(x[s, k] for s in range(p) if (s, k) in x) <= problem.capacity[k]
+        used = pulp.lpSum(x[s, k] for s in range(p) if (s, k) in x)
+        lp += (used == problem.capacity[k]) if full else (used <= problem.capacity[k])
     lp += pulp.lpSum(n.values()) == L
     lp += (problem.microbatches - 1) * T + pulp.lpSum(durations)
     if start is not None:          # CBC starts from this incumbent: only the proof of optimality is left

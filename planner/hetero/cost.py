@@ -192,9 +192,10 @@ class HeteroCost:
         return total
 
     # ------------------------------------------------------------------ the assignment problem
-    def problem(self, cand: Candidate) -> StageProblem:
+    def problem(self, cand: Candidate, memory: bool = True) -> StageProblem:
         """The stage-to-group problem of `cand` (planner.hetero.assign): per-block and per-position seconds,
-        and each position's most blocks by its group's memory timeline."""
+        and each position's most blocks by its group's memory timeline (with `memory` False: no cap but the
+        layer count, for a first try that memory may not bind)."""
         p, K = cand.pp, len(self.groups)
         nmb = cand.microbatches(self.training.global_batch)
         host = self.engine.host.per_microbatch_s
@@ -210,7 +211,7 @@ class HeteroCost:
                 if s == p - 1:
                     extra[s][k] += ends.head_fwd.total + ends.head_bwd.total
             if capacity[k]:
-                for s, cap in enumerate(self._caps(cand, k, nmb)):
+                for s, cap in enumerate(self._caps(cand, k, nmb) if memory else [self.model.num_layers] * p):
                     caps[s][k] = cap
         hop = self.hop_table(cand) if p > 1 else [[0.0] * K for _ in range(K)]
         if self.engine.overlap.pp_p2p != "exposed":

@@ -111,7 +111,23 @@ def time_bound(hc: HeteroCost, cand: Candidate) -> float:
     # stage times T - e_s hold (T - e_s) / b_s blocks, all stages together L: T >= (L + sum_s e_s / b_s) / rate
     slowest = (L + min(first[k] / blocks[k] for k in used) + min(last[k] / blocks[k] for k in used)) / rate + host
     total = L * min(blocks.values()) + min(first.values()) + min(last.values()) + p * host
-    return (m - 1) * slowest + total
+    ends_apart = (_fill_bound(L, m, [(blocks[k], capacity[k]) for k in used]) + (m - 1 + p) * host
+                  + min(first.values()) + min(last.values()))
+    return max((m - 1) * slowest + total, ends_apart)
+
+
+def _fill_bound(L: int, m: int, groups: list[tuple[float, int]]) -> float:
+    """min over real block counts n_s >= 0 summing to L of (m - 1) max_s n_s b_s + sum_s n_s b_s, for stages
+    of (block seconds, count) groups: for a slowest-stage time M the sum is least with the fastest stages
+    filled to M first, and the minimum over M lies where the first j fastest groups are exactly full."""
+    groups = sorted(groups)
+    best, full_rate, full_count = float("inf"), 0.0, 0
+    for b, count in groups:
+        full_rate += count / b
+        full_count += count
+        M = L / full_rate                       # the first j groups full, the others empty
+        best = min(best, (m - 1) * M + full_count * M)
+    return best
 
 
 def search_hetero(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
@@ -137,12 +153,10 @@ def search_hetero(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec
         if hc.most_layers(cand) < hc.model.num_layers:
             rejected["out_of_memory"] += 1
             continue
-        problem = hc.problem(cand)
-        a = contiguous(problem)
-        if a is None:
+        core = _contiguous_core(hc, cand)
+        if core is None:
             rejected["out_of_memory"] += 1
             continue
-        core = hc.evaluate(cand, a.groups, a.layers, a.method)
         evaluated += 1
         if not core.feasible:
             rejected["out_of_memory"] += 1
@@ -165,6 +179,19 @@ def search_hetero(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec
         result.parts = single_parts(hc, constraints)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _contiguous_core(hc: HeteroCost, cand: Candidate) -> HeteroCore | None:
+    """`cand` costed with its best contiguous assignment under every position's memory cap (None: no split
+    fits). The best assignment without the caps is tried first: when it fits, it is also the best of those
+    that fit (the caps only remove assignments), and the caps are not computed."""
+    free = contiguous(hc.problem(cand, memory=False))
+    if free is not None:
+        core = hc.evaluate(cand, free.groups, free.layers, free.method)
+        if core.feasible:
+            return core
+    capped = contiguous(hc.problem(cand))
+    return None if capped is None else hc.evaluate(cand, capped.groups, capped.layers, capped.method)
 
 
 def _refine(hc: HeteroCost, core: HeteroCore) -> HeteroCore:
