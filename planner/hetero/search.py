@@ -20,10 +20,11 @@ from __future__ import annotations
 import heapq
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from planner.hetero.assign import best_assignment, contiguous
+from planner.hetero.assign import Assignment, best_assignment, contiguous
 from planner.hetero.cost import HeteroCore, HeteroCost
 from planner.search.search import TIE_TOLERANCE
 from planner.search.space import Candidate, Constraints, _pick, _schedules
@@ -169,16 +170,16 @@ def search_hetero(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec
         elif core.step < -best[0]:
             heapq.heapreplace(best, -core.step)
     found.sort(key=lambda c: c.step)
-    refined = [_refine(hc, core) for core in found[:TOP_EXACT]] + found[TOP_EXACT:]
+    # CBC runs in its own process: the baselines are costed while it works
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        exact = [pool.submit(best_assignment, hc.problem(core.cand)) for core in found[:TOP_EXACT]]
+        naive = naive_rank_order(hc, found[0].cand) if found else None
+        parts = single_parts(hc, constraints) if baselines else []
+        refined = [_refine(hc, core, a.result()) for core, a in zip(found, exact)] + found[TOP_EXACT:]
     top = sorted(refined, key=lambda c: c.step)[:top_k]
-    result = HeteroResult(top=top, candidates=count, evaluated=evaluated, rejected=rejected,
-                          closest=None if top else closest, cost=hc)
-    if top:
-        result.naive = naive_rank_order(hc, top[0].cand)
-    if baselines:
-        result.parts = single_parts(hc, constraints)
-    result.seconds = time.perf_counter() - start
-    return result
+    return HeteroResult(top=top, candidates=count, evaluated=evaluated, rejected=rejected, naive=naive,
+                        parts=parts, closest=None if top else closest, cost=hc,
+                        seconds=time.perf_counter() - start)
 
 
 def _contiguous_core(hc: HeteroCost, cand: Candidate) -> HeteroCore | None:
@@ -194,9 +195,9 @@ def _contiguous_core(hc: HeteroCost, cand: Candidate) -> HeteroCore | None:
     return None if capped is None else hc.evaluate(cand, capped.groups, capped.layers, capped.method)
 
 
-def _refine(hc: HeteroCost, core: HeteroCore) -> HeteroCore:
-    """`core` re-assigned by the exact ILP (or the local search past its size), kept if it costs less."""
-    exact = best_assignment(hc.problem(core.cand))
+def _refine(hc: HeteroCost, core: HeteroCore, exact: Assignment | None) -> HeteroCore:
+    """`core` re-assigned as `exact` (the ILP's or, past its size, the local search's answer), kept if it costs
+    less."""
     if exact is None:
         return core
     other = hc.evaluate(core.cand, exact.groups, exact.layers, exact.method)
