@@ -29,7 +29,7 @@ from planner.partition import partition_layers
 # stages x groups the ILP takes: 8 stages on two groups, 4 on four. CBC proves those optimal in under a second
 # here (Llama-3-70B on 1,024 mixed GPUs: 0.5-0.9 s at 8 stages) but not 16 stages on two groups in 30 s.
 ILP_MAX_BINARIES = 16
-ILP_SECONDS = 2.0            # CBC's time limit; past it the local search's answer stands
+ILP_SECONDS = 2.0            # CBC's CPU-time limit; past it the local search's answer stands
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,9 @@ def solve_ilp(problem: StageProblem, seconds: float = ILP_SECONDS, start: Assign
         T.setInitialValue(max(problem.stage_times(start.groups, start.layers)))
     with warnings.catch_warnings():      # pulp 3.3 announces a rename for 4.0; CBC still ships inside it
         warnings.simplefilter("ignore", DeprecationWarning)
-        status = lp.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=seconds, warmStart=start is not None))
+        # CPU time, not wall time: the answer must not depend on how busy the machine is
+        status = lp.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=seconds, timeMode="cpu",
+                                            warmStart=start is not None))
     if pulp.LpStatus[status] != "Optimal" or lp.sol_status != pulp.LpSolutionOptimal:
         return None
     groups = tuple(next(k for k in range(K) if (s, k) in x and x[s, k].value() > 0.5) for s in range(p))
