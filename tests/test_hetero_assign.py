@@ -72,3 +72,20 @@ def test_fast_gpus_take_more_layers_and_memory_heavy_positions_go_to_big_memory(
     found = solve_ilp(problem)
     assert found.groups[0] == 1 and found.groups[1:] == (0, 0)
     assert found.objective == brute_force(problem).objective
+
+
+@given(layers=st.integers(1, 9), m=st.integers(1, 10),
+       groups=st.lists(st.tuples(st.floats(0.2, 3.0), st.integers(1, 2)), min_size=1, max_size=3))
+@settings(max_examples=100, deadline=None)
+def test_the_search_bound_is_below_every_split(layers, m, groups):
+    """The search's filling bound (planner.hetero.search._fill_bound) never exceeds (m - 1) max + sum of the
+    stage times of any integer split of the layers over the stages, found by enumeration."""
+    from itertools import product
+
+    from planner.hetero.search import _fill_bound
+    blocks = [b for b, count in groups for _ in range(count)]
+    if len(blocks) > layers:
+        return
+    best = min((m - 1) * max(n * b for n, b in zip(split, blocks)) + sum(n * b for n, b in zip(split, blocks))
+               for split in product(range(1, layers + 1), repeat=len(blocks)) if sum(split) == layers)
+    assert _fill_bound(layers, m, groups) <= best * (1 + 1e-12)
