@@ -355,7 +355,7 @@ def plan(
 ):
     """Search every parallel configuration and pick the fastest that fits in memory.
 
-    On a cluster with node groups (mixed GPU types or networks, e.g. -c mixed-h100-a100 or -c two-islands) every pipeline stage runs on one group, TP inside a node and DP inside the group; stages are assigned to groups and layers to stages by an exact ILP (README "Node groups").
+    With node groups (-c mixed-h100-a100, -c two-islands): each stage on one group, placed by an ILP (README).
 
     Example: meshplan plan -m llama3-70b -c dgx-h100 --nodes 64 -b 1024 --seq 8192 -o plan.json
     """

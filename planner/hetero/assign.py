@@ -174,7 +174,8 @@ def brute_force(problem: StageProblem) -> Assignment | None:
     return best
 
 
-def solve_ilp(problem: StageProblem, seconds: float = ILP_SECONDS, start: Assignment | None = None) -> Assignment | None:
+def solve_ilp(problem: StageProblem, seconds: float = ILP_SECONDS,
+              start: Assignment | None = None) -> Assignment | None:
     """The optimum by pulp + CBC (warm-started from `start`); None when infeasible or not proven optimal within
     `seconds`."""
     import pulp

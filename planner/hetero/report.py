@@ -33,7 +33,8 @@ def prediction(hc: HeteroCost, core: HeteroCore) -> Prediction:
     per_stage = cand.tp * cand.dp
     peak_sum = sum(c.gpu.peak(dt.matmul) * per_stage for c in costs)
     flops = model_flops_per_step(m, tr.global_batch, tr.seq_len)
-    hw = hardware_flops_per_step(m, tr.global_batch, tr.seq_len, cand.recompute == "full", padded_vocab=hc.costs[0].vocab(cand.tp))
+    hw = hardware_flops_per_step(m, tr.global_batch, tr.seq_len, cand.recompute == "full",
+                                 padded_vocab=hc.costs[0].vocab(cand.tp))
     predicted = Predicted(
         step_time_s=core.step, tokens_per_s=tr.tokens_per_step / core.step, mfu=flops / (core.step * peak_sum),
         tflops_per_gpu=flops / (core.step * gpus) / 1e12, hardware_tflops_per_gpu=hw / (core.step * gpus) / 1e12,
