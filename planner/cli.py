@@ -50,6 +50,9 @@ CompileOpt = typer.Option(False, "--compile/--no-compile",
 HeadroomOpt = typer.Option(0.10, "--memory-headroom",
                            help="Fraction of each GPU's usable memory a plan keeps free for allocator "
                                 "fragmentation (0-0.9; default 0.1, README 'Memory headroom').")
+ImbalanceOpt = typer.Option(None, "--moe-imbalance",
+                            help="Mixture-of-experts models: routed tokens the busiest expert computes over the mean "
+                                 "(1-64; default 1.25, README 'Mixture of experts').")
 ProfileOpt = typer.Option(None, "--profile", help="A `meshplan profile model` file: its measured layer times and "
                                                   "activation bytes replace the analytical ones where model, "
                                                   "precision and sequence match.")
@@ -62,7 +65,8 @@ def _choice(value: str, field: str, choices: tuple[str, ...]) -> str:
 
 
 def load_inputs(model: str, cluster: str, nodes: Optional[int], gpus_per_node: Optional[int], global_batch: int,
-                seq: int, precision: str, optimizer: str, overlap_grad_reduce: Optional[bool] = None):
+                seq: int, precision: str, optimizer: str, overlap_grad_reduce: Optional[bool] = None,
+                moe_imbalance: Optional[float] = None):
     """Specs from CLI arguments, validated."""
     from planner.limits import check_option
     from planner.loaders import load_cluster, load_model, parse_spec
@@ -74,7 +78,8 @@ def load_inputs(model: str, cluster: str, nodes: Optional[int], gpus_per_node: O
     m = load_model(model)
     c = load_cluster(cluster, nodes, gpus_per_node)
     t = parse_spec(TrainingSpec, dict(global_batch=global_batch, seq_len=seq, precision=precision,
-                                      optimizer=optimizer, overlap_grad_reduce=overlap_grad_reduce), "training")
+                                      optimizer=optimizer, overlap_grad_reduce=overlap_grad_reduce,
+                                      moe_imbalance=moe_imbalance), "training")
     return m, c, t
 
 
@@ -144,6 +149,9 @@ def estimate(
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree (divides heads and kv heads)."),
     pp: int = typer.Option(1, "--pp", help="Pipeline stages."),
     dp: Optional[int] = typer.Option(None, "--dp", help="Data-parallel degree (default: GPUs / (tp*pp))."),
+    ep: int = typer.Option(1, "--ep", help="Expert-parallel degree (MoE models): experts sharded over ep ranks "
+                                           "of the data-parallel group; divides dp and the expert count."),
+    moe_imbalance: Optional[float] = ImbalanceOpt,
     mbs: int = typer.Option(1, "--mbs", help="Micro-batch size (sequences)."),
     vpp: int = typer.Option(1, "--vpp", help="Virtual stages per GPU (needs --schedule interleaved)."),
     zero: int = typer.Option(0, "--zero", help="ZeRO stage 0-3 over the data-parallel group."),
@@ -168,8 +176,8 @@ def estimate(
     from planner.specs import ParallelConfig
 
     from planner.limits import check_option
-    for value, field in ((tp, "--tp"), (pp, "--pp"), (dp, "--dp"), (mbs, "--mbs"), (vpp, "--vpp"),
-                         (memory_headroom, "--memory-headroom")):
+    for value, field in ((tp, "--tp"), (pp, "--pp"), (dp, "--dp"), (mbs, "--mbs"), (vpp, "--vpp"), (ep, "--ep"),
+                         (memory_headroom, "--memory-headroom"), (moe_imbalance, "--moe-imbalance")):
         check_option(value, field)
     if from_launch is not None:
         explicit = {name: value for name, value in ctx.params.items()
@@ -185,10 +193,10 @@ def estimate(
     _choice(recompute, "--recompute", ("none", "selective", "full"))
     _choice(schedule, "--schedule", ("gpipe", "1f1b", "interleaved"))
     m, c, t = load_inputs(model, cluster, nodes, gpus_per_node, global_batch, seq, precision, optimizer,
-                          overlap_grad_reduce)
+                          overlap_grad_reduce, moe_imbalance)
     if dp is None:   # a non-dividing tp*pp is reported by the config check, after the heads check
         dp = max(1, c.world_size // (tp * pp))
-    cfg = parse_spec(ParallelConfig, dict(tp=tp, pp=pp, dp=dp, mbs=mbs, vpp=vpp, zero=zero, recompute=recompute,
+    cfg = parse_spec(ParallelConfig, dict(tp=tp, pp=pp, dp=dp, ep=ep, mbs=mbs, vpp=vpp, zero=zero, recompute=recompute,
                                           sp=sp, schedule=schedule,
                                           layers_per_stage=parse_int_list(layers_per_stage, "--layers-per-stage")),
                      "config")
@@ -258,13 +266,13 @@ def parse_compare(text: str, world_size: int):
             key, _, value = item.partition("=")
             key = key.strip().replace("-", "_")
             if key not in ParallelConfig.model_fields or key == "layers_per_stage":
-                raise InputError(f"unknown key '{key[:40]}' (use tp, pp, dp, vpp, mbs, zero, recompute, sp, "
+                raise InputError(f"unknown key '{key[:40]}' (use tp, pp, dp, ep, vpp, mbs, zero, recompute, sp, "
                                  f"schedule)", field="--compare")
             fields[key] = value.strip() if value else "true"
         for key, value in fields.items():
             if key == "sp":
                 fields[key] = value.lower() in ("1", "true", "yes")
-            elif key in ("tp", "pp", "dp", "vpp", "mbs", "zero"):
+            elif key in ("tp", "pp", "dp", "ep", "vpp", "mbs", "zero"):
                 try:
                     fields[key] = int(value)
                 except ValueError:
@@ -275,7 +283,7 @@ def parse_compare(text: str, world_size: int):
     if len(order) != 3 or set(order) != {"dp", "pp", "tp"}:
         raise InputError(f"layout {list(order)} must order tp, dp and pp", field="--compare")
     return cfg, Candidate(cfg.tp, cfg.pp, cfg.dp, cfg.vpp, cfg.mbs, cfg.zero, cfg.recompute, cfg.sp, cfg.schedule,
-                          order)
+                          order, ep=cfg.ep)
 
 
 def _fit_hints(closest, constraints, cost) -> str:
@@ -331,6 +339,9 @@ def plan(
     tp: Optional[int] = typer.Option(None, "--tp", help="Pin the tensor-parallel degree."),
     pp: Optional[int] = typer.Option(None, "--pp", help="Pin the pipeline degree."),
     dp: Optional[int] = typer.Option(None, "--dp", help="Pin the data-parallel degree."),
+    ep: Optional[int] = typer.Option(None, "--ep", help="Pin the expert-parallel degree (MoE models; default: "
+                                                        "search every ep dividing dp and the expert count)."),
+    moe_imbalance: Optional[float] = ImbalanceOpt,
     mbs: Optional[int] = typer.Option(None, "--mbs", help="Pin the micro-batch size."),
     vpp: Optional[int] = typer.Option(None, "--vpp", help="Pin the virtual stages per GPU."),
     zero: Optional[int] = typer.Option(None, "--zero", help="Pin the ZeRO stage (0-3)."),
@@ -367,7 +378,7 @@ def plan(
     from planner.limits import check_option
     for value, field in ((tp, "--tp"), (pp, "--pp"), (dp, "--dp"), (mbs, "--mbs"), (vpp, "--vpp"),
                          (max_tp, "--max-tp"), (max_pp, "--max-pp"), (max_mbs, "--max-mbs"), (top, "--top"),
-                         (memory_headroom, "--memory-headroom")):
+                         (memory_headroom, "--memory-headroom"), (ep, "--ep"), (moe_imbalance, "--moe-imbalance")):
         check_option(value, field)
     if zero is not None and zero not in (0, 1, 2, 3):
         raise InputError(f"{zero} is not one of 0, 1, 2, 3", field="--zero")
@@ -376,12 +387,14 @@ def plan(
     if schedule is not None:
         _choice(schedule, "--schedule", ("gpipe", "1f1b", "interleaved"))
     m, c, t = load_inputs(model, cluster, nodes, gpus_per_node, global_batch, seq, precision, optimizer,
-                          overlap_grad_reduce)
+                          overlap_grad_reduce, moe_imbalance)
     _check_pins(m, c, t, tp, pp, dp, mbs)
+    if ep is not None and ep > 1 and m.moe is None:
+        raise InputError(f"ep {ep} needs a mixture-of-experts model ({m.name} is dense)", field="--ep")
     if html is not None:
         from planner.html_report.command import check_output
         check_output(html, force, "--html")
-    constraints = Constraints(tp=tp, pp=pp, dp=dp, vpp=vpp, mbs=mbs, zero=zero, recompute=recompute, sp=sp,
+    constraints = Constraints(tp=tp, pp=pp, dp=dp, ep=ep, vpp=vpp, mbs=mbs, zero=zero, recompute=recompute, sp=sp,
                               schedule=schedule, max_tp=max_tp, max_pp=max_pp, max_mbs=max_mbs,
                               max_zero=2 if no_zero3 else 3, allow_cross_node_tp=allow_cross_node_tp)
     if c.heterogeneous:     # node groups: stages on groups by the ILP of planner/hetero (README "Node groups")
@@ -417,8 +430,10 @@ def plan(
         task = bar.add_task("search", total=0)
         result = search(m, c, t, constraints, top_k=top, compare=compare_cand, cost=cost,
                         progress=lambda done, total: bar.update(task, completed=done, total=total))
+    from planner.search.expert_parallel import explain
     stats = SearchStats(seconds=result.seconds, candidates=result.candidates, evaluated=result.evaluated,
-                        rejected=dict(result.rejected), naive_step_time_s=result.naive_step)
+                        rejected=dict(result.rejected), naive_step_time_s=result.naive_step,
+                        expert_parallelism=explain(cost, result.top[0]) if result.top else None)
     if not result.top:
         closest = cost.prediction(result.closest) if result.closest else None
         if closest is None:

@@ -94,6 +94,9 @@ class Overlap(_Spec):
                              "each call pays the ring's latency.")
     tp_comm_hidden: float = Field(
         0.0, ge=0, le=1, description="Share of tensor-parallel communication hidden under GEMMs (async TP).")
+    ep_comm_hidden: float = Field(
+        0.0, ge=0, le=1, description="Share of the expert-parallel all-to-alls hidden under compute (Megatron-Core's "
+                                     "--overlap-moe-expert-parallel-comm; off by default in every engine).")
     pp_p2p: Literal["overlapped", "exposed"] = Field(
         description="Pipeline sends and receives: asynchronous beside compute, or blocking the stage.")
 

@@ -56,6 +56,9 @@ class SearchStats(BaseModel):
     naive_step_time_s: float | None = Field(
         None, description="The best configuration's step with rank r on device r, before placement on measured "
                           "links (equal to the winner's when links are not measured).")
+    expert_parallelism: str | None = Field(
+        None, description="Mixture-of-experts models: why the winner's expert-parallel degree beats the others in "
+                          "the same configuration (all-to-all on which links, DP communication, memory).")
 
 
 class Plan(BaseModel):

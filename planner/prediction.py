@@ -47,6 +47,8 @@ class TimeBreakdown(_Out):
     recompute: float = Field(description="Extra forward work of activation recomputation.")
     bubble: float = Field(description="Pipeline fill and drain the slowest stage waits through.")
     tp_comm: float = Field(description="Tensor-parallel collectives (not overlapped).")
+    ep_comm: float = Field(0.0, description="Expert-parallel all-to-alls (token dispatch and combine of MoE layers, "
+                                            "forward and backward; not overlapped).")
     pp_comm: float = Field(description="Pipeline sends and receives on the critical path.")
     dp_comm_exposed: float = Field(description="Data-parallel / ZeRO communication not hidden under compute.")
     optimizer: float = Field(description="Optimizer step.")
@@ -57,7 +59,8 @@ class TimeBreakdown(_Out):
 class Predicted(_Out):
     step_time_s: float
     tokens_per_s: float
-    mfu: float = Field(description="Model FLOPs (no recompute; causal attention counted in full) per second "
+    mfu: float = Field(description="Model FLOPs (no recompute; causal attention counted in full; of a mixture of "
+                                   "experts, the active parameters': router, top-k and shared experts) per second "
                                    "over the GPUs' dense peak for the recipe's matmul dtype.")
     tflops_per_gpu: float = Field(description="Model TFLOP/s per GPU (the MFU numerator).")
     hardware_tflops_per_gpu: float = Field(description="TFLOP/s per GPU including recomputation.")
@@ -88,6 +91,9 @@ class ModelSummary(_Out):
     name: str
     params: int = Field(description="Total parameters (unique, embeddings once when tied).")
     active_params: int = Field(description="Parameters each token passes through; MFU counts their FLOPs.")
+    num_experts: int | None = Field(None, description="Routed experts per MoE layer (None: a dense model).")
+    top_k: int | None = Field(None, description="Experts each token is routed to.")
+    moe_layers: int | None = Field(None, description="Layers with a mixture-of-experts MLP.")
     attention_kernel: str = Field(description="Attention kernel costed (the model's, else the engine's).")
 
 

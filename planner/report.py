@@ -8,12 +8,13 @@ from rich.table import Table
 from rich.text import Text
 
 from planner.cost.memory import GIB
-from planner.cost.params import total_params
+from planner.cost.params import active_params, total_params
 from planner.prediction import Prediction
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
 
 TIME_LABELS = {"compute": "compute", "recompute": "recompute", "bubble": "pipeline bubble",
-               "tp_comm": "TP comm", "pp_comm": "PP comm", "dp_comm_exposed": "DP comm (exposed)",
+               "tp_comm": "TP comm", "ep_comm": "EP all-to-all", "pp_comm": "PP comm",
+               "dp_comm_exposed": "DP comm (exposed)",
                "optimizer": "optimizer", "host": "host overhead"}
 BAR_WIDTH = 40
 
@@ -24,7 +25,10 @@ def _fmt_time(s: float) -> str:
 
 def header(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec) -> Text:
     return Text.assemble(
-        (f"{model.name}", "bold"), f" ({total_params(model) / 1e9:.2f} B params, {model.num_layers} layers) on ",
+        (f"{model.name}", "bold"), f" ({total_params(model) / 1e9:.2f} B params"
+                                   + (f", {active_params(model) / 1e9:.2f} B active (top-{model.moe.top_k} of "
+                                      f"{model.moe.num_experts} experts)" if model.moe else "")
+                                   + f", {model.num_layers} layers) on ",
         (f"{cluster.name}", "bold"), f" ({cluster.num_nodes} x {cluster.gpus_per_node} {cluster.gpu.name}), ",
         f"global batch {training.global_batch} x {training.seq_len} tokens, {training.precision}, "
         f"{training.optimizer}")
@@ -163,6 +167,8 @@ def render_plan(console: Console, model: ModelSpec, cluster: ClusterSpec, traini
                   f"{stats['evaluated']:,} fully costed; rejected {rej.get('out_of_memory', 0):,} out of memory, "
                   f"{rej.get('indivisible', 0):,} indivisible, {rej.get('dominated', 0):,} dominated "
                   f"(duplicates, or bounded above the top {len(preds)})")
+    if stats.get("expert_parallelism"):
+        console.print(stats["expert_parallelism"], soft_wrap=True, markup=False)
     naive = stats.get("naive_step_time_s")
     if best.config.placement is not None and naive:
         console.print(f"placement on the measured links: {naive / best.predicted.step_time_s - 1:+.1%} faster than "

@@ -23,8 +23,43 @@ class _Spec(BaseModel):
 # ----------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------
+class MoESpec(_Spec):
+    """Mixture-of-experts MLPs (Mixtral, Qwen-MoE, Llama 4 style): which layers route, to how many experts."""
+
+    num_experts: PositiveInt = Field(description="Routed experts E per MoE layer.")
+    top_k: PositiveInt = Field(description="Experts each token is routed to (k).")
+    expert_ffn_size: PositiveInt = Field(description="MLP width f_e of one routed expert.")
+    shared_experts: int = Field(0, ge=0, description="Shared experts every token passes through (S).")
+    shared_ffn_size: PositiveInt | None = Field(
+        None, description="MLP width of one shared expert; defaults to expert_ffn_size.")
+    shared_expert_gate: bool = Field(False, description="A sigmoid gate (h weights) scales the shared experts "
+                                                        "(Qwen2-MoE).")
+    first_dense_layers: int = Field(0, ge=0, description="The first k layers keep a dense MLP (ffn_hidden_size).")
+    every: PositiveInt = Field(1, description="After those, layer i (from 0) is MoE when (i + 1) % every == 0, "
+                                              "dense otherwise (Qwen2-MoE decoder_sparse_step, Llama 4 "
+                                              "interleave_moe_layer_step).")
+    router: Literal["softmax", "sigmoid"] = Field("softmax", description="Router scores (h*E weights, no bias).")
+    capacity_factor: PositiveFloat | None = Field(
+        None, description="Tokens an expert takes, as a multiple of the mean; beyond it tokens are dropped. "
+                          "None: dropless (every routed token is computed).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MoESpec":
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k {self.top_k} exceeds num_experts {self.num_experts}")
+        return self
+
+    @property
+    def shared_width(self) -> int:
+        """MLP width of all shared experts together (0 without any)."""
+        return self.shared_experts * (self.shared_ffn_size or self.expert_ffn_size)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= self.first_dense_layers and (i + 1) % self.every == 0
+
+
 class ModelSpec(_Spec):
-    """A decoder-only transformer (GPT-2 / GPT-3 or Llama style)."""
+    """A decoder-only transformer (GPT-2 / GPT-3, Llama, Gemma or mixture-of-experts style)."""
 
     name: str = Field("custom", description="Display name.")
     num_layers: PositiveInt = Field(description="Transformer blocks.")
@@ -38,7 +73,25 @@ class ModelSpec(_Spec):
     max_position_embeddings: PositiveInt = Field(2048, description="Longest sequence the positions allow.")
     tied_embeddings: bool = Field(True, description="LM head shares the input embedding matrix.")
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp: Literal["gelu", "swiglu", "geglu"] = Field(
+        "gelu", description="gelu: two matrices; swiglu / geglu: gated (gate, up, down), SiLU or GELU gate.")
+    head_dim: PositiveInt | None = Field(
+        None, description="Width of one query/key/value head, independent of hidden_size / num_heads (Qwen3, "
+                          "Gemma); default hidden_size / num_heads.")
+    qk_norm: Literal["none", "rmsnorm", "l2"] = Field(
+        "none", description="Norm over each query and key head (Qwen3, Gemma 3: RMSNorm with head_dim weights "
+                            "each; Llama 4: weightless L2).")
+    sandwich_norm: bool = Field(False, description="Norms after attention and after the MLP too (Gemma 2/3): four "
+                                                   "norms per block.")
+    sliding_window: PositiveInt | None = Field(
+        None, description="Tokens a query attends to in windowed layers (Mistral, Gemma); None: full attention.")
+    global_every: PositiveInt | None = Field(
+        None, description="With sliding_window: layer i attends globally when (i + 1) % global_every == 0 (Gemma 2: "
+                          "2, Gemma 3: 6); None: every layer is windowed.")
+    attention_chunk: PositiveInt | None = Field(
+        None, description="Chunked local attention (Llama 4): modelled for sequences up to this length, where it "
+                          "is full attention; longer sequences are refused.")
+    moe: MoESpec | None = Field(None, description="Mixture-of-experts MLPs; None: a dense model.")
     bias: bool = Field(True, description="Linear layers (and LayerNorm) carry biases.")
     qkv_bias: bool | None = Field(None, description="Bias on q, k, v only (Qwen2); defaults to `bias`.")
     position_embedding: Literal["learned", "rope"] = "learned"
@@ -51,13 +104,20 @@ class ModelSpec(_Spec):
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelSpec":
-        if self.hidden_size % self.num_heads:
+        if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.kv_heads}")
-        if self.position_embedding == "rope" and self.head_dim % 2:
-            raise ValueError(f"RoPE rotates pairs of channels: head_dim {self.head_dim} (hidden_size / num_heads) "
-                             f"must be even")
+        if self.position_embedding == "rope" and self.dim_per_head % 2:
+            raise ValueError(f"RoPE rotates pairs of channels: head_dim {self.dim_per_head} "
+                             f"{'' if self.head_dim else '(hidden_size / num_heads) '}must be even")
+        if self.moe is not None and self.num_moe_layers == 0:
+            raise ValueError(f"moe: no layer is a mixture-of-experts layer (first_dense_layers "
+                             f"{self.moe.first_dense_layers}, every {self.moe.every}, {self.num_layers} layers)")
+        if self.mlp == "geglu" and self.ffn_hidden_size is None:
+            raise ValueError("a geglu MLP needs ffn_hidden_size")
+        if self.global_every is not None and self.sliding_window is None:
+            raise ValueError("global_every needs sliding_window")
         return self
 
     @property
@@ -65,8 +125,21 @@ class ModelSpec(_Spec):
         return self.num_kv_heads or self.num_heads
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    def dim_per_head(self) -> int:
+        """Width of one attention head: head_dim, else hidden_size / num_heads."""
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.moe.is_moe_layer(i) for i in range(self.num_layers)) if self.moe else 0
+
+    def is_windowed_layer(self, i: int) -> bool:
+        return self.sliding_window is not None and not (
+            self.global_every is not None and (i + 1) % self.global_every == 0)
+
+    @property
+    def num_windowed_layers(self) -> int:
+        return sum(self.is_windowed_layer(i) for i in range(self.num_layers))
 
     @property
     def ffn_size(self) -> int:
@@ -74,7 +147,8 @@ class ModelSpec(_Spec):
             return self.ffn_hidden_size
         if self.mlp == "gelu":
             return 4 * self.hidden_size
-        # Llama (Touvron et al. 2023, Sec. 2.2): 2/3 * 4h, rounded up to a multiple of 256.
+
+        # Llama (Touvron et al. 2023, Sec. 2.2): 2/3 * 4h, rounded up to a multiple of 256 (geglu needs the width).
         return -(-(8 * self.hidden_size // 3) // 256) * 256
 
     @property
@@ -394,6 +468,12 @@ class TrainingSpec(_Spec):
         None, description="Override the engine's choice: data-parallel gradient reduction overlaps the backward "
                           "(true) or runs after it (false); default: the engine's (planner/engine.py).")
 
+    moe_imbalance: float | None = Field(
+        None, ge=1.0, le=64.0,
+        description="Mixture-of-experts models: routed tokens the busiest expert computes, as a multiple of the mean "
+                    "(the busiest expert-parallel rank's follows from it); default planner.cost.moe.DEFAULT_IMBALANCE "
+                    "(1.25).")
+
     @property
     def tokens_per_step(self) -> int:
         return self.global_batch * self.seq_len
@@ -405,6 +485,8 @@ class ParallelConfig(_Spec):
     tp: PositiveInt = Field(1, description="Tensor-parallel degree.")
     pp: PositiveInt = Field(1, description="Pipeline-parallel degree (stages).")
     dp: PositiveInt = Field(1, description="Data-parallel degree.")
+    ep: PositiveInt = Field(1, description="Expert-parallel degree: each MoE layer's routed experts sharded over ep "
+                                           "ranks of the data-parallel group (ep divides dp and the expert count).")
     vpp: PositiveInt = Field(1, description="Virtual pipeline stages (model chunks) per GPU.")
     mbs: PositiveInt = Field(1, description="Micro-batch size, sequences.")
     zero: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage over the data-parallel group.")
@@ -441,7 +523,7 @@ class ParallelConfig(_Spec):
 
     def short(self) -> str:
         """A compact one-line label, e.g. 'tp8 pp4 dp2 mbs1 z1 full sp 1f1b'."""
-        parts = [f"tp{self.tp}", f"pp{self.pp}", f"dp{self.dp}"]
+        parts = [f"tp{self.tp}", f"pp{self.pp}", f"dp{self.dp}"] + ([f"ep{self.ep}"] if self.ep > 1 else [])
         if self.vpp > 1:
             parts.append(f"v{self.vpp}")
         parts += [f"mbs{self.mbs}", f"z{self.zero}", self.recompute]

@@ -41,8 +41,10 @@ def tp_shards(model: ModelSpec, tp: int) -> str | None:
     """Why a tensor-parallel degree cannot split this model's layers evenly (None when it can): it must divide
     heads, kv heads and the MLP width, which the runtime shards evenly (Megatron-LM asserts the same); the
     vocabulary is padded instead (planner.cost.params.padded_vocab_size)."""
+    experts = (("moe.expert_ffn_size", model.moe.expert_ffn_size),) if model.moe else ()
+    shared = (("moe.shared_ffn_size", model.moe.shared_width),) if model.moe and model.moe.shared_width else ()
     for name, value in (("num_heads", model.num_heads), ("num_kv_heads", model.kv_heads),
-                        ("ffn_hidden_size", model.ffn_size)):
+                        ("ffn_hidden_size", model.ffn_size), *experts, *shared):
         if value % tp:
             return f"tp {tp} does not divide {name} {value}"
     return None
@@ -70,7 +72,47 @@ def check_engine(engine, training: TrainingSpec, cfg: ParallelConfig, model: Mod
 def valid_tp(model: ModelSpec, gpus: int | None = None) -> list[int]:
     """Every tensor-parallel degree that shards this model (and divides `gpus` when given)."""
     common = math.gcd(model.kv_heads, model.ffn_size)      # kv heads divide heads
+    if model.moe:
+        common = math.gcd(common, model.moe.expert_ffn_size, model.moe.shared_width)
     return divisors(math.gcd(common, gpus) if gpus else common)
+
+
+def beyond_dense_blocks(spec: ModelSpec) -> str | None:
+    """The first field of `spec` beyond a GPT-2 / Llama block (what runtime/models.py builds and the exports
+    write), e.g. 'moe' or 'sliding_window'; None for a plain dense model."""
+    for field, plain in (("moe", None), ("qk_norm", "none"), ("sandwich_norm", False), ("sliding_window", None),
+                         ("attention_chunk", None)):
+        if getattr(spec, field) != plain:
+            return field
+    if spec.mlp == "geglu":
+        return "mlp geglu"
+    if spec.head_dim not in (None, spec.hidden_size // spec.num_heads):
+        return "head_dim"
+    return None
+
+
+def expert_shards(model: ModelSpec, ep: int, dp: int) -> str | None:
+    """Why an expert-parallel degree cannot shard this model's experts inside dp (None when it can)."""
+    if ep == 1:
+        return None
+    if model.moe is None:
+        return f"ep {ep} needs a mixture-of-experts model ({model.name} is dense)"
+    if dp % ep:
+        return f"ep {ep} does not divide dp {dp} (experts are sharded inside the data-parallel group)"
+    if model.moe.num_experts % ep:
+        return f"ep {ep} does not divide num_experts {model.moe.num_experts}"
+    return None
+
+
+def check_experts(model: ModelSpec, cfg: ParallelConfig) -> None:
+    """ep against the model and dp; a MoE layer under tp > 1 needs sequence parallelism (Megatron-Core's rule)."""
+    why = expert_shards(model, cfg.ep, cfg.dp)
+    if why:
+        valid = [e for e in divisors(cfg.dp) if expert_shards(model, e, cfg.dp) is None]
+        raise InputError(f"{why} (valid ep: {', '.join(map(str, valid))})", field="--ep")
+    if model.moe is not None and cfg.tp > 1 and not cfg.sp:
+        raise InputError(f"tp {cfg.tp} with mixture-of-experts layers needs sequence parallelism (--sp), as "
+                         f"Megatron-Core requires", field="--sp")
 
 
 def check_config(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, cfg: ParallelConfig,
@@ -107,6 +149,10 @@ def check_config(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
                              f"{model.num_layers} layers", field="layers_per_stage")
         if min(cfg.layers_per_stage) < 1:
             raise InputError("every pipeline chunk needs at least one layer", field="layers_per_stage")
+    check_experts(model, cfg)
+    if model.attention_chunk is not None and training.seq_len > model.attention_chunk:
+        raise InputError(f"seq {training.seq_len} exceeds the model's attention_chunk {model.attention_chunk}: "
+                         f"chunked local attention is modelled only up to one chunk", field="--seq")
     if cfg.sp and training.seq_len % cfg.tp:
         raise InputError(f"sequence parallelism needs seq {training.seq_len} divisible by tp {cfg.tp}",
                          field="--sp")

@@ -90,6 +90,9 @@ def profile_model(
     bad = [m for m in modes if m not in RECOMPUTE]
     if not modes or bad:
         raise InputError(f"'{recompute}' must list modes from {', '.join(RECOMPUTE)}", field="--recompute")
+    from runtime.checks import unsupported
+    if unsupported(spec):
+        raise InputError(unsupported(spec), field="--model")
     if spec.position_embedding == "learned" and seq > spec.max_position_embeddings:
         raise InputError(f"{seq} exceeds the model's max_position_embeddings {spec.max_position_embeddings} "
                          f"(learned positions)", field="--seq")

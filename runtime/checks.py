@@ -10,7 +10,8 @@ from planner.errors import InputError
 from planner.limits import check_option
 from planner.outputs import check_writable_dir
 from planner.plan import Plan
-from planner.validate import check_config
+from planner.specs import ModelSpec
+from planner.validate import beyond_dense_blocks, check_config
 from runtime import checkpoint as ckpt
 from runtime.data import check_data_file
 
@@ -52,6 +53,12 @@ def rank_grid(plan: Plan) -> list[list[list[int]]]:
     return grid
 
 
+def unsupported(spec: ModelSpec) -> str | None:
+    """Why runtime/models.py cannot build `spec` (None when it can): it builds GPT-2 and Llama blocks only."""
+    field = beyond_dense_blocks(spec)
+    return f"the runtime does not build models with {field} yet (GPT-2 and Llama blocks only)" if field else None
+
+
 def check_run(plan: Plan, world_size: int, args) -> None:
     """Everything that can be wrong before training starts, for `world_size` processes; `args` carries
     steps, checkpoint_every, checkpoint_dir, resume, force, data and data_dtype (runtime.train's
@@ -61,6 +68,9 @@ def check_run(plan: Plan, world_size: int, args) -> None:
         raise InputError(f"the plan is for {plan.world_size} processes (tp {cfg.tp} x pp {cfg.pp} x dp {cfg.dp}) "
                          f"but {world_size} were started", field="plan")
     check_config(plan.model, plan.cluster, plan.training, cfg)
+    why = unsupported(plan.model)
+    if why:
+        raise InputError(why, field="plan.model")
     if not cfg.layers_per_stage or len(cfg.layers_per_stage) != cfg.pp * cfg.vpp:
         raise InputError("the plan has no layers_per_stage with pp*vpp entries", field="plan.config")
     if cfg.num_microbatches != cfg.microbatches(plan.training.global_batch):

@@ -172,14 +172,14 @@ class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, tp_degree: int = 1):
         super().__init__()
         _check_tp(spec, tp_degree)
-        self.head_dim = spec.head_dim
+        self.head_dim = spec.dim_per_head
         self.kernel = spec.attention
         self.dropout_p = spec.dropout
         self.rope = spec.position_embedding == "rope"
         self.rope_theta = spec.rope_theta
         self.max_positions = spec.max_position_embeddings
         self.recompute = "none"
-        h, d = spec.hidden_size, spec.head_dim
+        h, d = spec.hidden_size, spec.dim_per_head
         heads, kv = spec.num_heads // tp_degree, spec.kv_heads // tp_degree
         qkv_bias = spec.has_qkv_bias
         self.q_proj = nn.Linear(h, heads * d, bias=qkv_bias)

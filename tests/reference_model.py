@@ -48,7 +48,7 @@ def _rope(x, theta: float):
 class _Block(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        h, d = spec.hidden_size, spec.head_dim
+        h, d = spec.hidden_size, spec.dim_per_head
         self.spec = spec
         self.norm1, self.norm2 = _Norm(spec), _Norm(spec)
         qkv_bias = spec.has_qkv_bias
@@ -65,7 +65,7 @@ class _Block(nn.Module):
 
     def attention(self, x):
         spec, (b, s, _) = self.spec, x.shape
-        d = spec.head_dim
+        d = spec.dim_per_head
         q = self.q(x).view(b, s, spec.num_heads, d).transpose(1, 2)
         k = self.k(x).view(b, s, spec.kv_heads, d).transpose(1, 2)
         v = self.v(x).view(b, s, spec.kv_heads, d).transpose(1, 2)

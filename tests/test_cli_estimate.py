@@ -31,7 +31,7 @@ def test_json_has_the_documented_fields(capsys):
     p = d["predicted"]
     for key in ("step_time_s", "tokens_per_s", "mfu", "tflops_per_gpu", "peak_memory_bytes", "peak_reserved_bytes"):
         assert p[key] > 0
-    assert set(p["time"]) == {"compute", "recompute", "bubble", "tp_comm", "pp_comm", "dp_comm_exposed", "optimizer",
+    assert set(p["time"]) == {"compute", "recompute", "bubble", "tp_comm", "ep_comm", "pp_comm", "dp_comm_exposed", "optimizer",
                               "host"}
     assert len(p["memory"]["stages"]) == 2
     for stage in p["memory"]["stages"]:

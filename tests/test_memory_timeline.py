@@ -88,6 +88,7 @@ TWO_RANKS = {
     "pp 2, 1F1B": ("fp32", 8, dict(pp=2, mbs=2, layers_per_stage=[2, 2])),
     "pp 2, GPipe": ("fp32", 8, dict(pp=2, mbs=2, schedule="gpipe", layers_per_stage=[2, 2])),
     "tp 2": ("fp32", 8, dict(tp=2, mbs=4)),
+    "tp 2 + SP": ("fp32", 32, dict(tp=2, mbs=32, sp=True)),   # activations 3/4 of the peak: what SP saves
 }
 
 

@@ -13,7 +13,7 @@ from planner.layout import DEFAULT_ORDER
 from planner.loaders import load_cluster
 from planner.search.search import search
 from planner.search.space import Constraints, enumerate_space
-from planner.specs import ModelSpec, TrainingSpec
+from planner.specs import ModelSpec, MoESpec, TrainingSpec
 
 
 def exhaustive(model, cluster, training, constraints, k):
@@ -55,6 +55,41 @@ def problems(draw):
     training = TrainingSpec(global_batch=draw(st.sampled_from([8, 16, 32])), seq_len=draw(st.sampled_from([512, 2048])),
                             precision=draw(st.sampled_from(["bf16", "fp16"])))
     return model, cluster, training
+
+
+@st.composite
+def moe_problems(draw):
+    """Mixture-of-experts models (every layer or after a dense first one) on one or two small nodes."""
+    heads = draw(st.sampled_from([4, 8]))
+    experts = draw(st.sampled_from([4, 8]))
+    moe = MoESpec(num_experts=experts, top_k=draw(st.sampled_from([1, 2])),
+                  expert_ffn_size=heads * draw(st.sampled_from([64, 128])),
+                  shared_experts=draw(st.sampled_from([0, 1])), first_dense_layers=draw(st.sampled_from([0, 1])))
+    model = ModelSpec(num_layers=draw(st.integers(2, 8)), hidden_size=heads * 64, num_heads=heads,
+                      num_kv_heads=heads // 2, ffn_hidden_size=heads * 128, vocab_size=32000,
+                      max_position_embeddings=4096, mlp="swiglu", norm="rmsnorm", bias=False,
+                      position_embedding="rope", dropout=0.0, moe=moe)
+    cluster = load_cluster("dgx-h100", nodes=draw(st.sampled_from([1, 2])), gpus_per_node=draw(st.sampled_from([4, 8])))
+    gpu = cluster.gpu.model_copy(update={"memory_bytes": draw(st.sampled_from([2, 4, 80])) * 2 ** 30})
+    cluster = cluster.model_copy(update={"gpu_types": {cluster.nodes.gpu_type: gpu}})
+    training = TrainingSpec(global_batch=draw(st.sampled_from([16, 32])), seq_len=draw(st.sampled_from([512, 2048])))
+    return model, cluster, training
+
+
+@given(moe_problems(), st.integers(1, 3))
+@settings(max_examples=20, deadline=None)
+def test_moe_search_over_ep_equals_exhaustive_enumeration(problem, k):
+    """The same exactness with expert parallelism in the space: every ep dividing dp and the expert count."""
+    model, cluster, training = problem
+    result = search(model, cluster, training, Constraints(), top_k=k)
+    expected = exhaustive(model, cluster, training, Constraints(), k)
+    assert [round(c.step, 12) for c in result.top] == [round(c.step, 12) for c in expected]
+    assert [c.peak_reserved for c in result.top] == pytest.approx([c.peak_reserved for c in expected])
+    for core in result.top:
+        assert core.cfg.dp % core.cfg.ep == 0 and model.moe.num_experts % core.cfg.ep == 0
+    eps = {cand.ep for cand in enumerate_space(model, cluster, training, Constraints(), Counter())}
+    assert eps == {e for e in (1, 2, 4, 8) if e <= model.moe.num_experts and any(
+        cand.dp % e == 0 for cand in enumerate_space(model, cluster, training, Constraints(), Counter()))}
 
 
 @given(problems(), st.integers(1, 4))

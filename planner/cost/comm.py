@@ -70,6 +70,8 @@ class Network:
 
     def _collective(self, op: str, nbytes: float, group: Group) -> float:
         n = group.size
+        if op == "all_to_all":
+            return self._all_to_all(nbytes, group)
         if self.table is not None:
             measured = self.table.time(op, nbytes, group)
             if measured is not None:
@@ -93,6 +95,23 @@ class Network:
         else:
             intra = ring_time(op, local, nbytes, self.intra_latency, self.intra_bw)
         return intra + inter
+
+    def _all_to_all(self, nbytes: float, group: Group) -> float:
+        """All-to-all of `nbytes` per rank (its whole send buffer, 1/n of it to each rank): pairwise exchange,
+        (n-1) latencies and the bytes leaving the rank (Thakur, Rabenseifner & Gropp 2005), the part for ranks in
+        the same node over NVLink and the part for other nodes over the rank's NIC share at the same time."""
+        n, nodes = group.size, group.nodes
+        if self.matrix is not None:
+            pairs = [(a, b) for ranks in (group.peers or (group.ranks,)) for a in ranks for b in ranks if a != b]
+            eff = self.intra_eff if nodes == 1 else self.inter_eff
+            bandwidth = min(self.matrix.bandwidth[a][b] for a, b in pairs) * eff
+            return (n - 1) * max(self.matrix.latency[a][b] for a, b in pairs) + (n - 1) / n * nbytes / bandwidth
+        local = n // nodes
+        intra = (local - 1) / n * nbytes / self.intra_bw
+        if nodes == 1:
+            return (n - 1) * self.intra_latency + intra
+        inter = (n - local) / n * nbytes / self.inter_bw
+        return (local - 1) * self.intra_latency + (n - local) * self.inter_latency + max(intra, inter)
 
     def p2p(self, nbytes: float, src: int, dst: int) -> float:
         """Seconds to send `nbytes` from device src to device dst (a point-to-point transfer runs at the link's

@@ -33,8 +33,9 @@ class Kernel:
 
 @dataclass(frozen=True)
 class Collective:
-    op: Literal["all_reduce", "all_gather", "reduce_scatter"]
-    bytes: float                 # message size M of the collective (the full, unsharded buffer)
+    op: Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all"]
+    bytes: float                 # message size M of the collective (the full, unsharded buffer; all-to-all: per rank)
+    group: Literal["tp", "ep"] = "tp"   # the tensor-parallel or the expert-parallel group
 
 
 @dataclass
@@ -229,15 +230,25 @@ def _tp_out(p: Pass, nbytes: float, tp: int, sp: bool) -> None:
         p.collectives.append(Collective("reduce_scatter" if sp else "all_reduce", nbytes))
 
 
-_CONJUGATE = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather", "all_reduce": "all_reduce"}
+_CONJUGATE = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather", "all_reduce": "all_reduce",
+              "all_to_all": "all_to_all"}
+
+
+def causal_keys(seq: int, window: int | None) -> float:
+    """Mean keys a query attends to under a causal mask (within a sliding window when given): s/2 without a
+    window, (s*w - w^2/2)/s with one (queries past the first w see w keys)."""
+    w = min(seq, window or seq)
+    return (seq * w - w * w / 2) / seq
 
 
 def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: str, dt: Dtypes,
-               opts: KernelOptions = MEGATRON) -> BlockWork:
+               opts: KernelOptions = MEGATRON, moe_layer: bool = False, windowed: bool = False, ep: int = 1,
+               imbalance: float = 1.0) -> BlockWork:
     """Kernels and collectives of one block for one micro-batch on one TP rank, as the engine of `opts` runs
-    them."""
+    them: a dense or a MoE layer (planner/cost/moe.py: its experts sharded over `ep` ranks, the busiest of them
+    computing `imbalance` times the mean of the routed tokens), attending globally or in the sliding window."""
     e, er = dt.act, dt.residual
-    h, d, f = m.hidden_size, m.head_dim, m.ffn_size
+    h, d, f = m.hidden_size, m.dim_per_head, m.ffn_size
     fused = opts.fused
     heads = m.num_heads / tp
     q_out, kv_out = heads * d, m.kv_heads / tp * d
@@ -246,7 +257,7 @@ def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: s
     act_bytes = tokens * h * e
     dropout = m.dropout > 0
     mask = 1 if dropout else 0
-    swiglu = m.mlp == "swiglu"
+    swiglu = m.mlp != "gelu"          # gated: gate and up (SwiGLU or GeGLU)
     up_width = f / tp * (2 if swiglu else 1)
     scores = mbs * heads * seq * seq                    # elements of one rank's score matrix
     norm_out = FP32 if dt.autocast else e               # under autocast the norms write fp32
@@ -270,12 +281,15 @@ def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: s
         fwd.chain(*[tokens * h * (FP32 + e)] * linear_inputs_cast)               # autocast input casts
     _tp_in(fwd, act_bytes, tp, sp)
     linear(q_out, kv_out, kv_out, k=h, bias=m.has_qkv_bias)                      # QKV
+    if m.qk_norm != "none":                                                      # q and k norms per head
+        _norm(fwd, bwd_elem, m, tokens * (q_out + kv_out), e, e, True)
     if m.position_embedding == "rope":
         _rope(fwd, bwd_elem, tokens * q_out, e, "rope" in fused)
         _rope(fwd, bwd_elem, tokens * kv_out, e, "rope" in fused)
     if m.attention == "flash":
-        # causal flash kernel skips the masked half of the score matrix
-        attn_core_fwd.kernels.append(Kernel("attn", 0.5 * 4 * mbs * seq * seq * q_out,
+        # causal flash kernel skips the masked half of the score matrix (and what lies outside the window)
+        keys = causal_keys(seq, m.sliding_window if windowed else None)
+        attn_core_fwd.kernels.append(Kernel("attn", 4 * mbs * seq * keys * q_out,
                                             (2 * q_out + 2 * kv_out) * tokens * e + 4 * heads * tokens,
                                             (mbs * heads * seq / 128, 1.0, 1.0)))
     else:
@@ -292,15 +306,26 @@ def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: s
     linear(h, k=q_out, bias=m.bias)                                              # output projection
     _tp_out(fwd, act_bytes, tp, sp)
     _residual(fwd, bwd_elem, local_tokens * h, e, er, dropout, "bias_dropout_add" in fused)
+    if m.sandwich_norm:
+        _norm(fwd, bwd_elem, m, local_tokens * h, er, norm_out, "norm" in fused)  # post-attention norm
     # --- MLP ---
     _norm(fwd, bwd_elem, m, local_tokens * h, er, norm_out, "norm" in fused)      # norm 2
     if dt.autocast:
         fwd.chain(*[tokens * h * (FP32 + e)] * ((2 if swiglu else 1) if opts.casts_per_linear else 1))
-    _tp_in(fwd, act_bytes, tp, sp)
-    linear(*([f / tp] * (2 if swiglu else 1)), k=h, bias=m.bias)                 # fc1 (gate, up)
-    _activation(fwd, bwd_elem, m, tokens * up_width, tokens * f / tp, e, "activation" in fused)
-    linear(h, k=f / tp, bias=m.bias)                                             # fc2
-    _tp_out(fwd, act_bytes, tp, sp)
+    if moe_layer:
+        from planner.cost.moe import moe_mlp_work
+        moe_kernels = len(fwd.kernels)
+        moe_mlp_work(fwd, bwd_elem, m, mbs * seq, tp, sp, ep, imbalance, dt, opts)
+        moe_kernels = range(moe_kernels, len(fwd.kernels))
+    else:
+        moe_kernels = range(0)
+        _tp_in(fwd, act_bytes, tp, sp)
+        linear(*([f / tp] * (2 if swiglu else 1)), k=h, bias=m.bias)             # fc1 (gate, up)
+        _activation(fwd, bwd_elem, m, tokens * up_width, tokens * f / tp, e, "activation" in fused)
+        linear(h, k=f / tp, bias=m.bias)                                         # fc2
+        _tp_out(fwd, act_bytes, tp, sp)
+    if m.sandwich_norm:
+        _norm(fwd, bwd_elem, m, local_tokens * h, er, norm_out, "norm" in fused)  # post-MLP norm
     _residual(fwd, bwd_elem, local_tokens * h, e, er, dropout, "bias_dropout_add" in fused)
 
     # --- backward: two GEMMs (data and weight gradients) per forward GEMM, the attention kernel's backward,
@@ -323,19 +348,21 @@ def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: s
         # Megatron keeps the sequence-sharded QKV and fc1 inputs and gathers them again for dW
         bwd.collectives += [Collective("all_gather", act_bytes)] * 2
     for c in fwd.collectives:   # conjugate collectives in backward (all-reduce stays, AG <-> RS swap)
-        bwd.collectives.append(Collective(_CONJUGATE[c.op], c.bytes))
+        bwd.collectives.append(Collective(_CONJUGATE[c.op], c.bytes, c.group))
 
-    return BlockWork(fwd, bwd, _recompute_pass(fwd, attn_core_fwd, projections, recompute, m, opts))
+    return BlockWork(fwd, bwd, _recompute_pass(fwd, attn_core_fwd, projections, recompute, m, opts, moe_kernels))
 
 
-def projection_widths(m: ModelSpec, tp: int, fused_projections: bool) -> list[float]:
+def projection_widths(m: ModelSpec, tp: int, fused_projections: bool, moe_layer: bool = False) -> list[float]:
     """Output widths of a block's weight GEMMs on one TP rank, in forward order (q, k, v, o, gate, up, down;
-    q/k/v and gate/up as one GEMM each when the engine fuses projections)."""
-    q_out, kv_out, f = m.num_heads / tp * m.head_dim, m.kv_heads / tp * m.head_dim, m.ffn_size / tp
-    up = [f, f] if m.mlp == "swiglu" else [f]
+    q/k/v and gate/up as one GEMM each when the engine fuses projections); a MoE layer's MLP GEMMs are not
+    among them (planner/cost/moe.py keeps their outputs)."""
+    q_out, kv_out, f = m.num_heads / tp * m.dim_per_head, m.kv_heads / tp * m.dim_per_head, m.ffn_size / tp
+    up = [f, f] if m.mlp != "gelu" else [f]
+    mlp = [] if moe_layer else ([sum(up), m.hidden_size] if fused_projections else [*up, m.hidden_size])
     if fused_projections:
-        return [q_out + 2 * kv_out, m.hidden_size, sum(up), m.hidden_size]
-    return [q_out, kv_out, kv_out, m.hidden_size, *up, m.hidden_size]
+        return [q_out + 2 * kv_out, m.hidden_size, *mlp]
+    return [q_out, kv_out, kv_out, m.hidden_size, *mlp]
 
 
 def kept_projections(count: int) -> list[int]:
@@ -345,8 +372,9 @@ def kept_projections(count: int) -> list[int]:
 
 
 def _recompute_pass(fwd: Pass, attn_core: Pass, projections: list[int], recompute: str, m: ModelSpec,
-                    opts: KernelOptions) -> Pass:
-    """The forward work replayed before a block's backward."""
+                    opts: KernelOptions, moe_kernels: range = range(0)) -> Pass:
+    """The forward work replayed before a block's backward (under the per-op policy, a MoE layer's expert
+    kernels are not replayed: their outputs are kept, as planner/cost/moe.py counts them)."""
     if recompute == "full":
         return fwd
     if recompute != "selective":
@@ -355,10 +383,10 @@ def _recompute_pass(fwd: Pass, attn_core: Pass, projections: list[int], recomput
         # Korthikanti et al. Sec. 5: recompute only the attention core (flash recomputes its scores anyway)
         return attn_core if m.attention == "eager" else Pass()
     # torchtitan's op policy: everything runs again but the fused attention kernel and the kept weight GEMMs
-    kept = {projections[j] for j in kept_projections(len(projections))}
+    kept = {projections[j] for j in kept_projections(len(projections))} | set(moe_kernels)
     out = Pass()
     out.kernels = [k for i, k in enumerate(fwd.kernels) if k.kind != "attn" and i not in kept]
-    out.collectives = list(fwd.collectives)
+    out.collectives = [c for c in fwd.collectives if c.group == "tp"]
     return out
 
 

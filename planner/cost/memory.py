@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planner.cost.kernels import FP32, MEGATRON, Dtypes, KernelOptions, kept_projections, projection_widths
-from planner.cost.params import layer_params
+from planner.cost.params import mean_layer_params
 from planner.specs import ModelSpec
 
 GIB = 2 ** 30
@@ -56,27 +56,31 @@ def norm_stats(m: ModelSpec) -> int:
 
 
 def block_activation_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: str,
-                           dt: Dtypes, opts: KernelOptions = MEGATRON) -> float:
+                           dt: Dtypes, opts: KernelOptions = MEGATRON, moe_layer: bool = False,
+                           imbalance: float = 1.0) -> float:
     """Bytes one block keeps for its backward. With the GPT layer of Korthikanti et al. (eager attention,
     dropout, 16-bit) and Megatron's semantics this is their Table 2: sbh(34 + 5as/h) alone,
     sbh(10 + 24/t + 5as/(ht)) with TP, sbh(34/t + 5as/(ht)) with TP+SP, without the 5as/h term under selective
     recompute, 2sbh under full, plus the norms' per-row statistics the table leaves out (8 bytes per row each).
     Engine differences (`opts`): torchtitan's per-op selective policy, sequence-parallel inputs kept gathered
     (DTensor), autocast casting each Linear's input separately. The 16-bit weight copies autocast keeps are
-    not activations (`autocast_weight_bytes`)."""
+    not activations (`autocast_weight_bytes`). A MoE layer keeps its routed tokens' activations instead of the
+    dense MLP's (planner/cost/moe.py); sandwich norms and q/k norms keep their inputs too."""
     e, er = dt.act, dt.residual
     tokens = mbs * seq
     local = tokens / tp if sp else tokens          # sequence-sharded tensors under SP
-    h, d = m.hidden_size, m.head_dim
+    h, d = m.hidden_size, m.dim_per_head
     heads, kv = m.num_heads / tp, m.kv_heads / tp
     mask = 1 if m.dropout > 0 else 0
     if recompute == "full":
         return er * local * h                       # only the block input
     if recompute == "selective" and opts.selective == "save_every_other_matmul":
-        return _op_policy_bytes(m, mbs, seq, tp, sp, dt, opts)
-    norms = 2 * local * (er * h + norm_stats(m))    # inputs of the two norms and their per-row statistics
+        return _op_policy_bytes(m, mbs, seq, tp, sp, dt, opts, moe_layer, imbalance)
+    norms = (4 if m.sandwich_norm else 2) * local * (er * h + norm_stats(m))   # norm inputs and row statistics
+    if m.qk_norm != "none":
+        norms += e * tokens * d * (heads + kv) + FP32 * tokens * (heads + kv)
     gathered = tokens if (sp and opts.sp_saves == "gathered") else local
-    swiglu = m.mlp == "swiglu"
+    swiglu = m.mlp != "gelu"                        # gated MLP (SwiGLU, GeGLU)
     copies = (3 + (2 if swiglu else 1)) if (dt.autocast and opts.casts_per_linear) else 2
     linear_inputs = copies * e * gathered * h       # QKV and fc1 inputs (the norm outputs, or their casts)
     dropout_masks = 2 * mask * local * h            # after attention and after the MLP
@@ -92,10 +96,14 @@ def block_activation_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, 
             attention += scores * (e + (mask + e if mask else 0))
     f = m.ffn_size / tp
     mlp = e * tokens * f * (3 if swiglu else 2)     # gate, up, product / GELU input and output
+    if moe_layer:
+        from planner.cost.moe import moe_activation_bytes
+        mlp = moe_activation_bytes(m, tokens, tp, sp, imbalance, dt)
     return norms + linear_inputs + dropout_masks + attention + mlp
 
 
-def _op_policy_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dtypes, opts: KernelOptions) -> float:
+def _op_policy_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dtypes, opts: KernelOptions,
+                     moe_layer: bool = False, imbalance: float = 1.0) -> float:
     """torchtitan's per-op selective checkpointing: the block input (the checkpoint's), the outputs of the
     kept weight GEMMs (kernels.kept_projections), of the fused attention kernel (output and log-sum-exp) and of
     the sequence-parallel reduce-scatters; everything else is recomputed."""
@@ -104,16 +112,20 @@ def _op_policy_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dt
     local = tokens / tp if sp else tokens
     h = m.hidden_size
     heads = m.num_heads / tp
-    widths = projection_widths(m, tp, "projections" in opts.fused)
+    widths = projection_widths(m, tp, "projections" in opts.fused, moe_layer)
     kept = sum(widths[j] for j in kept_projections(len(widths))) * e * tokens
-    attention = (e * tokens * heads * m.head_dim + FP32 * mbs * heads * seq) if m.attention == "flash" else 0
+    if moe_layer:               # the experts' kernels are not replayed (kernels._recompute_pass): all kept
+        from planner.cost.moe import moe_activation_bytes
+        kept += moe_activation_bytes(m, tokens, tp, sp, imbalance, dt)
+    attention = (e * tokens * heads * m.dim_per_head + FP32 * mbs * heads * seq) if m.attention == "flash" else 0
     reduce_scatters = 2 * e * local * h if (sp and tp > 1) else 0
     return er * local * h + kept + attention + reduce_scatters
 
 
-def autocast_weight_bytes(m: ModelSpec, tp: int, dt: Dtypes) -> float:
-    """Bytes of the 16-bit copies autocast makes of one block's Linear weights and biases (one TP rank)."""
-    return dt.act * layer_params(m).sharded / tp if dt.autocast else 0.0
+def autocast_weight_bytes(m: ModelSpec, tp: int, dt: Dtypes, ep: int = 1) -> float:
+    """Bytes of the 16-bit copies autocast makes of the mean block's Linear weights and biases (one TP rank)."""
+    p = mean_layer_params(m)
+    return dt.act * (p.sharded / tp + p.experts / (tp * ep)) if dt.autocast else 0.0
 
 
 def embedding_activation_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool) -> float:
@@ -146,15 +158,19 @@ def head_transient_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, dt: Dtypes, 
 
 
 def block_backward_transient_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: str,
-                                   dt: Dtypes, opts: KernelOptions = MEGATRON) -> float:
+                                   dt: Dtypes, opts: KernelOptions = MEGATRON, moe_layer: bool = False,
+                                   imbalance: float = 1.0) -> float:
     """Working set of one block's backward beyond what is kept: the activations its recomputation brings back,
     and the gradients of its activations alive at once (one MLP-wide and two h-wide: autograd frees each as the
     next is made)."""
     tokens = mbs * seq
     grads = dt.act * tokens * (m.ffn_size / tp + 2 * m.hidden_size)
+    if moe_layer:   # the routed copies' gradients: one expert-MLP-wide and one h-wide per copy
+        rows = tokens * m.moe.top_k * imbalance
+        grads = dt.act * (rows * (m.moe.expert_ffn_size / tp + m.hidden_size) + 2 * tokens * m.hidden_size)
     if recompute != "none":
-        grads += max(0.0, block_activation_bytes(m, mbs, seq, tp, sp, "none", dt, opts)
-                     - block_activation_bytes(m, mbs, seq, tp, sp, recompute, dt, opts))
+        grads += max(0.0, block_activation_bytes(m, mbs, seq, tp, sp, "none", dt, opts, moe_layer, imbalance)
+                     - block_activation_bytes(m, mbs, seq, tp, sp, recompute, dt, opts, moe_layer, imbalance))
     return grads
 
 

@@ -11,7 +11,7 @@ evaluates thousands of configurations through one CostModel). Nothing here impor
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from planner.cost.comm import Group, Network
 from planner.cost.dp_comm import DPComm, exposed, stage_dp_comm
@@ -21,11 +21,12 @@ from planner.cost.measured import MeasuredCosts
 from planner.cost.memory import (GIB, autocast_weight_bytes, block_activation_bytes, block_backward_transient_bytes,
                                  embedding_activation_bytes, head_activation_bytes, head_transient_bytes,
                                  in_flight_microbatches, interleaved_in_flight_chunks, state_bytes)
-from planner.cost.params import (final_norm_params, layer_params, padded_vocab_size, position_params,
-                                 tensors_per_block, total_params)
+from planner.cost.moe import add_comm, ep_group, expert_dp_group, imbalance
+from planner.cost.params import (final_norm_params, layer_mix, mean_layer_params, padded_vocab_size,
+                                 position_params, tensors_per_block, total_params)
 from planner.cost.pipeline import p2p_on_path, pipeline_time
 from planner.cost.stage_work import StageWork
-from planner.cost.timeline import Regime, StageInputs, Timeline, grads_between_bytes, stage_timeline
+from planner.cost.timeline import PhaseMemory, Regime, StageInputs, Timeline, grads_between_bytes, stage_timeline
 from planner.engine import EngineSpec, engine_on, load_engine
 from planner.layout import DEFAULT_ORDER, Layout
 from planner.partition import partition_layers
@@ -44,7 +45,8 @@ MEMORY_HEADROOM = 0.10
 @dataclass(frozen=True)
 class PassCost:
     compute: float     # kernels (and host time the GPU waits for), seconds
-    comm: float        # TP collectives not hidden, seconds
+    comm: float        # TP and EP collectives not hidden, seconds
+    ep: float = 0.0    # of which the expert-parallel all-to-alls
 
     @property
     def total(self) -> float:
@@ -74,6 +76,17 @@ class EndsCost:
     emb_bwd: PassCost
     head_fwd: PassCost
     head_bwd: PassCost
+
+
+def _summed(a: Timeline, b: Timeline) -> Timeline:
+    """Two timelines of one device added phase by phase (the dense and the expert parameters' states: each
+    phase's peak of the sum is at most the sum of the peaks, so this errs on the full side)."""
+    out = {}
+    for k, x in a.phases.items():
+        y = b.phases[k]
+        out[k] = PhaseMemory(x.params + y.params, x.grads + y.grads, x.optimizer + y.optimizer,
+                             x.activations + y.activations, x.other + y.other)
+    return Timeline(out)
 
 
 @dataclass(frozen=True)
@@ -156,7 +169,8 @@ class CostModel:
         self.host_fwd, self.host_bwd = engine.host_per_kernel
         self.host_coll = engine.host.per_collective_s
         self.net = Network(cluster)
-        self.layer = layer_params(model)
+        self.layer = mean_layer_params(model)       # the mean block (dense and MoE layers by their counts)
+        self.mix = layer_mix(model)
         self.dp_calls_per_block = (tensors_per_block(model, "projections" in engine.fused)
                                    if engine.overlap.dp_calls == "parameter" else 1)
         self.seq = training.seq_len
@@ -184,6 +198,12 @@ class CostModel:
         self._max_blocks_cache: dict[tuple, int] = {}
         self._acts_cache: dict[tuple, float] = {}
         self._memory_bound_cache: dict[tuple, float] = {}
+        self._moe_groups: dict[tuple, tuple[Group, Group]] = {}
+        self._block_works: dict[tuple, tuple] = {}
+        self._expert_timelines: dict[tuple, Timeline] = {}
+        self._expert_state_cache: dict[tuple, tuple] = {}
+        self._kind_acts: dict[tuple, float] = {}
+        self._timelines: dict[tuple, Timeline] = {}
 
     def _sources(self, profile_name: str, measured: MeasuredCosts | None) -> dict[str, str]:
         """Which numbers are measured and which computed, for the report."""
@@ -241,31 +261,86 @@ class CostModel:
             hit = self._layouts[key] = (lay, lay.group("tp", every), lay.group("dp", every))
         return hit
 
-    def _pass_cost(self, p, tp_group: Group, dt: Dtypes, host_per_kernel: float) -> PassCost:
-        comm = sum(self.net.collective(c.op, c.bytes, tp_group) for c in p.collectives)
-        # TP collectives block the stream: they follow the kernels, each issued at the host's cost
-        shown = comm * (1.0 - self.engine.overlap.tp_comm_hidden) + len(p.collectives) * self.host_coll
-        kernels = pass_time(p, self.gpu, dt.matmul, host_per_kernel, gemm_scale=self.opts.gemm_scale)
-        return PassCost(kernels, shown)
+    def moe_groups(self, cfg, order: tuple[str, str, str], devices: tuple[int, ...] | None = None
+                   ) -> tuple[Group, Group]:
+        """(the expert-parallel group, the expert-data-parallel group) of `cfg` (see planner/cost/moe.py)."""
+        key = (cfg.tp, cfg.pp, cfg.dp, cfg.ep, order, devices)
+        hit = self._moe_groups.get(key)
+        if hit is None:
+            layout = self.layout(cfg.tp, cfg.pp, cfg.dp, order, devices)[0]
+            every = self.net.matrix is not None
+            hit = self._moe_groups[key] = (ep_group(layout, cfg.ep, every), expert_dp_group(layout, cfg.ep, every))
+        return hit
 
-    def block(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group, dt: Dtypes) -> BlockCost:
-        key = (tp, mbs, sp, recompute, tp_group if self.net.matrix else tp_group.nodes, dt)
+    def _pass_cost(self, p, tp_group: Group, dt: Dtypes, host_per_kernel: float,
+                   ep_group: Group | None = None) -> PassCost:
+        ov = self.engine.overlap
+        tp_comm = sum(self.net.collective(c.op, c.bytes, tp_group) for c in p.collectives if c.group == "tp")
+        ep_comm = sum(self.net.collective(c.op, c.bytes, ep_group) for c in p.collectives if c.group == "ep")
+        # collectives block the stream: they follow the kernels, each issued at the host's cost
+        shown = (tp_comm * (1.0 - ov.tp_comm_hidden) + ep_comm * (1.0 - ov.ep_comm_hidden)
+                 + len(p.collectives) * self.host_coll)
+        kernels = pass_time(p, self.gpu, dt.matmul, host_per_kernel, gemm_scale=self.opts.gemm_scale)
+        return PassCost(kernels, shown, ep_comm * (1.0 - ov.ep_comm_hidden))
+
+    def block(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group, dt: Dtypes, ep: int = 1,
+              ep_group: Group | None = None) -> BlockCost:
+        """The mean block: each kind of layer (dense or MoE, global or windowed attention) weighted by its count;
+        its backward working set is the largest kind's."""
+        where = (lambda g: g if self.net.matrix else (g.nodes if g is not None else None))   # noqa: E731
+        key = (tp, mbs, sp, recompute, where(tp_group), dt, ep, where(ep_group))
         cost = self._blocks.get(key)
         if cost is None:
-            m, o = self.model, self.opts
-            w = block_work(m, mbs, self.seq, tp, sp, recompute, dt, o)
-            fwd = self._pass_cost(w.forward, tp_group, dt, self.host_fwd)
-            bwd = self._pass_cost(w.backward, tp_group, dt, self.host_bwd)
-            rec = self._pass_cost(w.recompute, tp_group, dt, self.host_fwd)
-            acts = block_activation_bytes(m, mbs, self.seq, tp, sp, recompute, dt, o)
-            factors = self.measured.block(tp, mbs, recompute) if self.measured else None
-            if factors is not None:   # measured kernels; TP collectives stay on the cluster's links
-                fwd, bwd, rec = (PassCost(pc.compute * k, pc.comm) for pc, k in
-                                 ((fwd, factors.forward), (bwd, factors.backward), (rec, factors.backward)))
-                acts *= factors.activations
+            kinds = [(self._block_kind(tp, mbs, sp, recompute, tp_group, dt, ep, ep_group, moe, win), n)
+                     for (moe, win), n in self.mix]
+            L = self.model.num_layers
+
+            def mean(get) -> PassCost:
+                return PassCost(*(sum(getattr(get(c), f) * n for c, n in kinds) / L for f in ("compute", "comm", "ep")))
             cost = self._blocks[key] = BlockCost(
-                fwd, bwd, rec, acts, block_backward_transient_bytes(m, mbs, self.seq, tp, sp, recompute, dt, o))
+                mean(lambda c: c.forward), mean(lambda c: c.backward), mean(lambda c: c.recompute),
+                sum(c.activation_bytes * n for c, n in kinds) / L, max(c.transient_bytes for c, _ in kinds))
         return cost
+
+    def _block_kind(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group, dt: Dtypes, ep: int,
+                    ep_group: Group | None, moe: bool, windowed: bool) -> BlockCost:
+        w, acts, transient = self._block_work(tp, mbs, sp, recompute, dt, ep, moe, windowed)
+        fwd = self._pass_cost(w.forward, tp_group, dt, self.host_fwd, ep_group)
+        bwd = self._pass_cost(w.backward, tp_group, dt, self.host_bwd, ep_group)
+        rec = self._pass_cost(w.recompute, tp_group, dt, self.host_fwd, ep_group)
+        factors = self.measured.block(tp, mbs, recompute) if self.measured else None
+        if factors is not None:   # measured kernels; TP collectives stay on the cluster's links
+            fwd, bwd, rec = (PassCost(pc.compute * k, pc.comm, pc.ep) for pc, k in
+                             ((fwd, factors.forward), (bwd, factors.backward), (rec, factors.backward)))
+        return BlockCost(fwd, bwd, rec, acts, transient)
+
+    def _block_work(self, tp: int, mbs: int, sp: bool, recompute: str, dt: Dtypes, ep: int, moe: bool,
+                    windowed: bool) -> tuple:
+        """(kernels and collectives, kept bytes, backward working set) of one kind of block (cached: they do not
+        depend on where the groups are placed)."""
+        key = (tp, mbs, sp, recompute, dt, ep, moe, windowed)
+        hit = self._block_works.get(key)
+        if hit is None:
+            m, o = self.model, self.opts
+            load = imbalance(m, self.training, ep) if moe else 1.0
+            hit = self._block_works[key] = (
+                block_work(m, mbs, self.seq, tp, sp, recompute, dt, o, moe, windowed, ep, load),
+                self._kind_activations(tp, mbs, sp, recompute, dt, ep, moe),
+                block_backward_transient_bytes(m, mbs, self.seq, tp, sp, recompute, dt, o, moe, load))
+        return hit
+
+    def _kind_activations(self, tp: int, mbs: int, sp: bool, recompute: str, dt: Dtypes, ep: int, moe: bool) -> float:
+        """Bytes one kind of block keeps for its backward (measured factors applied), cached."""
+        key = (tp, mbs, sp, recompute, dt, ep if moe else 1, moe)
+        hit = self._kind_acts.get(key)
+        if hit is None:
+            load = imbalance(self.model, self.training, ep) if moe else 1.0
+            hit = block_activation_bytes(self.model, mbs, self.seq, tp, sp, recompute, dt, self.opts, moe, load)
+            factors = self.measured.block(tp, mbs, recompute) if self.measured else None
+            if factors is not None:
+                hit *= factors.activations
+            self._kind_acts[key] = hit
+        return hit
 
     def ends(self, tp: int, mbs: int, sp: bool, tp_group: Group, dt: Dtypes) -> EndsCost:
         key = (tp, mbs, sp, tp_group if self.net.matrix else tp_group.nodes, dt)
@@ -306,8 +381,27 @@ class CostModel:
         return self.vocab(cfg.tp) * self.model.hidden_size / cfg.tp + position_params(self.model)
 
     def device_params(self, cfg: ParallelConfig, device: int, layers: int) -> float:
-        """Parameters one TP rank of pipeline device `device` holds (elements)."""
-        return layers * self.layer.per_tp_rank(cfg.tp) + self.end_params(cfg, device)
+        """Parameters one TP rank of pipeline device `device` holds that are reduced over the whole data-parallel
+        group: all but the routed experts (elements)."""
+        return layers * self.block_params(cfg) + self.end_params(cfg, device)
+
+    def block_params(self, cfg) -> float:
+        """Parameters of the mean block one TP rank holds that are reduced over the whole data-parallel group:
+        without expert parallelism the routed experts too (their states then follow the dense ones exactly)."""
+        return self.layer.dense_per_tp_rank(cfg.tp) + (self.layer.experts / cfg.tp if cfg.ep == 1 else 0.0)
+
+    def has_experts(self, cfg) -> bool:
+        """Whether `cfg` shards routed experts over an EP group (their states then follow dp/ep ranks)."""
+        return cfg.ep > 1 and self.layer.experts > 0
+
+    def expert_params(self, cfg, layers: int) -> float:
+        """Routed-expert parameters one rank holds in `layers` (mean) blocks under expert parallelism: its E/ep
+        experts' TP shards (0 without: `block_params` counts them)."""
+        return layers * self.layer.experts / (cfg.tp * cfg.ep) if cfg.ep > 1 else 0.0
+
+    def _expert_regime(self, cfg, nmb: int) -> Regime:
+        """The regime of the expert parameters: ZeRO over the expert-data-parallel group (dp/ep ranks)."""
+        return replace(self.regime(cfg, nmb), dp=cfg.dp // cfg.ep)
 
     def _held(self, cfg: ParallelConfig, device: int, nmb: int) -> list[int]:
         """Micro-batches in flight for each local chunk of a device at its peak."""
@@ -329,7 +423,17 @@ class CostModel:
 
     def stage_timeline(self, cfg: ParallelConfig, device: int, chunk_layers: list[int], nmb: int,
                        blk: BlockCost, dt: Dtypes) -> Timeline:
-        """Phase peaks of one GPU of pipeline device `device` whose local chunks hold `chunk_layers` blocks."""
+        """Phase peaks of one GPU of pipeline device `device` whose local chunks hold `chunk_layers` blocks (cached:
+        the layer split asks for many counts, and rank orders of one configuration share their memory)."""
+        key = (cfg.tp, cfg.pp, cfg.dp, cfg.ep, cfg.vpp, cfg.mbs, cfg.zero, cfg.sp, cfg.schedule, device, nmb,
+               blk.activation_bytes, blk.transient_bytes, tuple(chunk_layers))
+        hit = self._timelines.get(key)
+        if hit is None:
+            hit = self._timelines[key] = self._stage_timeline(cfg, device, chunk_layers, nmb, blk, dt)
+        return hit
+
+    def _stage_timeline(self, cfg: ParallelConfig, device: int, chunk_layers: list[int], nmb: int,
+                        blk: BlockCost, dt: Dtypes) -> Timeline:
         fixed = self._stage_fixed(cfg, device, nmb, blk, dt)
         layers = sum(chunk_layers)
         held = fixed.held_per_chunk
@@ -343,12 +447,41 @@ class CostModel:
                              head_transient=fixed.head_transient, head_backward=fixed.head_backward,
                              autocast_copies=layers * fixed.copies_per_block + fixed.end_copies,
                              pipeline_buffers=fixed.pipeline_buffers[0], inflight_outputs=fixed.pipeline_buffers[1])
-        return stage_timeline(fixed.recipe, fixed.regime, inputs, fixed.states, fixed.grads_between)
+        dense = stage_timeline(fixed.recipe, fixed.regime, inputs, fixed.states, fixed.grads_between)
+        if not self.has_experts(cfg):
+            return dense
+        return _summed(dense, self._expert_timeline(cfg, layers, nmb, fixed))
+
+    def _expert_timeline(self, cfg, layers: int, nmb: int, fixed: "_StageFixed") -> Timeline:
+        """The routed experts' states over a step: the same recipe with ZeRO over the expert-data-parallel group,
+        no activations of their own (the blocks' activations count the routed tokens)."""
+        key = (cfg.tp, cfg.pp, cfg.dp, cfg.ep, cfg.zero, nmb, max(fixed.held_per_chunk), layers)
+        hit = self._expert_timelines.get(key)
+        if hit is not None:
+            return hit
+        block = self.expert_params(cfg, 1)
+        inputs = StageInputs(params=layers * block, block_params=block, end_params=0.0, last_params=0.0,
+                             whole_grad_params=0.0, acts_held=0.0, acts_one=0.0, head_acts=0.0, held=max(fixed.held_per_chunk),
+                             microbatches=nmb, block_transient=0.0, head_transient=0.0, head_backward=0.0,
+                             autocast_copies=0.0, pipeline_buffers=0.0, inflight_outputs=0.0)
+        regime, sb, between = self._expert_states(cfg, nmb, fixed.recipe)
+        hit = self._expert_timelines[key] = stage_timeline(fixed.recipe, regime, inputs, sb, between)
+        return hit
+
+    def _expert_states(self, cfg, nmb: int, recipe) -> tuple[Regime, object, float]:
+        """(regime, state bytes, gradient bytes held between backwards) of the expert parameters (cached)."""
+        key = (cfg.zero, cfg.dp, cfg.ep, cfg.pp, nmb, id(recipe))      # recipes live as long as the engine
+        hit = self._expert_state_cache.get(key)
+        if hit is None:
+            regime = self._expert_regime(cfg, nmb)
+            hit = self._expert_state_cache[key] = (regime, state_bytes(recipe, self.training.optimizer, cfg.zero,
+                                                                       regime.dp), grads_between_bytes(recipe, regime))
+        return hit
 
     def _stage_fixed(self, cfg: ParallelConfig, device: int, nmb: int, blk: BlockCost, dt: Dtypes) -> "_StageFixed":
         """What of a device's memory does not depend on its block count (cached: the layer split asks for many
         counts)."""
-        key = (cfg.tp, cfg.pp, cfg.dp, cfg.vpp, cfg.mbs, cfg.zero, cfg.sp, cfg.schedule, device, nmb,
+        key = (cfg.tp, cfg.pp, cfg.dp, cfg.ep, cfg.vpp, cfg.mbs, cfg.zero, cfg.sp, cfg.schedule, device, nmb,
                blk.activation_bytes)
         hit = self._stage_fixed_cache.get(key)
         if hit is not None:
@@ -374,6 +507,7 @@ class CostModel:
             if cfg.pp > 1 and self.engine.memory_extras.pipeline_buffers == "all_microbatches":
                 head_backward += logits * dt.act         # the stage output kept for the backward
             if tp > 1 and "cross_entropy" not in self.opts.fused:
+                head_transient += logits * 4             # loss_parallel's forward: logits - max beside the logits
                 head_backward += logits * 4              # loss_parallel's backward: one more fp32 logits tensor
             if dt.autocast and not fsdp:
                 end_copies = dt.act * vocab * m.hidden_size / tp          # the LM head is a Linear too
@@ -381,13 +515,13 @@ class CostModel:
         hit = self._stage_fixed_cache[key] = _StageFixed(
             recipe=recipe, regime=regime, states=state_bytes(recipe, self.training.optimizer, cfg.zero, cfg.dp),
             grads_between=grads_between_bytes(recipe, regime), held_per_chunk=held,
-            block_params=self.layer.per_tp_rank(tp),
+            block_params=self.block_params(cfg),
             end_params=self.end_params(cfg, device), last_params=self._embedding_params(cfg, device),
             end_acts_held=end_held, end_acts_one=end_one, head_acts=head_acts,
             whole_grad_params=(self.vocab(tp) * m.hidden_size * (1 - 1 / tp)
                                if device == 0 and tp > 1 and self.engine.memory_extras.embedding_grad_whole else 0.0),
             head_transient=head_transient, head_backward=head_backward,
-            copies_per_block=0.0 if fsdp else autocast_weight_bytes(m, tp, dt), end_copies=end_copies,
+            copies_per_block=0.0 if fsdp else autocast_weight_bytes(m, tp, dt, cfg.ep), end_copies=end_copies,
             pipeline_buffers=self._pipeline_buffers(cfg, device, nmb, held))
         return hit
 
@@ -413,8 +547,8 @@ class CostModel:
 
     def stage_memory(self, cfg: ParallelConfig, device: int, chunk_layers: list[int], nmb: int,
                      blk: BlockCost, dt: Dtypes) -> StageMem:
-        key = (cfg.tp, cfg.pp, cfg.dp, cfg.vpp, cfg.mbs, cfg.zero, cfg.recompute, cfg.sp, cfg.schedule, device,
-               tuple(chunk_layers), nmb)
+        key = (cfg.tp, cfg.pp, cfg.dp, cfg.ep, cfg.vpp, cfg.mbs, cfg.zero, cfg.recompute, cfg.sp, cfg.schedule,
+               device, tuple(chunk_layers), nmb)
         hit = self._stage_memory_cache.get(key)
         if hit is None:
             t = self.stage_timeline(cfg, device, chunk_layers, nmb, blk, dt)
@@ -530,7 +664,8 @@ class CostModel:
         takes at least that of the average device."""
         layout, tp_group, dp_group = self.layout(cfg.tp, cfg.pp, cfg.dp, order)
         dt = self.dtypes(cfg.zero, cfg.dp)
-        blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt)
+        ep_grp = self.moe_groups(cfg, order)[0]
+        blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp)
         work = self._work(cfg, blk, tp_group, dt)
         per_cycle, post = self._state_bounds(cfg, order, dp_group)
         nmb = cfg.microbatches(self.training.global_batch)
@@ -546,7 +681,7 @@ class CostModel:
         least L / sum_i 1/a_i, a_i = what one more block adds to every stage's forward peak besides activations
         (`_forward_bytes_per_block`) plus its activations times the micro-batches stage i holds (the continuous
         relaxation of the split), with the sum bounded above by an integral."""
-        key = (cfg.tp, cfg.pp, cfg.dp, cfg.vpp, cfg.mbs, cfg.zero, cfg.recompute, cfg.sp, cfg.schedule)
+        key = (cfg.tp, cfg.pp, cfg.dp, cfg.ep, cfg.vpp, cfg.mbs, cfg.zero, cfg.recompute, cfg.sp, cfg.schedule)
         hit = self._memory_bound_cache.get(key)
         if hit is None:
             hit = self._memory_bound_cache[key] = self._memory_bound(cfg)
@@ -568,16 +703,17 @@ class CostModel:
 
     def _block_activations(self, cfg: ParallelConfig, dt: Dtypes) -> float:
         """One block's kept bytes per micro-batch (the TP group's placement does not change them)."""
-        key = (cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, dt)
+        key = (cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, dt, cfg.ep)
         hit = self._acts_cache.get(key)
-        if hit is None:
-            one = Group(tuple(range(cfg.tp)), 1)
-            hit = self._acts_cache[key] = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, one, dt).activation_bytes
+        if hit is None:      # the mean block's, as `block` weighs the kinds
+            hit = self._acts_cache[key] = sum(
+                self._kind_activations(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, dt, cfg.ep, moe) * n
+                for (moe, win), n in self.mix) / self.model.num_layers
         return hit
 
     def _work(self, cfg: ParallelConfig, blk: BlockCost, tp_group: Group, dt: Dtypes) -> float:
         """Seconds of all forward and backward work of one micro-batch over the whole model (one TP rank)."""
-        key = (cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group if self.net.matrix else tp_group.nodes, dt)
+        key = (cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group if self.net.matrix else tp_group.nodes, dt, blk)
         work = self._work_cache.get(key)
         if work is None:
             ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group, dt)
@@ -588,7 +724,7 @@ class CostModel:
     def _state_bounds(self, cfg: ParallelConfig, order: tuple[str, str, str], dp_group: Group) -> tuple[float, float]:
         """(DP seconds per micro-batch cycle, seconds once per step) for the average device, at least: the parts
         of the time bound that depend only on the degrees and ZeRO."""
-        key = (cfg.tp, cfg.pp, cfg.dp, cfg.zero, order)
+        key = (cfg.tp, cfg.pp, cfg.dp, cfg.ep, cfg.zero, order)
         hit = self._state_bounds_cache.get(key)
         if hit is None:
             params = self._total_params_per_tp_rank(cfg) / cfg.pp
@@ -596,10 +732,19 @@ class CostModel:
             kappa = self.cluster.overlap_slowdown
             one_call = lambda op, nbytes: self.net.collective(op, nbytes, dp_group)   # noqa: E731
             comm = stage_dp_comm(self.engine, recipe, cfg.zero, cfg.dp, cfg.pp, params, 0, one_call)
-            per_cycle = kappa * (comm.fwd_each + comm.bwd_each)
-            once = kappa * (comm.first_fwd + comm.last_bwd) + comm.after
             share = cfg.dp if cfg.zero >= recipe.moments_sharded_from else 1
-            once += params / share * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
+            opt = params / share * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
+            if self.has_experts(cfg):
+                experts = self.expert_params(cfg, self.model.num_layers) / cfg.pp
+                edp, edp_group = cfg.dp // cfg.ep, self.moe_groups(cfg, order)[1]
+                erecipe = recipe         # the engine wraps the experts as the rest: its recipe, dp/ep ranks
+                expert_call = lambda op, nbytes: self.net.collective(op, nbytes, edp_group)   # noqa: E731
+                comm = add_comm(comm, stage_dp_comm(self.engine, erecipe, cfg.zero, edp, cfg.pp, experts, 0,
+                                                    expert_call))
+                eshare = edp if cfg.zero >= erecipe.moments_sharded_from else 1
+                opt += experts / eshare * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
+            per_cycle = kappa * (comm.fwd_each + comm.bwd_each)
+            once = kappa * (comm.first_fwd + comm.last_bwd) + comm.after + opt
             hit = self._state_bounds_cache[key] = (per_cycle, once)
         return hit
 
@@ -609,42 +754,48 @@ class CostModel:
         slope, so the search's memory bound cannot drift from the costing."""
         nmb = cfg.microbatches(self.training.global_batch)
         most_held = max(self._held(cfg, 0, nmb))       # stage 0 holds the most, as the timeline counts them
-        key = (cfg.tp, cfg.zero, cfg.dp, cfg.pp > 1, min(nmb, 2), nmb > most_held)
+        key = (cfg.tp, cfg.zero, cfg.dp, cfg.ep, cfg.pp > 1, min(nmb, 2), nmb > most_held)
         hit = self._forward_slope_cache.get(key)
         if hit is not None:
             return hit
         dt = self.dtypes(cfg.zero, cfg.dp)
         fsdp = recipe.gathered_weights_bytes > 0 and cfg.dp > 1 and cfg.zero >= recipe.weights.sharded_from
-        copies = 0.0 if fsdp else autocast_weight_bytes(self.model, cfg.tp, dt)
+        copies = 0.0 if fsdp else autocast_weight_bytes(self.model, cfg.tp, dt, cfg.ep)
 
-        def forward(n: int) -> float:
-            block = self.layer.per_tp_rank(cfg.tp)
+        def forward(n: int, block: float, copies: float, regime: Regime) -> float:
             inputs = StageInputs(params=n * block, block_params=block, end_params=0.0, last_params=0.0,
                                  whole_grad_params=0.0, acts_held=0.0, acts_one=0.0, head_acts=0.0,
                                  held=most_held, microbatches=nmb, block_transient=0.0, head_transient=0.0,
                                  head_backward=0.0, autocast_copies=n * copies, pipeline_buffers=0.0,
                                  inflight_outputs=0.0)
-            return stage_timeline(recipe, self.regime(cfg, nmb), inputs).phases["forward"].total
-        hit = self._forward_slope_cache[key] = forward(1) - forward(0)
+            return stage_timeline(recipe, regime, inputs).phases["forward"].total
+        dense, regime = self.block_params(cfg), self.regime(cfg, nmb)
+        hit = forward(1, dense, copies, regime) - forward(0, dense, copies, regime)
+        if self.has_experts(cfg):   # the experts' states at the expert-data-parallel degree, as the timeline adds them
+            experts, eregime = self.expert_params(cfg, 1), self._expert_regime(cfg, nmb)
+            hit += forward(1, experts, 0.0, eregime) - forward(0, experts, 0.0, eregime)
+        self._forward_slope_cache[key] = hit
         return hit
 
-    def placement_signature(self, tp: int, pp: int, dp: int, order: tuple[str, str, str]) -> tuple:
-        """What the cost model sees of a rank order: nodes spanned by the TP and DP groups and which pipeline
-        boundaries cross nodes (with a measured link matrix, the ranks themselves)."""
-        key = (tp, pp, dp, order)
+    def placement_signature(self, tp: int, pp: int, dp: int, order: tuple[str, str, str], ep: int = 1) -> tuple:
+        """What the cost model sees of a rank order: nodes spanned by the TP, DP, EP and expert-DP groups and which
+        pipeline boundaries cross nodes (with a measured link matrix, the ranks themselves)."""
+        key = (tp, pp, dp, order, ep)
         sig = self._signatures.get(key)
         if sig is None:
             layout, tp_group, dp_group = self.layout(tp, pp, dp, order)
+            groups = self.moe_groups(ParallelConfig(tp=tp, pp=pp, dp=dp, ep=ep), order) if ep > 1 else ()
             node = self.cluster.gpus_per_node
             crossings = tuple(layout.rank(i, 0, 0) // node != layout.rank(i + 1, 0, 0) // node
                               for i in range(pp - 1))
-            sig = order if self.net.matrix is not None else (tp_group.nodes, dp_group.nodes, crossings)
+            sig = order if self.net.matrix is not None else (tp_group.nodes, dp_group.nodes, crossings,
+                                                             tuple(g.nodes for g in groups))
             self._signatures[key] = sig
         return sig
 
     def _total_params_per_tp_rank(self, cfg: ParallelConfig) -> float:
         return sum(self.end_params(cfg, i) for i in {0, cfg.pp - 1}) + \
-            self.model.num_layers * self.layer.per_tp_rank(cfg.tp)
+            self.model.num_layers * self.block_params(cfg)
 
     # ------------------------------------------------------------------ evaluation
     def _act_msg(self, cfg: ParallelConfig) -> float:
@@ -684,9 +835,11 @@ class CostModel:
                  if self.net.matrix is not None else ())
         return Group.of(pair(0, 0), self.cluster.gpus_per_node, peers)
 
-    def dp_comm(self, cfg: ParallelConfig, params: float, layers: int, dp_group: Group) -> DPComm:
+    def dp_comm(self, cfg: ParallelConfig, params: float, layers: int, dp_group: Group,
+                dp: int | None = None) -> DPComm:
+        """The data-parallel communication of `params` over `dp_group` of `dp` ranks (default cfg.dp)."""
         recipe = self.recipe(cfg.zero, cfg.dp)
-        return stage_dp_comm(self.engine, recipe, cfg.zero, cfg.dp, cfg.pp, params, layers,
+        return stage_dp_comm(self.engine, recipe, cfg.zero, dp or cfg.dp, cfg.pp, params, layers,
                              lambda op, nbytes: self.net.collective(op, nbytes, dp_group) + self.host_coll,
                              self.dp_calls_per_block)
 
@@ -698,7 +851,8 @@ class CostModel:
         nmb = cfg.microbatches(tr.global_batch)
         dt = self.dtypes(cfg.zero, cfg.dp)
         layout, tp_group, dp_group = self.layout(cfg.tp, cfg.pp, cfg.dp, order, devices)
-        blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt)
+        ep_grp, edp_group = self.moe_groups(cfg, order, devices)
+        blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp)
         ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group, dt)
         chunks = list(cfg.layers_per_stage) if cfg.layers_per_stage else self.default_layers(cfg, blk, ends, dt)
         pp, last = cfg.pp, cfg.pp - 1
@@ -718,6 +872,9 @@ class CostModel:
         # --- data-parallel communication as the engine issues it, against the compute it overlaps
         kappa = self.cluster.overlap_slowdown
         comms = [self.dp_comm(cfg, params[i], layers[i], dp_group) for i in range(pp)]
+        if self.has_experts(cfg):    # expert gradients over the expert-data-parallel group, in the same windows
+            comms = [add_comm(c, self.dp_comm(cfg, self.expert_params(cfg, n), n, edp_group, cfg.dp // cfg.ep))
+                     for c, n in zip(comms, layers)]
         zero_fwd, zero_bwd = [0.0] * pp, [0.0] * pp
         once_first, once_last = [0.0] * pp, [0.0] * pp
         for i, c in enumerate(comms):
@@ -745,8 +902,10 @@ class CostModel:
                 recipe = self.recipe(cfg.zero, cfg.dp)
                 comm += self.net.collective("all_reduce", self.vocab(cfg.tp) * m.hidden_size / cfg.tp
                                             * recipe.reduce_bytes, self._tied_pair(layout))
-            share = cfg.dp if cfg.zero >= self.recipe(cfg.zero, cfg.dp).moments_sharded_from else 1
-            opt = params[i] / share * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
+            sharded = cfg.zero >= self.recipe(cfg.zero, cfg.dp).moments_sharded_from
+            opt = (params[i] / (cfg.dp if sharded else 1)
+                   + self.expert_params(cfg, layers[i]) / (cfg.dp // cfg.ep if sharded else 1)
+                   ) * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
             ends_at.append((pipe - slack + comm + opt, comm, opt, i))
             slack += bwd[i] * per_hop + p2p
         finish, post_comm, post_opt, post_dev = max(ends_at)
@@ -761,14 +920,16 @@ class CostModel:
         # --- time breakdown on the critical path (sums to step)
         n = layers[crit]
         recompute = n * blk.recompute.compute
-        tp_comm = n * (blk.forward.comm + blk.backward.comm + blk.recompute.comm)
+        ep_comm = n * (blk.forward.ep + blk.backward.ep + blk.recompute.ep)
+        tp_comm = n * (blk.forward.comm + blk.backward.comm + blk.recompute.comm) - ep_comm
         for is_end, parts in ((crit == 0, (ends.emb_fwd, ends.emb_bwd)), (crit == last, (ends.head_fwd, ends.head_bwd))):
             if is_end:
                 tp_comm += parts[0].comm + parts[1].comm
-        compute = fwd[crit] + bwd[crit] - every[crit] - recompute - tp_comm - host.per_microbatch_s
+        compute = fwd[crit] + bwd[crit] - every[crit] - recompute - tp_comm - ep_comm - host.per_microbatch_s
         # what the transfers add to the pipeline (its time less the same schedule with instant transfers)
         transfers = pipe - pipeline_time(cfg.schedule, nmb, fwd, bwd, 0.0, cfg.vpp, blocking)[0] if pp > 1 else 0.0
-        time = dict(compute=nmb * compute, recompute=nmb * recompute, tp_comm=nmb * tp_comm, pp_comm=transfers,
+        time = dict(compute=nmb * compute, recompute=nmb * recompute, tp_comm=nmb * tp_comm, ep_comm=nmb * ep_comm,
+                    pp_comm=transfers,
                     dp_comm_exposed=nmb * every[crit] + first + post_comm, optimizer=post_opt,
                     host=nmb * host.per_microbatch_s + host.per_step_s)
         time["bubble"] = max(0.0, step - sum(time.values()))
@@ -806,8 +967,11 @@ class CostModel:
 
     def model_summary(self) -> ModelSummary:
         from planner.cost.params import active_params
+        moe = self.model.moe
         return ModelSummary(name=self.model.name, params=total_params(self.model),
                             active_params=active_params(self.model),
+                            num_experts=moe.num_experts if moe else None, top_k=moe.top_k if moe else None,
+                            moe_layers=self.model.num_moe_layers if moe else None,
                             attention_kernel=self.model.attention_kernel)
 
     def prediction(self, core: Core) -> Prediction:
@@ -859,5 +1023,6 @@ def _binding(time: TimeBreakdown, step: float, fullest: StageMemory, budget: flo
     kind = {"compute": "compute-bound", "recompute": "recompute-heavy", "bubble": "pipeline-bubble-bound",
             "tp_comm": "TP-communication-bound", "pp_comm": "PP-communication-bound",
             "dp_comm_exposed": "DP-communication-bound", "optimizer": "optimizer-bound",
+            "ep_comm": "EP-all-to-all-bound",
             "host": "host-bound"}[shares[0][0]]
     return f"{kind} ({top}); {mem}" + (" (tight)" if fullest.reserved > 0.95 * budget else "")

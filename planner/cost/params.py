@@ -9,34 +9,80 @@ from planner.specs import ModelSpec
 
 @dataclass(frozen=True)
 class LayerParams:
-    """Parameters of one transformer block (elements), split by how tensor parallelism treats them."""
+    """Parameters of one transformer block (elements), split by how tensor and expert parallelism treat them.
+    Float counts: the cost model uses the mean block of a model whose layers differ (dense and MoE)."""
 
-    sharded: int      # weight matrices and their biases, divided over the TP group
-    replicated: int   # norms and row-parallel output biases, held whole on every TP rank
+    sharded: float       # weight matrices and their biases, divided over the TP group
+    replicated: float    # norms, row-parallel output biases and routers, held whole on every TP rank
+    experts: float = 0.0  # routed experts' weights: divided over the EP group, each expert over the TP group
 
     @property
-    def total(self) -> int:
-        return self.sharded + self.replicated
+    def total(self) -> float:
+        return self.sharded + self.replicated + self.experts
 
-    def per_tp_rank(self, tp: int) -> float:
+    def per_tp_rank(self, tp: int, ep: int = 1) -> float:
+        return self.sharded / tp + self.replicated + self.experts / (tp * ep)
+
+    def dense_per_tp_rank(self, tp: int) -> float:
+        """The parameters reduced over the whole data-parallel group (all but the routed experts)."""
         return self.sharded / tp + self.replicated
 
 
-def layer_params(m: ModelSpec) -> LayerParams:
-    """One block: attention (q, k, v, o), MLP and two norms.
+def mlp_params(m: ModelSpec, width: int, bias: bool) -> int:
+    """One MLP of `width`: gated (gate, up, down: 3hf) or GELU (2hf), with biases when `bias`."""
+    h, gated = m.hidden_size, m.mlp != "gelu"
+    return h * width * (3 if gated else 2) + ((width * (2 if gated else 1)) if bias else 0)
+
+
+def layer_params(m: ModelSpec, moe_layer: bool = False) -> LayerParams:
+    """One block: attention (q, k, v, o), MLP (dense, or routed experts with a router and shared experts) and
+    the norms.
 
     Llama-style count from DESIGN.md: h*(a + 2k)*(h/a) + h*h + 3*h*f + 2h; GPT-style (Megatron SC21,
-    arXiv:2104.04473 Sec. 5.1): 12h^2 + 13h per layer.
+    arXiv:2104.04473 Sec. 5.1): 12h^2 + 13h per layer. MoE layer (DESIGN.md Sec. 10): experts 3*h*f_e*E
+    (gated), router h*E, shared 3*h*f_s*S.
     """
-    h, d, f = m.hidden_size, m.head_dim, m.ffn_size
+    h, d, f = m.hidden_size, m.dim_per_head, m.ffn_size
     q_out, kv_out = m.num_heads * d, m.kv_heads * d
     qkv = h * (q_out + 2 * kv_out) + ((q_out + 2 * kv_out) if m.has_qkv_bias else 0)
     proj = q_out * h
-    up = h * f * (2 if m.mlp == "swiglu" else 1) + (f * (2 if m.mlp == "swiglu" else 1) if m.bias else 0)
-    down = f * h
-    norm = (2 * h if m.norm == "layernorm" and m.bias else h) * 2
+    one_norm = 2 * h if m.norm == "layernorm" and m.bias else h
+    norm = one_norm * (4 if m.sandwich_norm else 2) + (2 * d if m.qk_norm == "rmsnorm" else 0)
     row_biases = 2 * h if m.bias else 0   # output biases of the two row-parallel linears
-    return LayerParams(sharded=qkv + proj + up + down, replicated=norm + row_biases)
+    if not moe_layer:
+        return LayerParams(sharded=qkv + proj + mlp_params(m, f, m.bias), replicated=norm + row_biases)
+    e = m.moe
+    shared = mlp_params(m, e.shared_width, m.bias) if e.shared_width else 0
+    router = h * e.num_experts + (h if e.shared_expert_gate and e.shared_width else 0)
+    return LayerParams(sharded=qkv + proj + shared, replicated=norm + row_biases + router,
+                       experts=e.num_experts * mlp_params(m, e.expert_ffn_size, False))
+
+
+def layer_kinds(m: ModelSpec) -> list[tuple[bool, int]]:
+    """(is a MoE layer, how many) for the model's dense and MoE layers (counts > 0 only)."""
+    moe = m.num_moe_layers
+    return [(kind, n) for kind, n in ((False, m.num_layers - moe), (True, moe)) if n > 0]
+
+
+def layer_mix(m: ModelSpec) -> list[tuple[tuple[bool, bool], int]]:
+    """((is a MoE layer, attends in a sliding window), how many layers) over the model's layers."""
+    counts: dict[tuple[bool, bool], int] = {}
+    for i in range(m.num_layers):
+        key = (m.moe is not None and m.moe.is_moe_layer(i), m.is_windowed_layer(i))
+        counts[key] = counts.get(key, 0) + 1
+    return sorted(counts.items())
+
+
+def mean_layer_params(m: ModelSpec) -> LayerParams:
+    """The mean block of the model (its dense and MoE layers weighted by their counts)."""
+    parts = [(layer_params(m, kind), n / m.num_layers) for kind, n in layer_kinds(m)]
+    return LayerParams(sharded=sum(p.sharded * w for p, w in parts), replicated=sum(p.replicated * w for p, w in parts),
+                       experts=sum(p.experts * w for p, w in parts))
+
+
+def blocks_params(m: ModelSpec) -> int:
+    """Parameters of all blocks (exact)."""
+    return round(sum(layer_params(m, kind).total * n for kind, n in layer_kinds(m)))
 
 
 VOCAB_MULTIPLE = 128   # Megatron-LM's --make-vocab-size-divisible-by default
@@ -72,19 +118,24 @@ def lm_head_params(m: ModelSpec) -> int:
 
 def total_params(m: ModelSpec) -> int:
     """Unique trainable parameters of the model itself (the real vocabulary, no padding rows)."""
-    return (m.num_layers * layer_params(m).total + m.vocab_size * m.hidden_size + position_params(m)
+    return (blocks_params(m) + m.vocab_size * m.hidden_size + position_params(m)
             + final_norm_params(m) + lm_head_params(m))
 
 
 def active_params(m: ModelSpec) -> int:
-    """Parameters one token's computation passes through (a dense model: all of them)."""
-    return total_params(m)
+    """Parameters one token's computation passes through: all of a dense model; of a MoE model every layer's
+    attention, norms, router and shared experts and top_k of its routed experts (DESIGN.md Sec. 10), and the
+    embedding and LM head (as Mixtral's 12.9B and Qwen3-30B-A3B's 3.3B count them)."""
+    if m.moe is None:
+        return total_params(m)
+    routed = sum(layer_params(m, True).experts * n for kind, n in layer_kinds(m) if kind)
+    return total_params(m) - round(routed * (1 - m.moe.top_k / m.moe.num_experts))
 
 
 def tensors_per_block(m: ModelSpec, fused_projections: bool) -> int:
     """Parameter tensors of one block: the weight matrices (q/k/v and gate/up one each when fused), their
     biases, the two norms' scales and biases."""
-    swiglu = m.mlp == "swiglu"
+    swiglu = m.mlp != "gelu"
     matrices = (1 if fused_projections else 3) + 1 + (1 if fused_projections or not swiglu else 2) + 1
     qkv_biases = ((1 if fused_projections else 3) if m.has_qkv_bias else 0)
     other_biases = (1 + (1 if fused_projections or not swiglu else 2) + 1) if m.bias else 0

@@ -39,6 +39,12 @@ def export_plan(plan, target: str) -> Export:
     """Files for `target`; InputError when the target cannot express the plan even approximately."""
     if target not in TARGETS:
         raise InputError(f"'{target}' is not one of {', '.join(TARGETS)}", field="--to")
+    from planner.validate import beyond_dense_blocks
+    field = beyond_dense_blocks(plan.model)
+    if field:
+        raise InputError(f"the exports write dense GPT-2 / Llama models only; this plan's model has {field} "
+                         f"(mixture-of-experts and the newer attention variants are planned, not yet exported)",
+                         field="plan.model")
     module = TARGETS[target]
     adjusted = module.nearest(plan)
     before = after = None

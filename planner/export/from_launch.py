@@ -127,4 +127,4 @@ def compare_candidate(path: Path, model, cluster, training):
     launch = compare_launch(path, model, cluster, training)
     cfg = launch.config
     return cfg, Candidate(cfg.tp, cfg.pp, cfg.dp, cfg.vpp, cfg.mbs, cfg.zero, cfg.recompute, cfg.sp, cfg.schedule,
-                          launch.order, tuple(cfg.layers_per_stage))
+                          launch.order, tuple(cfg.layers_per_stage), cfg.ep)

@@ -16,7 +16,7 @@ KIND_COLOURS = {"forward": "#4e79a7", "backward": "#59a14f", "recompute": "#f28e
 MEMORY_COLOURS = {"params": "#4e79a7", "grads": "#76b7b2", "optimizer": "#edc948", "activations": "#f28e2b",
                   "other": "#bab0ac", "margin": "#e8e8e8"}
 TIME_COLOURS = {"compute": "#4e79a7", "recompute": "#f28e2b", "bubble": "#c9c9c9", "tp_comm": "#e15759",
-                "pp_comm": "#b07aa1", "dp_comm_exposed": "#ff9da7", "optimizer": "#9c755f",
+                "ep_comm": "#59a14f", "pp_comm": "#b07aa1", "dp_comm_exposed": "#ff9da7", "optimizer": "#9c755f",
                 "host": "#bab0ac"}
 
 CSS = """

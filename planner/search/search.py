@@ -73,8 +73,9 @@ def search(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, const
     closest_lb: tuple[float, int, Candidate] | None = None
     count = 0
     for cand in enumerate_space(cost.model, cluster, training, constraints, rejected, cost.engine):
-        if cand.order != DEFAULT_ORDER and (cost.placement_signature(cand.tp, cand.pp, cand.dp, cand.order)
-                                            == cost.placement_signature(cand.tp, cand.pp, cand.dp, DEFAULT_ORDER)):
+        if cand.order != DEFAULT_ORDER and (
+                cost.placement_signature(cand.tp, cand.pp, cand.dp, cand.order, cand.ep)
+                == cost.placement_signature(cand.tp, cand.pp, cand.dp, DEFAULT_ORDER, cand.ep)):
             rejected["dominated"] += 1     # this rank order places every group as the default one does
             continue
         count += 1

@@ -8,7 +8,7 @@ from typing import Iterator, NamedTuple
 
 from planner.layout import DEFAULT_ORDER
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
-from planner.validate import divisors, tp_shards
+from planner.validate import divisors, expert_shards, tp_shards
 
 ORDERS: tuple[tuple[str, str, str], ...] = (DEFAULT_ORDER, ("tp", "pp", "dp"))
 
@@ -27,6 +27,7 @@ class Candidate(NamedTuple):
     schedule: str
     order: tuple[str, str, str] = DEFAULT_ORDER
     layers_per_stage: tuple[int, ...] | None = None   # explicit blocks per chunk (a compared launch)
+    ep: int = 1                                        # expert-parallel degree (inside dp)
 
     def microbatches(self, global_batch: int) -> int:
         return global_batch // (self.dp * self.mbs)
@@ -49,6 +50,7 @@ class Constraints:
     recompute: str | None = None
     sp: bool | None = None
     schedule: str | None = None
+    ep: int | None = None
     max_tp: int | None = None
     max_pp: int | None = None
     max_mbs: int | None = None
@@ -73,6 +75,7 @@ def enumerate_space(model: ModelSpec, cluster: ClusterSpec, training: TrainingSp
     selective_is_none = (engine.recompute.selective == "attention_core"
                          and (model.attention_kernel or engine.kernels.attention) == "flash")
     pads = engine.memory_extras.vocab_multiple > 1
+    moe = model.moe is not None
     for tp in _pick(c.tp, divisors(gpus)):
         if (tp_shards(model, tp) or (c.max_tp and tp > c.max_tp)
                 or (tp > node and not c.allow_cross_node_tp) or (c.sp and tp == 1)
@@ -82,6 +85,10 @@ def enumerate_space(model: ModelSpec, cluster: ClusterSpec, training: TrainingSp
         for pp in _pick(c.pp, divisors(gpus // tp)):
             dp = gpus // (tp * pp)
             if pp > L or (c.max_pp and pp > c.max_pp) or (c.dp is not None and dp != c.dp) or B % dp:
+                rejected["indivisible"] += 1
+                continue
+            eps = [e for e in _pick(c.ep, divisors(dp)) if expert_shards(model, e, dp) is None]
+            if not eps:
                 rejected["indivisible"] += 1
                 continue
             for mbs in _pick(c.mbs, divisors(B // dp)):
@@ -100,14 +107,16 @@ def enumerate_space(model: ModelSpec, cluster: ClusterSpec, training: TrainingSp
                                 continue
                             sps = (False, True) if tp > 1 and engine.sequence_parallel else (False,)
                             for sp in _pick(c.sp, sps):
-                                if sp and training.seq_len % tp:
+                                if (sp and training.seq_len % tp) or (moe and tp > 1 and not sp):
                                     rejected["indivisible"] += 1
                                     continue
-                                for order in ORDERS:
-                                    if order != DEFAULT_ORDER and (pp == 1 or dp == 1):
-                                        rejected["dominated"] += 1   # both orders place every group alike
-                                        continue
-                                    yield Candidate(tp, pp, dp, vpp, mbs, zero, recompute, sp, schedule, order)
+                                for ep in eps:
+                                    for order in ORDERS:
+                                        if order != DEFAULT_ORDER and (pp == 1 or dp == 1):
+                                            rejected["dominated"] += 1   # both orders place every group alike
+                                            continue
+                                        yield Candidate(tp, pp, dp, vpp, mbs, zero, recompute, sp, schedule, order,
+                                                        ep=ep)
 
 
 def _schedules(pp: int, m: int, L: int, c: Constraints, rejected: Counter,

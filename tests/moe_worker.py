@@ -1,0 +1,69 @@
+"""`torchrun --nproc-per-node 4 tests/moe_worker.py OUT`: runtime/moe.py's MoE MLP with expert parallelism 2 inside
+data parallelism 4 (EP groups {0,1} {2,3}, expert-data-parallel groups {0,2} {1,3}) against the same module on
+one process over the whole batch; writes the largest relative errors (over ranks) to OUT."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime.moe import MoEMLP  # noqa: E402
+
+H, FFN, EXPERTS, TOP_K, TOKENS = 16, 24, 4, 2, 12      # TOKENS per rank
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max().detach() / b.abs().max().detach())
+
+
+def case(rank: int, world: int, ep_group, edp_group, shared: int, skew: float) -> dict[str, float]:
+    torch.manual_seed(1)
+    ref = MoEMLP(H, FFN, EXPERTS, TOP_K, shared)
+    with torch.no_grad():
+        ref.router.weight[0] += skew          # skewed routing: expert 0 takes most tokens, others few or none
+    x, y = torch.randn(world * TOKENS, H), torch.randn(world * TOKENS, H)
+    out_ref = ref(x)
+    ((out_ref - y) ** 2).sum().div(world * TOKENS).backward()
+
+    mod = MoEMLP(H, FFN, EXPERTS, TOP_K, shared, ep_group=ep_group)
+    mod.load_state_dict({k: v for k, v in ref.state_dict().items() if k not in ("gate", "up", "down")}, strict=False)
+    mod.load_experts(ref.gate, ref.up, ref.down)
+    mine = slice(rank * TOKENS, (rank + 1) * TOKENS)
+    out = mod(x[mine])
+    ((out - y[mine]) ** 2).sum().div(world * TOKENS).backward()
+    experts = {"gate", "up", "down"}
+    unreduced = max(rel(mod.gate.grad, ref.gate.grad[mod.rank * mod.local:][:mod.local]), 0.0)
+    for name, p in mod.named_parameters():
+        dist.all_reduce(p.grad, group=edp_group if name in experts else None)
+    errors = {"output": rel(out, out_ref[mine]), "unreduced_expert_grad": unreduced}
+    lo = mod.rank * mod.local
+    for name, p in mod.named_parameters():
+        whole = dict(ref.named_parameters())[name].grad
+        errors[f"grad {name}"] = rel(p.grad, whole[lo:lo + mod.local] if name in experts else whole)
+    return errors
+
+
+def main(out_path: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ep_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    edp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    results = {}
+    for shared, skew in ((0, 0.0), (8, 0.0), (0, 3.0)):
+        errors = case(rank, world, ep_groups[rank // 2], edp_groups[rank % 2], shared, skew)
+        worst = torch.tensor(list(errors.values()))
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        results[f"shared {shared}, skew {skew}"] = dict(zip(errors, worst.tolist()))
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
