@@ -99,6 +99,22 @@ def test_one_group_hetero_cost_is_the_homogeneous_model():
         assert max(mine.reserved) == core.peak_reserved and mine.feasible == core.feasible
 
 
+def test_one_group_hetero_cost_is_the_homogeneous_model_with_experts():
+    # Mixtral with its routed experts sharded over ep ranks of a stage's DP group (all-to-alls, expert-DP
+    # gradient reduction and expert optimizer states included)
+    mixtral = PRESETS["mixtral-8x7b"]
+    training = TrainingSpec(global_batch=64, seq_len=4096)
+    cluster = load_cluster("dgx-h100", nodes=4)
+    homogeneous, hetero = CostModel(mixtral, cluster, training), HeteroCost(mixtral, cluster, training)
+    for cand in (Candidate(4, 2, 4, 1, 1, 1, "full", True, "1f1b", ep=4), Candidate(2, 4, 4, 1, 1, 3, "full", True,
+                                                                                  "1f1b", ep=2)):
+        core = homogeneous.evaluate_core(cand)
+        mine = hetero.evaluate(cand, (0,) * cand.pp, core.chunks)
+        assert core.time["ep_comm"] > 0
+        assert mine.step == core.step and mine.time == core.time
+        assert max(mine.reserved) == core.peak_reserved
+
+
 def test_two_groups_of_the_same_nodes_cost_as_one():
     # the link between groups defaults to the NICs: a pipeline hop or the tied-embedding sync across the groups
     # costs what it costs across two nodes of one group

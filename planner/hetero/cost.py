@@ -17,9 +17,11 @@ homogeneous model's number (tests check it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from planner.cost.comm import Group
 from planner.cost.dp_comm import exposed
+from planner.cost.moe import add_comm
 from planner.cost.model import MEMORY_HEADROOM, CostModel, StageMem
 from planner.cost.pipeline import pipeline_time
 from planner.engine import EngineSpec
@@ -28,6 +30,18 @@ from planner.hetero.groups import GroupLinks, PlacedGroup, node_groups
 from planner.layout import DEFAULT_ORDER
 from planner.search.space import Candidate
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
+
+
+class StageParts(NamedTuple):
+    """What one stage of a configuration is on one group: its cost model and the pieces it prices."""
+
+    cost: CostModel
+    blk: object                  # BlockCost (the mean block, with EP all-to-alls on its group's links)
+    ends: object                 # EndsCost
+    dt: object                   # Dtypes
+    tp_group: Group
+    dp_group: Group
+    edp_group: Group             # expert-data-parallel group (dp / ep ranks) of the routed experts
 
 
 @dataclass
@@ -80,22 +94,26 @@ class HeteroCost:
             out.append(g.gpus // size if tp <= g.gpus_per_node and packs else 0)
         return out
 
-    def _on_group(self, cand: Candidate, k: int):
-        """(cost model, block cost, ends cost, dtypes, TP group, DP group) of one stage of `cand` on group k."""
-        key = (cand.tp, cand.dp, cand.mbs, cand.zero, cand.recompute, cand.sp, k)
+    def _on_group(self, cand: Candidate, k: int) -> StageParts:
+        """One stage of `cand` on group k: its TP, DP, EP and expert-DP groups are those of a one-stage layout of
+        its tp * dp GPUs inside the group."""
+        key = (cand.tp, cand.dp, cand.ep, cand.mbs, cand.zero, cand.recompute, cand.sp, k)
         hit = self._stage_cache.get(key)
         if hit is None:
             cost = self.costs[k]
             dt = cost.dtypes(cand.zero, cand.dp)
             _, tp_group, dp_group = cost.layout(cand.tp, 1, cand.dp, DEFAULT_ORDER)
-            blk = cost.block(cand.tp, cand.mbs, cand.sp, cand.recompute, tp_group, dt)
+            ep_group, edp_group = cost.moe_groups(cand._replace(pp=1), DEFAULT_ORDER)
+            blk = cost.block(cand.tp, cand.mbs, cand.sp, cand.recompute, tp_group, dt, cand.ep, ep_group)
             ends = cost.ends(cand.tp, cand.mbs, cand.sp, tp_group, dt)
-            hit = self._stage_cache[key] = (cost, blk, ends, dt, tp_group, dp_group)
+            hit = self._stage_cache[key] = StageParts(cost, blk, ends, dt, tp_group, dp_group, edp_group)
         return hit
 
     def block_seconds(self, cand: Candidate, k: int) -> float:
         """One block's forward, backward and recompute on group k, one micro-batch (seconds). The TP group is
         inside a node whatever dp is, and the dtypes depend on dp only through dp > 1."""
+        if cand.ep > 1:           # the all-to-alls depend on where the EP group sits
+            return self._on_group(cand, k).blk.total
         key = (cand.tp, cand.mbs, cand.sp, cand.recompute, cand.zero, cand.dp > 1, k)
         hit = self._block_seconds.get(key)
         if hit is None:
@@ -202,8 +220,8 @@ class HeteroCost:
         block, extra, caps = [], [[0.0] * K for _ in range(p)], [[0] * K for _ in range(p)]
         capacity = self.capacity(cand.tp, cand.dp)
         for k in range(K):
-            cost, blk, ends, dt, _, _ = self._on_group(cand, k)
-            block.append(blk.total)
+            ends = self._on_group(cand, k).ends
+            block.append(self._on_group(cand, k).blk.total)
             for s in range(p):
                 extra[s][k] = host
                 if s == 0:
@@ -220,8 +238,8 @@ class HeteroCost:
 
     def _caps(self, cand: Candidate, k: int, nmb: int) -> list[int]:
         """The most blocks each pipeline position holds on group k (the homogeneous model's per-device caps)."""
-        cost, blk, _, dt, _, _ = self._on_group(cand, k)
-        return cost._device_caps(cand, nmb, blk, dt)
+        part = self._on_group(cand, k)
+        return part.cost._device_caps(cand, nmb, part.blk, part.dt)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, cand: Candidate, groups: tuple[int, ...], layers: list[int], method: str = "") -> HeteroCore:
@@ -230,17 +248,21 @@ class HeteroCost:
         p, last = cand.pp, cand.pp - 1
         nmb = cand.microbatches(self.training.global_batch)
         parts = [self._on_group(cand, k) for k in groups]
-        params = [parts[s][0].device_params(cand, s, n) for s, n in enumerate(layers)]
+        params = [parts[s].cost.device_params(cand, s, n) for s, n in enumerate(layers)]
 
-        fwd = [n * parts[s][1].forward.total + host.per_microbatch_s for s, n in enumerate(layers)]
-        bwd = [n * (parts[s][1].backward.total + parts[s][1].recompute.total) for s, n in enumerate(layers)]
-        fwd[0] += parts[0][2].emb_fwd.total
-        bwd[0] += parts[0][2].emb_bwd.total
-        fwd[last] += parts[last][2].head_fwd.total
-        bwd[last] += parts[last][2].head_bwd.total
+        fwd = [n * parts[s].blk.forward.total + host.per_microbatch_s for s, n in enumerate(layers)]
+        bwd = [n * (parts[s].blk.backward.total + parts[s].blk.recompute.total) for s, n in enumerate(layers)]
+        fwd[0] += parts[0].ends.emb_fwd.total
+        bwd[0] += parts[0].ends.emb_bwd.total
+        fwd[last] += parts[last].ends.head_fwd.total
+        bwd[last] += parts[last].ends.head_bwd.total
 
         kappa = self.cluster.overlap_slowdown
-        comms = [parts[s][0].dp_comm(cand, params[s], layers[s], parts[s][5]) for s in range(p)]
+        comms = [parts[s].cost.dp_comm(cand, params[s], layers[s], parts[s].dp_group) for s in range(p)]
+        if parts[0].cost.has_experts(cand):   # expert gradients over the expert-DP group, in the same windows
+            comms = [add_comm(c, part.cost.dp_comm(cand, part.cost.expert_params(cand, n), n, part.edp_group,
+                                                   cand.dp // cand.ep))
+                     for c, part, n in zip(comms, parts, layers)]
         zero_fwd, zero_bwd, once_first, once_last = [0.0] * p, [0.0] * p, [0.0] * p, [0.0] * p
         for s, c in enumerate(comms):
             zero_fwd[s] = exposed(c.fwd_each, fwd[s], kappa, c.fwd_piece)
@@ -259,13 +281,14 @@ class HeteroCost:
 
         ends_at, slack = [], 0.0
         for s in range(p):
-            cost = parts[s][0]
+            cost = parts[s].cost
             comm = once_last[s] + comms[s].after
             if m.tied_embeddings and p > 1 and s in (0, last):
                 comm += self._tied_sync(cand, devices, cost)
-            recipe = cost.recipe(cand.zero, cand.dp)
-            share = cand.dp if cand.zero >= recipe.moments_sharded_from else 1
-            opt = params[s] / share * cost.optimizer_seconds_per_param(cand.zero, cand.dp)
+            sharded = cand.zero >= cost.recipe(cand.zero, cand.dp).moments_sharded_from
+            opt = (params[s] / (cand.dp if sharded else 1)
+                   + cost.expert_params(cand, layers[s]) / (cand.dp // cand.ep if sharded else 1)
+                   ) * cost.optimizer_seconds_per_param(cand.zero, cand.dp)
             ends_at.append((pipe - slack + comm + opt, comm, opt, s))
             slack += bwd[s] + p2p
         finish, post_comm, post_opt, _ = max(ends_at)
@@ -275,24 +298,26 @@ class HeteroCost:
         if post_comm + post_opt > after > 0:
             post_comm, post_opt = (x * after / (post_comm + post_opt) for x in (post_comm, post_opt))
 
-        blk, ends = parts[crit][1], parts[crit][2]
+        blk, ends = parts[crit].blk, parts[crit].ends
         n = layers[crit]
         recompute = n * blk.recompute.compute
-        tp_comm = n * (blk.forward.comm + blk.backward.comm + blk.recompute.comm)
+        ep_comm = n * (blk.forward.ep + blk.backward.ep + blk.recompute.ep)
+        tp_comm = n * (blk.forward.comm + blk.backward.comm + blk.recompute.comm) - ep_comm
         if crit == 0:
             tp_comm += ends.emb_fwd.comm + ends.emb_bwd.comm
         if crit == last:
             tp_comm += ends.head_fwd.comm + ends.head_bwd.comm
-        compute = fwd[crit] + bwd[crit] - every[crit] - recompute - tp_comm - host.per_microbatch_s
+        compute = fwd[crit] + bwd[crit] - every[crit] - recompute - tp_comm - ep_comm - host.per_microbatch_s
         transfers = pipe - pipeline_time(cand.schedule, nmb, fwd, bwd, 0.0, 1, blocking)[0] if p > 1 else 0.0
-        time = dict(compute=nmb * compute, recompute=nmb * recompute, tp_comm=nmb * tp_comm, pp_comm=transfers,
+        time = dict(compute=nmb * compute, recompute=nmb * recompute, tp_comm=nmb * tp_comm, ep_comm=nmb * ep_comm,
+                    pp_comm=transfers,
                     dp_comm_exposed=nmb * every[crit] + first + post_comm, optimizer=post_opt,
                     host=nmb * host.per_microbatch_s + host.per_step_s)
         time["bubble"] = max(0.0, step - sum(time.values()))
 
-        stages = [parts[s][0].stage_memory(cand, s, [layers[s]], nmb, parts[s][1], parts[s][3]) for s in range(p)]
-        reserved = [st.total * parts[s][0].margin for s, st in enumerate(stages)]
-        budgets = [parts[s][0].budget_bytes for s in range(p)]
+        stages = [parts[s].cost.stage_memory(cand, s, [layers[s]], nmb, parts[s].blk, parts[s].dt) for s in range(p)]
+        reserved = [st.total * parts[s].cost.margin for s, st in enumerate(stages)]
+        budgets = [parts[s].cost.budget_bytes for s in range(p)]
         feasible = all(r <= b for r, b in zip(reserved, budgets))
         return HeteroCore(cand, tuple(groups), list(layers), nmb, step, crit, time, stages, reserved, budgets,
                           feasible, devices, p2p, method)

@@ -29,7 +29,7 @@ from planner.hetero.cost import HeteroCore, HeteroCost
 from planner.search.search import TIE_TOLERANCE
 from planner.search.space import Candidate, Constraints, _pick, _schedules
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
-from planner.validate import divisors, tp_shards
+from planner.validate import divisors, expert_shards, tp_shards
 
 TOP_EXACT = 1        # candidates whose stages the ILP (or the local search) re-assigns
 SLACK = 1 + 1e-9
@@ -65,6 +65,7 @@ def enumerate_hetero(hc: HeteroCost, c: Constraints, rejected: Counter) -> Itera
     smallest_node = min(g.gpus_per_node for g in hc.groups)
     selective_is_none = engine.recompute.selective == "attention_core" and model.attention_kernel == "flash"
     pads = engine.memory_extras.vocab_multiple > 1
+    moe = model.moe is not None
     for tp in _pick(c.tp, divisors(smallest_node)):
         if (tp_shards(model, tp) or (c.max_tp and tp > c.max_tp) or (not pads and model.vocab_size % tp)
                 or (tp > 1 and c.sp and not engine.sequence_parallel)):
@@ -73,8 +74,9 @@ def enumerate_hetero(hc: HeteroCost, c: Constraints, rejected: Counter) -> Itera
         for dp in _pick(c.dp, divisors(B)):
             capacity = hc.capacity(tp, dp)
             pp = sum(capacity)
+            eps = [e for e in _pick(c.ep, divisors(dp)) if expert_shards(model, e, dp) is None]
             if (any(k * tp * dp != g.gpus for k, g in zip(capacity, hc.groups)) or not 1 <= pp <= L
-                    or (c.pp is not None and pp != c.pp) or (c.max_pp and pp > c.max_pp)):
+                    or (c.pp is not None and pp != c.pp) or (c.max_pp and pp > c.max_pp) or not eps):
                 rejected["indivisible"] += 1
                 continue
             for mbs in _pick(c.mbs, divisors(B // dp)):
@@ -94,10 +96,11 @@ def enumerate_hetero(hc: HeteroCost, c: Constraints, rejected: Counter) -> Itera
                                 rejected["dominated"] += 1
                                 continue
                             for sp in _pick(c.sp, (False, True) if tp > 1 and engine.sequence_parallel else (False,)):
-                                if sp and training.seq_len % tp:
+                                if (sp and training.seq_len % tp) or (moe and tp > 1 and not sp):
                                     rejected["indivisible"] += 1
                                     continue
-                                yield Candidate(tp, pp, dp, 1, mbs, zero, recompute, sp, schedule)
+                                for ep in eps:       # experts sharded inside a stage's DP group, in one group
+                                    yield Candidate(tp, pp, dp, 1, mbs, zero, recompute, sp, schedule, ep=ep)
 
 
 def time_bound(hc: HeteroCost, cand: Candidate) -> float:
@@ -268,4 +271,4 @@ def label(cand: Candidate) -> str:
     """'tp8 pp4 dp2 mbs1 z1 full sp 1f1b' for a candidate."""
     from planner.specs import ParallelConfig
     return ParallelConfig(tp=cand.tp, pp=cand.pp, dp=cand.dp, vpp=cand.vpp, mbs=cand.mbs, zero=cand.zero,
-                          recompute=cand.recompute, sp=cand.sp, schedule=cand.schedule).short()
+                          recompute=cand.recompute, sp=cand.sp, schedule=cand.schedule, ep=cand.ep).short()
