@@ -366,6 +366,8 @@ def plan(
 ):
     """Search every parallel configuration and pick the fastest that fits in memory.
 
+    With node groups (-c mixed-h100-a100, -c two-islands): each stage on one group, placed by an ILP (README).
+
     Example: meshplan plan -m llama3-70b -c dgx-h100 --nodes 64 -b 1024 --seq 8192 -o plan.json
     """
     from planner.errors import NoFeasiblePlan
@@ -395,6 +397,22 @@ def plan(
     constraints = Constraints(tp=tp, pp=pp, dp=dp, ep=ep, vpp=vpp, mbs=mbs, zero=zero, recompute=recompute, sp=sp,
                               schedule=schedule, max_tp=max_tp, max_pp=max_pp, max_mbs=max_mbs,
                               max_zero=2 if no_zero3 else 3, allow_cross_node_tp=allow_cross_node_tp)
+    if c.heterogeneous:     # node groups: stages on groups by the ILP of planner/hetero (README "Node groups")
+        from planner.hetero.command import hetero_plan, render_hetero, unsupported
+        for given, option in ((compare, "--compare"), (html, "--html"), (profile, "--profile")):
+            if given is not None:
+                unsupported(option)
+        the_plan, result, _ = hetero_plan(m, c, t, constraints, load_engine_opt(engine, compile, t),
+                                          memory_headroom, top)
+        if output is not None:
+            write_new_file(output, the_plan.model_dump_json(indent=1), force, "--output")
+        if as_json:
+            print(the_plan.model_dump_json(indent=1))
+            return
+        render_hetero(stdout, the_plan, result)
+        if output is not None:
+            stdout.print(f"plan written to {output}")
+        return
     cost = cost_model(m, c, t, profile, load_engine_opt(engine, compile, t), memory_headroom)
     compare_cand = None
     if compare is not None:
@@ -474,6 +492,8 @@ def export(
     from planner.plan import load_plan
     _choice(to, "--to", ("megatron", "deepspeed", "torchtitan"))
     the_plan = load_plan(plan_file)
+    if the_plan.cluster.heterogeneous:
+        raise InputError("is a plan on node groups: the exported launches run one GPU type", field=str(plan_file))
     result = export_plan(the_plan, to)
     if result.adjusted.changes and exact:
         raise InputError(f"{to} cannot express the plan exactly: {result.adjusted.changes[0]}", field="--exact")
@@ -525,6 +545,11 @@ def clusters():
     table = Table("cluster", "GPU", "memory", "GPUs/node", "intra GB/s", "NICs x GB/s", box=None)
     for name in cluster_names():
         c = load_cluster(name)
+        if c.heterogeneous:
+            groups = c.groups_raw()
+            table.add_row(name, " + ".join(f"{g.count * g.gpus_per_node} {g.gpu_type}" for g in groups),
+                          "", "/".join(str(g.gpus_per_node) for g in groups), "node groups", "")
+            continue
         table.add_row(name, c.gpu.name, f"{c.gpu.memory_bytes / GIB:.0f} GiB", str(c.gpus_per_node),
                       f"{c.intra_node.bandwidth / 1e9:.0f}", f"{c.nics_per_node} x {c.inter_node.bandwidth / 1e9:.0f}")
     stdout.print(table)

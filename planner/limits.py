@@ -104,8 +104,12 @@ FIELDS: dict[str, dict[str, Range]] = {
     "EfficiencyModel": {"gemm_max": FRACTION, "gemm_tile": Range(0, 1e6), "flash_attention": FRACTION,
                         "memory": FRACTION, "kernel_overhead_s": Range(0, 1.0)},
     "LinkSpec": {"bandwidth": Range(1e3, 1e15), "latency": Range(0, 10.0), "efficiency": FRACTION},
-    "NodeGroup": {"count": Range(1, MAX_NODES), "gpus_per_node": Range(1, MAX_GPUS_PER_NODE)},
+    "NodeGroup": {"count": Range(1, MAX_NODES), "gpus_per_node": Range(1, MAX_GPUS_PER_NODE),
+                  "nics_per_node": Range(1, 1_024)},
     "ClusterSpec": {"nics_per_node": Range(1, 1_024), "overlap_slowdown": FRACTION},
+    "GroupLink": {"bandwidth": Range(1e3, 1e15), "latency": Range(0, 10.0), "efficiency": FRACTION,
+                  "oversubscription": Range(1.0, 1e6)},
+    "Topology": {"nodes_per_leaf": Range(1, MAX_NODES), "oversubscription": Range(1.0, 1e6)},
     "LinkMatrix": {"world_size": GPUS, "bandwidth": Range(0, 1e15), "latency": Range(0, 10.0)},
     "CollectiveMeasurement": {"group_size": GPUS, "message_bytes": Range(1, PIB), "bus_bandwidth": Range(1e-3, 1e15),
                               "time_s": Range(1e-9, 1e6)},
@@ -135,7 +139,11 @@ def check_spec(spec: BaseModel, source: str) -> None:
     `source` and the field path (e.g. 'cluster.yaml: gpu_types.a100.memory_bytes')."""
     _walk(spec, source, "")
     for cluster in _find(spec, "ClusterSpec"):
-        check_world(cluster.num_nodes, cluster.gpus_per_node, f"{source}: nodes")
+        for group in cluster.groups_raw():
+            check_world(group.count, group.gpus_per_node, f"{source}: nodes")
+        if cluster.world_size > MAX_GPUS:
+            raise InputError(f"the node groups hold {cluster.world_size:,} GPUs, more than the {MAX_GPUS:,} "
+                             f"meshplan plans for", field=f"{source}: node_groups")
 
 
 def _ranges_of(model: BaseModel) -> dict[str, Range]:

@@ -116,5 +116,6 @@ def load_cluster(arg: str, nodes: int | None = None, gpus_per_node: int | None =
                              f"nor an existing file", field="--cluster")
     spec = parse_spec(ClusterSpec, read_data_file(path, "--cluster"), str(path))
     resized = spec.resized(nodes, gpus_per_node)
-    check_world(resized.num_nodes, resized.gpus_per_node, "--nodes" if nodes else "--gpus-per-node")
+    if nodes is not None or gpus_per_node is not None:
+        check_world(resized.num_nodes, resized.gpus_per_node, "--nodes" if nodes else "--gpus-per-node")
     return resized

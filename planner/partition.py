@@ -1,7 +1,8 @@
 """Split the blocks of a model into contiguous pipeline stages.
 
 All blocks of a model are identical, so a stage's time and memory are linear in its block count:
-time_j = n_j * block_time + extra_time_j (embedding on the first stage, LM head and loss on the last) and
+time_j = n_j * block_time_j + extra_time_j (embedding on the first stage, LM head and loss on the last; a
+block's time is per stage because stages of a heterogeneous cluster run on different GPU types) and
 memory_j = n_j * block_bytes_j + base_bytes_j (block_bytes_j grows with the micro-batches stage j holds).
 Minimising the slowest stage under every stage's memory cap is then a min-max allocation of separable
 increasing costs, which the greedy below solves exactly (each block goes to the stage it slows least;
@@ -15,16 +16,20 @@ import heapq
 import math
 
 
-def partition_layers(num_layers: int, block_time: float, extra_time: list[float],
+def partition_layers(num_layers: int, block_time: float | list[float], extra_time: list[float],
                      block_bytes: list[float] | None = None, base_bytes: list[float] | None = None,
                      capacity: float = math.inf, caps: list[int] | None = None) -> list[int] | None:
     """Blocks per stage (each >= 1) minimising the slowest stage subject to memory; None if no split fits.
 
     Memory is either affine per stage (`block_bytes`, `base_bytes` against `capacity`) or given directly as the
     most blocks each stage can hold (`caps`, from the cost model's memory timeline, monotone in the block
-    count). Ties go to later stages, which under 1F1B hold fewer micro-batches in flight.
+    count). `block_time` is one block's seconds on every stage, or on each stage. Ties go to later stages, which
+    under 1F1B hold fewer micro-batches in flight.
     """
     stages = len(extra_time)
+    block_s = [block_time] * stages if isinstance(block_time, (int, float)) else list(block_time)
+    if len(block_s) != stages:
+        raise ValueError(f"{len(block_s)} block times for {stages} stages")
     if stages > num_layers:
         return None
     if caps is None:
@@ -38,12 +43,12 @@ def partition_layers(num_layers: int, block_time: float, extra_time: list[float]
     if min(caps) < 1 or sum(caps) < num_layers:
         return None
     counts = [1] * stages
-    heap = [((2 * block_time + extra_time[j]), -j) for j in range(stages) if caps[j] > 1]
+    heap = [((2 * block_s[j] + extra_time[j]), -j) for j in range(stages) if caps[j] > 1]
     heapq.heapify(heap)
     for _ in range(num_layers - stages):
         _, neg_j = heapq.heappop(heap)
         j = -neg_j
         counts[j] += 1
         if counts[j] < caps[j]:
-            heapq.heappush(heap, ((counts[j] + 1) * block_time + extra_time[j], -j))
+            heapq.heappush(heap, ((counts[j] + 1) * block_s[j] + extra_time[j], -j))
     return counts

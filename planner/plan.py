@@ -27,6 +27,22 @@ class RankEntry(BaseModel):
     tp: int
     node: int
     local_gpu: int
+    node_group: str | None = Field(None, description="The node group of the rank's GPU (cluster node_groups).")
+    gpu_type: str | None = Field(None, description="The rank's GPU type (a key of the cluster's gpu_types).")
+
+
+class NodeGroupsReport(BaseModel):
+    """How a plan uses a cluster's node groups (plans of clusters with node_groups only)."""
+
+    model_config = ConfigDict(extra="forbid")
+    stage_groups: list[str] = Field(description="The node group of each pipeline stage.")
+    assignment: str = Field(description="How stages were assigned to groups: ilp (proven optimal), local search, "
+                                        "contiguous.")
+    naive_step_time_s: float | None = Field(None, description="The same degrees in naive rank order, layers even.")
+    naive_feasible: bool | None = None
+    single_group_step_time_s: dict[str, float | None] = Field(
+        default_factory=dict, description="The best plan's step on each node group alone (None: nothing fits).")
+    explanation: list[str] = Field(default_factory=list)
 
 
 class SearchStats(BaseModel):
@@ -61,6 +77,7 @@ class Plan(BaseModel):
     rank_layout: list[RankEntry]
     alternatives: list[Prediction] = Field(default_factory=list, description="Runners-up, best first.")
     search: SearchStats | None = None
+    node_groups: NodeGroupsReport | None = None
 
     @property
     def world_size(self) -> int:
@@ -82,7 +99,8 @@ def make_plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, be
     return Plan(model=model, cluster=cluster, training=training, engine=engine,
                 model_summary=best.model, feasible=best.feasible, reason=best.reason,
                 config=cfg, predicted=best.predicted,
-                rank_layout=[RankEntry(**row) for row in layout.entries()],
+                rank_layout=[RankEntry(**row, node_group=cluster.nodes.name, gpu_type=cluster.nodes.gpu_type)
+                             for row in layout.entries()],
                 alternatives=alternatives or [], search=search)
 
 

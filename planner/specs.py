@@ -228,9 +228,34 @@ class LinkSpec(_Spec):
 
 
 class NodeGroup(_Spec):
+    """Nodes of one kind. In `node_groups` each group may bring its own links; unset ones are the cluster's."""
+
+    name: str = Field("nodes", description="Group name (unique in `node_groups`).")
     count: PositiveInt = Field(1, description="Number of nodes.")
     gpus_per_node: PositiveInt = 8
     gpu_type: str = Field(description="Key into ClusterSpec.gpu_types.")
+    intra_node: LinkSpec | None = Field(None, description="This group's GPU-to-GPU link; default: the cluster's.")
+    inter_node: LinkSpec | None = Field(None, description="This group's NIC; default: the cluster's.")
+    nics_per_node: PositiveInt | None = Field(None, description="NICs per node; default: the cluster's.")
+
+
+class GroupLink(_Spec):
+    """The network between two node groups (e.g. two pods joined by Ethernet)."""
+
+    between: tuple[str, str] = Field(description="The two node group names.")
+    bandwidth: PositiveFloat = Field(description="Bytes/s per node, one direction, between the groups.")
+    latency: float = Field(ge=0, description="Seconds per message.")
+    efficiency: float = Field(1.0, gt=0, le=1, description="Fraction of `bandwidth` collectives reach.")
+    oversubscription: float = Field(1.0, ge=1, description="Nodes' bandwidth over the link's: per-node bandwidth "
+                                                           "is divided by it when every node sends at once.")
+
+
+class Topology(_Spec):
+    """A two-level leaf/spine fabric over all nodes in listing order (networkx builds the switch graph)."""
+
+    kind: Literal["leaf_spine"] = "leaf_spine"
+    nodes_per_leaf: PositiveInt = Field(description="Nodes under one leaf switch.")
+    oversubscription: float = Field(1.0, ge=1, description="A leaf's downlink over its uplink bandwidth.")
 
 
 class LinkMatrix(_Spec):
@@ -309,9 +334,17 @@ class ClusterSpec(_Spec):
     description: str = ""
     backend: Literal["nccl", "gloo"] = "nccl"
     gpu_types: dict[str, GPUSpec]
-    nodes: NodeGroup
-    intra_node: LinkSpec = Field(description="GPU-to-GPU inside a node (NVLink/NVSwitch): per GPU, one direction.")
-    inter_node: LinkSpec = Field(description="One NIC: bandwidth per NIC, one direction.")
+    nodes: NodeGroup | None = Field(None, description="The nodes, all alike (or give `node_groups`).")
+    node_groups: list[NodeGroup] = Field(
+        default_factory=list, description="Nodes of several kinds (GPU types, links), in rank order; one group is "
+                                          "the same as `nodes`.")
+    group_links: list[GroupLink] = Field(
+        default_factory=list, description="Links between node groups; default: the slower of the two groups' NICs.")
+    topology: Topology | None = Field(None, description="Optional leaf/spine fabric the node-to-node bandwidth "
+                                                        "follows from; a measured link_matrix wins over it.")
+    intra_node: LinkSpec | None = Field(
+        None, description="GPU-to-GPU inside a node (NVLink/NVSwitch): per GPU, one direction.")
+    inter_node: LinkSpec | None = Field(None, description="One NIC: bandwidth per NIC, one direction.")
     nics_per_node: PositiveInt = 8
     overlap_slowdown: float = Field(
         0.1, ge=0, le=1, description="Fraction of overlapped communication time still lost to compute slow-down.")
@@ -324,36 +357,92 @@ class ClusterSpec(_Spec):
                     "this cluster (host costs differ between host CPUs), e.g. {meshplan: {host.per_kernel_s: 2e-3}}.")
     calibration: Calibration | None = Field(None, description="Written by `meshplan calibrate`.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_group(cls, data):
+        """A single entry of `node_groups` is the plain `nodes` form (its links become the cluster's)."""
+        if isinstance(data, dict) and len(data.get("node_groups") or []) == 1 and data.get("nodes") is None:
+            data = dict(data)
+            group = dict(data.pop("node_groups")[0]) if isinstance(data["node_groups"][0], dict) else None
+            if group is not None:
+                for key in ("intra_node", "inter_node", "nics_per_node"):
+                    if group.get(key) is not None:
+                        data[key] = group.pop(key)
+                    group.pop(key, None)
+                data["nodes"] = group
+        return data
+
     @model_validator(mode="after")
     def _check_refs(self) -> "ClusterSpec":
-        if self.nodes.gpu_type not in self.gpu_types:
-            raise ValueError(f"nodes.gpu_type '{self.nodes.gpu_type}' is not one of gpu_types "
-                             f"({', '.join(self.gpu_types)})")
+        if (self.nodes is None) == (not self.node_groups):
+            raise ValueError("give either nodes or node_groups (two or more), not both")
+        for key in ("intra_node", "inter_node"):
+            if any(getattr(g, key) is None for g in self.groups_raw()) and getattr(self, key) is None:
+                raise ValueError(f"{key} is required (for the cluster or for every node group)")
+        names = [g.name for g in self.groups_raw()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"node group names must be unique (got {', '.join(names)})")
+        for g in self.groups_raw():
+            if g.gpu_type not in self.gpu_types:
+                where = "nodes" if self.nodes is not None else f"node_groups '{g.name}'"
+                raise ValueError(f"{where}.gpu_type '{g.gpu_type}' is not one of gpu_types "
+                                 f"({', '.join(self.gpu_types)})")
+        for link in self.group_links:
+            for name in link.between:
+                if name not in names:
+                    raise ValueError(f"group_links names '{name}', not a node group ({', '.join(names)})")
         if self.link_matrix is not None and self.link_matrix.world_size != self.world_size:
             raise ValueError(f"link_matrix covers {self.link_matrix.world_size} ranks but the cluster has "
                              f"{self.world_size} GPUs")
         return self
 
+    def groups_raw(self) -> list[NodeGroup]:
+        """The node groups as written (`nodes` as the one group)."""
+        return [self.nodes] if self.nodes is not None else list(self.node_groups)
+
+    @property
+    def heterogeneous(self) -> bool:
+        """Several node groups (GPU types or links differ): only the heterogeneous search plans it."""
+        return self.nodes is None
+
+    def _single(self, what: str):
+        if self.heterogeneous:
+            from planner.errors import InputError
+            raise InputError(f"cluster '{self.name}' has {len(self.node_groups)} node groups ({what} needs one "
+                             f"kind of node); only `meshplan plan` and `meshplan run` take node groups",
+                             field="--cluster")
+        return self.nodes
+
     @property
     def gpu(self) -> GPUSpec:
-        return self.gpu_types[self.nodes.gpu_type]
+        return self.gpu_types[(self.nodes or self._single("one GPU type")).gpu_type]
 
     @property
     def gpus_per_node(self) -> int:
-        return self.nodes.gpus_per_node
+        if self.nodes is not None:
+            return self.nodes.gpus_per_node
+        sizes = {g.gpus_per_node for g in self.node_groups}
+        if len(sizes) > 1:
+            self._single("one node size")
+        return sizes.pop()
 
     @property
     def num_nodes(self) -> int:
-        return self.nodes.count
+        if self.nodes is not None:
+            return self.nodes.count
+        return sum(g.count for g in self.node_groups)
 
     @property
     def world_size(self) -> int:
-        return self.nodes.count * self.nodes.gpus_per_node
+        if self.nodes is not None:
+            return self.nodes.count * self.nodes.gpus_per_node
+        return sum(g.count * g.gpus_per_node for g in self.node_groups)
 
     def resized(self, nodes: int | None = None, gpus_per_node: int | None = None) -> "ClusterSpec":
         """The same hardware with other node / GPU counts (a measured link matrix no longer applies)."""
         if nodes is None and gpus_per_node is None:
             return self
+        self._single("--nodes / --gpus-per-node")
         group = self.nodes.model_copy(update={
             "count": nodes or self.nodes.count,
             "gpus_per_node": gpus_per_node or self.nodes.gpus_per_node})

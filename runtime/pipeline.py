@@ -49,6 +49,7 @@ class StepRunner:
                 self.schedule = ScheduleGPipe(pstages[0], self.nmb, loss_fn=loss_fn)
             else:
                 self.schedule = Schedule1F1B(pstages[0], self.nmb, loss_fn=loss_fn)
+            _map_stages_to_processes(self.schedule, pstages, mesh["pp"], cfg.pp)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """inputs, targets: this data-parallel rank's sequences, [m * mbs, seq] int64 on the device."""
@@ -74,6 +75,21 @@ class StepRunner:
             (loss / self.nmb).backward()
             total += _scalar(loss)
         return total
+
+
+def _map_stages_to_processes(schedule, pstages: list, pp_mesh: DeviceMesh, pp: int) -> None:
+    """Stage j runs on the process at pipeline coordinate j % pp of this rank's column of the mesh.
+    torch.distributed.pipelining assumes stage j on pp-group rank j % pp, but the group numbers its members by
+    global rank: a placement that puts a later stage on a lower process (node groups, measured links) needs
+    the real mapping, set on the schedule and on every stage."""
+    import torch.distributed as dist
+    group = pp_mesh.get_group()
+    processes = [int(r) for r in pp_mesh.mesh.tolist()]
+    mapping = {j: dist.get_group_rank(group, processes[j % pp]) for j in range(pstages[0].num_stages)}
+    if hasattr(schedule, "stage_index_to_group_rank"):
+        schedule.stage_index_to_group_rank = mapping
+    for stage in pstages:
+        stage.stage_index_to_group_rank = mapping
 
 
 def _scalar(loss) -> float:

@@ -39,6 +39,14 @@ def error_pct(measured: float | None, predicted: float | None) -> float | None:
     return 100.0 * (measured - predicted) / predicted
 
 
+def mean_peak(plan: Plan, dtype: str) -> float:
+    """Dense peak FLOP/s per GPU, averaged over the GPUs the plan's ranks run on (node groups mix types)."""
+    if not plan.cluster.heterogeneous:
+        return plan.cluster.gpu.peak(dtype)
+    types = [row.gpu_type for row in plan.rank_layout]
+    return sum(plan.cluster.gpu_types[t].peak(dtype) for t in types) / len(types)
+
+
 def build_report(plan: Plan, run: dict, losses: list[float], per_rank: list[dict]) -> dict:
     """The run-report object. `run`: how it ran (steps, seed, device, ...); `per_rank`: each rank's
     coordinate, step times and memory readings (runtime.metrics)."""
@@ -46,7 +54,7 @@ def build_report(plan: Plan, run: dict, losses: list[float], per_rank: list[dict
     step = aggregate_step_time(per_rank)
     world = len(per_rank)
     flops = model_flops_per_step(plan.model, tr.global_batch, tr.seq_len)
-    peak = plan.cluster.gpu.peak(Dtypes.of(tr.precision).matmul)
+    peak = mean_peak(plan, Dtypes.of(tr.precision).matmul)
     mem_kind = per_rank[0]["memory_kind"] if per_rank else None
     peak_mem = max((r["peak_memory_bytes"] for r in per_rank), default=None)
     reserved = [r["peak_reserved_bytes"] for r in per_rank if r.get("peak_reserved_bytes") is not None]

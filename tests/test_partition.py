@@ -47,3 +47,35 @@ def test_partition_is_the_brute_force_optimum(layers, stages, block, extra, per,
     assert split is not None and sum(split) == layers and min(split) >= 1
     assert all(n * per[i] + base[i] <= cap for i, n in enumerate(split))
     assert max(n * block + extra[i] for i, n in enumerate(split)) == expected
+
+
+def brute_force_per_stage(layers, block_times, extra, caps):
+    """min over every composition of `layers` into positive parts within `caps` of the slowest stage, each stage
+    with its own block time (stages on different GPU types); None if none fits."""
+    from itertools import product
+    best = None
+    for split in product(*(range(1, c + 1) for c in caps)):
+        if sum(split) == layers:
+            worst = max(n * block_times[i] + extra[i] for i, n in enumerate(split))
+            best = worst if best is None or worst < best else best
+    return best
+
+
+@given(layers=st.integers(1, 12), stages=st.integers(1, 4),
+       blocks=st.lists(st.floats(0.25, 4.0), min_size=4, max_size=4),
+       extra=st.lists(st.floats(0, 6), min_size=4, max_size=4), caps=st.lists(st.integers(0, 8), min_size=4, max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_per_stage_block_times_split_is_the_brute_force_optimum(layers, stages, blocks, extra, caps):
+    blocks, extra, caps = blocks[:stages], extra[:stages], caps[:stages]
+    split = partition_layers(layers, blocks, extra, caps=caps)
+    expected = brute_force_per_stage(layers, blocks, extra, [min(c, layers) for c in caps])
+    if expected is None:
+        assert split is None
+        return
+    assert split is not None and sum(split) == layers and all(1 <= n <= c for n, c in zip(split, caps))
+    assert max(n * blocks[i] + extra[i] for i, n in enumerate(split)) == expected
+
+
+def test_faster_stages_get_more_blocks():
+    # an H100-like stage (1 s per block) next to two A100-like ones (3 s per block): 3 : 1 : 1 of 10 blocks
+    assert partition_layers(10, [1.0, 3.0, 3.0], [0.0, 0.0, 0.0]) == [6, 2, 2]

@@ -1,0 +1,336 @@
+"""The cost of a pipeline whose stages run on different node groups.
+
+Structure of a heterogeneous plan: one pipeline of p stages replicated dp times. Every stage is tp * dp GPUs of
+ONE node group (one GPU type, one network): TP inside a node, the stage's DP group inside the group, so data
+parallelism never crosses groups; every replica spans the same groups in the same order and takes the same
+micro-batches (no uneven batches per replica). Only pipeline transfers (and the tied embedding's gradient
+sync between the first and last stage) cross groups.
+
+Each stage is priced by its group's homogeneous CostModel (planner.cost.model): its blocks, embedding or head,
+DP communication against the compute it overlaps, memory timeline at its pipeline position and optimizer
+step, all on that GPU type; the pipeline transfers on the link between the two stages' GPUs
+(planner.hetero.groups); the schedule's step from the per-stage times (planner.cost.pipeline, the slowest
+transfer on every hop, as the homogeneous model takes its slowest pair). On a one-group cluster this is the
+homogeneous model's number (tests check it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from planner.cost.comm import Group
+from planner.cost.dp_comm import exposed
+from planner.cost.moe import add_comm
+from planner.cost.model import MEMORY_HEADROOM, CostModel, StageMem
+from planner.cost.pipeline import pipeline_time
+from planner.engine import EngineSpec
+from planner.hetero.assign import StageProblem
+from planner.hetero.groups import GroupLinks, PlacedGroup, node_groups
+from planner.layout import DEFAULT_ORDER
+from planner.search.space import Candidate
+from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
+
+
+class StageParts(NamedTuple):
+    """What one stage of a configuration is on one group: its cost model and the pieces it prices."""
+
+    cost: CostModel
+    blk: object                  # BlockCost (the mean block, with EP all-to-alls on its group's links)
+    ends: object                 # EndsCost
+    dt: object                   # Dtypes
+    tp_group: Group
+    dp_group: Group
+    edp_group: Group             # expert-data-parallel group (dp / ep ranks) of the routed experts
+
+
+@dataclass
+class HeteroCore:
+    """One configuration with its stages placed: plain numbers (seconds, bytes)."""
+
+    cand: Candidate
+    groups: tuple[int, ...]          # node group of each stage
+    layers: list[int]                # blocks of each stage
+    nmb: int
+    step: float
+    crit: int
+    time: dict[str, float]
+    stages: list[StageMem]
+    reserved: list[float]            # each stage's peak reserved bytes
+    budgets: list[float]             # each stage's GPU's memory budget
+    feasible: bool
+    devices: tuple[int, ...]         # global device of each rank (rank = pp * dp * tp + dp * tp + tp)
+    p2p: float
+    method: str = ""                 # how the stages were assigned (planner.hetero.assign)
+
+    @property
+    def fullest(self) -> int:
+        """The stage closest to its budget."""
+        return max(range(len(self.stages)), key=lambda s: self.reserved[s] / self.budgets[s])
+
+
+class HeteroCost:
+    """Costs of configurations on a cluster of node groups, each group priced by its own CostModel."""
+
+    def __init__(self, model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
+                 engine: EngineSpec | None = None, memory_headroom: float = MEMORY_HEADROOM):
+        self.cluster, self.training = cluster, training
+        self.groups: list[PlacedGroup] = node_groups(cluster)
+        self.costs = [CostModel(model, g.cluster, training, engine=engine, memory_headroom=memory_headroom)
+                      for g in self.groups]
+        self.model, self.engine = self.costs[0].model, self.costs[0].engine
+        self.links = GroupLinks(cluster, self.groups)
+        self._stage_cache: dict[tuple, tuple] = {}
+        self._block_seconds: dict[tuple, float] = {}
+        self._end_seconds: dict[tuple, tuple[float, float]] = {}
+
+    # ------------------------------------------------------------------ what a stage is on each group
+    def capacity(self, tp: int, dp: int) -> list[int]:
+        """Stages of tp * dp GPUs each group holds (0 where TP would leave a node or stages do not pack nodes)."""
+        size = tp * dp
+        out = []
+        for g in self.groups:
+            packs = size % g.gpus_per_node == 0 or g.gpus_per_node % size == 0
+            out.append(g.gpus // size if tp <= g.gpus_per_node and packs else 0)
+        return out
+
+    def _on_group(self, cand: Candidate, k: int) -> StageParts:
+        """One stage of `cand` on group k: its TP, DP, EP and expert-DP groups are those of a one-stage layout of
+        its tp * dp GPUs inside the group."""
+        key = (cand.tp, cand.dp, cand.ep, cand.mbs, cand.zero, cand.recompute, cand.sp, k)
+        hit = self._stage_cache.get(key)
+        if hit is None:
+            cost = self.costs[k]
+            dt = cost.dtypes(cand.zero, cand.dp)
+            _, tp_group, dp_group = cost.layout(cand.tp, 1, cand.dp, DEFAULT_ORDER)
+            ep_group, edp_group = cost.moe_groups(cand._replace(pp=1), DEFAULT_ORDER)
+            blk = cost.block(cand.tp, cand.mbs, cand.sp, cand.recompute, tp_group, dt, cand.ep, ep_group)
+            ends = cost.ends(cand.tp, cand.mbs, cand.sp, tp_group, dt)
+            hit = self._stage_cache[key] = StageParts(cost, blk, ends, dt, tp_group, dp_group, edp_group)
+        return hit
+
+    def block_seconds(self, cand: Candidate, k: int) -> float:
+        """One block's forward, backward and recompute on group k, one micro-batch (seconds). The TP group is
+        inside a node whatever dp is, and the dtypes depend on dp only through dp > 1."""
+        if cand.ep > 1:           # the all-to-alls depend on where the EP group sits
+            return self._on_group(cand, k).blk.total
+        key = (cand.tp, cand.mbs, cand.sp, cand.recompute, cand.zero, cand.dp > 1, k)
+        hit = self._block_seconds.get(key)
+        if hit is None:
+            cost = self.costs[k]
+            inside = Group(tuple(range(cand.tp)), 1)
+            hit = self._block_seconds[key] = cost.block(cand.tp, cand.mbs, cand.sp, cand.recompute, inside,
+                                                        cost.dtypes(cand.zero, cand.dp)).total
+        return hit
+
+    def end_seconds(self, cand: Candidate, groups: list[int]) -> tuple[dict[int, float], dict[int, float]]:
+        """({group: embedding forward + backward}, {group: head and loss forward + backward}), seconds per
+        micro-batch (the TP group inside a node)."""
+        first, last = {}, {}
+        for k in groups:
+            key = (cand.tp, cand.mbs, cand.sp, cand.zero, cand.dp > 1, k)
+            hit = self._end_seconds.get(key)
+            if hit is None:
+                cost = self.costs[k]
+                ends = cost.ends(cand.tp, cand.mbs, cand.sp, Group(tuple(range(cand.tp)), 1),
+                                 cost.dtypes(cand.zero, cand.dp))
+                hit = self._end_seconds[key] = (ends.emb_fwd.total + ends.emb_bwd.total,
+                                                ends.head_fwd.total + ends.head_bwd.total)
+            first[k], last[k] = hit
+        return first, last
+
+    # ------------------------------------------------------------------ placement of stages on devices
+    def rank_order(self, cand: Candidate) -> tuple[int, ...]:
+        """The group of each stage when rank r runs on device r: stages fill the groups in listing order."""
+        return tuple(k for k, n in enumerate(self.capacity(cand.tp, cand.dp)) for _ in range(n))
+
+    def devices(self, cand: Candidate, groups: tuple[int, ...]) -> tuple[int, ...]:
+        """Global device of every rank (Megatron order: tp fastest, then dp, then pp): the j-th stage placed on a
+        group takes that group's j-th block of tp * dp GPUs."""
+        size = cand.tp * cand.dp
+        used = [0] * len(self.groups)
+        out = []
+        for k in groups:
+            base = self.groups[k].first_device + used[k] * size
+            used[k] += 1
+            out.extend(range(base, base + size))
+        return tuple(out)
+
+    def hop_seconds(self, cand: Candidate, devices: tuple[int, ...], s: int) -> float:
+        """One activation transfer from stage s to s + 1 (the slowest of the stage's parallel pairs when links
+        are measured; otherwise the pairs are alike)."""
+        size = cand.tp * cand.dp
+        nbytes = self.costs[0]._act_msg(cand)
+        pairs = range(size) if self.cluster.link_matrix is not None else range(1)
+        return max(self._transfer(nbytes, devices[s * size + r], devices[(s + 1) * size + r], size) for r in pairs)
+
+    def _transfer(self, nbytes: float, src: int, dst: int, stage_gpus: int) -> float:
+        ga, gb = self.links.group_of(src), self.links.group_of(dst)
+        if ga == gb:
+            g = self.groups[ga]
+            return self.costs[ga].net.p2p(nbytes, src - g.first_device, dst - g.first_device)
+        per_node = min(stage_gpus, self.groups[ga].gpus_per_node, self.groups[gb].gpus_per_node)
+        return max(self.costs[ga].net.floor, self.links.p2p(nbytes, src, dst, per_node))
+
+    def hop_table(self, cand: Candidate) -> list[list[float]]:
+        """[k][k'] seconds of one transfer between consecutive stages on groups k and k' (spec-sheet links: any
+        two stages of a pair of groups are alike, so the first two blocks of GPUs stand for all)."""
+        K, size = len(self.groups), cand.tp * cand.dp
+        nbytes = self.costs[0]._act_msg(cand)
+        out = [[0.0] * K for _ in range(K)]
+        for a in range(K):
+            for b in range(K):
+                ga, gb = self.groups[a], self.groups[b]
+                if a == b:
+                    if ga.gpus >= 2 * size:
+                        out[a][b] = self._transfer(nbytes, ga.first_device, ga.first_device + size, size)
+                else:
+                    out[a][b] = self._transfer(nbytes, ga.first_device, gb.first_device, size)
+                out[a][b] += self.costs[a].host_coll
+        return out
+
+    def most_layers(self, cand: Candidate) -> int:
+        """Blocks the pipeline can hold at most, whatever the assignment: position s on group k holds at most
+        capacity / (b + a * held_s) blocks, b the bytes one more block adds to the forward peak besides its
+        activations, a its activations per micro-batch and held_s the micro-batches the position keeps (the
+        homogeneous search's memory bound, CostModel.memory_bound, per position)."""
+        nmb = cand.microbatches(self.training.global_batch)
+        capacity = self.capacity(cand.tp, cand.dp)
+        per_group = []
+        for k, cost in enumerate(self.costs):
+            if capacity[k]:
+                dt = cost.dtypes(cand.zero, cand.dp)
+                per_group.append((cost.capacity, cost._forward_bytes_per_block(cand, cost.recipe(cand.zero, cand.dp)),
+                                  cost._block_activations(cand, dt), cost))
+        total = 0
+        for s in range(cand.pp):
+            total += max(int(cap // (b + a * max(cost._held(cand, s, nmb)))) for cap, b, a, cost in per_group)
+            if total >= self.model.num_layers:
+                break
+        return total
+
+    # ------------------------------------------------------------------ the assignment problem
+    def problem(self, cand: Candidate, memory: bool = True) -> StageProblem:
+        """The stage-to-group problem of `cand` (planner.hetero.assign): per-block and per-position seconds,
+        and each position's most blocks by its group's memory timeline (with `memory` False: no cap but the
+        layer count, for a first try that memory may not bind)."""
+        p, K = cand.pp, len(self.groups)
+        nmb = cand.microbatches(self.training.global_batch)
+        host = self.engine.host.per_microbatch_s
+        block, extra, caps = [], [[0.0] * K for _ in range(p)], [[0] * K for _ in range(p)]
+        capacity = self.capacity(cand.tp, cand.dp)
+        for k in range(K):
+            ends = self._on_group(cand, k).ends
+            block.append(self._on_group(cand, k).blk.total)
+            for s in range(p):
+                extra[s][k] = host
+                if s == 0:
+                    extra[s][k] += ends.emb_fwd.total + ends.emb_bwd.total
+                if s == p - 1:
+                    extra[s][k] += ends.head_fwd.total + ends.head_bwd.total
+            if capacity[k]:
+                for s, cap in enumerate(self._caps(cand, k, nmb) if memory else [self.model.num_layers] * p):
+                    caps[s][k] = cap
+        hop = self.hop_table(cand) if p > 1 else [[0.0] * K for _ in range(K)]
+        if self.engine.overlap.pp_p2p != "exposed":
+            hop = [[0.0] * K for _ in range(K)]      # asynchronous transfers do not occupy the stages
+        return StageProblem(self.model.num_layers, nmb, block, extra, caps, hop, capacity)
+
+    def _caps(self, cand: Candidate, k: int, nmb: int) -> list[int]:
+        """The most blocks each pipeline position holds on group k (the homogeneous model's per-device caps)."""
+        part = self._on_group(cand, k)
+        return part.cost._device_caps(cand, nmb, part.blk, part.dt)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, cand: Candidate, groups: tuple[int, ...], layers: list[int], method: str = "") -> HeteroCore:
+        """Step time, breakdown and memory of `cand` with stage s on group groups[s] holding layers[s] blocks."""
+        m, host = self.model, self.engine.host
+        p, last = cand.pp, cand.pp - 1
+        nmb = cand.microbatches(self.training.global_batch)
+        parts = [self._on_group(cand, k) for k in groups]
+        params = [parts[s].cost.device_params(cand, s, n) for s, n in enumerate(layers)]
+
+        fwd = [n * parts[s].blk.forward.total + host.per_microbatch_s for s, n in enumerate(layers)]
+        bwd = [n * (parts[s].blk.backward.total + parts[s].blk.recompute.total) for s, n in enumerate(layers)]
+        fwd[0] += parts[0].ends.emb_fwd.total
+        bwd[0] += parts[0].ends.emb_bwd.total
+        fwd[last] += parts[last].ends.head_fwd.total
+        bwd[last] += parts[last].ends.head_bwd.total
+
+        kappa = self.cluster.overlap_slowdown
+        comms = [parts[s].cost.dp_comm(cand, params[s], layers[s], parts[s].dp_group) for s in range(p)]
+        if parts[0].cost.has_experts(cand):   # expert gradients over the expert-DP group, in the same windows
+            comms = [add_comm(c, part.cost.dp_comm(cand, part.cost.expert_params(cand, n), n, part.edp_group,
+                                                   cand.dp // cand.ep))
+                     for c, part, n in zip(comms, parts, layers)]
+        zero_fwd, zero_bwd, once_first, once_last = [0.0] * p, [0.0] * p, [0.0] * p, [0.0] * p
+        for s, c in enumerate(comms):
+            zero_fwd[s] = exposed(c.fwd_each, fwd[s], kappa, c.fwd_piece)
+            zero_bwd[s] = exposed(c.bwd_each, bwd[s], kappa, c.bwd_piece)
+            once_first[s] = exposed(c.first_fwd, fwd[s] + zero_fwd[s], kappa, c.fwd_piece)
+            once_last[s] = exposed(c.last_bwd, bwd[s] + zero_bwd[s], kappa, 0.0 if c.bwd_each else c.bwd_piece)
+            fwd[s] += zero_fwd[s]
+            bwd[s] += zero_bwd[s]
+        every = [f + b for f, b in zip(zero_fwd, zero_bwd)]
+
+        devices = self.devices(cand, groups)
+        blocking = self.engine.overlap.pp_p2p == "exposed"
+        p2p = (max(self.hop_seconds(cand, devices, s) for s in range(p - 1)) + self.costs[0].host_coll
+               if p > 1 else 0.0)
+        pipe, crit = pipeline_time(cand.schedule, nmb, fwd, bwd, p2p, 1, blocking)
+
+        ends_at, slack = [], 0.0
+        for s in range(p):
+            cost = parts[s].cost
+            comm = once_last[s] + comms[s].after
+            if m.tied_embeddings and p > 1 and s in (0, last):
+                comm += self._tied_sync(cand, devices, cost)
+            sharded = cand.zero >= cost.recipe(cand.zero, cand.dp).moments_sharded_from
+            opt = (params[s] / (cand.dp if sharded else 1)
+                   + cost.expert_params(cand, layers[s]) / (cand.dp // cand.ep if sharded else 1)
+                   ) * cost.optimizer_seconds_per_param(cand.zero, cand.dp)
+            ends_at.append((pipe - slack + comm + opt, comm, opt, s))
+            slack += bwd[s] + p2p
+        finish, post_comm, post_opt, _ = max(ends_at)
+        first = max(once_first)
+        step = finish + first + host.per_step_s
+        after = finish - pipe
+        if post_comm + post_opt > after > 0:
+            post_comm, post_opt = (x * after / (post_comm + post_opt) for x in (post_comm, post_opt))
+
+        blk, ends = parts[crit].blk, parts[crit].ends
+        n = layers[crit]
+        recompute = n * blk.recompute.compute
+        ep_comm = n * (blk.forward.ep + blk.backward.ep + blk.recompute.ep)
+        tp_comm = n * (blk.forward.comm + blk.backward.comm + blk.recompute.comm) - ep_comm
+        if crit == 0:
+            tp_comm += ends.emb_fwd.comm + ends.emb_bwd.comm
+        if crit == last:
+            tp_comm += ends.head_fwd.comm + ends.head_bwd.comm
+        compute = fwd[crit] + bwd[crit] - every[crit] - recompute - tp_comm - ep_comm - host.per_microbatch_s
+        transfers = pipe - pipeline_time(cand.schedule, nmb, fwd, bwd, 0.0, 1, blocking)[0] if p > 1 else 0.0
+        time = dict(compute=nmb * compute, recompute=nmb * recompute, tp_comm=nmb * tp_comm, ep_comm=nmb * ep_comm,
+                    pp_comm=transfers,
+                    dp_comm_exposed=nmb * every[crit] + first + post_comm, optimizer=post_opt,
+                    host=nmb * host.per_microbatch_s + host.per_step_s)
+        time["bubble"] = max(0.0, step - sum(time.values()))
+
+        stages = [parts[s].cost.stage_memory(cand, s, [layers[s]], nmb, parts[s].blk, parts[s].dt) for s in range(p)]
+        reserved = [st.total * parts[s].cost.margin for s, st in enumerate(stages)]
+        budgets = [parts[s].cost.budget_bytes for s in range(p)]
+        feasible = all(r <= b for r, b in zip(reserved, budgets))
+        return HeteroCore(cand, tuple(groups), list(layers), nmb, step, crit, time, stages, reserved, budgets,
+                          feasible, devices, p2p, method)
+
+    def _tied_sync(self, cand: Candidate, devices: tuple[int, ...], cost: CostModel) -> float:
+        """The tied embedding's gradient all-reduce between the first and the last stage's GPU of each replica."""
+        size = cand.tp * cand.dp
+        a, b = devices[0], devices[(cand.pp - 1) * size]
+        recipe = cost.recipe(cand.zero, cand.dp)
+        nbytes = cost.vocab(cand.tp) * self.model.hidden_size / cand.tp * recipe.reduce_bytes
+        ga, gb = self.links.group_of(a), self.links.group_of(b)
+        if ga == gb:
+            g = self.groups[ga]
+            pair = (a - g.first_device, b - g.first_device)
+            return cost.net.collective("all_reduce", nbytes, Group.of(pair, g.gpus_per_node))
+        return self.links.all_reduce(nbytes, a, b, min(size, self.groups[ga].gpus_per_node))
