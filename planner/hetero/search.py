@@ -27,7 +27,7 @@ from typing import Iterator
 from planner.hetero.assign import Assignment, best_assignment, contiguous
 from planner.hetero.cost import HeteroCore, HeteroCost
 from planner.search.search import TIE_TOLERANCE
-from planner.search.space import Candidate, Constraints, _pick, _schedules
+from planner.search.space import Candidate, Constraints, _pick, stage_choices
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
 from planner.validate import divisors, expert_shards, tp_shards
 
@@ -63,9 +63,7 @@ def enumerate_hetero(hc: HeteroCost, c: Constraints, rejected: Counter) -> Itera
     model, training, engine = hc.model, hc.training, hc.engine
     L, B = model.num_layers, training.global_batch
     smallest_node = min(g.gpus_per_node for g in hc.groups)
-    selective_is_none = engine.recompute.selective == "attention_core" and model.attention_kernel == "flash"
     pads = engine.memory_extras.vocab_multiple > 1
-    moe = model.moe is not None
     for tp in _pick(c.tp, divisors(smallest_node)):
         if (tp_shards(model, tp) or (c.max_tp and tp > c.max_tp) or (not pads and model.vocab_size % tp)
                 or (tp > 1 and c.sp and not engine.sequence_parallel)):
@@ -79,28 +77,10 @@ def enumerate_hetero(hc: HeteroCost, c: Constraints, rejected: Counter) -> Itera
                     or (c.pp is not None and pp != c.pp) or (c.max_pp and pp > c.max_pp) or not eps):
                 rejected["indivisible"] += 1
                 continue
-            for mbs in _pick(c.mbs, divisors(B // dp)):
-                if c.max_mbs and mbs > c.max_mbs:
-                    rejected["indivisible"] += 1
-                    continue
-                m = B // (dp * mbs)
-                for schedule, vpp in _schedules(pp, m, L, c, rejected, engine.schedules):
-                    if vpp > 1:
-                        continue
-                    for zero in _pick(c.zero, [z for z in engine.zero_stages if z <= c.max_zero]):
-                        if dp == 1 and zero > 0 and c.zero is None:
-                            rejected["dominated"] += 1
-                            continue
-                        for recompute in _pick(c.recompute, engine.recompute_modes):
-                            if recompute == "selective" and selective_is_none and c.recompute is None:
-                                rejected["dominated"] += 1
-                                continue
-                            for sp in _pick(c.sp, (False, True) if tp > 1 and engine.sequence_parallel else (False,)):
-                                if (sp and training.seq_len % tp) or (moe and tp > 1 and not sp):
-                                    rejected["indivisible"] += 1
-                                    continue
-                                for ep in eps:       # experts sharded inside a stage's DP group, in one group
-                                    yield Candidate(tp, pp, dp, 1, mbs, zero, recompute, sp, schedule, ep=ep)
+            for mbs, schedule, vpp, zero, recompute, sp, ep in stage_choices(
+                    model, training, engine, c, tp, pp, dp, eps, rejected):
+                if vpp == 1:        # no interleaving on node groups; ep inside a stage's DP group, in one group
+                    yield Candidate(tp, pp, dp, 1, mbs, zero, recompute, sp, schedule, ep=ep)
 
 
 def time_bound(hc: HeteroCost, cand: Candidate) -> float:

@@ -72,10 +72,7 @@ def enumerate_space(model: ModelSpec, cluster: ClusterSpec, training: TrainingSp
     engine = engine or load_engine()
     gpus, L, B = cluster.world_size, model.num_layers, training.global_batch
     node = cluster.gpus_per_node
-    selective_is_none = (engine.recompute.selective == "attention_core"
-                         and (model.attention_kernel or engine.kernels.attention) == "flash")
     pads = engine.memory_extras.vocab_multiple > 1
-    moe = model.moe is not None
     for tp in _pick(c.tp, divisors(gpus)):
         if (tp_shards(model, tp) or (c.max_tp and tp > c.max_tp)
                 or (tp > node and not c.allow_cross_node_tp) or (c.sp and tp == 1)
@@ -91,32 +88,44 @@ def enumerate_space(model: ModelSpec, cluster: ClusterSpec, training: TrainingSp
             if not eps:
                 rejected["indivisible"] += 1
                 continue
-            for mbs in _pick(c.mbs, divisors(B // dp)):
-                if c.max_mbs and mbs > c.max_mbs:
-                    rejected["indivisible"] += 1
+            for mbs, schedule, vpp, zero, recompute, sp, ep in stage_choices(
+                    model, training, engine, c, tp, pp, dp, eps, rejected):
+                for order in ORDERS:
+                    if order != DEFAULT_ORDER and (pp == 1 or dp == 1):
+                        rejected["dominated"] += 1   # both orders place every group alike
+                        continue
+                    yield Candidate(tp, pp, dp, vpp, mbs, zero, recompute, sp, schedule, order, ep=ep)
+
+
+def stage_choices(model: ModelSpec, training: TrainingSpec, engine, c: Constraints, tp: int, pp: int, dp: int,
+                  eps: list[int], rejected: Counter) -> Iterator[tuple[int, str, int, int, str, bool, int]]:
+    """(mbs, schedule, vpp, zero, recompute, sp, ep) choices valid for given tp, pp and dp degrees, shared by the
+    homogeneous and the node-group searches; `rejected` counts what was dropped (see enumerate_space)."""
+    L, B = model.num_layers, training.global_batch
+    selective_is_none = (engine.recompute.selective == "attention_core"
+                         and (model.attention_kernel or engine.kernels.attention) == "flash")
+    moe = model.moe is not None
+    for mbs in _pick(c.mbs, divisors(B // dp)):
+        if c.max_mbs and mbs > c.max_mbs:
+            rejected["indivisible"] += 1
+            continue
+        m = B // (dp * mbs)
+        for schedule, vpp in _schedules(pp, m, L, c, rejected, engine.schedules):
+            for zero in _pick(c.zero, [z for z in engine.zero_stages if z <= c.max_zero]):
+                if dp == 1 and zero > 0 and c.zero is None:
+                    rejected["dominated"] += 1
                     continue
-                m = B // (dp * mbs)
-                for schedule, vpp in _schedules(pp, m, L, c, rejected, engine.schedules):
-                    for zero in _pick(c.zero, [z for z in engine.zero_stages if z <= c.max_zero]):
-                        if dp == 1 and zero > 0 and c.zero is None:
-                            rejected["dominated"] += 1
+                for recompute in _pick(c.recompute, engine.recompute_modes):
+                    if recompute == "selective" and selective_is_none and c.recompute is None:
+                        rejected["dominated"] += 1
+                        continue
+                    sps = (False, True) if tp > 1 and engine.sequence_parallel else (False,)
+                    for sp in _pick(c.sp, sps):
+                        if (sp and training.seq_len % tp) or (moe and tp > 1 and not sp):
+                            rejected["indivisible"] += 1
                             continue
-                        for recompute in _pick(c.recompute, engine.recompute_modes):
-                            if recompute == "selective" and selective_is_none and c.recompute is None:
-                                rejected["dominated"] += 1
-                                continue
-                            sps = (False, True) if tp > 1 and engine.sequence_parallel else (False,)
-                            for sp in _pick(c.sp, sps):
-                                if (sp and training.seq_len % tp) or (moe and tp > 1 and not sp):
-                                    rejected["indivisible"] += 1
-                                    continue
-                                for ep in eps:
-                                    for order in ORDERS:
-                                        if order != DEFAULT_ORDER and (pp == 1 or dp == 1):
-                                            rejected["dominated"] += 1   # both orders place every group alike
-                                            continue
-                                        yield Candidate(tp, pp, dp, vpp, mbs, zero, recompute, sp, schedule, order,
-                                                        ep=ep)
+                        for ep in eps:
+                            yield mbs, schedule, vpp, zero, recompute, sp, ep
 
 
 def _schedules(pp: int, m: int, L: int, c: Constraints, rejected: Counter,
