@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
 from planner.errors import InputError, MeshplanError
 
@@ -21,9 +20,28 @@ app = typer.Typer(
     help="Plan, predict and run data / tensor / pipeline parallel training of transformer models.\n\n"
          "Start with `meshplan estimate` (predict one configuration) or `meshplan plan` (search for the best).")
 
+
+
+class _LazyConsole:
+    """A rich Console made on first use: importing rich costs about 0.1 s that `--json` output never needs."""
+
+    def __init__(self, **options):
+        self._options, self._console = options, None
+
+    def get(self):
+        """The rich Console itself (for rich objects that take one)."""
+        if self._console is None:
+            from rich.console import Console
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str):
+        return getattr(self.get(), name)
+
+
 # Tables need room: when output is not a terminal (pipes, CI logs), lay it out 120 columns wide.
-stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
-stderr = Console(stderr=True, highlight=False)
+stdout = _LazyConsole(highlight=False, width=None if sys.stdout.isatty() else 120)
+stderr = _LazyConsole(stderr=True, highlight=False)
 
 # ---------------------------------------------------------------------------------------------- options
 ModelOpt = typer.Option(..., "--model", "-m", help="Preset name (see `meshplan presets`), a YAML/JSON ModelSpec "
@@ -209,7 +227,7 @@ def estimate(
         print(pred.model_dump_json(indent=1))
         return
     from planner.report import render_prediction
-    render_prediction(stdout, cost.model, c, t, pred)
+    render_prediction(stdout.get(), cost.model, c, t, pred)
     if output is not None:
         stdout.print(f"plan written to {output}")
 
@@ -237,7 +255,7 @@ def _estimate_launch(path: Path, cluster: str, nodes, gpus_per_node, model, seq,
         return
     from planner.report import render_prediction
     stdout.print(f"{launch.target} launch {path} (engine: {launch.engine})")
-    render_prediction(stdout, inputs.model, c, inputs.training, pred)
+    render_prediction(stdout.get(), inputs.model, c, inputs.training, pred)
     if output is not None:
         stdout.print(f"plan written to {output}")
 
@@ -409,7 +427,7 @@ def plan(
         if as_json:
             print(the_plan.model_dump_json(indent=1))
             return
-        render_hetero(stdout, the_plan, result)
+        render_hetero(stdout.get(), the_plan, result)
         if output is not None:
             stdout.print(f"plan written to {output}")
         return
@@ -426,7 +444,7 @@ def plan(
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     with Progress(TextColumn("searching"), BarColumn(), TextColumn("{task.completed}/{task.total} costed"),
-                  TimeElapsedColumn(), console=stderr, transient=True, disable=as_json) as bar:
+                  TimeElapsedColumn(), console=stderr.get(), transient=True, disable=as_json) as bar:
         task = bar.add_task("search", total=0)
         result = search(m, c, t, constraints, top_k=top, compare=compare_cand, cost=cost,
                         progress=lambda done, total: bar.update(task, completed=done, total=total))
@@ -460,7 +478,7 @@ def plan(
         return
     from planner.report import render_plan
     compare_pred = cost.prediction(result.compare) if result.compare is not None else None
-    render_plan(stdout, cost.model, c, t, preds, stats.model_dump(), compare_pred, result.compare_rank)
+    render_plan(stdout.get(), cost.model, c, t, preds, stats.model_dump(), compare_pred, result.compare_rank)
     if output is not None:
         stdout.print(f"plan written to {output}")
     if html is not None:
@@ -569,23 +587,33 @@ def schema(
     print(json.dumps(kinds[kind].model_json_schema(), indent=1))
 
 
-# ---------------------------------------------------------------------------------------------- report
-from planner.html_report.command import report_command  # noqa: E402
+# ---------------------------------------------------------------------------------------------- heavy commands
+# `report`, `calibrate`, `run` and `profile` live with the code they drive. Their modules are imported, and the
+# commands registered, only when one of them is invoked or the command list is shown, so `estimate` and `plan`
+# start fast (`run` and `profile` import torch only inside the commands).
+LAZY_COMMANDS = {"report": ("planner.html_report.command", "report_command"),
+                 "calibrate": ("planner.calibration.command", "calibrate_command"),
+                 "run": ("runtime.cli", "run_command"),
+                 "profile": ("profiler.cli", "profile_app")}
 
-app.command("report")(report_command)
 
-# ---------------------------------------------------------------------------------------------- calibrate
-from planner.calibration.command import calibrate_command  # noqa: E402
+def register_commands(names: Optional[list[str]] = None) -> None:
+    """Add the lazily imported commands `names` (default: all of them) to `app`, in LAZY_COMMANDS' order."""
+    import importlib
+    registered = {info.name for info in app.registered_commands} | {info.name for info in app.registered_groups}
+    for name, (module, attr) in LAZY_COMMANDS.items():
+        if (names is not None and name not in names) or name in registered:
+            continue
+        target = getattr(importlib.import_module(module), attr)
+        if isinstance(target, typer.Typer):
+            app.add_typer(target, name=name)
+        else:
+            app.command(name)(target)
 
-app.command("calibrate")(calibrate_command)
 
-# ---------------------------------------------------------------------------------------------- torch commands
-# `run` and `profile` live with the code they drive; their modules import torch only inside the commands.
-from profiler.cli import profile_app  # noqa: E402
-from runtime.cli import run_command  # noqa: E402
-
-app.command("run")(run_command)
-app.add_typer(profile_app, name="profile")
+def _invoked_command(argv: list[str]) -> Optional[str]:
+    """The sub-command named on the command line (the first argument not an option), or None."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -598,6 +626,9 @@ def _error_line(text: str) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Run the CLI; user errors become one line on stderr and a non-zero exit code."""
+    name = _invoked_command(sys.argv[1:] if argv is None else argv)
+    eager = {info.name or info.callback.__name__ for info in app.registered_commands}
+    register_commands([name] if name in LAZY_COMMANDS or name in eager else None)
     command = typer.main.get_command(app)
     try:
         rc = command.main(args=argv, prog_name="meshplan", standalone_mode=False)

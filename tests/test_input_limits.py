@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import typer
 
-from planner.cli import app
+from planner.cli import app, register_commands
 from planner.errors import InputError
 from planner.limits import OPTIONS, check_spec
 from planner.loaders import load_cluster, load_model
@@ -34,6 +34,7 @@ def test_divisors_equal_brute_force_and_factors_multiply_back():
 
 def _cli_options() -> set[str]:
     names = set()
+    register_commands()
     for group in (typer.main.get_command(app).commands.values()):
         commands = group.commands.values() if hasattr(group, "commands") else [group]
         for command in commands:

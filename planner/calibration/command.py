@@ -174,4 +174,4 @@ def calibrate_command(
     compiled = load_engine(engine, compile=True) if any(r.compile for r in measured) else None
     result = calibrate(spec, eng, measured, compiled, only)
     write_output(output, cluster_text(result.cluster, str(output)))
-    render(stdout, result.record, result.notes, output, engine)
+    render(stdout.get(), result.record, result.notes, output, engine)
