@@ -23,6 +23,7 @@ from typing import Callable
 
 from planner.cost.model import Core, CostModel
 from planner.layout import DEFAULT_ORDER
+from planner.search.gc_pause import gc_paused
 from planner.search.placement import improve_placement
 from planner.search.space import Candidate, Constraints, enumerate_space
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
@@ -65,6 +66,13 @@ def search(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, const
            top_k: int = 5, compare: Candidate | None = None, cost: CostModel | None = None,
            progress: Callable[[int, int], None] | None = None) -> SearchResult:
     """The top_k fastest feasible configurations. `progress(done, total)` is called while costing."""
+    with gc_paused():
+        return _search(model, cluster, training, constraints, top_k, compare, cost, progress)
+
+
+def _search(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, constraints: Constraints, top_k: int,
+            compare: Candidate | None, cost: CostModel | None,
+            progress: Callable[[int, int], None] | None) -> SearchResult:
     start = time.perf_counter()
     cost = cost or CostModel(model, cluster, training)
     rejected: Counter = Counter()
