@@ -52,3 +52,10 @@ def partition_layers(num_layers: int, block_time: float | list[float], extra_tim
         if counts[j] < caps[j]:
             heapq.heappush(heap, ((counts[j] + 1) * block_s[j] + extra_time[j], -j))
     return counts
+
+
+def spread_over_chunks(blocks: int, chunks: int) -> list[int]:
+    """`blocks` spread near-equally over a device's `chunks` model chunks (interleaved pipelines), the remainder
+    on its later chunks: under interleaved 1F1B a device holds fewer in-flight micro-batches of those."""
+    base, rest = divmod(blocks, chunks)
+    return [base + (1 if k >= chunks - rest else 0) for k in range(chunks)]

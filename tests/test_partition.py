@@ -79,3 +79,58 @@ def test_per_stage_block_times_split_is_the_brute_force_optimum(layers, stages, 
 def test_faster_stages_get_more_blocks():
     # an H100-like stage (1 s per block) next to two A100-like ones (3 s per block): 3 : 1 : 1 of 10 blocks
     assert partition_layers(10, [1.0, 3.0, 3.0], [0.0, 0.0, 0.0]) == [6, 2, 2]
+
+
+def _interleaved_cases():
+    """A small GPT on one 8-GPU node whose GPU memory is swept across the range where memory binds."""
+    from planner.cost.model import CostModel
+    from planner.loaders import load_cluster
+    from planner.search.space import Candidate
+    from planner.specs import ModelSpec, TrainingSpec
+    model = ModelSpec(num_layers=12, hidden_size=2048, num_heads=16, vocab_size=50304, max_position_embeddings=2048)
+    training = TrainingSpec(global_batch=64, seq_len=2048, precision="bf16")
+    base = load_cluster("dgx-a100-40gb", nodes=1)
+    for pp, vpp in ((2, 2), (2, 3), (4, 3)):        # 12 blocks: equal chunks exist
+        cand = Candidate(tp=1, pp=pp, dp=8 // pp, vpp=vpp, mbs=1, zero=1, recompute="none", sp=False,
+                         schedule="interleaved")
+        for quarter_gib in range(24, 160):
+            gpu = base.gpu.model_copy(update={"memory_bytes": quarter_gib * 2 ** 28})
+            cluster = base.model_copy(update={"gpu_types": {base.nodes.gpu_type: gpu}})
+            yield CostModel(model, cluster, training), cand
+
+
+def _compositions(total: int, parts: int):
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(1, total - parts + 2):
+        for rest in _compositions(total - first, parts - 1):
+            yield (first,) + rest
+
+
+def test_interleaved_split_under_memory_is_the_brute_force_optimum():
+    """Interleaved pipelines keep equal chunks where they fit (the engines' convention). Where they do not, the
+    split is the fastest of every split into per-device block counts, each spread near-equally over the
+    device's chunks (brute force over all of them, each costed with explicit layers_per_stage), and it fits
+    exactly when one of them does."""
+    from planner.partition import spread_over_chunks
+    rescued = 0
+    for cost, cand in _interleaved_cases():
+        pp, vpp, layers = cand.pp, cand.vpp, cost.model.num_layers
+        equal = [layers // (pp * vpp)] * (pp * vpp)
+        chosen = cost.evaluate_core(cand)
+        if cost.evaluate_core(cand._replace(layers_per_stage=tuple(equal))).feasible:
+            assert chosen.chunks == equal
+            continue
+        best = None
+        for totals in _compositions(layers, pp):
+            per_device = [spread_over_chunks(n, vpp) for n in totals]
+            chunks = tuple(per_device[j % pp][j // pp] for j in range(pp * vpp))
+            core = cost.evaluate_core(cand._replace(layers_per_stage=chunks))
+            if core.feasible and (best is None or core.step < best.step):
+                best = core
+        assert chosen.feasible == (best is not None)
+        if best is not None:
+            assert math.isclose(chosen.step, best.step, rel_tol=1e-9), (pp, vpp, chosen.chunks, best.chunks)
+            rescued += 1
+    assert rescued >= 3          # the sweep reaches memory-bound cases that equal chunks do not fit

@@ -29,7 +29,7 @@ from planner.cost.stage_work import StageWork
 from planner.cost.timeline import PhaseMemory, Regime, StageInputs, Timeline, grads_between_bytes, stage_timeline
 from planner.engine import EngineSpec, engine_on, load_engine
 from planner.layout import DEFAULT_ORDER, Layout
-from planner.partition import partition_layers
+from planner.partition import partition_layers, spread_over_chunks
 from planner.profile_data import ModelProfile
 from planner.prediction import (MemoryBreakdown, ModelSummary, Predicted, Prediction, ResolvedConfig, StageMemory,
                                 TimeBreakdown)
@@ -565,9 +565,13 @@ class CostModel:
 
     # ------------------------------------------------------------------ layer split
     def default_layers(self, cfg: ParallelConfig, blk: BlockCost, ends: EndsCost, dt: Dtypes) -> list[int]:
-        """Blocks per chunk: for one chunk per device, the split minimising the slowest stage under every
-        stage's memory (falling back to time alone when nothing fits); near-equal chunks when interleaved."""
+        """Blocks per chunk, minimising the slowest device under every device's memory (falling back to time
+        alone when nothing fits). One chunk per device: the exact split of `partition_layers`. Interleaved:
+        near-equal chunks when they fit; otherwise blocks per device by the same split, each device's blocks
+        spread near-equally over its chunks (the step's closed form counts a device's total; the schedule
+        wants its chunks alike)."""
         m, chunks = self.model, cfg.pp * cfg.vpp
+        nmb = cfg.microbatches(self.training.global_batch)
         if cfg.vpp > 1 or cfg.pp == 1:
             # near-equal chunks; the remainder goes to the chunks without the embedding or the head
             base, rest = divmod(m.num_layers, chunks)
@@ -575,23 +579,45 @@ class CostModel:
             split = [base] * chunks
             for j in order[:rest]:
                 split[j] += 1
-            return split
-        extra = [0.0] * cfg.pp
-        extra[0] += ends.emb_fwd.total + ends.emb_bwd.total
-        extra[-1] += ends.head_fwd.total + ends.head_bwd.total
-        nmb = cfg.microbatches(self.training.global_batch)
+            if cfg.pp == 1 or self._split_fits(cfg, split, nmb, blk, dt):
+                return split
+            return self._interleaved_split(cfg, nmb, blk, ends, dt) or split
+        extra = self._ends_per_device(cfg, ends)
         free = partition_layers(m.num_layers, blk.total, extra)
-        cap = self.capacity
-        if all(self.stage_memory(cfg, i, [n], nmb, blk, dt).total <= cap for i, n in enumerate(free)):
+        if self._split_fits(cfg, free, nmb, blk, dt):
             return free          # memory does not bind: the unconstrained optimum is the constrained one
         caps = self._device_caps(cfg, nmb, blk, dt)
         return partition_layers(m.num_layers, blk.total, extra, caps=caps) or free
 
+    @staticmethod
+    def _ends_per_device(cfg: ParallelConfig, ends: EndsCost) -> list[float]:
+        """Seconds per micro-batch each pipeline device spends outside its blocks: embedding first, head last."""
+        extra = [0.0] * cfg.pp
+        extra[0] += ends.emb_fwd.total + ends.emb_bwd.total
+        extra[-1] += ends.head_fwd.total + ends.head_bwd.total
+        return extra
+
+    def _split_fits(self, cfg: ParallelConfig, chunks: list[int], nmb: int, blk: BlockCost, dt: Dtypes) -> bool:
+        """Whether every device fits its chunks (`chunks` in pipeline order, device i holding chunks i::pp)."""
+        cap = self.capacity
+        return all(self.stage_memory(cfg, i, chunks[i::cfg.pp], nmb, blk, dt).total <= cap for i in range(cfg.pp))
+
+    def _interleaved_split(self, cfg: ParallelConfig, nmb: int, blk: BlockCost, ends: EndsCost,
+                           dt: Dtypes) -> list[int] | None:
+        """Blocks per chunk of an interleaved pipeline under memory: blocks per device by `partition_layers`
+        with each device's cap, spread over its chunks by `spread_over_chunks`; None if no split fits."""
+        caps = self._device_caps(cfg, nmb, blk, dt)
+        totals = partition_layers(self.model.num_layers, blk.total, self._ends_per_device(cfg, ends), caps=caps)
+        if totals is None:
+            return None
+        per_device = [spread_over_chunks(n, cfg.vpp) for n in totals]
+        return [per_device[j % cfg.pp][j // cfg.pp] for j in range(cfg.pp * cfg.vpp)]
+
     def _device_caps(self, cfg: ParallelConfig, nmb: int, blk: BlockCost, dt: Dtypes) -> list[int]:
         """The most blocks each pipeline device can hold. The middle devices differ only in the micro-batches
-        they keep in flight, which fall with the device index (1F1B; GPipe keeps all), so their caps rise with it:
-        where two of them agree, every device between agrees too, and only the devices where the cap changes
-        need computing (a few dozen for hundreds of stages)."""
+        they keep in flight, which fall with the device index (1F1B and interleaved; GPipe keeps all), so their
+        caps rise with it: where two of them agree, every device between agrees too, and only the devices where
+        the cap changes need computing (a few dozen for hundreds of stages)."""
         pp = cfg.pp
         caps: list[int | None] = [None] * pp
         for i in {0, 1, pp - 2, pp - 1}:
@@ -627,6 +653,8 @@ class CostModel:
 
     def _max_blocks_uncached(self, cfg: ParallelConfig, device: int, nmb: int, blk: BlockCost, dt: Dtypes) -> int:
         cap = self.capacity
+        if cfg.vpp > 1:
+            return self._max_interleaved_blocks(cfg, device, nmb, blk, dt)
 
         def total(n: int) -> float:
             return self.stage_timeline(cfg, device, [n], nmb, blk, dt).peak.total
@@ -648,6 +676,26 @@ class CostModel:
                     return guess
             else:
                 hi, f_hi = guess, f
+        return lo
+
+    def _max_interleaved_blocks(self, cfg: ParallelConfig, device: int, nmb: int, blk: BlockCost,
+                                dt: Dtypes) -> int:
+        """The most blocks an interleaved device can hold, spread over its chunks by `spread_over_chunks`. Its
+        peak rises with every block added but not convexly (the chunk a block joins alternates), so bisection."""
+        cap = self.capacity
+
+        def fits(n: int) -> bool:
+            chunks = spread_over_chunks(n, cfg.vpp)
+            return self.stage_timeline(cfg, device, chunks, nmb, blk, dt).peak.total <= cap
+
+        lo, hi = 0, self.model.num_layers          # fits(lo) or lo == 0; not fits(hi) unless hi fits
+        if fits(hi):
+            return hi
+        if not fits(0):
+            return 0
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         return lo
 
     # ------------------------------------------------------------------ lower bounds for the search
