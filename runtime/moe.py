@@ -11,8 +11,8 @@ two all-to-alls in reverse (autograd). Expert gradients then hold the contributi
 reducing them over the ranks that hold the same experts (the expert-data-parallel group) and the other
 parameters over the whole data-parallel group is the caller's (as for dense data parallelism).
 
-Under tensor parallelism (`shard_for_tensor_parallel`; sequence parallelism is required, as Megatron-Core requires
-it for MoE with tp > 1) the block's input is this TP rank's sequence shard. The router runs on it (its weight
+Under tensor parallelism (`shard_for_tensor_parallel`; with sequence parallelism, which Megatron-Core requires for
+MoE with tp > 1) the block's input is this TP rank's sequence shard. The router runs on it (its weight
 replicated over TP, its gradient summed over TP by DTensor, as a sequence-parallel norm's), the EP dispatch sends
 the shard's routed copies, and the rows that arrive are gathered over the TP group; every expert's gate and up
 are column-sharded and its down row-sharded over TP (expert tensor parallelism = tp, Megatron-Core's default), so
