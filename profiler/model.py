@@ -1,5 +1,6 @@
 """`meshplan profile model`: measure every (TP shard size, micro-batch size, recompute mode) of a model's
-block (of each kind: dense, and mixture of experts with every expert on the device), its embedding and LM head per (TP, micro-batch), and the optimizer step, into a ModelProfile.
+block (of each kind: dense, and mixture of experts with every expert on the device), its embedding and LM
+head per (TP, micro-batch), and the optimizer step, into a ModelProfile.
 
 The run prints an estimate first (probes of the cheapest and the dearest block, scaled by each
 measurement's work and repetitions), shows a progress bar, writes `<output>.partial.json` after every

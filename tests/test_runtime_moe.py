@@ -57,9 +57,9 @@ def test_expert_parallel_matches_single_process(tmp_path):
 
 # `meshplan run`'s runtime with expert parallelism, one torchrun launch of 4 processes: ZeRO 0, 1 and 3, an
 # expert-data-parallel group of 2 (ep 2 in dp 4) and of 1 (ep 4 in dp 4; ep 2 in dp 2 with pp 2); tensor (and
-# sequence) parallelism 2 with ep 2 in dp 2 (ZeRO 0 and 3), with pp 2, and with dp 2 without ep (ZeRO 1). SGD layouts because AdamW's update barely
-# depends on the gradients' scale (a missing 1/ep on the expert gradients is 2-3.5e-5 off with SGD at lr 0.1-0.5,
-# beyond the tolerance).
+# sequence) parallelism 2 with ep 2 in dp 2 (ZeRO 0 and 3), with pp 2, and with dp 2 without ep (ZeRO 1). SGD
+# layouts because AdamW's update barely depends on the gradients' scale (a missing 1/ep on the expert gradients is
+# 2-3.5e-5 off with SGD at lr 0.1-0.5, beyond the tolerance).
 EP_LAYOUTS = [
     {"name": "ep2-dp4-zero0-sgd", "model": "moe-tiny", "optimizer": "sgd", "lr": 0.1, "config": {"dp": 4, "ep": 2}},
     {"name": "ep2-dp4-zero1", "model": "moe-tiny", "config": {"dp": 4, "ep": 2, "zero": 1}},
