@@ -2,7 +2,9 @@
 
 Times are seconds for one micro-batch on one device; bytes are what the pass keeps for backward.
 A block is measured at the local shapes of one TP shard (heads/tp, kv_heads/tp, ffn/tp), without the TP
-collectives, which the cost model adds from the cluster's links.
+collectives, which the cost model adds from the cluster's links; a mixture-of-experts model has measurements of
+its dense and its MoE blocks (the MoE block with every expert on the device: the all-to-alls and the load
+imbalance of expert parallelism are the cost model's).
 """
 
 from __future__ import annotations
@@ -29,8 +31,12 @@ class DeviceInfo(_P):
 
 
 class BlockMeasurement(_P):
-    """One transformer block at one TP shard size, micro-batch size and recompute mode."""
+    """One transformer block (of one kind: dense MLP or mixture-of-experts MLP) at one TP shard size, micro-batch
+    size and recompute mode."""
 
+    layer: Literal["dense", "moe"] = Field(
+        "dense", description="The block's MLP: dense, or mixture of experts (every expert on this device, ep 1; "
+                             "tokens routed, expert widths / tp, as one TP shard computes them).")
     tp: PositiveInt
     mbs: PositiveInt
     recompute: Recompute

@@ -93,8 +93,6 @@ def profile_model(
     from runtime.checks import unsupported
     if unsupported(spec):
         raise InputError(unsupported(spec), field="--model")
-    if spec.moe is not None:
-        raise InputError("profile model does not measure mixture-of-experts layers yet", field="--model")
     if spec.position_embedding == "learned" and seq > spec.max_position_embeddings:
         raise InputError(f"{seq} exceeds the model's max_position_embeddings {spec.max_position_embeddings} "
                          f"(learned positions)", field="--seq")

@@ -150,13 +150,15 @@ def _measure(modules: list[torch.nn.Module], forward, inputs_grad, device: torch
 
 
 def measure_block(spec: ModelSpec, tp: int, mbs: int, seq: int, recompute: str, precision: str,
-                  device: torch.device, warmup: int = 2, reps: int = 5) -> PieceResult:
-    """One `runtime.models.TransformerBlock` at the local shapes of a TP shard of size `tp`, on a
-    micro-batch of `mbs` sequences of `seq` tokens, in `precision` (as it runs: see
+                  device: torch.device, warmup: int = 2, reps: int = 5, layer_id: int = 0) -> PieceResult:
+    """One `runtime.models.TransformerBlock` (layer `layer_id`'s kind: a dense or a mixture-of-experts MLP, the
+    latter with every expert here and the micro-batch's tokens routed as they come) at the local shapes of a TP
+    shard of size `tp`, on a micro-batch of `mbs` sequences of `seq` tokens, in `precision` (as it runs: see
     `runtime.train.run_precision`)."""
     from runtime.models import TransformerBlock
 
-    block = _prepare(TransformerBlock(spec, tp_degree=tp, layer_id=0, recompute=recompute), precision, device)
+    block = _prepare(TransformerBlock(spec, tp_degree=tp, layer_id=layer_id, recompute=recompute), precision,
+                     device)
     x = torch.randn(mbs, seq, spec.hidden_size, device=device, dtype=_act_dtype(precision), requires_grad=True)
     return _measure_call(block, lambda: block(x), precision, device, warmup, reps)
 

@@ -1,5 +1,6 @@
 """`meshplan profile model`: measure every (TP shard size, micro-batch size, recompute mode) of a model's
-block, its embedding and LM head per (TP, micro-batch), and the optimizer step, into a ModelProfile.
+block (of each kind: dense, and mixture of experts with every expert on the device), its embedding and LM
+head per (TP, micro-batch), and the optimizer step, into a ModelProfile.
 
 The run prints an estimate first (probes of the cheapest and the dearest block, scaled by each
 measurement's work and repetitions), shows a progress bar, writes `<output>.partial.json` after every
@@ -31,30 +32,41 @@ from profiler.io import atomic_write, partial_path
 
 @dataclass(frozen=True)
 class Task:
-    """One measurement: a block at (tp, mbs, recompute), an end ('embedding' / 'head') at (tp, mbs), or the
-    optimizer."""
+    """One measurement: a block of one kind ('dense' / 'moe' MLP) at (tp, mbs, recompute), an end ('embedding' /
+    'head') at (tp, mbs), or the optimizer."""
 
     kind: str            # "block" | "embedding" | "head" | "optimizer"
     tp: int = 1
     mbs: int = 1
     recompute: str = "none"
+    layer: str = "dense"  # a block's MLP: "dense" | "moe"
 
     @property
     def label(self) -> str:
         if self.kind == "optimizer":
             return "optimizer step"
-        extra = f" {self.recompute}" if self.kind == "block" else ""
-        return f"{self.kind} tp{self.tp} mbs{self.mbs}{extra}"
+        if self.kind == "block":
+            name = "moe block" if self.layer == "moe" else "block"
+            return f"{name} tp{self.tp} mbs{self.mbs} {self.recompute}"
+        return f"{self.kind} tp{self.tp} mbs{self.mbs}"
 
 
-def make_tasks(tps: list[int], mbss: list[int], recomputes: list[str]) -> list[Task]:
-    tasks = [Task("block", t, b, r) for t in tps for b in mbss for r in recomputes]
+def block_layers(spec: ModelSpec) -> dict[str, int]:
+    """{kind of block: the first layer of that kind} for the kinds the model has ('dense', 'moe')."""
+    out: dict[str, int] = {}
+    for i in range(spec.num_layers):
+        out.setdefault("moe" if spec.moe is not None and spec.moe.is_moe_layer(i) else "dense", i)
+    return out
+
+
+def make_tasks(tps: list[int], mbss: list[int], recomputes: list[str], layers: list[str] = ("dense",)) -> list[Task]:
+    tasks = [Task("block", t, b, r, k) for k in layers for t in tps for b in mbss for r in recomputes]
     tasks += [Task(part, t, b) for part in ("embedding", "head") for t in tps for b in mbss]
     return tasks + [Task("optimizer")]
 
 
 def _done_keys(profile: ModelProfile) -> set[Task]:
-    done = {Task("block", b.tp, b.mbs, b.recompute) for b in profile.blocks}
+    done = {Task("block", b.tp, b.mbs, b.recompute, b.layer) for b in profile.blocks}
     done |= {Task(e.part, e.tp, e.mbs) for e in profile.ends}
     if profile.optimizer_s_per_param is not None:
         done.add(Task("optimizer"))
@@ -96,7 +108,7 @@ def _flops(spec: ModelSpec, task: Task, seq: int) -> float:
     from planner.cost.kernels import Dtypes, block_work, embedding_work, head_work
     dt = Dtypes.of("fp32")
     if task.kind == "block":
-        w = block_work(spec, task.mbs, seq, task.tp, False, task.recompute, dt)
+        w = block_work(spec, task.mbs, seq, task.tp, False, task.recompute, dt, moe_layer=task.layer == "moe")
         passes = [w.forward, w.backward, w.recompute]
     elif task.kind == "embedding":
         passes = list(embedding_work(spec, task.mbs, seq, task.tp, False, dt))
@@ -159,7 +171,8 @@ def _estimate(spec: ModelSpec, seq: int, tps: list[int], mbss: list[int], todo: 
     a + b * work (work = FLOPs + bytes of the cost model's kernels) through the two probes, and each
     measurement costs its build plus (warmup + reps + 1) passes."""
     from profiler import layers
-    blocks = [Task("block", t, b, "none") for t in tps for b in mbss]
+    kind, layer_id = next(iter(block_layers(spec).items()))      # probes of layer 0's kind
+    blocks = [Task("block", t, b, "none", kind) for t in tps for b in mbss]
     lo = min(blocks, key=lambda t: _flops(spec, t, seq))
     hi = max(blocks, key=lambda t: _flops(spec, t, seq))
     probes = []
@@ -167,7 +180,8 @@ def _estimate(spec: ModelSpec, seq: int, tps: list[int], mbss: list[int], todo: 
     for task in (lo, lo, hi):
         t0 = time.perf_counter()
         try:
-            r = layers.measure_block(spec, task.tp, task.mbs, seq, "none", precision, device, warmup=1, reps=1)
+            r = layers.measure_block(spec, task.tp, task.mbs, seq, "none", precision, device, warmup=1, reps=1,
+                                     layer_id=layer_id)
         except torch.OutOfMemoryError:   # the dearest block may not fit: scale from the cheapest alone
             if not probes:
                 raise ProfileFailed(f"the smallest block ({task.label}) does not fit in device memory") from None
@@ -209,7 +223,7 @@ def profile_model(spec: ModelSpec, precision: str, seq: int, tps: list[int], mbs
     prof = None if force else _load_partial(source, fresh)
     resumed = prof is not None
     prof = prof or fresh
-    tasks = make_tasks(tps, mbss, recomputes)
+    tasks = make_tasks(tps, mbss, recomputes, list(block_layers(spec)))
     todo = [t for t in tasks if t not in _done_keys(prof)]
 
     say = console.print if console is not None else print
@@ -263,8 +277,9 @@ def _run_task(prof: ModelProfile, task: Task, spec: ModelSpec, seq: int, precisi
               device, warmup: int, reps: int) -> None:
     from profiler import layers
     if task.kind == "block":
-        r = layers.measure_block(spec, task.tp, task.mbs, seq, task.recompute, precision, device, warmup, reps)
-        prof.blocks.append(BlockMeasurement(tp=task.tp, mbs=task.mbs, recompute=task.recompute,
+        r = layers.measure_block(spec, task.tp, task.mbs, seq, task.recompute, precision, device, warmup, reps,
+                                 layer_id=block_layers(spec)[task.layer])
+        prof.blocks.append(BlockMeasurement(layer=task.layer, tp=task.tp, mbs=task.mbs, recompute=task.recompute,
                                             forward_s=r.forward_s, backward_s=r.backward_s,
                                             activation_bytes=r.activation_bytes,
                                             allocator_activation_bytes=r.allocator_activation_bytes))

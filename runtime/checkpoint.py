@@ -6,7 +6,8 @@ Layout of a checkpoint directory D:
                               has finished, so a run killed mid-save leaves the earlier ones intact.
 
 Parameters and optimizer state are saved by their names in the whole model (`RankModel`), each rank
-writing only its shards; each rank's RNG state is saved under its own key so dropout continues exactly.
+writing only its shards (the routed experts of an expert-parallel run by names that carry the experts an EP rank
+holds, 'layers.3.mlp.experts[2:4].gate'); each rank's RNG state is saved under its own key so dropout continues exactly.
 `meshplan.json` holds the step, the loss curve so far, a fingerprint of what must not change on resume
 (model, batch, parallel config, seed, optimizer) and the size and SHA-256 of every file of the checkpoint;
 it is plain JSON so `meshplan run --resume` can check it before starting any process. A checkpoint whose
@@ -36,7 +37,7 @@ SAVED_DIR = re.compile(r"^step_\d{8}(\.partial)?$")        # complete or being w
 INFO_FILE = "meshplan.json"
 
 
-CONFIG_KEYS = ("tp", "pp", "dp", "vpp", "mbs", "zero", "recompute", "sp", "schedule", "layers_per_stage",
+CONFIG_KEYS = ("tp", "pp", "dp", "ep", "vpp", "mbs", "zero", "recompute", "sp", "schedule", "layers_per_stage",
                "num_microbatches")
 
 
@@ -174,11 +175,34 @@ def _options():
     return StateDictOptions(flatten_optimizer_state_dict=True)
 
 
+def _renamed(state: dict, names: dict[str, str]) -> dict:
+    """`state` (a model or flattened optimizer state dict) with each parameter name in `names` replaced (as the
+    whole key, or as the parameter part of 'state.NAME.exp_avg' / 'param_groups.NAME.lr')."""
+    if not names:
+        return state
+    out = {}
+    for key, value in state.items():
+        for old, new in names.items():
+            for prefix in ("", "state.", "param_groups."):
+                head = prefix + old
+                if key == head or key.startswith(head + "."):
+                    key = prefix + new + key[len(head):]
+                    break
+        out[key] = value
+    return out
+
+
 def _state(model, optimizer, rank: int):
+    """What a checkpoint holds for this rank: model and optimizer state (expert-parallel experts under names
+    that say which experts they are, runtime.moe.checkpoint_names) and this rank's RNG state."""
     import torch
     from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from runtime.moe import checkpoint_names
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
-    state = {"model": model_sd, "optim": optim_sd, f"rng_rank{rank}": torch.get_rng_state()}
+    names = checkpoint_names(model)
+    state = {"model": _renamed(model_sd, names), "optim": _renamed(optim_sd, names),
+             f"rng_rank{rank}": torch.get_rng_state()}
     if torch.cuda.is_available():
         state[f"cuda_rng_rank{rank}"] = torch.cuda.get_rng_state()
     return state
@@ -297,10 +321,12 @@ def load(path: str | Path, model, optimizer, rank: int) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
+    from runtime.moe import checkpoint_names
     state = _state(model, optimizer, rank)
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_options())
+    back = {new: old for old, new in checkpoint_names(model).items()}
+    set_state_dict(model, optimizer, model_state_dict=_renamed(state["model"], back),
+                   optim_state_dict=_renamed(state["optim"], back), options=_options())
     torch.set_rng_state(state[f"rng_rank{rank}"])
     if f"cuda_rng_rank{rank}" in state:
         torch.cuda.set_rng_state(state[f"cuda_rng_rank{rank}"])

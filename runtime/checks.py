@@ -87,18 +87,12 @@ def check_run(plan: Plan, world_size: int, args) -> None:
     if cfg.pp > 1 and cfg.schedule != "gpipe" and cfg.num_microbatches < cfg.pp:
         raise InputError(f"1F1B needs at least as many micro-batches ({cfg.num_microbatches}) as stages "
                          f"({cfg.pp})", field="plan.config")
-    if plan.model.moe is not None and cfg.tp > 1:
-        raise InputError(f"the runtime does not run mixture-of-experts layers with tensor parallelism yet "
-                         f"(tp {cfg.tp}); use tp 1", field="plan.config")
     rank_grid(plan)
     for value, field in ((args.steps, "--steps"), (args.checkpoint_every, "--checkpoint-every"),
                          (args.seed, "--seed"), (args.lr, "--lr")):
         check_option(value, field)
     if (args.checkpoint_every or args.resume) and not args.checkpoint_dir:
         raise InputError("needs --checkpoint-dir", field="--checkpoint-every" if args.checkpoint_every else "--resume")
-    if cfg.ep > 1 and (args.checkpoint_every or args.resume):
-        raise InputError(f"checkpoints of expert-parallel runs (ep {cfg.ep}) are not written yet",
-                         field="--checkpoint-every" if args.checkpoint_every else "--resume")
     if args.checkpoint_every:
         check_writable_dir(args.checkpoint_dir, "--checkpoint-dir", create=True)
     if args.checkpoint_every and not (args.resume or args.force) and ckpt.latest(args.checkpoint_dir) is not None:

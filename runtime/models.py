@@ -305,14 +305,14 @@ class MLP(nn.Module):
 
 def make_mlp(spec: ModelSpec, layer_id: int, tp_degree: int = 1, ep_group=None) -> nn.Module:
     """The MLP of layer `layer_id`: runtime.moe.MoEMLP for a mixture-of-experts layer of the spec (its experts
-    sharded over `ep_group`, a torch.distributed process group, when given), the dense MLP otherwise."""
+    sharded over `ep_group`, a torch.distributed process group, when given), the dense MLP otherwise; at the
+    local shapes of one TP shard for `tp_degree` > 1."""
     moe = spec.moe
     if moe is None or not moe.is_moe_layer(layer_id):
         return MLP(spec, tp_degree)
-    if tp_degree != 1:
-        raise ValueError("mixture-of-experts layers are not built for tensor parallelism")
     from runtime.moe import MoEMLP     # runtime.moe imports this module
-    return MoEMLP(spec.hidden_size, moe.expert_ffn_size, moe.num_experts, moe.top_k, moe.shared_width, ep_group)
+    return MoEMLP(spec.hidden_size, moe.expert_ffn_size, moe.num_experts, moe.top_k, moe.shared_width, ep_group,
+                  tp_degree)
 
 
 # ----------------------------------------------------------------------------------------------

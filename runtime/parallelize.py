@@ -61,17 +61,21 @@ def my_coords(plan: Plan, process_rank: int) -> Coords:
 # ----------------------------------------------------------------------------------------------
 # Tensor parallelism
 # ----------------------------------------------------------------------------------------------
-def apply_tensor_parallel(chunk: ModelChunk, tp_mesh: DeviceMesh, sp: bool, loss_parallel: bool) -> None:
+def apply_tensor_parallel(chunk: ModelChunk, tp_mesh: DeviceMesh, sp: bool, loss_parallel: bool,
+                          experts_tp_mesh: DeviceMesh | None = None) -> None:
     """Megatron-style TP (Shoeybi et al. 2019) on one chunk: q/k/v, fc1 (gate/up) column-parallel,
     output and fc2 (down) projections row-parallel, the token embedding and the LM head split by
     vocabulary. With `sp` the norms, dropouts and residual stream are sharded along the sequence
     (Korthikanti et al. 2022): one all-gather before attention and before the MLP, one reduce-scatter
     after each. With `loss_parallel` the head's logits stay vocabulary-sharded (a DTensor) for
-    `torch.distributed.tensor.parallel.loss_parallel`."""
+    `torch.distributed.tensor.parallel.loss_parallel`. A mixture-of-experts MLP (which needs `sp`) takes the
+    sequence shard as it is and shards itself (runtime.moe.MoEMLP.shard_for_tensor_parallel; its routed experts
+    over `experts_tp_mesh`, the TP dimension of the expert mesh under expert parallelism)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                    RowwiseParallel, SequenceParallel, parallelize_module)
 
+    from runtime.moe import MoEMLP
     seq_shard = Shard(1)
     for block in chunk.layers.values():
         plan = {
@@ -80,7 +84,12 @@ def apply_tensor_parallel(chunk: ModelChunk, tp_mesh: DeviceMesh, sp: bool, loss
             "attn.v_proj": ColwiseParallel(),
             "attn.o_proj": RowwiseParallel(output_layouts=seq_shard if sp else Replicate()),
         }
-        if block.mlp.swiglu:
+        moe = isinstance(block.mlp, MoEMLP)
+        if moe:
+            if not sp:
+                raise ValueError("mixture-of-experts layers under tensor parallelism need sequence parallelism")
+            block.mlp.shard_for_tensor_parallel(tp_mesh, experts_tp_mesh)
+        elif block.mlp.swiglu:
             plan.update({"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
                          "mlp.down_proj": RowwiseParallel(output_layouts=seq_shard if sp else Replicate())})
         else:
@@ -91,7 +100,9 @@ def apply_tensor_parallel(chunk: ModelChunk, tp_mesh: DeviceMesh, sp: bool, loss
             plan.update({
                 "norm1": SequenceParallel(), "norm2": SequenceParallel(),
                 "attn": PrepareModuleInput(input_layouts=(seq_shard,), desired_input_layouts=(Replicate(),)),
-                "mlp": PrepareModuleInput(input_layouts=(seq_shard,), desired_input_layouts=(Replicate(),)),
+                "mlp": PrepareModuleInput(input_layouts=(seq_shard,),
+                                          desired_input_layouts=(seq_shard if moe else Replicate(),),
+                                          use_local_output=moe),
             })
         parallelize_module(block, tp_mesh, plan)
     if chunk.embed is not None:
@@ -205,7 +216,8 @@ def build_chunks(plan: Plan, mesh: DeviceMesh, coords: Coords, device: torch.dev
             chunk = ModelChunk(spec, ids[j], first=(j == 0), last=(j == nchunks - 1), recompute=cfg.recompute,
                                vocab_tp=cfg.tp, ep_group=ep_group)
         if cfg.tp > 1:
-            apply_tensor_parallel(chunk, mesh["tp"], cfg.sp, loss_parallel)
+            apply_tensor_parallel(chunk, mesh["tp"], cfg.sp, loss_parallel,
+                                  expert_mesh["tp"] if expert_mesh is not None else None)
         if compile_blocks:
             for block in chunk.layers.values():
                 block.compile()

@@ -1,5 +1,6 @@
 """`torchrun --nproc-per-node 4 tests/moe_worker.py OUT`: runtime/moe.py's MoE MLP with expert parallelism 2 inside
-data parallelism 4 (EP groups {0,1} {2,3}, expert-data-parallel groups {0,2} {1,3}) against the same module on
+data parallelism 4 (EP groups {0,1} {2,3}, expert-data-parallel groups {0,2} {1,3}), and with tensor (and sequence)
+parallelism 2 times expert parallelism 2 (TP groups {0,1} {2,3}, EP groups {0,2} {1,3}), against the same module on
 one process over the whole batch; writes the largest relative errors (over ranks) to OUT."""
 
 from __future__ import annotations
@@ -49,6 +50,38 @@ def case(rank: int, world: int, ep_group, edp_group, shared: int, skew: float) -
     return errors
 
 
+def tp_case(mesh, shared: int, skew: float) -> dict[str, float]:
+    """Tensor parallelism 2 x expert parallelism 2 on the ("ep", "tp") mesh: EP rank r holds tokens
+    [r T, (r + 1) T) of the batch, TP rank t its sequence half; the router's and shared expert's gradients are
+    summed over the EP (here: data-parallel) group by hand, over TP by DTensor."""
+    torch.manual_seed(2)
+    ep, tp = mesh["ep"], mesh["tp"]
+    ref = MoEMLP(H, FFN, EXPERTS, TOP_K, shared)
+    with torch.no_grad():
+        ref.router.weight[0] += skew
+    x, y = torch.randn(2, 2 * TOKENS, H), torch.randn(2, 2 * TOKENS, H)      # [ep rank, sequence, h]
+    out_ref = ref(x)
+    ((out_ref - y) ** 2).sum().div(x.numel() / H).backward()
+
+    mod = MoEMLP(H, FFN, EXPERTS, TOP_K, shared, ep_group=ep.get_group())
+    mod.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.startswith("experts.")}, strict=False)
+    mod.load_experts(ref.experts.gate, ref.experts.up, ref.experts.down)
+    mod.shard_for_tensor_parallel(tp)
+    r, t = ep.get_local_rank(), tp.get_local_rank()
+    rows = slice(t * TOKENS, (t + 1) * TOKENS)
+    out = mod(x[r:r + 1, rows])
+    ((out - y[r:r + 1, rows]) ** 2).sum().div(x.numel() / H).backward()
+    errors = {"output": rel(out, out_ref[r:r + 1, rows])}
+    lo = mod.rank * mod.local
+    for name, p in mod.named_parameters():
+        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        if not name.startswith("experts."):
+            dist.all_reduce(grad, group=ep.get_group())
+        whole = dict(ref.named_parameters())[name].grad
+        errors[f"grad {name}"] = rel(grad, whole[lo:lo + mod.local] if name.startswith("experts.") else whole)
+    return errors
+
+
 def main(out_path: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -60,6 +93,13 @@ def main(out_path: str) -> None:
         worst = torch.tensor(list(errors.values()))
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         results[f"shared {shared}, skew {skew}"] = dict(zip(errors, worst.tolist()))
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep", "tp"))
+    for shared, skew in ((8, 0.0), (8, 3.0)):
+        errors = tp_case(mesh, shared, skew)
+        worst = torch.tensor(list(errors.values()))
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        results[f"tp2 ep2, shared {shared}, skew {skew}"] = dict(zip(errors, worst.tolist()))
     if rank == 0:
         Path(out_path).write_text(json.dumps(results, indent=1))
     dist.destroy_process_group()

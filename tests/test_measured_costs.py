@@ -80,3 +80,30 @@ def test_profile_of_another_model_sequence_or_device_is_not_used():
         plain = CostModel(MODEL, CLUSTER, TRAINING).evaluate(ParallelConfig(tp=1, dp=8))
         assert pred.predicted.step_time_s == pytest.approx(plain.predicted.step_time_s)
         assert "not used" in pred.predicted.sources["layer times and activation bytes"]
+
+
+def test_moe_blocks_take_the_factors_of_the_moe_measurements():
+    """moe-tiny has one dense layer and three MoE layers: a profile measuring dense blocks at 1x and MoE blocks at
+    3x the analytical numbers makes the mean block (1 * dense + 3 * 3 * MoE) / 4, layer by layer."""
+    from planner.cost.memory import block_activation_bytes as acts
+    model = PRESETS["moe-tiny"]
+    training = TrainingSpec(global_batch=8, seq_len=256, precision="bf16")
+    opts, (host_f, _) = KernelOptions.of(ENGINE), ENGINE.host_per_kernel
+    blocks, want = [], {}
+    for layer, scale in (("dense", 1.0), ("moe", 3.0)):
+        w = block_work(model, 1, 256, 1, False, "none", BF16, opts, moe_layer=layer == "moe")
+        f = pass_time(w.forward, CLUSTER.gpu, "bf16", host_f)
+        a = acts(model, 1, 256, 1, False, "none", BF16, opts, moe_layer=layer == "moe")
+        want[layer] = (f, a)
+        blocks.append(BlockMeasurement(layer=layer, tp=1, mbs=1, recompute="none", forward_s=f * scale,
+                                       backward_s=f * scale, activation_bytes=int(a * scale)))
+    prof = ModelProfile(model=model, precision="bf16", seq_len=256,
+                        device=DeviceInfo(type="cuda", name=CLUSTER.gpu.name, torch_version="2.13.0"), blocks=blocks)
+    cost = CostModel(model, CLUSTER, training, prof, "p.json")
+    _, tp_group, _ = cost.layout(1, 1, 8, ("tp", "dp", "pp"))
+    blk = cost.block(1, 1, False, "none", tp_group, BF16)
+    (f_d, a_d), (f_m, a_m) = want["dense"], want["moe"]
+    assert blk.forward.compute == pytest.approx((f_d + 3 * 3.0 * f_m) / 4)
+    assert blk.activation_bytes == pytest.approx((a_d + 3 * 3.0 * a_m) / 4, rel=1e-6)
+    said = cost.sources_for(ParallelConfig(dp=8))["layer times and activation bytes"]
+    assert "dense blocks measured" in said and "MoE blocks measured" in said

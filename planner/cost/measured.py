@@ -2,9 +2,9 @@
 
 A measurement is used as a correction of the analytical number at the same point: factor = measured /
 analytical. At a (tp, micro-batch) that was not measured, the factor is interpolated over the measured points
-of the same recompute mode (inverse-distance weights in log2 tp and log2 micro-batch, exact at measured
-points) and multiplies the analytical value there, so shapes between and beyond the measured ones keep the
-analytical model's scaling.
+of the same kind of block (dense or mixture of experts) and recompute mode (inverse-distance weights in
+log2 tp and log2 micro-batch, exact at measured points) and multiplies the analytical value there, so shapes
+between and beyond the measured ones keep the analytical model's scaling.
 """
 
 from __future__ import annotations
@@ -58,11 +58,12 @@ class MeasuredCosts:
         def timed(p, host: float) -> float:
             return pass_time(p, gpu, dt.matmul, host, gemm_scale=opts.gemm_scale)
         for b in profile.blocks:
-            w = block_work(model, b.mbs, seq, b.tp, False, b.recompute, dt, opts)
+            moe = b.layer == "moe"
+            w = block_work(model, b.mbs, seq, b.tp, False, b.recompute, dt, opts, moe_layer=moe)
             fwd = timed(w.forward, host_fwd)
             bwd = timed(w.backward, host_bwd) + timed(w.recompute, host_fwd)
-            act = block_activation_bytes(model, b.mbs, seq, b.tp, False, b.recompute, dt, opts)
-            self._blocks.setdefault(b.recompute, []).append(
+            act = block_activation_bytes(model, b.mbs, seq, b.tp, False, b.recompute, dt, opts, moe_layer=moe)
+            self._blocks.setdefault((b.layer, b.recompute), []).append(
                 (b.tp, b.mbs, (b.forward_s / fwd, b.backward_s / bwd, b.activation_bytes / act if act else 1.0)))
         for e in profile.ends:
             work = (embedding_work(model, e.mbs, seq, e.tp, False, dt) if e.part == "embedding"
@@ -91,12 +92,15 @@ class MeasuredCosts:
             return f"profile sequence {profile.seq_len} != {training.seq_len}"
         return ""
 
-    def block(self, tp: int, mbs: int, recompute: str) -> Factors | None:
-        points = self._blocks.get(recompute) or self._blocks.get("none")
+    def block(self, tp: int, mbs: int, recompute: str, moe: bool = False) -> Factors | None:
+        """The factors of a dense block (`moe` False) or a mixture-of-experts block: from the measurements of the
+        same kind of block (None when the profile has none)."""
+        layer = "moe" if moe else "dense"
+        points = self._blocks.get((layer, recompute)) or self._blocks.get((layer, "none"))
         if not points:
             return None
         (f, b, a), where = _interpolate(points, tp, mbs)
-        if recompute not in self._blocks:
+        if (layer, recompute) not in self._blocks:
             where = f"{where} (recompute none)"
         return Factors(f, b, a, where)
 

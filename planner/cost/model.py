@@ -308,7 +308,7 @@ class CostModel:
         fwd = self._pass_cost(w.forward, tp_group, dt, self.host_fwd, ep_group)
         bwd = self._pass_cost(w.backward, tp_group, dt, self.host_bwd, ep_group)
         rec = self._pass_cost(w.recompute, tp_group, dt, self.host_fwd, ep_group)
-        factors = self.measured.block(tp, mbs, recompute) if self.measured else None
+        factors = self.measured.block(tp, mbs, recompute, moe) if self.measured else None
         if factors is not None:   # measured kernels; TP collectives stay on the cluster's links
             fwd, bwd, rec = (PassCost(pc.compute * k, pc.comm, pc.ep) for pc, k in
                              ((fwd, factors.forward), (bwd, factors.backward), (rec, factors.backward)))
@@ -336,7 +336,7 @@ class CostModel:
         if hit is None:
             load = imbalance(self.model, self.training, ep) if moe else 1.0
             hit = block_activation_bytes(self.model, mbs, self.seq, tp, sp, recompute, dt, self.opts, moe, load)
-            factors = self.measured.block(tp, mbs, recompute) if self.measured else None
+            factors = self.measured.block(tp, mbs, recompute, moe) if self.measured else None
             if factors is not None:
                 hit *= factors.activations
             self._kind_acts[key] = hit
@@ -1001,9 +1001,13 @@ class CostModel:
         """`sources` with where this configuration's block numbers came from."""
         out = dict(self.sources)
         if self.measured is not None:
-            factors = self.measured.block(cfg.tp, cfg.mbs, cfg.recompute)
-            if factors is not None:
-                out["layer times and activation bytes"] += f": {factors.measured_at}"
+            kinds = sorted({moe for (moe, _), _ in self.mix})
+            where = []
+            for moe in kinds:
+                factors = self.measured.block(cfg.tp, cfg.mbs, cfg.recompute, moe)
+                said = factors.measured_at if factors is not None else "computed (not in the profile)"
+                where.append(f"{'MoE' if moe else 'dense'} blocks {said}" if len(kinds) > 1 else said)
+            out["layer times and activation bytes"] += ": " + "; ".join(where)
         return out
 
     def evaluate(self, cfg: ParallelConfig, order: tuple[str, str, str] = DEFAULT_ORDER,
