@@ -9,9 +9,9 @@ sync between the first and last stage) cross groups.
 Each stage is priced by its group's homogeneous CostModel (planner.cost.model): its blocks, embedding or head,
 DP communication against the compute it overlaps, memory timeline at its pipeline position and optimizer
 step, all on that GPU type; the pipeline transfers on the link between the two stages' GPUs
-(planner.hetero.groups); the schedule's step from the per-stage times (planner.cost.pipeline, the slowest
-transfer on every hop, as the homogeneous model takes its slowest pair). On a one-group cluster this is the
-homogeneous model's number (tests check it).
+(planner.hetero.groups); the step from the per-stage times by planner.cost.step, the homogeneous model's own
+function (the slowest transfer on every hop, as the homogeneous model takes its slowest pair). On a one-group
+cluster this is the homogeneous model's number (tests check it).
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from planner.cost.comm import Group
-from planner.cost.dp_comm import exposed
-from planner.cost.moe import add_comm
 from planner.cost.model import MEMORY_HEADROOM, CostModel, StageMem
-from planner.cost.pipeline import pipeline_time
+from planner.cost.step import DeviceWork, step_times
 from planner.engine import EngineSpec
 from planner.hetero.assign import StageProblem
 from planner.hetero.groups import GroupLinks, PlacedGroup, node_groups
@@ -249,78 +247,25 @@ class HeteroCost:
         nmb = cand.microbatches(self.training.global_batch)
         parts = [self._on_group(cand, k) for k in groups]
         params = [parts[s].cost.device_params(cand, s, n) for s, n in enumerate(layers)]
-
-        fwd = [n * parts[s].blk.forward.total + host.per_microbatch_s for s, n in enumerate(layers)]
-        bwd = [n * (parts[s].blk.backward.total + parts[s].blk.recompute.total) for s, n in enumerate(layers)]
-        fwd[0] += parts[0].ends.emb_fwd.total
-        bwd[0] += parts[0].ends.emb_bwd.total
-        fwd[last] += parts[last].ends.head_fwd.total
-        bwd[last] += parts[last].ends.head_bwd.total
-
-        kappa = self.cluster.overlap_slowdown
-        comms = [parts[s].cost.dp_comm(cand, params[s], layers[s], parts[s].dp_group) for s in range(p)]
-        if parts[0].cost.has_experts(cand):   # expert gradients over the expert-DP group, in the same windows
-            comms = [add_comm(c, part.cost.dp_comm(cand, part.cost.expert_params(cand, n), n, part.edp_group,
-                                                   cand.dp // cand.ep))
-                     for c, part, n in zip(comms, parts, layers)]
-        zero_fwd, zero_bwd, once_first, once_last = [0.0] * p, [0.0] * p, [0.0] * p, [0.0] * p
-        for s, c in enumerate(comms):
-            zero_fwd[s] = exposed(c.fwd_each, fwd[s], kappa, c.fwd_piece)
-            zero_bwd[s] = exposed(c.bwd_each, bwd[s], kappa, c.bwd_piece)
-            once_first[s] = exposed(c.first_fwd, fwd[s] + zero_fwd[s], kappa, c.fwd_piece)
-            once_last[s] = exposed(c.last_bwd, bwd[s] + zero_bwd[s], kappa, 0.0 if c.bwd_each else c.bwd_piece)
-            fwd[s] += zero_fwd[s]
-            bwd[s] += zero_bwd[s]
-        every = [f + b for f, b in zip(zero_fwd, zero_bwd)]
-
         devices = self.devices(cand, groups)
+        tied = m.tied_embeddings and p > 1
+        work = [DeviceWork(n, part.blk, part.ends, part.cost.stage_comm(cand, params[s], n, part.dp_group,
+                                                                        part.edp_group),
+                           self._tied_sync(cand, devices, part.cost) if tied and s in (0, last) else 0.0,
+                           part.cost.optimizer_seconds(cand, params[s], n))
+                for s, (part, n) in enumerate(zip(parts, layers))]
         blocking = self.engine.overlap.pp_p2p == "exposed"
         p2p = (max(self.hop_seconds(cand, devices, s) for s in range(p - 1)) + self.costs[0].host_coll
                if p > 1 else 0.0)
-        pipe, crit = pipeline_time(cand.schedule, nmb, fwd, bwd, p2p, 1, blocking)
-
-        ends_at, slack = [], 0.0
-        for s in range(p):
-            cost = parts[s].cost
-            comm = once_last[s] + comms[s].after
-            if m.tied_embeddings and p > 1 and s in (0, last):
-                comm += self._tied_sync(cand, devices, cost)
-            sharded = cand.zero >= cost.recipe(cand.zero, cand.dp).moments_sharded_from
-            opt = (params[s] / (cand.dp if sharded else 1)
-                   + cost.expert_params(cand, layers[s]) / (cand.dp // cand.ep if sharded else 1)
-                   ) * cost.optimizer_seconds_per_param(cand.zero, cand.dp)
-            ends_at.append((pipe - slack + comm + opt, comm, opt, s))
-            slack += bwd[s] + p2p
-        finish, post_comm, post_opt, _ = max(ends_at)
-        first = max(once_first)
-        step = finish + first + host.per_step_s
-        after = finish - pipe
-        if post_comm + post_opt > after > 0:
-            post_comm, post_opt = (x * after / (post_comm + post_opt) for x in (post_comm, post_opt))
-
-        blk, ends = parts[crit].blk, parts[crit].ends
-        n = layers[crit]
-        recompute = n * blk.recompute.compute
-        ep_comm = n * (blk.forward.ep + blk.backward.ep + blk.recompute.ep)
-        tp_comm = n * (blk.forward.comm + blk.backward.comm + blk.recompute.comm) - ep_comm
-        if crit == 0:
-            tp_comm += ends.emb_fwd.comm + ends.emb_bwd.comm
-        if crit == last:
-            tp_comm += ends.head_fwd.comm + ends.head_bwd.comm
-        compute = fwd[crit] + bwd[crit] - every[crit] - recompute - tp_comm - ep_comm - host.per_microbatch_s
-        transfers = pipe - pipeline_time(cand.schedule, nmb, fwd, bwd, 0.0, 1, blocking)[0] if p > 1 else 0.0
-        time = dict(compute=nmb * compute, recompute=nmb * recompute, tp_comm=nmb * tp_comm, ep_comm=nmb * ep_comm,
-                    pp_comm=transfers,
-                    dp_comm_exposed=nmb * every[crit] + first + post_comm, optimizer=post_opt,
-                    host=nmb * host.per_microbatch_s + host.per_step_s)
-        time["bubble"] = max(0.0, step - sum(time.values()))
+        times = step_times(cand.schedule, 1, nmb, work, p2p, self.cluster.overlap_slowdown, host.per_microbatch_s,
+                        host.per_step_s, blocking)
 
         stages = [parts[s].cost.stage_memory(cand, s, [layers[s]], nmb, parts[s].blk, parts[s].dt) for s in range(p)]
         reserved = [st.total * parts[s].cost.margin for s, st in enumerate(stages)]
         budgets = [parts[s].cost.budget_bytes for s in range(p)]
         feasible = all(r <= b for r, b in zip(reserved, budgets))
-        return HeteroCore(cand, tuple(groups), list(layers), nmb, step, crit, time, stages, reserved, budgets,
-                          feasible, devices, p2p, method)
+        return HeteroCore(cand, tuple(groups), list(layers), nmb, times.step, times.crit, times.time, stages,
+                          reserved, budgets, feasible, devices, p2p, method)
 
     def _tied_sync(self, cand: Candidate, devices: tuple[int, ...], cost: CostModel) -> float:
         """The tied embedding's gradient all-reduce between the first and the last stage's GPU of each replica."""
