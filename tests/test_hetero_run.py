@@ -19,7 +19,7 @@ STEPS = 3
 def test_node_group_plan_runs_and_matches_single_process(tmp_path, capsys):
     plan_file = tmp_path / "plan.json"
     r = run_cli(capsys, "plan", "-m", MODEL, "-c", CLUSTER, "-b", 8, "--seq", 32, "--precision", "fp32",
-                "--pp", 2, "--tp", 1, "--top", 1, "-o", plan_file)
+                "--pp", 2, "--dp", 2, "--tp", 1, "--top", 1, "-o", plan_file)
     assert r.code == 0, r.err
     plan = json.loads(plan_file.read_text())
     cfg = plan["config"]

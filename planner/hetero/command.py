@@ -21,10 +21,14 @@ def hetero_plan(model, cluster, training, constraints: Constraints, engine, memo
     hc = result.cost
     if not result.top:
         closest = result.closest
+        if closest is None and result.rejected["out_of_memory"]:
+            raise NoFeasiblePlan(f"no configuration fits in memory ({result.candidates:,} candidates): in none "
+                                 f"can the pipeline's positions hold the model's {hc.model.num_layers} layers",
+                                 field="plan")
         if closest is None:
-            raise NoFeasiblePlan(f"no configuration fills the node groups of {cluster.name} evenly (a stage is "
-                                 f"tp x dp GPUs of one group, and every group must hold whole stages) within "
-                                 f"the pins and limits", field="plan")
+            raise NoFeasiblePlan(f"no configuration fills the node groups of {cluster.name} it uses evenly (a "
+                                 f"stage is tp x dp GPUs of one group, and every group used must hold whole "
+                                 f"stages) within the pins and limits", field="plan")
         worst = prediction(hc, closest)
         raise NoFeasiblePlan(f"no configuration fits in memory ({result.candidates:,} candidates); the closest, "
                              f"{worst.config.short()}, {worst.reason.removeprefix('out of memory: ')}")

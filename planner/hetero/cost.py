@@ -16,6 +16,8 @@ cluster this is the homogeneous model's number (tests check it).
 
 from __future__ import annotations
 
+import copy
+from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -62,6 +64,11 @@ class HeteroCore:
     method: str = ""                 # how the stages were assigned (planner.hetero.assign)
 
     @property
+    def used(self) -> tuple[int, ...]:
+        """The groups the plan runs on (it fills each of them; the others idle)."""
+        return tuple(sorted(set(self.groups)))
+
+    @property
     def fullest(self) -> int:
         """The stage closest to its budget."""
         return max(range(len(self.stages)), key=lambda s: self.reserved[s] / self.budgets[s])
@@ -78,18 +85,28 @@ class HeteroCost:
                       for g in self.groups]
         self.model, self.engine = self.costs[0].model, self.costs[0].engine
         self.links = GroupLinks(cluster, self.groups)
+        self.used: tuple[int, ...] = tuple(range(len(self.groups)))    # the groups stages may run on
         self._stage_cache: dict[tuple, tuple] = {}
         self._block_seconds: dict[tuple, float] = {}
         self._end_seconds: dict[tuple, tuple[float, float]] = {}
+        self._held: dict[tuple, list[tuple[int, int]]] = {}
+        self.bounds: dict[tuple, float] = {}     # the search's lower bounds (planner.hetero.search.time_bound)
+
+    def using(self, used: tuple[int, ...]) -> "HeteroCost":
+        """The same cost models and caches with stages allowed on the groups `used` only (the others idle)."""
+        view = copy.copy(self)
+        view.used = tuple(sorted(used))
+        return view
 
     # ------------------------------------------------------------------ what a stage is on each group
     def capacity(self, tp: int, dp: int) -> list[int]:
-        """Stages of tp * dp GPUs each group holds (0 where TP would leave a node or stages do not pack nodes)."""
+        """Stages of tp * dp GPUs each group holds (0 where TP would leave a node or stages do not pack nodes,
+        and on the groups left idle)."""
         size = tp * dp
         out = []
         for g in self.groups:
             packs = size % g.gpus_per_node == 0 or g.gpus_per_node % size == 0
-            out.append(g.gpus // size if tp <= g.gpus_per_node and packs else 0)
+            out.append(g.gpus // size if tp <= g.gpus_per_node and packs and g.index in self.used else 0)
         return out
 
     def _on_group(self, cand: Candidate, k: int) -> StageParts:
@@ -116,9 +133,10 @@ class HeteroCost:
         hit = self._block_seconds.get(key)
         if hit is None:
             cost = self.costs[k]
-            inside = Group(tuple(range(cand.tp)), 1)
+            inside, alone = Group(tuple(range(cand.tp)), 1), Group((0,), 1)   # alone: no expert parallelism, the
+            # one-rank EP group the homogeneous model passes too, so both searches share one cached block
             hit = self._block_seconds[key] = cost.block(cand.tp, cand.mbs, cand.sp, cand.recompute, inside,
-                                                        cost.dtypes(cand.zero, cand.dp)).total
+                                                        cost.dtypes(cand.zero, cand.dp), 1, alone).total
         return hit
 
     def end_seconds(self, cand: Candidate, groups: list[int]) -> tuple[dict[int, float], dict[int, float]]:
@@ -199,13 +217,23 @@ class HeteroCost:
             if capacity[k]:
                 dt = cost.dtypes(cand.zero, cand.dp)
                 per_group.append((cost.capacity, cost._forward_bytes_per_block(cand, cost.recipe(cand.zero, cand.dp)),
-                                  cost._block_activations(cand, dt), cost))
-        total = 0
-        for s in range(cand.pp):
-            total += max(int(cap // (b + a * max(cost._held(cand, s, nmb)))) for cap, b, a, cost in per_group)
-            if total >= self.model.num_layers:
+                                  cost._block_activations(cand, dt)))
+        total, L = 0, self.model.num_layers
+        for held, positions in self._held_positions(cand, nmb):
+            total += positions * max(int(cap // (b + a * held)) for cap, b, a in per_group)
+            if total >= L:
                 break
         return total
+
+    def _held_positions(self, cand: Candidate, nmb: int) -> list[tuple[int, int]]:
+        """(micro-batches kept at the peak, how many pipeline positions keep that many), the schedule's for any
+        GPU type, fewest first."""
+        key = (cand.schedule, cand.pp, nmb)
+        hit = self._held.get(key)
+        if hit is None:
+            held = Counter(max(self.costs[0]._held(cand, s, nmb)) for s in range(cand.pp))
+            hit = self._held[key] = sorted(held.items())
+        return hit
 
     # ------------------------------------------------------------------ the assignment problem
     def problem(self, cand: Candidate, memory: bool = True) -> StageProblem:
