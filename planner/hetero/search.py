@@ -21,7 +21,7 @@ import heapq
 import time
 from itertools import combinations
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -159,35 +159,39 @@ def search_hetero(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec
     found: list[HeteroCore] = []
     best: list[float] = []         # max-heap (negated) of the top_k steps
     closest, evaluated = None, 0
-    while queue:
-        bound, _, cand, view = heapq.heappop(queue)
-        if len(best) == top_k and bound > -best[0] * (1 + TIE_TOLERANCE) * SLACK:
-            heapq.heappush(queue, (bound, _, cand, view))
-            break
-        core, closer = _cost(view, cand, rejected)
-        evaluated += core is not None or closer is not None
-        if closer is not None and (closest is None or max(closer.reserved) < max(closest.reserved)):
-            closest = closer
-        if core is None:
-            continue
-        found.append(core)
-        if len(best) < top_k:
-            heapq.heappush(best, -core.step)
-        elif core.step < -best[0]:
-            heapq.heapreplace(best, -core.step)
-    found.sort(key=lambda c: c.step)
-    every = None
-    if found and found[0].used != hc.used:     # the winner leaves groups idle: what using all of them costs
-        every, more = _best_on_every_group(hc, queue, found, rejected)
-        evaluated += more
-    rejected["dominated"] += len(queue)
-    # CBC runs in its own process: the baselines are costed while it works
+    # CBC runs in its own process: it solves the leader's assignment while the search goes on, and the
+    # baselines are costed while it solves the final one
     with ThreadPoolExecutor(max_workers=1) as pool:
+        exact = _Exact(pool)
+        while queue:
+            bound, tie, cand, view = heapq.heappop(queue)
+            if len(best) == top_k and bound > -best[0] * (1 + TIE_TOLERANCE) * SLACK:
+                heapq.heappush(queue, (bound, tie, cand, view))
+                break
+            core, closer = _cost(view, cand, rejected)
+            evaluated += core is not None or closer is not None
+            if closer is not None and (closest is None or max(closer.reserved) < max(closest.reserved)):
+                closest = closer
+            if core is None:
+                continue
+            if not found or core.step < min(c.step for c in found):
+                exact.offer(view, core)
+            found.append(core)
+            if len(best) < top_k:
+                heapq.heappush(best, -core.step)
+            elif core.step < -best[0]:
+                heapq.heapreplace(best, -core.step)
+        found.sort(key=lambda c: c.step)
+        every = None
+        if found and found[0].used != hc.used:     # the winner leaves groups idle: what using all of them costs
+            every, more = _best_on_every_group(hc, queue, found, rejected)
+            evaluated += more
+        rejected["dominated"] += len(queue)
         again = found[:TOP_EXACT] + ([every] if every is not None else [])
-        exact = [pool.submit(best_assignment, hc.using(core.used).problem(core.cand)) for core in again]
+        answers = [exact.of(hc.using(core.used), core) for core in again]
         naive = naive_rank_order(hc.using(found[0].used), found[0].cand) if found else None
         parts = single_parts(hc, constraints) if baselines else []
-        refined = [_refine(hc, core, a.result()) for core, a in zip(again, exact)]
+        refined = [_refine(hc, core, a.result()) for core, a in zip(again, answers)]
     if every is not None:
         every = refined.pop()
     refined += found[TOP_EXACT:]
@@ -195,6 +199,27 @@ def search_hetero(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec
     return HeteroResult(top=top, candidates=count, evaluated=evaluated, rejected=rejected, naive=naive,
                         parts=parts, closest=None if top else closest, cost=hc, every_group=every,
                         seconds=time.perf_counter() - start)
+
+
+class _Exact:
+    """Stage assignments by the ILP (planner.hetero.assign.best_assignment), one solve at a time on `pool`:
+    `offer` starts the search's new leader's when no solve is running, `of` returns a plan's, started then if
+    it was not before."""
+
+    def __init__(self, pool: ThreadPoolExecutor):
+        self.pool = pool
+        self.started: dict[tuple, Future] = {}
+        self.running: Future | None = None
+
+    def offer(self, view: HeteroCost, core: HeteroCore) -> None:
+        if self.running is None or self.running.done():
+            self.running = self.of(view, core)
+
+    def of(self, view: HeteroCost, core: HeteroCore) -> Future:
+        key = (core.cand, core.used)
+        if key not in self.started:
+            self.started[key] = self.pool.submit(best_assignment, view.problem(core.cand))
+        return self.started[key]
 
 
 def _cost(view: HeteroCost, cand: Candidate, rejected: Counter) -> tuple[HeteroCore | None, HeteroCore | None]:
