@@ -11,7 +11,7 @@ and the step's breakdown on the critical device (it sums to the step).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from planner.cost.dp_comm import DPComm, exposed
 from planner.cost.pipeline import pipeline_time
@@ -20,9 +20,9 @@ if TYPE_CHECKING:
     from planner.cost.model import BlockCost, EndsCost
 
 
-@dataclass(frozen=True)
-class DeviceWork:
-    """What one pipeline device (all its chunks) does per step: seconds, and blocks."""
+class DeviceWork(NamedTuple):
+    """What one pipeline device (all its chunks) does per step: seconds, and blocks (a tuple: the search
+    builds one per device of every configuration it costs)."""
 
     layers: int              # blocks on the device
     block: "BlockCost"       # one block, one micro-batch, on this device's GPUs and links
