@@ -3,6 +3,7 @@ computation, the heterogeneous cost against the homogeneous model where both app
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -219,3 +220,51 @@ def test_search_prunes_nothing_better_than_its_answer():
             best = min(best, core.step)
     found = search_hetero(model, small, training, top_k=1, baselines=False)
     assert found.top[0].step <= best * (1 + 1e-12)
+
+
+def _compositions(total: int, parts: int):
+    """Every split of `total` blocks into `parts` stages of at least one."""
+    for cuts in itertools.combinations(range(1, total), parts - 1):
+        yield [b - a for a, b in zip((0,) + cuts, cuts + (total,))]
+
+
+def test_a_group_that_only_hurts_is_left_idle():
+    """Two one-node groups of two CPUs, the second three times slower and behind a 2 MB/s link: brute force over
+    every subset of groups, configuration, stage-to-group assignment and layer split (each costed in full) says
+    the fast group alone wins; the search returns that plan and says what using the slow group costs."""
+    from collections import Counter
+
+    from planner.hetero.report import explain
+    from planner.hetero.search import enumerate_hetero
+    from planner.loaders import load_model
+    from planner.search.space import Constraints
+    from tests.conftest import DATA
+    data = yaml.safe_load((DATA / "clusters" / "cpu-two-groups.yaml").read_text())
+    data["group_links"] = [{"between": ["fast", "slow"], "bandwidth": 2e6, "latency": 5e-3, "efficiency": 1.0}]
+    cluster = ClusterSpec.model_validate(data)
+    model = load_model(str(DATA / "clusters" / "gpt-tiny-8.yaml"))
+    training = TrainingSpec(global_batch=8, seq_len=32, precision="fp32")
+
+    hc = HeteroCost(model, cluster, training)
+    brute: dict[tuple, float] = {}
+    for used in [(0, 1), (0,), (1,)]:
+        view = hc.using(used)
+        for cand in enumerate_hetero(view, Constraints(), Counter()):
+            slots = [k for k, n in enumerate(view.capacity(cand.tp, cand.dp)) for _ in range(n)]
+            for groups in set(itertools.permutations(slots)):
+                for layers in _compositions(model.num_layers, cand.pp):
+                    core = hc.evaluate(cand, groups, layers)
+                    if core.feasible:
+                        brute[used] = min(brute.get(used, math.inf), core.step)
+    assert min(brute, key=brute.get) == (0,) and brute[(0, 1)] > 1.3 * brute[(0,)]
+
+    result = search_hetero(model, cluster, training, top_k=3)
+    best = result.top[0]
+    assert best.used == (0,) and set(best.groups) == {0}
+    assert best.step <= brute[(0,)] * 1.01          # the layer split is the stage objective's (0.5% off here)
+    assert best.step < brute[(0, 1)]                # faster than any plan on both groups
+    every = result.every_group
+    assert every.used == (0, 1) and every.step >= brute[(0, 1)] * (1 - 1e-12)
+    lines = explain(result.cost, result)
+    assert lines[0].startswith("the slow group is left idle: using it costs more than it adds")
+    assert f"{every.step / best.step - 1:+.1%}" in lines[0]

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, replace
 
 from planner.cost.comm import Group, Network
-from planner.cost.dp_comm import DPComm, exposed, stage_dp_comm
+from planner.cost.dp_comm import DPComm, stage_dp_comm
 from planner.cost.flops import hardware_flops_per_step, model_flops_per_step
 from planner.cost.kernels import Dtypes, KernelOptions, block_work, embedding_work, head_work, pass_time
 from planner.cost.measured import MeasuredCosts
@@ -24,8 +24,9 @@ from planner.cost.memory import (GIB, autocast_weight_bytes, block_activation_by
 from planner.cost.moe import add_comm, ep_group, expert_dp_group, imbalance
 from planner.cost.params import (final_norm_params, layer_mix, mean_layer_params, padded_vocab_size,
                                  position_params, tensors_per_block, total_params)
-from planner.cost.pipeline import p2p_on_path, pipeline_time
+from planner.cost.pipeline import p2p_on_path
 from planner.cost.stage_work import StageWork
+from planner.cost.step import DeviceWork, step_times
 from planner.cost.timeline import PhaseMemory, Regime, StageInputs, Timeline, grads_between_bytes, stage_timeline
 from planner.engine import EngineSpec, engine_on, load_engine
 from planner.layout import DEFAULT_ORDER, Layout
@@ -891,6 +892,23 @@ class CostModel:
                              lambda op, nbytes: self.net.collective(op, nbytes, dp_group) + self.host_coll,
                              self.dp_calls_per_block)
 
+    def stage_comm(self, cfg: ParallelConfig, params: float, layers: int, dp_group: Group,
+                   edp_group: Group | None) -> DPComm:
+        """One device's data-parallel communication: its `params` over `dp_group` and, with routed experts,
+        their gradients over the expert-data-parallel group in the same windows."""
+        comm = self.dp_comm(cfg, params, layers, dp_group)
+        if self.has_experts(cfg):
+            comm = add_comm(comm, self.dp_comm(cfg, self.expert_params(cfg, layers), layers, edp_group,
+                                               cfg.dp // cfg.ep))
+        return comm
+
+    def optimizer_seconds(self, cfg: ParallelConfig, params: float, layers: int) -> float:
+        """One device's optimizer step over its `params` and its `layers` blocks' experts, as sharded."""
+        sharded = cfg.zero >= self.recipe(cfg.zero, cfg.dp).moments_sharded_from
+        return (params / (cfg.dp if sharded else 1)
+                + self.expert_params(cfg, layers) / (cfg.dp // cfg.ep if sharded else 1)
+                ) * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
+
     def evaluate_core(self, cfg: ParallelConfig, order: tuple[str, str, str] = DEFAULT_ORDER,
                       devices: tuple[int, ...] | None = None) -> Core:
         """Step time, its breakdown and memory per stage of a valid `cfg` (see `evaluate`); `devices` places
@@ -907,80 +925,17 @@ class CostModel:
         device_chunks = [chunks[i::pp] for i in range(pp)]
         layers = [sum(c) for c in device_chunks]
         params = [self.device_params(cfg, i, n) for i, n in enumerate(layers)]
-
-        # --- per-device, per-micro-batch times (embedding on the first device, head and loss on the last),
-        # with the engine's host cost per micro-batch
-        fwd = [n * blk.forward.total + host.per_microbatch_s for n in layers]
-        bwd = [n * (blk.backward.total + blk.recompute.total) for n in layers]
-        fwd[0] += ends.emb_fwd.total
-        bwd[0] += ends.emb_bwd.total
-        fwd[last] += ends.head_fwd.total
-        bwd[last] += ends.head_bwd.total
-
-        # --- data-parallel communication as the engine issues it, against the compute it overlaps
-        kappa = self.cluster.overlap_slowdown
-        comms = [self.dp_comm(cfg, params[i], layers[i], dp_group) for i in range(pp)]
-        if self.has_experts(cfg):    # expert gradients over the expert-data-parallel group, in the same windows
-            comms = [add_comm(c, self.dp_comm(cfg, self.expert_params(cfg, n), n, edp_group, cfg.dp // cfg.ep))
-                     for c, n in zip(comms, layers)]
-        zero_fwd, zero_bwd = [0.0] * pp, [0.0] * pp
-        once_first, once_last = [0.0] * pp, [0.0] * pp
-        for i, c in enumerate(comms):
-            zero_fwd[i] = exposed(c.fwd_each, fwd[i], kappa, c.fwd_piece)
-            zero_bwd[i] = exposed(c.bwd_each, bwd[i], kappa, c.bwd_piece)
-            once_first[i] = exposed(c.first_fwd, fwd[i] + zero_fwd[i], kappa, c.fwd_piece)
-            once_last[i] = exposed(c.last_bwd, bwd[i] + zero_bwd[i], kappa, 0.0 if c.bwd_each else c.bwd_piece)
-            fwd[i] += zero_fwd[i]
-            bwd[i] += zero_bwd[i]
-        every = [f + b for f, b in zip(zero_fwd, zero_bwd)]
-
-        # --- pipeline
+        tied = 0.0
+        if m.tied_embeddings and pp > 1:
+            tied = self.net.collective("all_reduce", self.vocab(cfg.tp) * m.hidden_size / cfg.tp
+                                       * self.recipe(cfg.zero, cfg.dp).reduce_bytes, self._tied_pair(layout))
+        work = [DeviceWork(n, blk, ends, self.stage_comm(cfg, params[i], n, dp_group, edp_group),
+                           tied if i in (0, last) else 0.0, self.optimizer_seconds(cfg, params[i], n))
+                for i, n in enumerate(layers)]
         blocking = self.engine.overlap.pp_p2p == "exposed"
         p2p = self._p2p(layout, self._act_msg(cfg)) if pp > 1 else 0.0
-        pipe, crit = pipeline_time(cfg.schedule, nmb, fwd, bwd, p2p, cfg.vpp, blocking)
-
-        # --- after each device's last backward (later stages finish theirs earlier, as the last micro-batch's
-        # gradient flows back to stage 0): the rest of the gradient reduction, the tied-embedding sync, the
-        # optimizer step
-        ends_at, slack = [], 0.0
-        per_hop = (1.0 / cfg.vpp) if cfg.schedule == "interleaved" else 1.0
-        for i in range(pp):
-            comm = once_last[i] + comms[i].after
-            if m.tied_embeddings and pp > 1 and i in (0, last):
-                recipe = self.recipe(cfg.zero, cfg.dp)
-                comm += self.net.collective("all_reduce", self.vocab(cfg.tp) * m.hidden_size / cfg.tp
-                                            * recipe.reduce_bytes, self._tied_pair(layout))
-            sharded = cfg.zero >= self.recipe(cfg.zero, cfg.dp).moments_sharded_from
-            opt = (params[i] / (cfg.dp if sharded else 1)
-                   + self.expert_params(cfg, layers[i]) / (cfg.dp // cfg.ep if sharded else 1)
-                   ) * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
-            ends_at.append((pipe - slack + comm + opt, comm, opt, i))
-            slack += bwd[i] * per_hop + p2p
-        finish, post_comm, post_opt, post_dev = max(ends_at)
-        first = max(once_first)
-        step = finish + first + host.per_step_s
-        # what the step spends after the pipeline: the finishing device's communication and optimizer, less the
-        # part of it that ran while the pipeline drained
-        after = finish - pipe
-        if post_comm + post_opt > after > 0:
-            post_comm, post_opt = (x * after / (post_comm + post_opt) for x in (post_comm, post_opt))
-
-        # --- time breakdown on the critical path (sums to step)
-        n = layers[crit]
-        recompute = n * blk.recompute.compute
-        ep_comm = n * (blk.forward.ep + blk.backward.ep + blk.recompute.ep)
-        tp_comm = n * (blk.forward.comm + blk.backward.comm + blk.recompute.comm) - ep_comm
-        for is_end, parts in ((crit == 0, (ends.emb_fwd, ends.emb_bwd)), (crit == last, (ends.head_fwd, ends.head_bwd))):
-            if is_end:
-                tp_comm += parts[0].comm + parts[1].comm
-        compute = fwd[crit] + bwd[crit] - every[crit] - recompute - tp_comm - ep_comm - host.per_microbatch_s
-        # what the transfers add to the pipeline (its time less the same schedule with instant transfers)
-        transfers = pipe - pipeline_time(cfg.schedule, nmb, fwd, bwd, 0.0, cfg.vpp, blocking)[0] if pp > 1 else 0.0
-        time = dict(compute=nmb * compute, recompute=nmb * recompute, tp_comm=nmb * tp_comm, ep_comm=nmb * ep_comm,
-                    pp_comm=transfers,
-                    dp_comm_exposed=nmb * every[crit] + first + post_comm, optimizer=post_opt,
-                    host=nmb * host.per_microbatch_s + host.per_step_s)
-        time["bubble"] = max(0.0, step - sum(time.values()))
+        st = step_times(cfg.schedule, cfg.vpp, nmb, work, p2p, self.cluster.overlap_slowdown,
+                        host.per_microbatch_s, host.per_step_s, blocking)
 
         # --- memory
         stages = [self.stage_memory(cfg, i, device_chunks[i], nmb, blk, dt) for i in range(pp)]
@@ -988,14 +943,12 @@ class CostModel:
         fullest = max(range(pp), key=totals.__getitem__)
         peak_total = totals[fullest]
         peak_reserved = peak_total * self.margin
-        return Core(cfg=cfg, order=order, chunks=chunks, nmb=nmb, step=step, crit=crit, time=time, stages=stages,
-                    peak_total=peak_total, peak_reserved=peak_reserved, fullest=fullest,
+        return Core(cfg=cfg, order=order, chunks=chunks, nmb=nmb, step=st.step, crit=st.crit, time=st.time,
+                    stages=stages, peak_total=peak_total, peak_reserved=peak_reserved, fullest=fullest,
                     feasible=peak_reserved <= self.budget_bytes, devices=devices,
-                    work=StageWork(device_chunks, blk, ends, zero_fwd, zero_bwd, p2p,
-                                   [e[1] for e in sorted(ends_at, key=lambda e: e[3])],
-                                   [e[2] for e in sorted(ends_at, key=lambda e: e[3])], pipe,
-                                   pre_comm=first, host_step=host.per_step_s, blocking_p2p=blocking,
-                                   host_microbatch=host.per_microbatch_s))
+                    work=StageWork(device_chunks, blk, ends, st.zero_fwd, st.zero_bwd, p2p, st.post_comm,
+                                   st.post_opt, st.pipeline, pre_comm=st.pre_comm, host_step=host.per_step_s,
+                                   blocking_p2p=blocking, host_microbatch=host.per_microbatch_s))
 
     def sources_for(self, cfg: ParallelConfig) -> dict[str, str]:
         """`sources` with where this configuration's block numbers came from."""

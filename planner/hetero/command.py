@@ -7,7 +7,8 @@ from rich.console import Console
 from planner.cost.memory import GIB
 from planner.cost.params import total_params
 from planner.errors import NoFeasiblePlan
-from planner.hetero.cost import HeteroCost
+from planner.hetero.cost import HeteroCore, HeteroCost
+from planner.hetero.groups import used_groups_cluster
 from planner.hetero.report import explain, prediction, rank_rows
 from planner.hetero.search import HeteroResult, search_hetero
 from planner.plan import NodeGroupsReport, Plan, RankEntry, SearchStats
@@ -21,15 +22,23 @@ def hetero_plan(model, cluster, training, constraints: Constraints, engine, memo
     hc = result.cost
     if not result.top:
         closest = result.closest
+        if closest is None and result.rejected["out_of_memory"]:
+            raise NoFeasiblePlan(f"no configuration fits in memory ({result.candidates:,} candidates): in none "
+                                 f"can the pipeline's positions hold the model's {hc.model.num_layers} layers",
+                                 field="plan")
         if closest is None:
-            raise NoFeasiblePlan(f"no configuration fills the node groups of {cluster.name} evenly (a stage is "
-                                 f"tp x dp GPUs of one group, and every group must hold whole stages) within "
-                                 f"the pins and limits", field="plan")
+            raise NoFeasiblePlan(f"no configuration fills the node groups of {cluster.name} it uses evenly (a "
+                                 f"stage is tp x dp GPUs of one group, and every group used must hold whole "
+                                 f"stages) within the pins and limits", field="plan")
         worst = prediction(hc, closest)
         raise NoFeasiblePlan(f"no configuration fits in memory ({result.candidates:,} candidates); the closest, "
                              f"{worst.config.short()}, {worst.reason.removeprefix('out of memory: ')}")
-    preds = [prediction(hc, core) for core in result.top]
-    best = result.top[0]
+    cores = result.top
+    sub = used_groups_cluster(cluster, cores[0].used) if cores[0].used != hc.used else None
+    if sub is not None:      # groups left idle: the plan is for the groups it uses, as `meshplan run` takes it
+        cluster, hc, cores = sub, *_on_used_groups(hc, sub, [c for c in cores if c.used == cores[0].used])
+    preds = [prediction(hc, core) for core in cores]
+    best = cores[0]
     stats = SearchStats(seconds=result.seconds, candidates=result.candidates, evaluated=result.evaluated,
                         rejected=dict(result.rejected),
                         naive_step_time_s=result.naive.step if result.naive is not None else None)
@@ -37,12 +46,21 @@ def hetero_plan(model, cluster, training, constraints: Constraints, engine, memo
         stage_groups=[hc.groups[k].name for k in best.groups], assignment=best.method,
         naive_step_time_s=result.naive.step if result.naive else None,
         naive_feasible=result.naive.feasible if result.naive else None,
-        single_group_step_time_s={p.group: p.step for p in result.parts}, explanation=explain(hc, result))
+        single_group_step_time_s={p.group: p.step for p in result.parts}, explanation=explain(result.cost, result))
     plan = Plan(model=hc.model, cluster=cluster, training=training, engine=hc.engine, model_summary=preds[0].model,
                 feasible=True, reason="", config=preds[0].config, predicted=preds[0].predicted,
                 rank_layout=[RankEntry(**row) for row in rank_rows(hc, best)], alternatives=preds[1:],
                 search=stats, node_groups=groups)
     return plan, result, hc
+
+
+def _on_used_groups(hc: HeteroCost, sub, cores: list[HeteroCore]) -> tuple[HeteroCost, list[HeteroCore]]:
+    """The cost models of the cluster cut to the groups `cores` use, and the cores costed there (the same
+    numbers: each group is priced alone, the links between the kept groups are the same)."""
+    used = cores[0].used
+    on_sub = HeteroCost(hc.model, sub, hc.training, hc.engine, hc.costs[0].memory_headroom)
+    index = {k: i for i, k in enumerate(used)}
+    return on_sub, [on_sub.evaluate(c.cand, tuple(index[k] for k in c.groups), c.layers, c.method) for c in cores]
 
 
 def render_hetero(console: Console, plan: Plan, result: HeteroResult) -> None:

@@ -9,21 +9,21 @@ sync between the first and last stage) cross groups.
 Each stage is priced by its group's homogeneous CostModel (planner.cost.model): its blocks, embedding or head,
 DP communication against the compute it overlaps, memory timeline at its pipeline position and optimizer
 step, all on that GPU type; the pipeline transfers on the link between the two stages' GPUs
-(planner.hetero.groups); the schedule's step from the per-stage times (planner.cost.pipeline, the slowest
-transfer on every hop, as the homogeneous model takes its slowest pair). On a one-group cluster this is the
-homogeneous model's number (tests check it).
+(planner.hetero.groups); the step from the per-stage times by planner.cost.step, the homogeneous model's own
+function (the slowest transfer on every hop, as the homogeneous model takes its slowest pair). On a one-group
+cluster this is the homogeneous model's number (tests check it).
 """
 
 from __future__ import annotations
 
+import copy
+from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from planner.cost.comm import Group
-from planner.cost.dp_comm import exposed
-from planner.cost.moe import add_comm
 from planner.cost.model import MEMORY_HEADROOM, CostModel, StageMem
-from planner.cost.pipeline import pipeline_time
+from planner.cost.step import DeviceWork, step_times
 from planner.engine import EngineSpec
 from planner.hetero.assign import StageProblem
 from planner.hetero.groups import GroupLinks, PlacedGroup, node_groups
@@ -64,6 +64,11 @@ class HeteroCore:
     method: str = ""                 # how the stages were assigned (planner.hetero.assign)
 
     @property
+    def used(self) -> tuple[int, ...]:
+        """The groups the plan runs on (it fills each of them; the others idle)."""
+        return tuple(sorted(set(self.groups)))
+
+    @property
     def fullest(self) -> int:
         """The stage closest to its budget."""
         return max(range(len(self.stages)), key=lambda s: self.reserved[s] / self.budgets[s])
@@ -80,18 +85,28 @@ class HeteroCost:
                       for g in self.groups]
         self.model, self.engine = self.costs[0].model, self.costs[0].engine
         self.links = GroupLinks(cluster, self.groups)
+        self.used: tuple[int, ...] = tuple(range(len(self.groups)))    # the groups stages may run on
         self._stage_cache: dict[tuple, tuple] = {}
         self._block_seconds: dict[tuple, float] = {}
         self._end_seconds: dict[tuple, tuple[float, float]] = {}
+        self._held: dict[tuple, list[tuple[int, int]]] = {}
+        self.bounds: dict[tuple, float] = {}     # the search's lower bounds (planner.hetero.search.time_bound)
+
+    def using(self, used: tuple[int, ...]) -> "HeteroCost":
+        """The same cost models and caches with stages allowed on the groups `used` only (the others idle)."""
+        view = copy.copy(self)
+        view.used = tuple(sorted(used))
+        return view
 
     # ------------------------------------------------------------------ what a stage is on each group
     def capacity(self, tp: int, dp: int) -> list[int]:
-        """Stages of tp * dp GPUs each group holds (0 where TP would leave a node or stages do not pack nodes)."""
+        """Stages of tp * dp GPUs each group holds (0 where TP would leave a node or stages do not pack nodes,
+        and on the groups left idle)."""
         size = tp * dp
         out = []
         for g in self.groups:
             packs = size % g.gpus_per_node == 0 or g.gpus_per_node % size == 0
-            out.append(g.gpus // size if tp <= g.gpus_per_node and packs else 0)
+            out.append(g.gpus // size if tp <= g.gpus_per_node and packs and g.index in self.used else 0)
         return out
 
     def _on_group(self, cand: Candidate, k: int) -> StageParts:
@@ -118,9 +133,10 @@ class HeteroCost:
         hit = self._block_seconds.get(key)
         if hit is None:
             cost = self.costs[k]
-            inside = Group(tuple(range(cand.tp)), 1)
+            inside, alone = Group(tuple(range(cand.tp)), 1), Group((0,), 1)   # alone: no expert parallelism, the
+            # one-rank EP group the homogeneous model passes too, so both searches share one cached block
             hit = self._block_seconds[key] = cost.block(cand.tp, cand.mbs, cand.sp, cand.recompute, inside,
-                                                        cost.dtypes(cand.zero, cand.dp)).total
+                                                        cost.dtypes(cand.zero, cand.dp), 1, alone).total
         return hit
 
     def end_seconds(self, cand: Candidate, groups: list[int]) -> tuple[dict[int, float], dict[int, float]]:
@@ -201,13 +217,23 @@ class HeteroCost:
             if capacity[k]:
                 dt = cost.dtypes(cand.zero, cand.dp)
                 per_group.append((cost.capacity, cost._forward_bytes_per_block(cand, cost.recipe(cand.zero, cand.dp)),
-                                  cost._block_activations(cand, dt), cost))
-        total = 0
-        for s in range(cand.pp):
-            total += max(int(cap // (b + a * max(cost._held(cand, s, nmb)))) for cap, b, a, cost in per_group)
-            if total >= self.model.num_layers:
+                                  cost._block_activations(cand, dt)))
+        total, L = 0, self.model.num_layers
+        for held, positions in self._held_positions(cand, nmb):
+            total += positions * max(int(cap // (b + a * held)) for cap, b, a in per_group)
+            if total >= L:
                 break
         return total
+
+    def _held_positions(self, cand: Candidate, nmb: int) -> list[tuple[int, int]]:
+        """(micro-batches kept at the peak, how many pipeline positions keep that many), the schedule's for any
+        GPU type, fewest first."""
+        key = (cand.schedule, cand.pp, nmb)
+        hit = self._held.get(key)
+        if hit is None:
+            held = Counter(max(self.costs[0]._held(cand, s, nmb)) for s in range(cand.pp))
+            hit = self._held[key] = sorted(held.items())
+        return hit
 
     # ------------------------------------------------------------------ the assignment problem
     def problem(self, cand: Candidate, memory: bool = True) -> StageProblem:
@@ -249,78 +275,25 @@ class HeteroCost:
         nmb = cand.microbatches(self.training.global_batch)
         parts = [self._on_group(cand, k) for k in groups]
         params = [parts[s].cost.device_params(cand, s, n) for s, n in enumerate(layers)]
-
-        fwd = [n * parts[s].blk.forward.total + host.per_microbatch_s for s, n in enumerate(layers)]
-        bwd = [n * (parts[s].blk.backward.total + parts[s].blk.recompute.total) for s, n in enumerate(layers)]
-        fwd[0] += parts[0].ends.emb_fwd.total
-        bwd[0] += parts[0].ends.emb_bwd.total
-        fwd[last] += parts[last].ends.head_fwd.total
-        bwd[last] += parts[last].ends.head_bwd.total
-
-        kappa = self.cluster.overlap_slowdown
-        comms = [parts[s].cost.dp_comm(cand, params[s], layers[s], parts[s].dp_group) for s in range(p)]
-        if parts[0].cost.has_experts(cand):   # expert gradients over the expert-DP group, in the same windows
-            comms = [add_comm(c, part.cost.dp_comm(cand, part.cost.expert_params(cand, n), n, part.edp_group,
-                                                   cand.dp // cand.ep))
-                     for c, part, n in zip(comms, parts, layers)]
-        zero_fwd, zero_bwd, once_first, once_last = [0.0] * p, [0.0] * p, [0.0] * p, [0.0] * p
-        for s, c in enumerate(comms):
-            zero_fwd[s] = exposed(c.fwd_each, fwd[s], kappa, c.fwd_piece)
-            zero_bwd[s] = exposed(c.bwd_each, bwd[s], kappa, c.bwd_piece)
-            once_first[s] = exposed(c.first_fwd, fwd[s] + zero_fwd[s], kappa, c.fwd_piece)
-            once_last[s] = exposed(c.last_bwd, bwd[s] + zero_bwd[s], kappa, 0.0 if c.bwd_each else c.bwd_piece)
-            fwd[s] += zero_fwd[s]
-            bwd[s] += zero_bwd[s]
-        every = [f + b for f, b in zip(zero_fwd, zero_bwd)]
-
         devices = self.devices(cand, groups)
+        tied = m.tied_embeddings and p > 1
+        work = [DeviceWork(n, part.blk, part.ends, part.cost.stage_comm(cand, params[s], n, part.dp_group,
+                                                                        part.edp_group),
+                           self._tied_sync(cand, devices, part.cost) if tied and s in (0, last) else 0.0,
+                           part.cost.optimizer_seconds(cand, params[s], n))
+                for s, (part, n) in enumerate(zip(parts, layers))]
         blocking = self.engine.overlap.pp_p2p == "exposed"
         p2p = (max(self.hop_seconds(cand, devices, s) for s in range(p - 1)) + self.costs[0].host_coll
                if p > 1 else 0.0)
-        pipe, crit = pipeline_time(cand.schedule, nmb, fwd, bwd, p2p, 1, blocking)
-
-        ends_at, slack = [], 0.0
-        for s in range(p):
-            cost = parts[s].cost
-            comm = once_last[s] + comms[s].after
-            if m.tied_embeddings and p > 1 and s in (0, last):
-                comm += self._tied_sync(cand, devices, cost)
-            sharded = cand.zero >= cost.recipe(cand.zero, cand.dp).moments_sharded_from
-            opt = (params[s] / (cand.dp if sharded else 1)
-                   + cost.expert_params(cand, layers[s]) / (cand.dp // cand.ep if sharded else 1)
-                   ) * cost.optimizer_seconds_per_param(cand.zero, cand.dp)
-            ends_at.append((pipe - slack + comm + opt, comm, opt, s))
-            slack += bwd[s] + p2p
-        finish, post_comm, post_opt, _ = max(ends_at)
-        first = max(once_first)
-        step = finish + first + host.per_step_s
-        after = finish - pipe
-        if post_comm + post_opt > after > 0:
-            post_comm, post_opt = (x * after / (post_comm + post_opt) for x in (post_comm, post_opt))
-
-        blk, ends = parts[crit].blk, parts[crit].ends
-        n = layers[crit]
-        recompute = n * blk.recompute.compute
-        ep_comm = n * (blk.forward.ep + blk.backward.ep + blk.recompute.ep)
-        tp_comm = n * (blk.forward.comm + blk.backward.comm + blk.recompute.comm) - ep_comm
-        if crit == 0:
-            tp_comm += ends.emb_fwd.comm + ends.emb_bwd.comm
-        if crit == last:
-            tp_comm += ends.head_fwd.comm + ends.head_bwd.comm
-        compute = fwd[crit] + bwd[crit] - every[crit] - recompute - tp_comm - ep_comm - host.per_microbatch_s
-        transfers = pipe - pipeline_time(cand.schedule, nmb, fwd, bwd, 0.0, 1, blocking)[0] if p > 1 else 0.0
-        time = dict(compute=nmb * compute, recompute=nmb * recompute, tp_comm=nmb * tp_comm, ep_comm=nmb * ep_comm,
-                    pp_comm=transfers,
-                    dp_comm_exposed=nmb * every[crit] + first + post_comm, optimizer=post_opt,
-                    host=nmb * host.per_microbatch_s + host.per_step_s)
-        time["bubble"] = max(0.0, step - sum(time.values()))
+        times = step_times(cand.schedule, 1, nmb, work, p2p, self.cluster.overlap_slowdown, host.per_microbatch_s,
+                        host.per_step_s, blocking)
 
         stages = [parts[s].cost.stage_memory(cand, s, [layers[s]], nmb, parts[s].blk, parts[s].dt) for s in range(p)]
         reserved = [st.total * parts[s].cost.margin for s, st in enumerate(stages)]
         budgets = [parts[s].cost.budget_bytes for s in range(p)]
         feasible = all(r <= b for r, b in zip(reserved, budgets))
-        return HeteroCore(cand, tuple(groups), list(layers), nmb, step, crit, time, stages, reserved, budgets,
-                          feasible, devices, p2p, method)
+        return HeteroCore(cand, tuple(groups), list(layers), nmb, times.step, times.crit, times.time, stages,
+                          reserved, budgets, feasible, devices, p2p, method)
 
     def _tied_sync(self, cand: Candidate, devices: tuple[int, ...], cost: CostModel) -> float:
         """The tied embedding's gradient all-reduce between the first and the last stage's GPU of each replica."""

@@ -160,3 +160,17 @@ class GroupLinks:
             if g.first_device <= device < g.first_device + g.gpus:
                 return g.index
         raise IndexError(device)
+
+
+def used_groups_cluster(cluster: ClusterSpec, used: tuple[int, ...]) -> ClusterSpec | None:
+    """The cluster cut to the node groups `used` (listing order kept, links between them kept), for a plan that
+    leaves the others idle; None with a topology or a measured link matrix, whose numbers follow the node and
+    device numbering of the whole cluster."""
+    if cluster.topology is not None or cluster.link_matrix is not None:
+        return None
+    groups = [g for i, g in enumerate(cluster.groups_raw()) if i in used]
+    names = {g.name for g in groups}
+    links = [link for link in cluster.group_links if set(link.between) <= names]
+    return cluster.model_copy(update={"name": f"{cluster.name} ({', '.join(sorted(names))})", "node_groups": groups,
+                                      "group_links": links,
+                                      "gpu_types": {g.gpu_type: cluster.gpu_types[g.gpu_type] for g in groups}})

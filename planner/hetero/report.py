@@ -6,7 +6,7 @@ from planner.cost.flops import hardware_flops_per_step, model_flops_per_step
 from planner.cost.memory import GIB
 from planner.cost.model import _binding
 from planner.hetero.cost import HeteroCore, HeteroCost
-from planner.hetero.search import HeteroResult
+from planner.hetero.search import HeteroResult, label
 from planner.prediction import MemoryBreakdown, Predicted, Prediction, ResolvedConfig, StageMemory, TimeBreakdown
 from planner.specs import ParallelConfig
 
@@ -84,9 +84,18 @@ def explain(hc: HeteroCost, result: HeteroResult) -> list[str]:
     """What the winning plan does with the node groups, and what it gains, in sentences."""
     best = result.top[0]
     cand = best.cand
-    lines = [f"{stage_runs(hc, best)}; every stage is tp {cand.tp} x dp {cand.dp} GPUs of one node group, so "
-             f"TP stays inside a node and data parallelism inside a group: the {cand.dp} replicas of the "
-             f"pipeline each span the groups in the same order, with equal micro-batches."]
+    if len(best.used) == 1:
+        lines = [f"{stage_runs(hc, best)}: the plan runs on {hc.groups[best.used[0]].name} alone, every stage tp "
+                 f"{cand.tp} x dp {cand.dp} GPUs."]
+    else:
+        lines = [f"{stage_runs(hc, best)}; every stage is tp {cand.tp} x dp {cand.dp} GPUs of one node group, so "
+                 f"TP stays inside a node and data parallelism inside a group: "
+                 + (f"the {cand.dp} replicas of the pipeline each span the groups in the same order, with equal "
+                    f"micro-batches (each replica's stage s runs on the same GPU type, so the replicas are equally "
+                    f"fast; uneven micro-batches per replica are not planned: the engines split the batch evenly "
+                    f"over data-parallel ranks, and replicas on different GPU types would put the gradient "
+                    f"all-reduce on the link between groups)." if cand.dp > 1 else
+                    "one pipeline spans the groups (no data parallelism).")]
     crossings = [s for s in range(cand.pp - 1) if best.groups[s] != best.groups[s + 1]]
     if crossings:
         slow = [(hc.hop_seconds(cand, best.devices, s), s) for s in crossings]
@@ -105,12 +114,21 @@ def explain(hc: HeteroCost, result: HeteroResult) -> list[str]:
                             f"({hc.block_seconds(cand, g.index) * 1e3:.1f} ms per block and micro-batch)")
         lines.append("layers follow each GPU type's speed and each position's memory: " + ", ".join(held) + ".")
     lines.append(f"stages assigned by {best.method}.")
+    idle = [g.name for g in hc.groups if g.index not in best.used]
+    if idle:
+        every = result.every_group
+        cost = (f"the best plan on every group ({label(every.cand)}) takes {every.step:.3g} s against "
+                f"{best.step:.3g} s, {every.step / best.step - 1:+.1%}" if every is not None
+                else "no plan on every group fits in memory")
+        lines.insert(0, f"the {' and '.join(idle)} group{'s are' if len(idle) > 1 else ' is'} left idle: using "
+                        f"{'them' if len(idle) > 1 else 'it'} costs more than it adds ({cost}).")
     faster = [p for p in result.parts if p.step is not None and p.step < best.step]
     if faster:
         alone = min(faster, key=lambda p: p.step)
         lines.insert(0, f"warning: {alone.group} alone ({alone.config}) is faster, {alone.step:.3g} s against "
-                        f"{best.step:.3g} s: this plan uses every GPU; plan that group by itself to leave the "
-                        f"others idle.")
+                        f"{best.step:.3g} s, as the homogeneous search plans it (with degrees the pins exclude here, "
+                        f"or interleaved schedules and rank orders the node-group search leaves out); plan that "
+                        f"group by itself.")
     if result.naive is not None:
         n = result.naive
         fit = "" if n.feasible else "; the naive order does not even fit in memory"

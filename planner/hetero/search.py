@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import heapq
 import time
+from itertools import combinations
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -32,6 +33,7 @@ from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
 from planner.validate import divisors, expert_shards, tp_shards
 
 TOP_EXACT = 1        # candidates whose stages the ILP (or the local search) re-assigns
+MAX_SUBSET_GROUPS = 4   # up to this many groups every subset is searched (2^K - 1 sets of groups)
 SLACK = 1 + 1e-9
 
 
@@ -56,13 +58,15 @@ class HeteroResult:
     parts: list[PartResult] = field(default_factory=list)
     closest: HeteroCore | None = None
     cost: HeteroCost | None = None           # the cost models the plans were costed with
+    every_group: HeteroCore | None = None    # when the winner leaves groups idle: the best plan on all of them
 
 
 def enumerate_hetero(hc: HeteroCost, c: Constraints, rejected: Counter) -> Iterator[Candidate]:
-    """Every valid configuration whose stages fill every node group."""
+    """Every valid configuration whose stages fill every node group the view `hc` uses (HeteroCost.using)."""
     model, training, engine = hc.model, hc.training, hc.engine
     L, B = model.num_layers, training.global_batch
-    smallest_node = min(g.gpus_per_node for g in hc.groups)
+    used = [hc.groups[k] for k in hc.used]
+    smallest_node = min(g.gpus_per_node for g in used)
     pads = engine.memory_extras.vocab_multiple > 1
     for tp in _pick(c.tp, divisors(smallest_node)):
         if (tp_shards(model, tp) or (c.max_tp and tp > c.max_tp) or (not pads and model.vocab_size % tp)
@@ -73,7 +77,7 @@ def enumerate_hetero(hc: HeteroCost, c: Constraints, rejected: Counter) -> Itera
             capacity = hc.capacity(tp, dp)
             pp = sum(capacity)
             eps = [e for e in _pick(c.ep, divisors(dp)) if expert_shards(model, e, dp) is None]
-            if (any(k * tp * dp != g.gpus for k, g in zip(capacity, hc.groups)) or not 1 <= pp <= L
+            if (any(capacity[g.index] * tp * dp != g.gpus for g in used) or not 1 <= pp <= L
                     or (c.pp is not None and pp != c.pp) or (c.max_pp and pp > c.max_pp) or not eps):
                 rejected["indivisible"] += 1
                 continue
@@ -83,8 +87,28 @@ def enumerate_hetero(hc: HeteroCost, c: Constraints, rejected: Counter) -> Itera
                     yield Candidate(tp, pp, dp, 1, mbs, zero, recompute, sp, schedule, ep=ep)
 
 
+def group_subsets(count: int) -> list[tuple[int, ...]]:
+    """The sets of groups a plan may use: every group first, then every proper non-empty subset up to
+    MAX_SUBSET_GROUPS groups (beyond: every group, and each group alone)."""
+    every = tuple(range(count))
+    if count > MAX_SUBSET_GROUPS:
+        return [every] + [(k,) for k in range(count)] if count > 1 else [every]
+    return [every] + [s for r in range(count - 1, 0, -1) for s in combinations(every, r)]
+
+
 def time_bound(hc: HeteroCost, cand: Candidate) -> float:
-    """Seconds no assignment or layer split of `cand` can beat (see the module docstring)."""
+    """Seconds no assignment or layer split of `cand` can beat (see the module docstring). It depends on the
+    ZeRO stage only through the compute dtypes (unless experts are sharded) and not on the schedule, so
+    candidates that differ only there share one (cached on the cost models, for every view)."""
+    key = (cand.tp, cand.dp, cand.mbs, cand.sp, cand.recompute, cand.ep,
+           cand.zero if cand.ep > 1 else hc.costs[0].dtypes(cand.zero, cand.dp), hc.used)
+    hit = hc.bounds.get(key)
+    if hit is None:
+        hit = hc.bounds[key] = _time_bound(hc, cand)
+    return hit
+
+
+def _time_bound(hc: HeteroCost, cand: Candidate) -> float:
     L, m, p = hc.model.num_layers, cand.microbatches(hc.training.global_batch), cand.pp
     capacity = hc.capacity(cand.tp, cand.dp)
     used = [k for k, n in enumerate(capacity) if n]
@@ -117,52 +141,119 @@ def _fill_bound(L: int, m: int, groups: list[tuple[float, int]]) -> float:
 def search_hetero(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec,
                   constraints: Constraints = Constraints(), top_k: int = 5, engine=None,
                   memory_headroom: float = 0.10, baselines: bool = True) -> HeteroResult:
-    """The top_k fastest feasible plans whose stages fill every node group, with their baselines."""
+    """The top_k fastest feasible plans whose stages fill every node group they use (every group, or a subset
+    with the others idle), with their baselines."""
     start = time.perf_counter()
     hc = HeteroCost(model, cluster, training, engine, memory_headroom)
     rejected: Counter = Counter()
     queue = []
-    for i, cand in enumerate(enumerate_hetero(hc, constraints, rejected)):
-        queue.append((time_bound(hc, cand), i, cand))
+    for used in group_subsets(len(hc.groups)):
+        view = hc.using(used)
+        for cand in enumerate_hetero(view, constraints, rejected):
+            if view.most_layers(cand) < model.num_layers:     # no assignment holds the model (cheap: no kernels)
+                rejected["out_of_memory"] += 1
+                continue
+            queue.append((time_bound(view, cand), len(queue), cand, view))
     heapq.heapify(queue)
-    count = len(queue)
+    count = len(queue) + rejected["out_of_memory"]
     found: list[HeteroCore] = []
     best: list[float] = []         # max-heap (negated) of the top_k steps
     closest, evaluated = None, 0
-    while queue:
-        bound, _, cand = heapq.heappop(queue)
-        if len(best) == top_k and bound > -best[0] * (1 + TIE_TOLERANCE) * SLACK:
-            rejected["dominated"] += 1 + len(queue)
-            break
-        if hc.most_layers(cand) < hc.model.num_layers:
-            rejected["out_of_memory"] += 1
-            continue
-        core = _contiguous_core(hc, cand)
-        if core is None:
-            rejected["out_of_memory"] += 1
-            continue
-        evaluated += 1
-        if not core.feasible:
-            rejected["out_of_memory"] += 1
-            if closest is None or max(core.reserved) < max(closest.reserved):
-                closest = core
-            continue
-        found.append(core)
-        if len(best) < top_k:
-            heapq.heappush(best, -core.step)
-        elif core.step < -best[0]:
-            heapq.heapreplace(best, -core.step)
-    found.sort(key=lambda c: c.step)
-    # CBC runs in its own process: the baselines are costed while it works
+    # CBC runs in its own process: it solves the leader's assignment while the search goes on, and the
+    # baselines are costed while it solves the final one
     with ThreadPoolExecutor(max_workers=1) as pool:
-        exact = [pool.submit(best_assignment, hc.problem(core.cand)) for core in found[:TOP_EXACT]]
-        naive = naive_rank_order(hc, found[0].cand) if found else None
+        exact = _Exact(pool)
+        while queue:
+            bound, tie, cand, view = heapq.heappop(queue)
+            if len(best) == top_k and bound > -best[0] * (1 + TIE_TOLERANCE) * SLACK:
+                heapq.heappush(queue, (bound, tie, cand, view))
+                break
+            core, closer = _cost(view, cand, rejected)
+            evaluated += core is not None or closer is not None
+            if closer is not None and (closest is None or max(closer.reserved) < max(closest.reserved)):
+                closest = closer
+            if core is None:
+                continue
+            if not found or core.step < min(c.step for c in found):
+                exact.offer(view, core)
+            found.append(core)
+            if len(best) < top_k:
+                heapq.heappush(best, -core.step)
+            elif core.step < -best[0]:
+                heapq.heapreplace(best, -core.step)
+        found.sort(key=lambda c: c.step)
+        every = None
+        if found and found[0].used != hc.used:     # the winner leaves groups idle: what using all of them costs
+            every, more = _best_on_every_group(hc, queue, found, rejected)
+            evaluated += more
+        rejected["dominated"] += len(queue)
+        again = found[:TOP_EXACT] + ([every] if every is not None else [])
+        answers = [exact.of(hc.using(core.used), core) for core in again]
+        naive = naive_rank_order(hc.using(found[0].used), found[0].cand) if found else None
         parts = single_parts(hc, constraints) if baselines else []
-        refined = [_refine(hc, core, a.result()) for core, a in zip(found, exact)] + found[TOP_EXACT:]
+        refined = [_refine(hc, core, a.result()) for core, a in zip(again, answers)]
+    if every is not None:
+        every = refined.pop()
+    refined += found[TOP_EXACT:]
     top = sorted(refined, key=lambda c: c.step)[:top_k]
     return HeteroResult(top=top, candidates=count, evaluated=evaluated, rejected=rejected, naive=naive,
-                        parts=parts, closest=None if top else closest, cost=hc,
+                        parts=parts, closest=None if top else closest, cost=hc, every_group=every,
                         seconds=time.perf_counter() - start)
+
+
+class _Exact:
+    """Stage assignments by the ILP (planner.hetero.assign.best_assignment), one solve at a time on `pool`:
+    `offer` starts the search's new leader's when no solve is running, `of` returns a plan's, started then if
+    it was not before."""
+
+    def __init__(self, pool: ThreadPoolExecutor):
+        self.pool = pool
+        self.started: dict[tuple, Future] = {}
+        self.running: Future | None = None
+
+    def offer(self, view: HeteroCost, core: HeteroCore) -> None:
+        if self.running is None or self.running.done():
+            self.running = self.of(view, core)
+
+    def of(self, view: HeteroCost, core: HeteroCore) -> Future:
+        key = (core.cand, core.used)
+        if key not in self.started:
+            self.started[key] = self.pool.submit(best_assignment, view.problem(core.cand))
+        return self.started[key]
+
+
+def _cost(view: HeteroCost, cand: Candidate, rejected: Counter) -> tuple[HeteroCore | None, HeteroCore | None]:
+    """(`cand` costed with its best contiguous assignment, None when it does not fit; the costed plan that did
+    not fit, if any). Every queued candidate passed most_layers."""
+    core = _contiguous_core(view, cand)
+    if core is None or not core.feasible:
+        rejected["out_of_memory"] += 1
+        return None, core
+    return core, None
+
+
+def _best_on_every_group(hc: HeteroCost, queue: list, found: list[HeteroCore],
+                         rejected: Counter) -> tuple[HeteroCore | None, int]:
+    """The fastest plan that uses every group (None: none fits), costing the queue's candidates on every group
+    in bound order until the bound passes the best found; and how many it costed."""
+    every = next((core for core in found if core.used == hc.used), None)
+    kept, costed = [], 0
+    while queue:
+        entry = heapq.heappop(queue)
+        bound, _, cand, view = entry
+        if view.used != hc.used:
+            kept.append(entry)
+            continue
+        if every is not None and bound > every.step * SLACK:
+            kept.append(entry)
+            break
+        core, closer = _cost(view, cand, rejected)
+        costed += core is not None or closer is not None
+        if core is not None and (every is None or core.step < every.step):
+            every = core
+    for entry in kept:
+        heapq.heappush(queue, entry)
+    return every, costed
 
 
 def _contiguous_core(hc: HeteroCost, cand: Candidate) -> HeteroCore | None:
