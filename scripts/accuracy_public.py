@@ -175,7 +175,8 @@ def sc21_set(zero3: bool) -> Set:
         step = flops / (float(r["achieved_tflops_per_gpu"]) * 1e12 * g)
         cases.append(Case(f"{r['scheme']} {r['params_billion']}B {g} GPUs", step,
                           estimate(model, cluster, g // 8, 8, training, engine, cfg, cache)))
-    fitted = [("inter_node.efficiency", 0.3, 1.0), ("overlap_slowdown", 0.0, 1.0)]
+    fitted = ([("engine.overlap.gather_window", 0.0, 1.0), ("overlap_slowdown", 0.0, 1.0)] if zero3 else
+              [("inter_node.efficiency", 0.3, 1.0), ("overlap_slowdown", 0.0, 1.0)])
     return Set("sc21-zero3" if zero3 else "sc21-ptdp", cluster, deepspeed if zero3 else megatron, cases, fitted)
 
 

@@ -730,7 +730,8 @@ class CostModel:
             params = self._total_params_per_tp_rank(cfg) / cfg.pp
             recipe = self.recipe(cfg.zero, cfg.dp)
             kappa = self.cluster.overlap_slowdown
-            one_call = lambda op, nbytes: self.net.collective(op, nbytes, dp_group)   # noqa: E731
+            rails = self.engine.overlap.dp_rails
+            one_call = lambda op, nbytes: self.net.collective(op, nbytes, dp_group, rails)   # noqa: E731
             comm = stage_dp_comm(self.engine, recipe, cfg.zero, cfg.dp, cfg.pp, params, 0, one_call)
             share = cfg.dp if cfg.zero >= recipe.moments_sharded_from else 1
             opt = params / share * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
@@ -738,12 +739,12 @@ class CostModel:
                 experts = self.expert_params(cfg, self.model.num_layers) / cfg.pp
                 edp, edp_group = cfg.dp // cfg.ep, self.moe_groups(cfg, order)[1]
                 erecipe = recipe         # the engine wraps the experts as the rest: its recipe, dp/ep ranks
-                expert_call = lambda op, nbytes: self.net.collective(op, nbytes, edp_group)   # noqa: E731
+                expert_call = lambda op, nbytes: self.net.collective(op, nbytes, edp_group, rails)   # noqa: E731
                 comm = add_comm(comm, stage_dp_comm(self.engine, erecipe, cfg.zero, edp, cfg.pp, experts, 0,
                                                     expert_call))
                 eshare = edp if cfg.zero >= erecipe.moments_sharded_from else 1
                 opt += experts / eshare * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
-            per_cycle = kappa * (comm.fwd_each + comm.bwd_each)
+            per_cycle = kappa * (comm.fwd_each + comm.bwd_each) + comm.fwd_blocking + comm.bwd_blocking
             once = kappa * (comm.first_fwd + comm.last_bwd) + comm.after + opt
             hit = self._state_bounds_cache[key] = (per_cycle, once)
         return hit
@@ -840,7 +841,8 @@ class CostModel:
         """The data-parallel communication of `params` over `dp_group` of `dp` ranks (default cfg.dp)."""
         recipe = self.recipe(cfg.zero, cfg.dp)
         return stage_dp_comm(self.engine, recipe, cfg.zero, dp or cfg.dp, cfg.pp, params, layers,
-                             lambda op, nbytes: self.net.collective(op, nbytes, dp_group) + self.host_coll,
+                             lambda op, nbytes: (self.net.collective(op, nbytes, dp_group, self.engine.overlap.dp_rails)
+                                                 + self.host_coll),
                              self.dp_calls_per_block)
 
     def evaluate_core(self, cfg: ParallelConfig, order: tuple[str, str, str] = DEFAULT_ORDER,
@@ -877,10 +879,11 @@ class CostModel:
                      for c, n in zip(comms, layers)]
         zero_fwd, zero_bwd = [0.0] * pp, [0.0] * pp
         once_first, once_last = [0.0] * pp, [0.0] * pp
-        for i, c in enumerate(comms):
-            zero_fwd[i] = exposed(c.fwd_each, fwd[i], kappa, c.fwd_piece)
-            zero_bwd[i] = exposed(c.bwd_each, bwd[i], kappa, c.bwd_piece)
-            once_first[i] = exposed(c.first_fwd, fwd[i] + zero_fwd[i], kappa, c.fwd_piece)
+        window = self.engine.overlap.gather_window      # the share of a pass the gathers (and what shares
+        for i, c in enumerate(comms):                    # their links) can run under
+            zero_fwd[i] = exposed(c.fwd_each, window * fwd[i], kappa, c.fwd_piece) + c.fwd_blocking
+            zero_bwd[i] = exposed(c.bwd_each, window * bwd[i], kappa, c.bwd_piece) + c.bwd_blocking
+            once_first[i] = exposed(c.first_fwd, window * (fwd[i] + zero_fwd[i]), kappa, c.fwd_piece)
             once_last[i] = exposed(c.last_bwd, bwd[i] + zero_bwd[i], kappa, 0.0 if c.bwd_each else c.bwd_piece)
             fwd[i] += zero_fwd[i]
             bwd[i] += zero_bwd[i]
