@@ -730,7 +730,7 @@ class CostModel:
             params = self._total_params_per_tp_rank(cfg) / cfg.pp
             recipe = self.recipe(cfg.zero, cfg.dp)
             kappa = self.cluster.overlap_slowdown
-            rails = self.engine.overlap.dp_rails
+            rails = self.engine.overlap.zero3_rails if cfg.zero >= 3 else 0
             one_call = lambda op, nbytes: self.net.collective(op, nbytes, dp_group, rails)   # noqa: E731
             comm = stage_dp_comm(self.engine, recipe, cfg.zero, cfg.dp, cfg.pp, params, 0, one_call)
             share = cfg.dp if cfg.zero >= recipe.moments_sharded_from else 1
@@ -840,10 +840,10 @@ class CostModel:
                 dp: int | None = None) -> DPComm:
         """The data-parallel communication of `params` over `dp_group` of `dp` ranks (default cfg.dp)."""
         recipe = self.recipe(cfg.zero, cfg.dp)
+        rails = self.engine.overlap.zero3_rails if cfg.zero >= 3 else 0
         return stage_dp_comm(self.engine, recipe, cfg.zero, dp or cfg.dp, cfg.pp, params, layers,
-                             lambda op, nbytes: (self.net.collective(op, nbytes, dp_group, self.engine.overlap.dp_rails)
-                                                 + self.host_coll),
-                             self.dp_calls_per_block)
+                             lambda op, nbytes: self.net.collective(op, nbytes, dp_group, rails) + self.host_coll,
+                             self.dp_calls_per_block if cfg.zero >= 3 else 1)
 
     def evaluate_core(self, cfg: ParallelConfig, order: tuple[str, str, str] = DEFAULT_ORDER,
                       devices: tuple[int, ...] | None = None) -> Core:
