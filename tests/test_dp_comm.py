@@ -60,3 +60,32 @@ def test_zero3_step_prices_window_and_blocking_reduction():
     kappa = cluster.overlap_slowdown
     assert w.zero_fwd[0] == pytest.approx(exposed(c.fwd_each, 0.5 * fwd, kappa, c.fwd_piece))
     assert w.zero_bwd[0] == pytest.approx(exposed(c.bwd_each, 0.5 * bwd, kappa, c.bwd_piece) + c.bwd_blocking)
+
+
+def test_deepspeed_one_rail_and_per_parameter_calls_only_under_zero3():
+    """DeepSpeed's ZeRO-1 reduce-scatter and its parameter all-gather after the step: one flat bucket per block
+    (plus the ends) on every rail; its ZeRO-3 reduce-scatter: one call per parameter tensor on one NIC (hand sums
+    of Network.collective over the calls)."""
+    from planner.cost.model import CostModel
+    from planner.cost.params import tensors_per_block
+    from planner.loaders import load_cluster
+    from planner.presets import PRESETS
+    from planner.specs import ParallelConfig, TrainingSpec
+    ds = load_engine("deepspeed")
+    cost = CostModel(PRESETS["gpt3-1.3b"], load_cluster("dgx-a100-80gb", nodes=2),
+                     TrainingSpec(global_batch=16, seq_len=1024, precision="fp16"), engine=ds)
+    layers = cost.model.num_layers
+    for zero, calls, rails in ((1, layers + 1, 0),
+                               (3, layers * tensors_per_block(cost.model, "projections" in ds.fused) + 1, 1)):
+        cfg = ParallelConfig(tp=1, pp=1, dp=16, mbs=1, zero=zero, recompute="full")
+        _, _, group = cost.layout(1, 1, 16, ("tp", "dp", "pp"))
+        params = cost.device_params(cfg, 0, layers)
+        grads = params * cost.recipe(zero, 16).reduce_bytes
+        weights = params * cost.recipe(zero, 16).gather_bytes
+        rs = cost.net.collective("reduce_scatter", grads / calls, group, rails) + ds.host.per_collective_s
+        ag = cost.net.collective("all_gather", weights / calls, group, rails) + ds.host.per_collective_s
+        c = cost.dp_comm(cfg, params, layers, group)
+        if zero == 1:
+            assert c.after == pytest.approx(calls * (rs + ag))
+        else:
+            assert c.bwd_blocking == pytest.approx(calls * rs)
