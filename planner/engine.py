@@ -83,15 +83,25 @@ class Overlap(_Spec):
         description="ZeRO-1/2 (distributed optimizer): the all-gather of updated parameters is prefetched under "
                     "the next forward (FSDP2, Megatron --overlap-param-gather) or runs after the step, exposed.")
     zero3_prefetch: bool = Field(description="ZeRO-3/FSDP: the next block's gather runs under the current block.")
+    gather_window: float = Field(
+        1.0, ge=0, le=1, description="ZeRO-3/FSDP: share of each pass's compute under which its parameter gathers can "
+                                     "run (1: FSDP2's and Megatron's prefetch of the next block; less where a "
+                                     "prefetch bucket bounds how far ahead the engine fetches).")
     reshard_after_forward: bool = Field(
         description="ZeRO-3/FSDP: parameters are freed after the forward and gathered again for the backward.")
     grad_sync_under_pipeline: Literal["every_microbatch", "last_microbatch"] = Field(
         description="ZeRO-2/3 with pp > 1: gradients reduce-scattered after every micro-batch's backward, or "
                     "accumulated unsharded and reduced once after the last (torch.distributed.pipelining).")
     dp_calls: Literal["block", "parameter"] = Field(
-        "block", description="Data-parallel collectives issued once per block (FSDP2's per-module groups, "
-                             "Megatron's buckets) or once per parameter tensor (DeepSpeed ZeRO-3's fetches): "
-                             "each call pays the ring's latency.")
+        "block", description="ZeRO-3's collectives issued once per block (FSDP2's per-module groups, Megatron's "
+                             "buckets) or once per parameter tensor (DeepSpeed ZeRO-3's fetches): each call pays "
+                             "the ring's latency. Below ZeRO-3 every engine reduces and gathers flat buckets, "
+                             "about one per block.")
+    zero3_rails: int = Field(
+        0, ge=0, description="ZeRO-3: NICs of a node that one parameter gather or gradient reduce-scatter spanning "
+                             "nodes moves its data over (0: all of them, NCCL's one ring per rail; 1: a ring that "
+                             "crosses each node boundary on a single NIC, as small per-parameter calls over hundreds "
+                             "of ranks get from NCCL, which opens fewer channels the less data each rank holds).")
     tp_comm_hidden: float = Field(
         0.0, ge=0, le=1, description="Share of tensor-parallel communication hidden under GEMMs (async TP).")
     ep_comm_hidden: float = Field(

@@ -5,8 +5,8 @@ costs to the three A100 sets of ../shared/reference/ at once, each predicted wit
                 models, which pin the host costs and the GEMM shape penalty;
   korthikanti   Table 5, 22B-1T GPTs on 8-512 A100s (megatron engine, 2022);
   sc21-ptdp     the PTD-P rows of Megatron SC21 Table 2 (megatron engine, 2021): large GEMMs, which pin
-                the GEMM asymptote. Its ZeRO-3 rows are left out (DeepSpeed 2021's ZeRO-3 without model
-                parallelism ran at a third of its links' bandwidth; see README "Accuracy").
+                the GEMM asymptote. Its ZeRO-3 rows are left out: they pin DeepSpeed's ZeRO-3 engine data
+                (overlap.gather_window, dp_rails in cluster_specs/engines/deepspeed.yaml), not the device.
 
 One GPU, so one set of device efficiencies (`gemm_max`, `gemm_tile`, `memory`) and one NVLink latency for all
 three; the host costs per kernel are DeepSpeed's (the other sets' models are too large to see them). The fit

@@ -9,7 +9,8 @@ costs to our own H200 measurements in ../shared/reference/:
      no dropout) at h 1024-12288, seq 2048-8192, tp 1-8 shard shapes: the meshplan engine's kernels
      (planner/cost/kernels.py, what runtime/models.py runs) with the GEMM curve of step 1 held fixed
      -> flash_attention, and the host seconds per forward and per backward kernel (the small blocks are
-     launch-bound).
+     launch-bound). Each pass is timed alone from an idle device, so it is priced as one (kernels.py's
+     isolated_pass_time: the launch queue filling from empty), not as the steady state of many passes.
 
     python scripts/fit_hopper.py          # prints the fitted values, the per-row errors and a leave-one-out MAPE
 
@@ -28,7 +29,7 @@ from scipy.optimize import least_squares
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from planner.cost.kernels import Dtypes, KernelOptions, block_work, pass_time  # noqa: E402
+from planner.cost.kernels import Dtypes, KernelOptions, block_work, isolated_pass_time  # noqa: E402
 from planner.engine import load_engine, with_overrides  # noqa: E402
 from planner.loaders import load_cluster  # noqa: E402
 from planner.specs import ModelSpec  # noqa: E402
@@ -83,7 +84,7 @@ def predict_blocks(data, gpu, engine) -> np.ndarray:
     out = []
     for r in data:
         w = block_work(gpt_block(r), int(r["mbs"]), int(r["seq"]), int(r["tp"]), False, "none", dt, opts)
-        out.append((pass_time(w.forward, gpu, "bf16", hf), pass_time(w.backward, gpu, "bf16", hb)))
+        out.append((isolated_pass_time(w.forward, gpu, "bf16", hf), isolated_pass_time(w.backward, gpu, "bf16", hb)))
     return np.array(out)
 
 

@@ -50,3 +50,20 @@ def test_measured_collective_table_takes_precedence():
     a, b = 1e-3, 1e-3 / (1 << 20)
     expected = a * 7 / 3 + (4 << 20) * b * (7 / 8) / (3 / 4)
     assert net.collective("all_reduce", 4 << 20, eight) == pytest.approx(expected)
+
+
+def test_ring_across_nodes_pays_each_hops_latency_and_the_rails_it_uses():
+    """An all-gather over 4 nodes x 8 GPUs: NCCL's ring model (src/graph/tuning.cc, ncclTopoTuneModel) charges
+    n - N NVLink hops and N - 1 network hops; with every rail the data moves at the node's 8 NICs (capped by
+    NVLink), confined to one rail at one NIC's collective bandwidth (hand count)."""
+    c = load_cluster("dgx-a100-80gb", nodes=4)
+    net = Network(c)
+    group = Group.of(tuple(range(32)), 8)
+    size = 1e9
+    hops = 28 * c.intra_node.latency + 3 * c.inter_node.latency
+    nic = c.inter_node.bandwidth * c.inter_node.efficiency                  # 22.5 GB/s: HDR at 0.9
+    every = min(c.intra_node.bandwidth * c.intra_node.efficiency, 8 * nic)  # 180 GB/s: 8 rails
+    for op in ("all_gather", "reduce_scatter"):
+        assert net.collective(op, size, group) == pytest.approx(hops + 31 / 32 * size / every)
+        assert net.collective(op, size, group, rails=1) == pytest.approx(hops + 31 / 32 * size / nic)
+        assert net.collective(op, size, group, rails=2) == pytest.approx(hops + 31 / 32 * size / (2 * nic))

@@ -4,8 +4,10 @@ Ring collectives in nccl-tests' bus-bandwidth convention (Thakur et al. 2005; NC
 all-reduce of M bytes over n ranks 2(n-1)a + 2(n-1)/n * M/b; all-gather / reduce-scatter (n-1)a + (n-1)/n * M/b.
 An all-reduce spanning nodes runs hierarchically (tree-like): reduce-scatter inside each node, the inter-node
 all-reduce on 1/g of the data, all-gather inside each node (g = the group's ranks per node). An all-gather or
-reduce-scatter spanning nodes is NCCL's ring over all n ranks (one ring per NIC rail): n-1 steps, each as slow
-as an inter-node hop, moving the data at the slower of NVLink and the node's NICs (g NICs' worth). Across nodes
+reduce-scatter spanning nodes is NCCL's ring over all n ranks (one ring per NIC rail): its latency is that of
+its hops, n - N over NVLink and N - 1 over the network for N nodes (NCCL's own ring model, ncclTopoTuneModel in
+src/graph/tuning.cc), and it moves the data at the slower of NVLink and the node's NICs (g NICs' worth, or the
+`rails` NICs an engine's flat ring is confined to). Across nodes
 every GPU of a node communicates at once, so each gets its node's NIC bandwidth divided by the GPUs per node.
 Every collective and transfer is at least one kernel launch (the GPU's `kernel_overhead_s`): small messages
 hide under the host's issue time. A measured link matrix (from `meshplan profile cluster`) replaces the spec-sheet links: a flat ring over the
@@ -56,19 +58,21 @@ class Network:
         nic_share = cluster.nics_per_node / cluster.gpus_per_node      # NICs per GPU when every GPU sends
         self.intra_latency, self.inter_latency = intra.latency, inter.latency
         self.intra_bw, self.inter_bw = intra.effective_bandwidth, inter.effective_bandwidth * nic_share
+        self.nic_bw = inter.effective_bandwidth                        # one NIC's collective bandwidth
         self.intra_p2p_bw, self.inter_p2p_bw = intra.bandwidth, inter.bandwidth * nic_share
         self.intra_eff, self.inter_eff = intra.efficiency, inter.efficiency
         self.matrix = cluster.link_matrix
         self.floor = cluster.gpu.efficiency.kernel_overhead_s
         self.table = _CollectiveTable(cluster.collectives) if cluster.collectives else None
 
-    def collective(self, op: str, nbytes: float, group: Group) -> float:
-        """Seconds for one collective of a `nbytes` buffer over `group` (the slowest of its peers)."""
+    def collective(self, op: str, nbytes: float, group: Group, rails: int = 0) -> float:
+        """Seconds for one collective of a `nbytes` buffer over `group` (the slowest of its peers); `rails`: the NICs
+        per node an all-gather or reduce-scatter spanning nodes may use (0: all)."""
         if group.size <= 1 or nbytes <= 0:
             return 0.0
-        return max(self.floor, self._collective(op, nbytes, group))
+        return max(self.floor, self._collective(op, nbytes, group, rails))
 
-    def _collective(self, op: str, nbytes: float, group: Group) -> float:
+    def _collective(self, op: str, nbytes: float, group: Group, rails: int = 0) -> float:
         n = group.size
         if op == "all_to_all":
             return self._all_to_all(nbytes, group)
@@ -86,9 +90,11 @@ class Network:
         if local == 1:
             return inter
         if op != "all_reduce":
-            # NCCL's ring over every rank, one ring per NIC rail: each of its n-1 steps waits for the slowest hop
-            # (an inter-node one), and the data moves at the slower of NVLink and the node's NICs
-            return (n - 1) * self.inter_latency + (n - 1) / n * nbytes / min(self.intra_bw, local * self.inter_bw)
+            # NCCL's ring over every rank, one ring per NIC rail: n - N NVLink hops and N - 1 network hops, the data
+            # moving at the slower of NVLink and the node's NICs
+            nics = local * self.inter_bw if not rails else min(local * self.inter_bw, rails * self.nic_bw)
+            hops = (n - group.nodes) * self.intra_latency + (group.nodes - 1) * self.inter_latency
+            return hops + (n - 1) / n * nbytes / min(self.intra_bw, nics)
         if op == "all_reduce":
             intra = (ring_time("reduce_scatter", local, nbytes, self.intra_latency, self.intra_bw)
                      + ring_time("all_gather", local, nbytes, self.intra_latency, self.intra_bw))

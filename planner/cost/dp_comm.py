@@ -9,6 +9,9 @@ Which collectives run when (planner/engine.py Overlap and MemoryRecipe):
     (ZeRO-3), another before each backward;
   * 16-bit weights kept whole (Megatron's distributed optimizer, DeepSpeed ZeRO-1/2): one all-gather of the
     updated parameters per step, prefetched under the next forward or run after the step.
+A reduction the engine issues after the backward (DeepSpeed without overlap_comm) that must still run every
+micro-batch (ZeRO-2/3 without a pipeline) runs synchronously in the backward's hooks: it blocks the stream
+(`bwd_blocking`).
 Every collective runs block by block (one call per block plus one for the embedding, head and norms), so the
 piece that has nothing to overlap with (the first block's gather before any compute, the embedding's
 gradients produced last in the backward) is exposed whatever the schedule. Collectives that share the
@@ -36,10 +39,13 @@ class DPComm:
     after: float = 0.0           # after the last backward, not overlapped
     fwd_piece: float = 0.0       # the piece of a forward gather that cannot overlap
     bwd_piece: float = 0.0       # the piece of a backward reduction that cannot overlap
+    fwd_blocking: float = 0.0    # in every micro-batch's forward, blocking the stream (never overlapped)
+    bwd_blocking: float = 0.0    # in every micro-batch's backward, blocking the stream
 
     @property
     def volume_seconds(self) -> float:
-        return self.fwd_each + self.bwd_each + self.first_fwd + self.last_bwd + self.after
+        return (self.fwd_each + self.bwd_each + self.first_fwd + self.last_bwd + self.after + self.fwd_blocking
+                + self.bwd_blocking)
 
 
 def exposed(comm: float, window: float, slowdown: float, piece: float = 0.0) -> float:
@@ -84,9 +90,11 @@ def stage_dp_comm(engine, recipe, zero: int, dp: int, pp: int, params: float, bl
 
     sync_each = zero >= 2 and (pp == 1 or ov.grad_sync_under_pipeline == "every_microbatch")
     rs, rs_piece = blockwise("reduce_scatter", grads)
-    if sync_each:
+    if sync_each and during:
         add("bwd_each", rs)
         add("bwd_piece", rs_piece)
+    elif sync_each:
+        add("bwd_blocking", rs)
     else:
         add("last_bwd" if during else "after", rs)
         if during:

@@ -150,6 +150,21 @@ def pass_time(p: Pass, gpu: GPUSpec, dtype: str, host_per_kernel: float = 0.0, c
     return max(device, host) if gpu.async_launch else device + host
 
 
+def isolated_pass_time(p: Pass, gpu: GPUSpec, dtype: str, host_per_kernel: float, gemm_scale: float = 1.0) -> float:
+    """Seconds of one pass timed alone from an idle, synchronised device (what a profiler's CUDA events around a
+    single block measure): one in-order stream fed by the host, kernel k launched host_per_kernel after kernel
+    k-1's launch and started when both it is launched and its predecessor is done. It lies between
+    `pass_time`'s max(host, device) (the steady state of many passes back to back, where the queue carries
+    the slack over) and their sum; collectives excluded."""
+    if not gpu.async_launch:
+        return device_time(p, gpu, dtype, gemm_scale) + len(p.kernels) * host_per_kernel
+    launched = done = 0.0
+    for k in p.kernels:
+        launched += host_per_kernel
+        done = max(done, launched) + kernel_time(k, gpu, dtype, gemm_scale)
+    return done
+
+
 # ----------------------------------------------------------------------------------------------
 # Elementwise pieces: one fused kernel, or eager PyTorch's chain (as runtime/models.py writes them)
 # ----------------------------------------------------------------------------------------------

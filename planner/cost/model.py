@@ -779,7 +779,8 @@ class CostModel:
             params = self._total_params_per_tp_rank(cfg) / cfg.pp
             recipe = self.recipe(cfg.zero, cfg.dp)
             kappa = self.cluster.overlap_slowdown
-            one_call = lambda op, nbytes: self.net.collective(op, nbytes, dp_group)   # noqa: E731
+            rails = self.engine.overlap.zero3_rails if cfg.zero >= 3 else 0
+            one_call = lambda op, nbytes: self.net.collective(op, nbytes, dp_group, rails)   # noqa: E731
             comm = stage_dp_comm(self.engine, recipe, cfg.zero, cfg.dp, cfg.pp, params, 0, one_call)
             share = cfg.dp if cfg.zero >= recipe.moments_sharded_from else 1
             opt = params / share * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
@@ -787,12 +788,12 @@ class CostModel:
                 experts = self.expert_params(cfg, self.model.num_layers) / cfg.pp
                 edp, edp_group = cfg.dp // cfg.ep, self.moe_groups(cfg, order)[1]
                 erecipe = recipe         # the engine wraps the experts as the rest: its recipe, dp/ep ranks
-                expert_call = lambda op, nbytes: self.net.collective(op, nbytes, edp_group)   # noqa: E731
+                expert_call = lambda op, nbytes: self.net.collective(op, nbytes, edp_group, rails)   # noqa: E731
                 comm = add_comm(comm, stage_dp_comm(self.engine, erecipe, cfg.zero, edp, cfg.pp, experts, 0,
                                                     expert_call))
                 eshare = edp if cfg.zero >= erecipe.moments_sharded_from else 1
                 opt += experts / eshare * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
-            per_cycle = kappa * (comm.fwd_each + comm.bwd_each)
+            per_cycle = kappa * (comm.fwd_each + comm.bwd_each) + comm.fwd_blocking + comm.bwd_blocking
             once = kappa * (comm.first_fwd + comm.last_bwd) + comm.after + opt
             hit = self._state_bounds_cache[key] = (per_cycle, once)
         return hit
@@ -888,9 +889,10 @@ class CostModel:
                 dp: int | None = None) -> DPComm:
         """The data-parallel communication of `params` over `dp_group` of `dp` ranks (default cfg.dp)."""
         recipe = self.recipe(cfg.zero, cfg.dp)
+        rails = self.engine.overlap.zero3_rails if cfg.zero >= 3 else 0
         return stage_dp_comm(self.engine, recipe, cfg.zero, dp or cfg.dp, cfg.pp, params, layers,
-                             lambda op, nbytes: self.net.collective(op, nbytes, dp_group) + self.host_coll,
-                             self.dp_calls_per_block)
+                             lambda op, nbytes: self.net.collective(op, nbytes, dp_group, rails) + self.host_coll,
+                             self.dp_calls_per_block if cfg.zero >= 3 else 1)
 
     def stage_comm(self, cfg: ParallelConfig, params: float, layers: int, dp_group: Group,
                    edp_group: Group | None) -> DPComm:
@@ -935,7 +937,7 @@ class CostModel:
         blocking = self.engine.overlap.pp_p2p == "exposed"
         p2p = self._p2p(layout, self._act_msg(cfg)) if pp > 1 else 0.0
         st = step_times(cfg.schedule, cfg.vpp, nmb, work, p2p, self.cluster.overlap_slowdown,
-                        host.per_microbatch_s, host.per_step_s, blocking)
+                        host.per_microbatch_s, host.per_step_s, blocking, self.engine.overlap.gather_window)
 
         # --- memory
         stages = [self.stage_memory(cfg, i, device_chunks[i], nmb, blk, dt) for i in range(pp)]

@@ -48,10 +48,12 @@ class StepTimes:
 
 
 def step_times(schedule: str, vpp: int, nmb: int, devices: list[DeviceWork], p2p: float, kappa: float,
-               host_microbatch: float, host_step: float, blocking: bool) -> StepTimes:
+               host_microbatch: float, host_step: float, blocking: bool, window: float = 1.0) -> StepTimes:
     """The step of `devices` under `schedule` (vpp chunks per device) over nmb micro-batches; p2p: one
     activation transfer between neighbouring stages; kappa: the compute slowdown while communication overlaps
-    it; host_*: the engine's host seconds per micro-batch and per step; blocking: transfers block the stages."""
+    it; host_*: the engine's host seconds per micro-batch and per step; blocking: transfers block the stages;
+    window: the share of a pass the parameter gathers (and what shares their links) can run under (the
+    engine's overlap.gather_window)."""
     pp, last = len(devices), len(devices) - 1
     # --- per-device, per-micro-batch times (embedding on the first device, head and loss on the last)
     fwd = [d.layers * d.block.forward.total + host_microbatch for d in devices]
@@ -66,9 +68,9 @@ def step_times(schedule: str, vpp: int, nmb: int, devices: list[DeviceWork], p2p
     once_first, once_last = [0.0] * pp, [0.0] * pp
     for i, d in enumerate(devices):
         c = d.comm
-        zero_fwd[i] = exposed(c.fwd_each, fwd[i], kappa, c.fwd_piece)
-        zero_bwd[i] = exposed(c.bwd_each, bwd[i], kappa, c.bwd_piece)
-        once_first[i] = exposed(c.first_fwd, fwd[i] + zero_fwd[i], kappa, c.fwd_piece)
+        zero_fwd[i] = exposed(c.fwd_each, window * fwd[i], kappa, c.fwd_piece) + c.fwd_blocking
+        zero_bwd[i] = exposed(c.bwd_each, window * bwd[i], kappa, c.bwd_piece) + c.bwd_blocking
+        once_first[i] = exposed(c.first_fwd, window * (fwd[i] + zero_fwd[i]), kappa, c.fwd_piece)
         once_last[i] = exposed(c.last_bwd, bwd[i] + zero_bwd[i], kappa, 0.0 if c.bwd_each else c.bwd_piece)
         fwd[i] += zero_fwd[i]
         bwd[i] += zero_bwd[i]

@@ -286,7 +286,7 @@ class HeteroCost:
         p2p = (max(self.hop_seconds(cand, devices, s) for s in range(p - 1)) + self.costs[0].host_coll
                if p > 1 else 0.0)
         times = step_times(cand.schedule, 1, nmb, work, p2p, self.cluster.overlap_slowdown, host.per_microbatch_s,
-                        host.per_step_s, blocking)
+                           host.per_step_s, blocking, self.engine.overlap.gather_window)
 
         stages = [parts[s].cost.stage_memory(cand, s, [layers[s]], nmb, parts[s].blk, parts[s].dt) for s in range(p)]
         reserved = [st.total * parts[s].cost.margin for s, st in enumerate(stages)]
