@@ -24,7 +24,7 @@ class Layout:
         return rank if self.devices is None else self.devices[rank]
 
     def on_devices(self, ranks: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(self.device(r) for r in ranks)
+        return ranks if self.devices is None else tuple(self.devices[r] for r in ranks)
 
     def group(self, dim: str, all_groups: bool = False) -> Group:
         """The group along `dim` (an axis, 'ep' or 'edp') through rank 0, as devices; with `all_groups`, every

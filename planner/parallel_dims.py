@@ -14,9 +14,10 @@ Imports nothing heavy: `runtime` builds its mesh from it on every rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from itertools import product
 from math import prod
+from operator import attrgetter
 
 from planner.errors import InputError
 
@@ -24,6 +25,7 @@ AXES = ("pp", "dp", "tp")                  # the world's axes, outermost first (
 DEFAULT_ORDER = ("tp", "dp", "pp")         # rank order, fastest-varying first (Megatron-LM's)
 SPLITS = {"dp": ("edp", "ep")}             # axis -> (outer, inner) sub-dimensions; the inner degree is a field
 DEGREES = AXES + tuple(inner for _, inner in SPLITS.values())     # the degree fields: pp, dp, tp, ep
+_degrees_of = attrgetter(*DEGREES)
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class ParallelDims:
     def of(cls, config, order: tuple[str, ...] | list[str] | None = None) -> "ParallelDims":
         """The dimensions of anything with the degree fields (ParallelConfig, the search's Candidate), ranks in
         `order` (default Megatron-LM's)."""
-        return cls(**{d: getattr(config, d) for d in DEGREES}, order=tuple(order or DEFAULT_ORDER))
+        return _interned(cls, _degrees_of(config), tuple(order or DEFAULT_ORDER))
 
     def __post_init__(self):
         for name in DEGREES:
@@ -55,6 +57,10 @@ class ParallelDims:
             if getattr(self, axis) % getattr(self, inner):
                 raise InputError(f"{inner} {getattr(self, inner)} does not divide {axis} {getattr(self, axis)}",
                                  field=inner)
+        object.__setattr__(self, "_hash", hash((_degrees_of(self), self.order)))
+
+    def __hash__(self) -> int:          # computed once: the cost model keys its caches on dimensions
+        return self._hash
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -68,6 +74,9 @@ class ParallelDims:
 
     def size(self, dim: str) -> int:
         """Degree of an axis or a sub-dimension ('pp', 'dp', 'tp', 'edp', 'ep')."""
+        for axis, (outer, inner) in SPLITS.items():
+            if dim == outer:
+                return getattr(self, axis) // getattr(self, inner)
         return getattr(self, dim)
 
     # ------------------------------------------------------------------ rank <-> coordinates
@@ -117,8 +126,8 @@ class ParallelDims:
         """Rank offsets of every coordinate of `dims` (the first outermost, the last fastest)."""
         out = [0]
         for d in dims:
-            stride = self._fine_strides[d]
-            out = [o + i * stride for o in out for i in range(self.size(d))]
+            steps = [i * self._fine_strides[d] for i in range(self.size(d))]
+            out = [o + step for o in out for step in steps]
         return out
 
     def _along(self, dim: str) -> list[str]:
@@ -137,9 +146,17 @@ class ParallelDims:
 
     def group(self, dim: str, rank: int = 0) -> tuple[int, ...]:
         """The group along `dim` that holds `rank`."""
-        along = self._along(dim)
-        base = rank - sum(self.coord(rank, d) * self._fine_strides[d] for d in along)
-        return tuple(base + m for m in self._offsets(along))
+        first = self._first_groups.get(dim)
+        if first is None:
+            first = self._first_groups[dim] = tuple(self._offsets(self._along(dim)))
+        if rank == 0:
+            return first
+        base = rank - sum(self.coord(rank, d) * self._fine_strides[d] for d in self._along(dim))
+        return tuple(base + m for m in first)
+
+    @cached_property
+    def _first_groups(self) -> dict[str, tuple[int, ...]]:
+        return {}                        # dimension -> the group holding rank 0, filled by `group`
 
     # ------------------------------------------------------------------ the runtime's device mesh
     @property
@@ -163,6 +180,13 @@ class ParallelDims:
 
     def _split(self, axis: str) -> bool:
         return axis in SPLITS and getattr(self, SPLITS[axis][1]) > 1
+
+
+@lru_cache(maxsize=4096)
+def _interned(cls, degrees: tuple[int, ...], order: tuple[str, ...]) -> ParallelDims:
+    """One object per distinct dimensions: the search asks for the same few thousands of times (and its
+    groups, cached on the object, are computed once)."""
+    return cls(**dict(zip(DEGREES, degrees)), order=order)
 
 
 def tied_embedding_pairs(dims: ParallelDims) -> tuple[tuple[int, int], ...]:
