@@ -58,6 +58,25 @@ def rank_devices(plan: Plan) -> tuple[int, ...]:
     return tuple(devices)
 
 
+# Mesh dimensions whose shards PyTorch gathers in process order: DTensor's TP shards, FSDP2's DP and expert-DP
+# shards (the pipeline maps stages to processes itself; the all-to-all numbers EP ranks by its own group).
+ORDERED_DIMS = ("tp", "dp", "edp")
+
+
+def check_mesh_order(plan: Plan) -> None:
+    """InputError unless every TP, DP and expert-DP group runs on increasing processes: a DeviceMesh sub-group
+    numbers its members by process (torch.distributed.new_group sorts them), so on a placement that reverses a
+    group DTensor and FSDP2 would gather its shards out of the mesh's order and train another model."""
+    dims, devices = plan.config.dims, rank_devices(plan)
+    for dim in ORDERED_DIMS:
+        for group in dims.groups(dim):
+            processes = [devices[r] for r in group]
+            if processes != sorted(processes):
+                raise InputError(f"the {dim} group of ranks {list(group)} is placed on processes {processes}; the "
+                                 f"runtime needs every tp, dp and expert-dp group on increasing processes",
+                                 field="rank_layout")
+
+
 def rank_grid(plan: Plan) -> list:
     """grid[pp][dp][tp] (nested over planner/parallel_dims.py's AXES) = the process holding that coordinate
     (rank_devices, in the device mesh's order)."""
@@ -107,7 +126,7 @@ def check_run(plan: Plan, world_size: int, args) -> None:
     if plan.model.moe is not None and cfg.tp > 1:
         raise InputError(f"the runtime does not run mixture-of-experts layers with tensor parallelism yet "
                          f"(tp {cfg.tp}); use tp 1", field="plan.config")
-    rank_devices(plan)
+    check_mesh_order(plan)
     for value, field in ((args.steps, "--steps"), (args.checkpoint_every, "--checkpoint-every"),
                          (args.seed, "--seed"), (args.lr, "--lr")):
         check_option(value, field)
