@@ -94,8 +94,7 @@ def make_plan(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, be
     if model.attention_kernel is None:
         model = model.model_copy(update={"attention_kernel": engine.kernels.attention})
     cfg = best.config
-    layout = Layout(cfg.tp, cfg.pp, cfg.dp, cluster.gpus_per_node, tuple(cfg.layout),
-                    tuple(cfg.placement) if cfg.placement is not None else None)
+    layout = Layout(cfg.dims, cluster.gpus_per_node, tuple(cfg.placement) if cfg.placement is not None else None)
     return Plan(model=model, cluster=cluster, training=training, engine=engine,
                 model_summary=best.model, feasible=best.feasible, reason=best.reason,
                 config=cfg, predicted=best.predicted,

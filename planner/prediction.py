@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from planner.parallel_dims import ParallelDims
 from planner.specs import ParallelConfig
 
 
@@ -83,6 +84,11 @@ class ResolvedConfig(ParallelConfig):
                               description="Rank order, fastest-varying axis first.")
     placement: list[int] | None = Field(None, description="Device (node * gpus_per_node + local GPU) of each "
                                                           "rank, when not rank r on device r.")
+
+    @property
+    def dims(self) -> ParallelDims:
+        """The parallel dimensions with this configuration's rank order."""
+        return ParallelDims.of(self, self.layout)
 
 
 class ModelSummary(_Out):

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
+from planner.parallel_dims import ParallelDims
+
 Precision = Literal["bf16", "fp16", "amp-bf16", "fp32"]
 Optimizer = Literal["adam", "adamw", "sgd"]
 Recompute = Literal["none", "selective", "full"]
@@ -513,6 +515,11 @@ class ParallelConfig(_Spec):
             if any(n < 0 for n in self.layers_per_stage):
                 raise ValueError("layers_per_stage entries must be >= 0")
         return self
+
+    @property
+    def dims(self) -> ParallelDims:
+        """The parallel dimensions, ranks in Megatron-LM's order (ResolvedConfig: its own `layout`)."""
+        return ParallelDims.of(self)
 
     @property
     def num_gpus(self) -> int:

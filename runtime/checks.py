@@ -9,6 +9,7 @@ from __future__ import annotations
 from planner.errors import InputError
 from planner.limits import check_option
 from planner.outputs import check_writable_dir
+from planner.parallel_dims import AXES
 from planner.plan import Plan
 from planner.specs import ModelSpec
 from planner.validate import beyond_dense_blocks, check_config
@@ -22,34 +23,69 @@ def device_of(row, gpus_per_node: int) -> int:
     return row.node * gpus_per_node + row.local_gpu
 
 
-def rank_grid(plan: Plan) -> list[list[list[int]]]:
-    """grid[pp][dp][tp] = the process (torchrun global rank, i.e. device node * gpus_per_node + local GPU)
-    holding that coordinate, from the plan's rank layout; InputError unless the layout maps the
-    (pp, dp, tp) coordinates one-to-one onto ranks 0..world-1 and onto devices 0..world-1."""
-    cfg = plan.config
+def rank_devices(plan: Plan) -> tuple[int, ...]:
+    """devices[r] = the process (torchrun global rank, i.e. device node * gpus_per_node + local GPU) running rank r
+    of the plan's parallel dimensions (plan.config.dims: the rank at each row's coordinate in the plan's rank
+    order), from the plan's rank layout; InputError unless the layout maps the coordinates one-to-one onto ranks
+    0..world-1 and onto devices 0..world-1."""
+    dims = plan.config.dims
     gpn = plan.cluster.gpus_per_node
-    world = cfg.pp * cfg.dp * cfg.tp
-    grid = [[[-1] * cfg.tp for _ in range(cfg.dp)] for _ in range(cfg.pp)]
-    ranks, devices = set(), set()
+    world = dims.world_size
+    sizes = " x ".join(f"{a} {dims.size(a)}" for a in AXES)
+    devices: list[int | None] = [None] * world
+    ranks, used = set(), set()
     for row in plan.rank_layout:
-        if not (0 <= row.pp < cfg.pp and 0 <= row.dp < cfg.dp and 0 <= row.tp < cfg.tp):
-            raise InputError(f"rank {row.rank} has coordinate (pp {row.pp}, dp {row.dp}, tp {row.tp}) outside "
-                             f"pp {cfg.pp} x dp {cfg.dp} x tp {cfg.tp}", field="rank_layout")
+        coords = {a: getattr(row, a) for a in AXES}
+        where = ", ".join(f"{a} {c}" for a, c in coords.items())
+        if not all(0 <= c < dims.size(a) for a, c in coords.items()):
+            raise InputError(f"rank {row.rank} has coordinate ({where}) outside {sizes}", field="rank_layout")
         if not 0 <= row.rank < world or row.rank in ranks:
             raise InputError(f"rank {row.rank} is out of range or listed twice (world size {world})",
                              field="rank_layout")
         device = device_of(row, gpn)
-        if not 0 <= row.local_gpu < gpn or not 0 <= device < world or device in devices:
+        if not 0 <= row.local_gpu < gpn or not 0 <= device < world or device in used:
             raise InputError(f"rank {row.rank} is placed on node {row.node} GPU {row.local_gpu}, outside the "
                              f"{world} devices or on a device given to another rank", field="rank_layout")
-        if grid[row.pp][row.dp][row.tp] != -1:
-            raise InputError(f"coordinate (pp {row.pp}, dp {row.dp}, tp {row.tp}) is given to two ranks",
-                             field="rank_layout")
+        rank = dims.rank(**coords)
+        if devices[rank] is not None:
+            raise InputError(f"coordinate ({where}) is given to two ranks", field="rank_layout")
         ranks.add(row.rank)
-        devices.add(device)
-        grid[row.pp][row.dp][row.tp] = device
+        used.add(device)
+        devices[rank] = device
     if len(ranks) != world:
-        raise InputError(f"the rank layout lists {len(ranks)} ranks; tp*pp*dp = {world}", field="rank_layout")
+        raise InputError(f"the rank layout lists {len(ranks)} ranks; {' * '.join(AXES)} = {world}",
+                         field="rank_layout")
+    return tuple(devices)
+
+
+# Mesh dimensions whose shards PyTorch gathers in process order: DTensor's TP shards, FSDP2's DP and expert-DP
+# shards (the pipeline maps stages to processes itself; the all-to-all numbers EP ranks by its own group).
+ORDERED_DIMS = ("tp", "dp", "edp")
+
+
+def check_mesh_order(plan: Plan) -> None:
+    """InputError unless every TP, DP and expert-DP group runs on increasing processes: a DeviceMesh sub-group
+    numbers its members by process (torch.distributed.new_group sorts them), so on a placement that reverses a
+    group DTensor and FSDP2 would gather its shards out of the mesh's order and train another model."""
+    dims, devices = plan.config.dims, rank_devices(plan)
+    for dim in ORDERED_DIMS:
+        for group in dims.groups(dim):
+            processes = [devices[r] for r in group]
+            if processes != sorted(processes):
+                raise InputError(f"the {dim} group of ranks {list(group)} is placed on processes {processes}; the "
+                                 f"runtime needs every tp, dp and expert-dp group on increasing processes",
+                                 field="rank_layout")
+
+
+def rank_grid(plan: Plan) -> list:
+    """grid[pp][dp][tp] (nested over planner/parallel_dims.py's AXES) = the process holding that coordinate
+    (rank_devices, in the device mesh's order)."""
+    dims = plan.config.dims
+    devices = rank_devices(plan)
+    grid = [devices[r] for r in dims.mesh_ranks()]
+    for a in reversed(AXES[1:]):
+        n = dims.size(a)
+        grid = [grid[i:i + n] for i in range(0, len(grid), n)]
     return grid
 
 
@@ -87,7 +123,7 @@ def check_run(plan: Plan, world_size: int, args) -> None:
     if cfg.pp > 1 and cfg.schedule != "gpipe" and cfg.num_microbatches < cfg.pp:
         raise InputError(f"1F1B needs at least as many micro-batches ({cfg.num_microbatches}) as stages "
                          f"({cfg.pp})", field="plan.config")
-    rank_grid(plan)
+    check_mesh_order(plan)
     for value, field in ((args.steps, "--steps"), (args.checkpoint_every, "--checkpoint-every"),
                          (args.seed, "--seed"), (args.lr, "--lr")):
         check_option(value, field)

@@ -124,12 +124,12 @@ class MoEMLP(nn.Module):
         for p in self.parameters():
             nn.init.normal_(p, std=INIT_STD)
 
-    def shard_for_tensor_parallel(self, tp_mesh, experts_tp_mesh=None) -> None:
+    def shard_for_tensor_parallel(self, tp_mesh) -> None:
         """Tensor parallelism with sequence parallelism over the 1-D `tp_mesh` (the module then takes and returns
         this rank's sequence shard [b, s/tp, h] as a plain tensor): router replicated, shared expert column /
         row sharded, every routed expert's gate and up sharded along their width (column) and down along its
-        input (row) over `experts_tp_mesh` (the same ranks, from the mesh whose 'edp' dimension shards the
-        experts' data parallelism; default `tp_mesh`)."""
+        input (row). `tp_mesh` must come from the device mesh whose 'edp' dimension shards the experts' data
+        parallelism, so that FSDP2 composes with it."""
         from torch.distributed.tensor import Replicate, Shard, distribute_tensor
         from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                        SequenceParallel, parallelize_module)
@@ -140,10 +140,9 @@ class MoEMLP(nn.Module):
                          "shared.gate": ColwiseParallel(), "shared.up": ColwiseParallel(),
                          "shared.down": RowwiseParallel(output_layouts=seq)})
         parallelize_module(self, tp_mesh, plan)
-        mesh = experts_tp_mesh if experts_tp_mesh is not None else tp_mesh
         ex = self.experts
         for name, dim in (("gate", 2), ("up", 2), ("down", 1)):
-            ex.register_parameter(name, nn.Parameter(distribute_tensor(getattr(ex, name), mesh, [Shard(dim)])))
+            ex.register_parameter(name, nn.Parameter(distribute_tensor(getattr(ex, name), tp_mesh, [Shard(dim)])))
         self.tp_group, self.tp = tp_mesh.get_group(), tp_mesh.size()
 
     def load_experts(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:

@@ -10,37 +10,36 @@ and initialise them from the full model's deterministic values. Pipeline stages 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from planner.parallel_dims import ParallelDims, tied_embedding_pairs
 from planner.plan import Plan
-from runtime.checks import rank_grid
+from runtime.checks import rank_devices
 from runtime.models import ModelChunk, init_weights
-
-MESH_DIMS = ("pp", "dp", "tp")
 
 
 # ----------------------------------------------------------------------------------------------
 # Mesh
 # ----------------------------------------------------------------------------------------------
+def device_mesh(dims: ParallelDims, devices: tuple[int, ...], device_type: str) -> DeviceMesh:
+    """The world's DeviceMesh of `dims` (dimensions dims.mesh_dim_names: ('pp', 'dp', 'tp'), or ('pp', 'edp', 'ep',
+    'tp') under expert parallelism with 'dp' flattened from ('edp', 'ep')), rank r of `dims` on process
+    devices[r]; so every sub-mesh's group is the planner's group of that dimension (ParallelDims.groups)."""
+    grid = torch.tensor([devices[r] for r in dims.mesh_ranks()], dtype=torch.int).view(dims.mesh_shape)
+    mesh = DeviceMesh(device_type, grid, mesh_dim_names=dims.mesh_dim_names)
+    for name, parts in dims.flattened.items():
+        mesh[parts]._flatten(name)
+    return mesh
+
+
 def build_mesh(plan: Plan, device_type: str) -> DeviceMesh:
-    """The (pp, dp, tp) DeviceMesh over the world, each coordinate on the process (device) the plan's rank
-    layout gives it."""
-    grid = torch.tensor(rank_grid(plan), dtype=torch.int)
-    return DeviceMesh(device_type, grid, mesh_dim_names=MESH_DIMS)
-
-
-def build_expert_mesh(plan: Plan, device_type: str) -> DeviceMesh:
-    """The (pp, edp, ep, tp) DeviceMesh of expert parallelism: data-parallel rank d is (edp, ep) = (d // ep, d % ep),
-    so an EP group is `ep` consecutive data-parallel ranks and an expert-data-parallel group the dp/ep ranks
-    holding the same experts (planner/cost/moe.py's groups, Megatron-Core's and torchtitan's)."""
-    cfg = plan.config
-    grid = torch.tensor(rank_grid(plan), dtype=torch.int).view(cfg.pp, cfg.dp // cfg.ep, cfg.ep, cfg.tp)
-    return DeviceMesh(device_type, grid, mesh_dim_names=("pp", "edp", "ep", "tp"))
+    """The plan's DeviceMesh, each rank on the process (device) the plan's rank layout gives it."""
+    return device_mesh(plan.config.dims, rank_devices(plan), device_type)
 
 
 @dataclass(frozen=True)
@@ -52,25 +51,21 @@ class Coords:
 
 def my_coords(plan: Plan, process_rank: int) -> Coords:
     """The (pp, dp, tp) coordinate the plan gives to the process with this torchrun global rank."""
-    from runtime.checks import device_of
-    gpn = plan.cluster.gpus_per_node
-    row = next(r for r in plan.rank_layout if device_of(r, gpn) == process_rank)
-    return Coords(row.pp, row.dp, row.tp)
+    return Coords(**plan.config.dims.coords(rank_devices(plan).index(process_rank)))
 
 
 # ----------------------------------------------------------------------------------------------
 # Tensor parallelism
 # ----------------------------------------------------------------------------------------------
-def apply_tensor_parallel(chunk: ModelChunk, tp_mesh: DeviceMesh, sp: bool, loss_parallel: bool,
-                          experts_tp_mesh: DeviceMesh | None = None) -> None:
+def apply_tensor_parallel(chunk: ModelChunk, tp_mesh: DeviceMesh, sp: bool, loss_parallel: bool) -> None:
     """Megatron-style TP (Shoeybi et al. 2019) on one chunk: q/k/v, fc1 (gate/up) column-parallel,
     output and fc2 (down) projections row-parallel, the token embedding and the LM head split by
     vocabulary. With `sp` the norms, dropouts and residual stream are sharded along the sequence
     (Korthikanti et al. 2022): one all-gather before attention and before the MLP, one reduce-scatter
     after each. With `loss_parallel` the head's logits stay vocabulary-sharded (a DTensor) for
     `torch.distributed.tensor.parallel.loss_parallel`. A mixture-of-experts MLP (which needs `sp`) takes the
-    sequence shard as it is and shards itself (runtime.moe.MoEMLP.shard_for_tensor_parallel; its routed experts
-    over `experts_tp_mesh`, the TP dimension of the expert mesh under expert parallelism)."""
+    sequence shard as it is and shards itself (runtime.moe.MoEMLP.shard_for_tensor_parallel), its routed experts over
+    the same `tp_mesh`: one device mesh holds tp and the expert-data-parallel dimension, so FSDP2 composes with it."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                    RowwiseParallel, SequenceParallel, parallelize_module)
@@ -88,7 +83,7 @@ def apply_tensor_parallel(chunk: ModelChunk, tp_mesh: DeviceMesh, sp: bool, loss
         if moe:
             if not sp:
                 raise ValueError("mixture-of-experts layers under tensor parallelism need sequence parallelism")
-            block.mlp.shard_for_tensor_parallel(tp_mesh, experts_tp_mesh)
+            block.mlp.shard_for_tensor_parallel(tp_mesh)
         elif block.mlp.swiglu:
             plan.update({"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
                          "mlp.down_proj": RowwiseParallel(output_layouts=seq_shard if sp else Replicate())})
@@ -132,7 +127,7 @@ def apply_data_parallel(chunk: ModelChunk, dp_mesh: DeviceMesh, zero: int, mp_po
     ZeRO 0 with FSDP2's `replicate` (DDP semantics; plain `DDP(process_group=...)` rejects TP's DTensor
     parameters). Gradients are averaged over the data-parallel group.
 
-    Under expert parallelism (`expert_mesh`: the 'edp' sub-mesh of build_expert_mesh) the routed experts of each
+    Under expert parallelism (`expert_mesh`: the mesh's 'edp' dimension) the routed experts of each
     MoE layer are wrapped first, on their own, the same way over the expert-data-parallel group, and their
     gradients scaled by 1/ep in backward (GroupedExperts.grad_scale), so that they too come out as the mean over
     all data-parallel ranks; the block's wrapper then leaves them alone."""
@@ -208,22 +203,19 @@ def build_chunks(plan: Plan, mesh: DeviceMesh, coords: Coords, device: torch.dev
     ids = chunk_layer_ids(list(cfg.layers_per_stage))
     stages = local_chunk_indices(cfg.pp, cfg.vpp, coords.pp)
     nchunks = cfg.pp * cfg.vpp
-    expert_mesh = build_expert_mesh(plan, device.type) if cfg.ep > 1 else None
-    ep_group = expert_mesh["ep"].get_group() if expert_mesh is not None else None
+    ep_group = mesh["ep"].get_group() if cfg.ep > 1 else None
     chunks = []
     for j in stages:
         with torch.device("meta"):
             chunk = ModelChunk(spec, ids[j], first=(j == 0), last=(j == nchunks - 1), recompute=cfg.recompute,
                                vocab_tp=cfg.tp, ep_group=ep_group)
         if cfg.tp > 1:
-            apply_tensor_parallel(chunk, mesh["tp"], cfg.sp, loss_parallel,
-                                  expert_mesh["tp"] if expert_mesh is not None else None)
+            apply_tensor_parallel(chunk, mesh["tp"], cfg.sp, loss_parallel)
         if compile_blocks:
             for block in chunk.layers.values():
                 block.compile()
         if cfg.dp > 1:
-            apply_data_parallel(chunk, mesh["dp"], cfg.zero, mp_policy,
-                                expert_mesh["edp"] if expert_mesh is not None else None)
+            apply_data_parallel(chunk, mesh["dp"], cfg.zero, mp_policy, mesh["edp"] if cfg.ep > 1 else None)
         chunk.to_empty(device=device)
         # `to_empty` gives each module a new Parameter for a plain (non-DTensor) tensor, which unties a
         # head that shared the embedding's weight: tie it again, then check that the tie held
@@ -264,18 +256,16 @@ class TiedEmbeddingSync:
     copies stay equal."""
 
     def __init__(self, plan: Plan, coords: Coords, model: RankModel):
-        cfg = plan.config
+        cfg, dims = plan.config, plan.config.dims
         self.param = None
         self.group = None
         if not (plan.model.tied_embeddings and cfg.pp > 1):
             return
-        grid = rank_grid(plan)
-        for dp in range(cfg.dp):
-            for tp in range(cfg.tp):
-                ranks = [grid[0][dp][tp], grid[cfg.pp - 1][dp][tp]]
-                group = dist.new_group(ranks)          # every rank creates every group, in the same order
-                if (dp, tp) == (coords.dp, coords.tp) and coords.pp in (0, cfg.pp - 1):
-                    self.group = group
+        devices, mine = rank_devices(plan), dims.rank(**asdict(coords))
+        for pair in tied_embedding_pairs(dims):
+            group = dist.new_group([devices[r] for r in pair])   # every rank creates every group, in order
+            if mine in pair:
+                self.group = group
         if coords.pp == 0:
             self.param = model.embed.tok.weight
         elif coords.pp == cfg.pp - 1:

@@ -1,7 +1,9 @@
 """`torchrun --nproc-per-node 4 tests/moe_worker.py OUT`: runtime/moe.py's MoE MLP with expert parallelism 2 inside
 data parallelism 4 (EP groups {0,1} {2,3}, expert-data-parallel groups {0,2} {1,3}), and with tensor (and sequence)
 parallelism 2 times expert parallelism 2 (TP groups {0,1} {2,3}, EP groups {0,2} {1,3}), against the same module on
-one process over the whole batch; writes the largest relative errors (over ranks) to OUT."""
+one process over the whole batch; and the runtime's device mesh (runtime/parallelize.py device_mesh) against the
+planner's groups (planner/parallel_dims.py) for 4-process layouts; writes the largest relative errors (over ranks)
+and the mesh mismatches to OUT."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from planner.parallel_dims import ParallelDims  # noqa: E402
 from runtime.moe import MoEMLP  # noqa: E402
+from runtime.parallelize import device_mesh  # noqa: E402
 
 H, FFN, EXPERTS, TOP_K, TOKENS = 16, 24, 4, 2, 12      # TOKENS per rank
 
@@ -82,6 +86,36 @@ def tp_case(mesh, shared: int, skew: float) -> dict[str, float]:
     return errors
 
 
+# (dims, devices[r] = the process running rank r): pp2 dp2(ep2) in Megatron's and in (tp, pp, dp) order, on moved
+# processes; dp2(ep2) tp2; dp4(ep2)
+MESH_LAYOUTS = [
+    (ParallelDims(pp=2, dp=2, tp=1, ep=2), (0, 1, 2, 3)),
+    (ParallelDims(pp=2, dp=2, tp=1, ep=2, order=("tp", "pp", "dp")), (3, 2, 1, 0)),
+    (ParallelDims(pp=1, dp=2, tp=2, ep=2), (1, 3, 0, 2)),
+    (ParallelDims(pp=1, dp=4, tp=1, ep=2), (2, 0, 3, 1)),
+]
+
+
+def mesh_mismatches(process: int) -> tuple[int, int]:
+    """(checks, mismatches) of every mesh dimension ('pp', 'dp', 'tp', 'edp', 'ep') of every MESH_LAYOUTS entry on
+    this process: the sub-mesh's processes in mesh order, its process group's members and this process's mesh
+    coordinate, against the planner's group of this rank and its coordinate along the dimension. (The process
+    group's own rank order is sorted by process, so it differs from the coordinate on moved processes.)"""
+    checks = mismatches = 0
+    for dims, devices in MESH_LAYOUTS:
+        mesh = device_mesh(dims, devices, "cpu")
+        rank = devices.index(process)
+        for dim in ("pp", "dp", "tp", "edp", "ep"):
+            want = [devices[r] for r in dims.group(dim, rank)]
+            sub = mesh[dim]
+            got = sub.mesh.flatten().tolist()
+            members = sorted(dist.get_process_group_ranks(sub.get_group()))
+            checks += 1
+            mismatches += (got != want or members != sorted(want)
+                           or tuple(sub.get_coordinate()) != (dims.coord(rank, dim),))
+    return checks, mismatches
+
+
 def main(out_path: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -100,6 +134,9 @@ def main(out_path: str) -> None:
         worst = torch.tensor(list(errors.values()))
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         results[f"tp2 ep2, shared {shared}, skew {skew}"] = dict(zip(errors, worst.tolist()))
+    counts = torch.tensor(mesh_mismatches(rank))
+    dist.all_reduce(counts)
+    results["mesh groups"] = dict(zip(("checks", "mismatches"), counts.tolist()))
     if rank == 0:
         Path(out_path).write_text(json.dumps(results, indent=1))
     dist.destroy_process_group()

@@ -7,6 +7,7 @@ import pytest
 from planner.cost.model import CostModel
 from planner.engine import load_engine
 from planner.loaders import load_cluster
+from planner.parallel_dims import ParallelDims
 from planner.specs import ModelSpec, TrainingSpec
 
 CASES = {  # Table 4 rows -> (sequence parallel, recompute)
@@ -25,7 +26,7 @@ def test_22b_layer_forward_backward_times(reference):
                       dropout=0.1, attention_kernel="eager")
     cost = CostModel(model, load_cluster("dgx-a100-80gb"), TrainingSpec(global_batch=64, seq_len=2048),
                      engine=load_engine("megatron"))
-    _, tp_group, _ = cost.layout(8, 1, 1, ("tp", "dp", "pp"))
+    tp_group = cost.group(ParallelDims(tp=8), "tp")
     dt = cost.dtypes(0, 1)
     for row in reference("korthikanti_table4_layer_time_22b.csv"):
         sp, recompute = CASES[row["experiment"]]

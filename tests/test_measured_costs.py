@@ -9,6 +9,7 @@ from planner.cost.memory import block_activation_bytes
 from planner.cost.model import CostModel
 from planner.engine import load_engine
 from planner.loaders import load_cluster
+from planner.parallel_dims import ParallelDims
 from planner.presets import PRESETS
 from planner.profile_data import BlockMeasurement, DeviceInfo, ModelProfile
 from planner.specs import ParallelConfig, TrainingSpec
@@ -44,7 +45,7 @@ def profile(scale_time: float, scale_bytes: float, points=((1, 1), (2, 1), (1, 2
 
 def test_measured_point_replaces_the_analytical_one():
     cost = CostModel(MODEL, CLUSTER, TRAINING, profile(1.5, 1.2), "p.json")
-    _, tp_group, _ = cost.layout(2, 1, 4, ("tp", "dp", "pp"))
+    tp_group = cost.group(ParallelDims(tp=2, dp=4), "tp")
     blk = cost.block(2, 1, False, "none", tp_group, BF16)
     f, b, a = analytical(2, 1)
     assert blk.forward.compute == pytest.approx(1.5 * f)
@@ -59,7 +60,7 @@ def test_measured_point_replaces_the_analytical_one():
 
 def test_unmeasured_shapes_are_interpolated_and_recompute_falls_back():
     cost = CostModel(MODEL, CLUSTER, TRAINING, profile(2.0, 1.0), "p.json")
-    _, tp_group, _ = cost.layout(4, 1, 2, ("tp", "dp", "pp"))
+    tp_group = cost.group(ParallelDims(tp=4, dp=2), "tp")
     blk = cost.block(4, 2, False, "full", tp_group, BF16)
     f, b, _ = analytical(4, 2, "full")
     assert blk.forward.compute == pytest.approx(2.0 * f)                    # every point says x2

@@ -12,6 +12,7 @@ from planner.cost.moe import DEFAULT_IMBALANCE, imbalance
 from planner.engine import load_engine
 from planner.errors import InputError
 from planner.loaders import load_cluster
+from planner.parallel_dims import ParallelDims
 from planner.presets import PRESETS
 from planner.specs import MoESpec, ParallelConfig, TrainingSpec
 from tests.cli_helpers import run_cli
@@ -87,7 +88,7 @@ def test_expert_states_per_ep_rank(ep):
     cfg = ParallelConfig(tp=1, pp=1, dp=64, ep=ep, zero=1, recompute="full")
     core = cost.evaluate_core(cfg)
     phase = cost.stage_timeline(cfg, 0, [32], core.nmb, cost.block(1, 1, False, "full",
-                                *cost.layout(1, 1, 64, ("tp", "dp", "pp"))[1:2], cost.dtypes(1, 64)),
+                                cost.group(ParallelDims(dp=64), "tp"), cost.dtypes(1, 64)),
                                 cost.dtypes(1, 64)).phases["optimizer"]
     recipe = cost.recipe(1, 64)
     dense, experts = _dense_params_by_hand(1), 32 * 8 * 3 * 4096 * 14336 / ep
@@ -106,7 +107,7 @@ def test_expert_gradients_reduce_over_the_expert_data_parallel_group():
     t = TrainingSpec(global_batch=64, seq_len=4096)
     cost = CostModel(MIXTRAL, one, t, engine=load_engine("megatron"))
     cfg = ParallelConfig(tp=1, pp=1, dp=8, ep=4, zero=0)
-    groups = cost.moe_groups(cfg, ("tp", "dp", "pp"))
+    groups = [cost.group(cfg.dims, d) for d in ("ep", "edp")]
     assert groups[0].ranks == (0, 1, 2, 3) and groups[1].ranks == (0, 4)
     experts = 32 * 8 * 3 * 4096 * 14336 / 4
     comm = cost.dp_comm(cfg, experts, 32, groups[1], 2)

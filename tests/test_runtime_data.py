@@ -231,6 +231,25 @@ def test_rank_layout_placement_decides_which_process_holds_which_coordinate():
         rank_grid(plan.model_copy(update={"rank_layout": clash}))
 
 
+def test_placements_that_reverse_a_sharded_group_are_refused():
+    """torch.distributed numbers a DeviceMesh sub-group's members by process, so DTensor and FSDP2 gather a TP or DP
+    group's shards in process order (on gloo a 2-process mesh [1, 0] gathers Shard(0) pieces [0, 1] as [1, 0]):
+    `meshplan run` refuses placements that reverse a TP, DP or expert-DP group, and accepts swapped stages."""
+    from runtime.checks import check_mesh_order
+
+    plan = make_test_plan(tp=2, pp=2, dp=2)
+    check_mesh_order(plan)
+    reversed_all = [row.model_copy(update={"local_gpu": 7 - row.rank}) for row in plan.rank_layout]
+    with pytest.raises(InputError, match="rank_layout: the tp group of ranks \\[0, 1\\] is placed on processes"):
+        check_mesh_order(plan.model_copy(update={"rank_layout": reversed_all}))
+    stages_swapped = [row.model_copy(update={"local_gpu": (row.rank + 4) % 8}) for row in plan.rank_layout]
+    check_mesh_order(plan.model_copy(update={"rank_layout": stages_swapped}))
+    moe = make_test_plan("moe-tiny", dp=4, ep=2)
+    ep_swapped = [row.model_copy(update={"local_gpu": [1, 0, 3, 2][row.rank]}) for row in moe.rank_layout]
+    with pytest.raises(InputError, match="the dp group"):
+        check_mesh_order(moe.model_copy(update={"rank_layout": ep_swapped}))
+
+
 @pytest.mark.parametrize("precision,config,ran", [
     ("bf16", {"dp": 2, "zero": 1}, "bf16"),       # FSDP2 holds 16-bit parameters
     ("fp16", {"dp": 2, "zero": 3}, "fp16"),

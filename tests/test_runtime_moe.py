@@ -39,13 +39,17 @@ def test_moe_mlp_matches_a_per_token_loop():
 def test_expert_parallel_matches_single_process(tmp_path):
     """Outputs and every gradient (experts reduced over the expert-data-parallel group, the router and shared
     expert over all ranks) within 1e-5 of one process, with balanced and skewed routing; without the expert
-    gradients' reduction they are far off (the check can fail)."""
+    gradients' reduction they are far off (the check can fail). In the same launch: the runtime's DeviceMesh
+    groups of pp2 dp2(ep2), dp2(ep2) tp2 and dp4(ep2) layouts, on moved processes, are the planner's
+    (planner/parallel_dims.py) in every dimension."""
     out = tmp_path / "moe.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
            f"--log-dir={tmp_path / 'logs'}", str(ROOT / "tests" / "moe_worker.py"), str(out)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     results = json.loads(out.read_text())
+    # the runtime's device mesh: every dimension of every layout on every process is the planner's group
+    assert results.pop("mesh groups") == {"checks": 4 * 4 * 5, "mismatches": 0}
     assert len(results) == 5
     for name, errors in results.items():
         for key, err in errors.items():

@@ -21,7 +21,7 @@ from planner.cost.measured import MeasuredCosts
 from planner.cost.memory import (GIB, autocast_weight_bytes, block_activation_bytes, block_backward_transient_bytes,
                                  embedding_activation_bytes, head_activation_bytes, head_transient_bytes,
                                  in_flight_microbatches, interleaved_in_flight_chunks, state_bytes)
-from planner.cost.moe import add_comm, ep_group, expert_dp_group, imbalance
+from planner.cost.moe import add_comm, imbalance
 from planner.cost.params import (final_norm_params, layer_mix, mean_layer_params, padded_vocab_size,
                                  position_params, tensors_per_block, total_params)
 from planner.cost.pipeline import p2p_on_path
@@ -30,6 +30,7 @@ from planner.cost.step import DeviceWork, step_times
 from planner.cost.timeline import PhaseMemory, Regime, StageInputs, Timeline, grads_between_bytes, stage_timeline
 from planner.engine import EngineSpec, engine_on, load_engine
 from planner.layout import DEFAULT_ORDER, Layout
+from planner.parallel_dims import ParallelDims, tied_embedding_pairs
 from planner.partition import partition_layers, spread_over_chunks
 from planner.profile_data import ModelProfile
 from planner.prediction import (MemoryBreakdown, ModelSummary, Predicted, Prediction, ResolvedConfig, StageMemory,
@@ -185,7 +186,8 @@ class CostModel:
         self.measured = measured if measured and not measured.mismatch else None
         self._blocks: dict[tuple, BlockCost] = {}
         self._ends: dict[tuple, EndsCost] = {}
-        self._layouts: dict[tuple, tuple[Layout, Group, Group]] = {}
+        self._layouts: dict[tuple, Layout] = {}
+        self._groups: dict[tuple, Group] = {}
         self._held_cache: dict[tuple, list[int]] = {}
         self._p2p_cache: dict[tuple, float] = {}
         self._pairs_cache: dict[Layout, tuple[tuple[int, int], ...]] = {}
@@ -199,7 +201,6 @@ class CostModel:
         self._max_blocks_cache: dict[tuple, int] = {}
         self._acts_cache: dict[tuple, float] = {}
         self._memory_bound_cache: dict[tuple, float] = {}
-        self._moe_groups: dict[tuple, tuple[Group, Group]] = {}
         self._block_works: dict[tuple, tuple] = {}
         self._expert_timelines: dict[tuple, Timeline] = {}
         self._expert_state_cache: dict[tuple, tuple] = {}
@@ -250,27 +251,21 @@ class CostModel:
         return traffic / (self.gpu.hbm_bandwidth * self.gpu.efficiency.memory)
 
     # ------------------------------------------------------------------ cached pieces
-    def layout(self, tp: int, pp: int, dp: int, order: tuple[str, str, str],
-               devices: tuple[int, ...] | None = None) -> tuple[Layout, Group, Group]:
-        """(layout, the TP groups, the DP groups): a representative group, with every parallel group as its
-        peers when links are measured (the slowest one sets the pace)."""
-        key = (tp, pp, dp, order, devices)
+    def layout(self, dims: ParallelDims, devices: tuple[int, ...] | None = None) -> Layout:
+        """The ranks of `dims` on the cluster's devices (rank r on device r unless `devices` says otherwise)."""
+        key = (dims, devices)
         hit = self._layouts.get(key)
         if hit is None:
-            lay = Layout(tp, pp, dp, self.cluster.gpus_per_node, order, devices)
-            every = self.net.matrix is not None
-            hit = self._layouts[key] = (lay, lay.group("tp", every), lay.group("dp", every))
+            hit = self._layouts[key] = Layout(dims, self.cluster.gpus_per_node, devices)
         return hit
 
-    def moe_groups(self, cfg, order: tuple[str, str, str], devices: tuple[int, ...] | None = None
-                   ) -> tuple[Group, Group]:
-        """(the expert-parallel group, the expert-data-parallel group) of `cfg` (see planner/cost/moe.py)."""
-        key = (cfg.tp, cfg.pp, cfg.dp, cfg.ep, order, devices)
-        hit = self._moe_groups.get(key)
+    def group(self, dims: ParallelDims, dim: str, devices: tuple[int, ...] | None = None) -> Group:
+        """The group along `dim` ('tp', 'dp', 'pp', 'ep', 'edp') through rank 0, with every parallel group along
+        it as its peers when links are measured (the slowest one sets the pace)."""
+        key = (dims, dim, devices)
+        hit = self._groups.get(key)
         if hit is None:
-            layout = self.layout(cfg.tp, cfg.pp, cfg.dp, order, devices)[0]
-            every = self.net.matrix is not None
-            hit = self._moe_groups[key] = (ep_group(layout, cfg.ep, every), expert_dp_group(layout, cfg.ep, every))
+            hit = self._groups[key] = self.layout(dims, devices).group(dim, self.net.matrix is not None)
         return hit
 
     def _pass_cost(self, p, tp_group: Group, dt: Dtypes, host_per_kernel: float,
@@ -711,9 +706,10 @@ class CostModel:
         interleaved, plus its transfers; data-parallel communication costs at least the overlap slow-down times
         itself (or all of it when not overlapped); the optimizer step of the device with the most parameters
         takes at least that of the average device."""
-        layout, tp_group, dp_group = self.layout(cfg.tp, cfg.pp, cfg.dp, order)
+        dims = ParallelDims.of(cfg, order)
+        layout, tp_group, dp_group = self.layout(dims), self.group(dims, "tp"), self.group(dims, "dp")
         dt = self.dtypes(cfg.zero, cfg.dp)
-        ep_grp = self.moe_groups(cfg, order)[0]
+        ep_grp = self.group(dims, "ep")
         blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp)
         work = self._work(cfg, blk, tp_group, dt)
         per_cycle, post = self._state_bounds(cfg, order, dp_group)
@@ -786,7 +782,7 @@ class CostModel:
             opt = params / share * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
             if self.has_experts(cfg):
                 experts = self.expert_params(cfg, self.model.num_layers) / cfg.pp
-                edp, edp_group = cfg.dp // cfg.ep, self.moe_groups(cfg, order)[1]
+                edp, edp_group = cfg.dp // cfg.ep, self.group(ParallelDims.of(cfg, order), "edp")
                 erecipe = recipe         # the engine wraps the experts as the rest: its recipe, dp/ep ranks
                 expert_call = lambda op, nbytes: self.net.collective(op, nbytes, edp_group, rails)   # noqa: E731
                 comm = add_comm(comm, stage_dp_comm(self.engine, erecipe, cfg.zero, edp, cfg.pp, experts, 0,
@@ -827,20 +823,19 @@ class CostModel:
         self._forward_slope_cache[key] = hit
         return hit
 
-    def placement_signature(self, tp: int, pp: int, dp: int, order: tuple[str, str, str], ep: int = 1) -> tuple:
+    def placement_signature(self, dims: ParallelDims) -> tuple:
         """What the cost model sees of a rank order: nodes spanned by the TP, DP, EP and expert-DP groups and which
         pipeline boundaries cross nodes (with a measured link matrix, the ranks themselves)."""
-        key = (tp, pp, dp, order, ep)
-        sig = self._signatures.get(key)
+        sig = self._signatures.get(dims)
         if sig is None:
-            layout, tp_group, dp_group = self.layout(tp, pp, dp, order)
-            groups = self.moe_groups(ParallelConfig(tp=tp, pp=pp, dp=dp, ep=ep), order) if ep > 1 else ()
             node = self.cluster.gpus_per_node
-            crossings = tuple(layout.rank(i, 0, 0) // node != layout.rank(i + 1, 0, 0) // node
-                              for i in range(pp - 1))
-            sig = order if self.net.matrix is not None else (tp_group.nodes, dp_group.nodes, crossings,
-                                                             tuple(g.nodes for g in groups))
-            self._signatures[key] = sig
+            stages = dims.group("pp", 0)
+            crossings = tuple(a // node != b // node for a, b in zip(stages, stages[1:]))
+            moe = ("ep", "edp") if dims.ep > 1 else ()
+            sig = dims.order if self.net.matrix is not None else (
+                self.group(dims, "tp").nodes, self.group(dims, "dp").nodes, crossings,
+                tuple(self.group(dims, d).nodes for d in moe))
+            self._signatures[dims] = sig
         return sig
 
     def _total_params_per_tp_rank(self, cfg: ParallelConfig) -> float:
@@ -867,10 +862,8 @@ class CostModel:
         and one across nodes where the pipeline has them (spec-sheet links differ only by that)."""
         pairs = self._pairs_cache.get(layout)
         if pairs is None:
-            coords = ([(d, k) for d in range(layout.dp) for k in range(layout.tp)] if self.net.matrix is not None
-                      else [(0, 0)])
-            every = [(layout.device(layout.rank(i, d, k)), layout.device(layout.rank(i + 1, d, k)))
-                     for i in range(layout.pp - 1) for d, k in coords]
+            pipelines = layout.dims.groups("pp") if self.net.matrix is not None else (layout.dims.group("pp", 0),)
+            every = [(layout.device(a), layout.device(b)) for g in pipelines for a, b in zip(g, g[1:])]
             if self.net.matrix is None:
                 node = self.cluster.gpus_per_node
                 every = list({a // node == b // node: (a, b) for a, b in every}.values())
@@ -878,12 +871,12 @@ class CostModel:
         return pairs
 
     def _tied_pair(self, layout: Layout) -> Group:
-        """First and last stage devices that all-reduce the tied embedding's gradients."""
-        def pair(d: int, k: int) -> tuple[int, int]:
-            return layout.device(layout.rank(0, d, k)), layout.device(layout.rank(layout.pp - 1, d, k))
-        peers = (tuple(pair(d, k) for d in range(layout.dp) for k in range(layout.tp))
+        """First and last stage devices that all-reduce the tied embedding's gradients (the ends of each
+        pipeline group, as the runtime's TiedEmbeddingSync pairs them)."""
+        first = layout.dims.group("pp", 0)
+        peers = (tuple(layout.on_devices(g) for g in tied_embedding_pairs(layout.dims))
                  if self.net.matrix is not None else ())
-        return Group.of(pair(0, 0), self.cluster.gpus_per_node, peers)
+        return Group.of(layout.on_devices((first[0], first[-1])), self.cluster.gpus_per_node, peers)
 
     def dp_comm(self, cfg: ParallelConfig, params: float, layers: int, dp_group: Group,
                 dp: int | None = None) -> DPComm:
@@ -918,8 +911,10 @@ class CostModel:
         m, tr, host = self.model, self.training, self.engine.host
         nmb = cfg.microbatches(tr.global_batch)
         dt = self.dtypes(cfg.zero, cfg.dp)
-        layout, tp_group, dp_group = self.layout(cfg.tp, cfg.pp, cfg.dp, order, devices)
-        ep_grp, edp_group = self.moe_groups(cfg, order, devices)
+        dims = ParallelDims.of(cfg, order)
+        layout = self.layout(dims, devices)
+        tp_group, dp_group = self.group(dims, "tp", devices), self.group(dims, "dp", devices)
+        ep_grp, edp_group = self.group(dims, "ep", devices), self.group(dims, "edp", devices)
         blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp)
         ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group, dt)
         chunks = list(cfg.layers_per_stage) if cfg.layers_per_stage else self.default_layers(cfg, blk, ends, dt)

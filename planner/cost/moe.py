@@ -18,17 +18,16 @@ and receives `imbalance` times the mean number of routed rows and sets the pace 
 expert GEMMs (`imbalance()`: the busiest expert's excess, spread over the experts a rank holds; a capacity
 factor caps it: tokens beyond capacity are dropped). Expert gradients are reduced over
 the expert-data-parallel group (dp/ep ranks: the ranks holding the same experts); model.py costs them with the
-same data-parallel machinery as the dense parameters.
+same data-parallel machinery as the dense parameters. The EP and expert-DP groups are planner/parallel_dims.py's
+'ep' and 'edp' dimensions, the ones the runtime's device mesh has.
 """
 
 from __future__ import annotations
 
 import math
 
-from planner.cost.comm import Group
 from planner.cost.dp_comm import DPComm
 from planner.cost.kernels import FP32, Collective, Dtypes, KernelOptions, Pass, _activation
-from planner.layout import Layout
 from planner.specs import ModelSpec, TrainingSpec
 
 # The busiest expert's routed tokens over the mean. Switch Transformer (Fedus et al. 2022, JMLR, Sec. 2.2 and
@@ -117,26 +116,6 @@ def moe_activation_bytes(m: ModelSpec, tokens: int, tp: int, sp: bool, factor: f
     experts = rows * (e * h + e * moe.expert_ffn_size / tp * (3 if gated else 2) + e * h)
     shared = tokens * e * moe.shared_width / tp * (3 if gated else 2)
     return router + experts + shared
-
-
-def ep_group(layout: Layout, ep: int, every: bool) -> Group:
-    """The expert-parallel group through rank 0: `ep` consecutive data-parallel ranks (Megatron-Core's and
-    torchtitan's order); with `every`, each such group of the job rides along as a peer."""
-    def devices(pp: int, d0: int, tp: int) -> tuple[int, ...]:
-        return tuple(layout.device(layout.rank(pp, d0 + d, tp)) for d in range(ep))
-    peers = (tuple(devices(p, d0, t) for p in range(layout.pp) for d0 in range(0, layout.dp, ep)
-                   for t in range(layout.tp)) if every else ())
-    return Group.of(devices(0, 0, 0), layout.gpus_per_node, peers)
-
-
-def expert_dp_group(layout: Layout, ep: int, every: bool) -> Group:
-    """The expert-data-parallel group through rank 0: the dp/ep ranks holding the same experts (data-parallel
-    ranks 0, ep, 2ep, ...)."""
-    def devices(pp: int, r: int, tp: int) -> tuple[int, ...]:
-        return tuple(layout.device(layout.rank(pp, d, tp)) for d in range(r, layout.dp, ep))
-    peers = (tuple(devices(p, r, t) for p in range(layout.pp) for r in range(ep) for t in range(layout.tp))
-             if every else ())
-    return Group.of(devices(0, 0, 0), layout.gpus_per_node, peers)
 
 
 def add_comm(a: DPComm, b: DPComm) -> DPComm:

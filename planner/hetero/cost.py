@@ -27,7 +27,7 @@ from planner.cost.step import DeviceWork, step_times
 from planner.engine import EngineSpec
 from planner.hetero.assign import StageProblem
 from planner.hetero.groups import GroupLinks, PlacedGroup, node_groups
-from planner.layout import DEFAULT_ORDER
+from planner.parallel_dims import DEFAULT_ORDER, ParallelDims
 from planner.search.space import Candidate
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
 
@@ -117,8 +117,8 @@ class HeteroCost:
         if hit is None:
             cost = self.costs[k]
             dt = cost.dtypes(cand.zero, cand.dp)
-            _, tp_group, dp_group = cost.layout(cand.tp, 1, cand.dp, DEFAULT_ORDER)
-            ep_group, edp_group = cost.moe_groups(cand._replace(pp=1), DEFAULT_ORDER)
+            dims = ParallelDims.of(cand._replace(pp=1), DEFAULT_ORDER)
+            tp_group, dp_group, ep_group, edp_group = (cost.group(dims, d) for d in ("tp", "dp", "ep", "edp"))
             blk = cost.block(cand.tp, cand.mbs, cand.sp, cand.recompute, tp_group, dt, cand.ep, ep_group)
             ends = cost.ends(cand.tp, cand.mbs, cand.sp, tp_group, dt)
             hit = self._stage_cache[key] = StageParts(cost, blk, ends, dt, tp_group, dp_group, edp_group)

@@ -7,6 +7,7 @@ from planner.cost.memory import GIB
 from planner.cost.model import _binding
 from planner.hetero.cost import HeteroCore, HeteroCost
 from planner.hetero.search import HeteroResult, label
+from planner.parallel_dims import ParallelDims
 from planner.prediction import MemoryBreakdown, Predicted, Prediction, ResolvedConfig, StageMemory, TimeBreakdown
 from planner.specs import ParallelConfig
 
@@ -54,14 +55,12 @@ def prediction(hc: HeteroCost, core: HeteroCore) -> Prediction:
 
 def rank_rows(hc: HeteroCost, core: HeteroCore) -> list[dict]:
     """Every rank with its coordinate, node, local GPU, node group and GPU type."""
-    cand = core.cand
+    dims = ParallelDims.of(core.cand)          # node groups number ranks in Megatron-LM's order
     rows = []
     for rank, device in enumerate(core.devices):
-        pp, rest = divmod(rank, cand.dp * cand.tp)
-        dp, tp = divmod(rest, cand.tp)
         g = hc.groups[hc.links.group_of(device)]
         local = device - g.first_device
-        rows.append({"rank": rank, "pp": pp, "dp": dp, "tp": tp, "node": g.first_node + local // g.gpus_per_node,
+        rows.append({"rank": rank, **dims.coords(rank), "node": g.first_node + local // g.gpus_per_node,
                      "local_gpu": local % g.gpus_per_node, "node_group": g.name, "gpu_type": g.gpu_type})
     return rows
 

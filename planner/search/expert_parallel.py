@@ -6,12 +6,13 @@ from __future__ import annotations
 from planner.cost.memory import GIB
 from planner.cost.model import Core, CostModel
 from planner.cost.moe import imbalance
+from planner.parallel_dims import ParallelDims
 from planner.validate import divisors, expert_shards
 
 
 def _links(cost: CostModel, core: Core) -> str:
     """Where the EP group's all-to-alls run."""
-    group = cost.moe_groups(core.cfg, core.order, core.devices)[0]
+    group = cost.group(ParallelDims.of(core.cfg, core.order), "ep", core.devices)
     return "inside one node (NVLink)" if group.nodes == 1 else f"across {group.nodes} nodes (NICs)"
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from planner.cost.model import Core, CostModel
-from planner.layout import DEFAULT_ORDER
+from planner.parallel_dims import DEFAULT_ORDER, ParallelDims
 from planner.search.gc_pause import gc_paused
 from planner.search.placement import improve_placement
 from planner.search.space import Candidate, Constraints, enumerate_space
@@ -82,8 +82,8 @@ def _search(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec, cons
     count = 0
     for cand in enumerate_space(cost.model, cluster, training, constraints, rejected, cost.engine):
         if cand.order != DEFAULT_ORDER and (
-                cost.placement_signature(cand.tp, cand.pp, cand.dp, cand.order, cand.ep)
-                == cost.placement_signature(cand.tp, cand.pp, cand.dp, DEFAULT_ORDER, cand.ep)):
+                cost.placement_signature(cand.dims)
+                == cost.placement_signature(ParallelDims.of(cand, DEFAULT_ORDER))):
             rejected["dominated"] += 1     # this rank order places every group as the default one does
             continue
         count += 1

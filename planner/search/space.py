@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
-from planner.layout import DEFAULT_ORDER
+from planner.parallel_dims import DEFAULT_ORDER, ParallelDims
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
 from planner.validate import divisors, expert_shards, tp_shards
 
@@ -31,6 +31,11 @@ class Candidate(NamedTuple):
 
     def microbatches(self, global_batch: int) -> int:
         return global_batch // (self.dp * self.mbs)
+
+    @property
+    def dims(self) -> ParallelDims:
+        """The parallel dimensions with this candidate's rank order."""
+        return ParallelDims.of(self, self.order)
 
     @property
     def num_gpus(self) -> int:
