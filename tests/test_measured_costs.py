@@ -101,7 +101,8 @@ def test_moe_blocks_take_the_factors_of_the_moe_measurements():
     prof = ModelProfile(model=model, precision="bf16", seq_len=256,
                         device=DeviceInfo(type="cuda", name=CLUSTER.gpu.name, torch_version="2.13.0"), blocks=blocks)
     cost = CostModel(model, CLUSTER, training, prof, "p.json")
-    _, tp_group, _ = cost.layout(1, 1, 8, ("tp", "dp", "pp"))
+    from planner.parallel_dims import ParallelDims
+    tp_group = cost.group(ParallelDims(pp=1, dp=8, tp=1), "tp")
     blk = cost.block(1, 1, False, "none", tp_group, BF16)
     (f_d, a_d), (f_m, a_m) = want["dense"], want["moe"]
     assert blk.forward.compute == pytest.approx((f_d + 3 * 3.0 * f_m) / 4)

@@ -104,8 +104,8 @@ def test_layout_entries_place_each_rank_on_its_device():
 def test_a_plan_file_written_before_parallel_dims_still_loads_and_runs_the_same_ranks():
     """tests/data/plans/moe_tiny_pp2_dp4_ep2_9a8d039.json was written by `meshplan estimate -o` at commit 9a8d039
     (planner/layout.py's own (pp, dp, tp) strides, moe.py's own EP groups): every row's rank is ParallelDims' rank
-    of its coordinate, the runtime's rank -> process map reads it, and the cost model predicts the same step."""
-    from planner.cost.model import CostModel
+    of its coordinate, and the runtime's rank -> process map reads it. (Its predicted step is not compared: the
+    cost model's physics has changed since.)"""
     from planner.plan import load_plan
     from runtime.checks import rank_devices, rank_grid
 
@@ -117,8 +117,6 @@ def test_a_plan_file_written_before_parallel_dims_still_loads_and_runs_the_same_
         r = dims.rank(pp=row.pp, dp=row.dp, tp=row.tp)
         assert r == row.rank and devices[r] == row.node * plan.cluster.gpus_per_node + row.local_gpu
     assert rank_grid(plan) == rank_array(2, 4, 1, dims.order).tolist()
-    again = CostModel(plan.model, plan.cluster, plan.training).evaluate(plan.config)
-    assert again.predicted.step_time_s == pytest.approx(plan.predicted.step_time_s, rel=1e-12)
     swapped = [row.model_copy(update={"local_gpu": 3 - row.local_gpu}) for row in plan.rank_layout]
     moved = rank_devices(plan.model_copy(update={"rank_layout": swapped}))
     assert moved == tuple(r // 4 * 4 + 3 - r % 4 for r in range(8))
