@@ -95,6 +95,8 @@ FIELDS: dict[str, dict[str, Range]] = {
     "MoESpec": {"num_experts": Range(1, 65_536), "top_k": Range(1, 65_536), "expert_ffn_size": Range(1, 4_194_304),
                 "shared_experts": Range(0, 1_024), "shared_ffn_size": Range(1, 4_194_304),
                 "first_dense_layers": Range(0, MAX_LAYERS), "every": LAYERS, "capacity_factor": Range(1e-3, 1e3)},
+    "MLASpec": {"kv_lora_rank": Range(1, 1_048_576), "q_lora_rank": Range(1, 1_048_576),
+                "qk_nope_head_dim": Range(1, 65_536), "qk_rope_head_dim": Range(1, 65_536), "v_head_dim": Range(1, 65_536)},
     "TrainingSpec": {"global_batch": BATCH, "seq_len": SEQ, "moe_imbalance": Range(1.0, 64.0)},
     "ParallelConfig": {"tp": GPUS, "pp": GPUS, "dp": GPUS, "ep": GPUS, "vpp": LAYERS, "mbs": BATCH,
                        "layers_per_stage": Range(0, MAX_LAYERS), "num_microbatches": BATCH,

@@ -100,7 +100,8 @@ def model_shape(m: ModelSpec) -> dict:
             "qk_norm": m.qk_norm, "bias": m.bias, "has_qkv_bias": m.has_qkv_bias,
             "position_embedding": m.position_embedding, "dropout": m.dropout, "attention": m.attention_kernel,
             "moe": None if m.moe is None else _moe_shape(m),
-            "windows": (m.sliding_window, m.global_every, m.attention_chunk), "sandwich_norm": m.sandwich_norm}
+            "windows": (m.sliding_window, m.global_every, m.attention_chunk), "sandwich_norm": m.sandwich_norm,
+            "mla": m.mla}
 
 
 def _moe_shape(m: ModelSpec) -> tuple:
