@@ -4,9 +4,9 @@ runs), the plans it picks and why expert parallelism wins or loses there.
     python scripts/bench_moe_search.py            # both cases
     python scripts/bench_moe_search.py --runs 5
 
-Target on a 2-core machine: under 2 s for Qwen3-235B-A22B on 2,048 H100s (DeepSeek-V3's multi-head latent
-attention is not modelled), for the Megatron-LM engine and for meshplan's own (which runs more ZeRO and
-schedule choices, so its space is three times larger). Mixtral 8x7B on 16 H100s (Megatron-LM engine) at two batch sizes: where expert
+Target on a 2-core machine: under 2 s for DeepSeek-V3 (671B, multi-head latent attention, 256 experts) and
+Qwen3-235B-A22B on 2,048 H100s (256 DGX H100 nodes), for the Megatron-LM engine, and for Qwen3 also meshplan's
+own engine (which runs more ZeRO and schedule choices, so its space is three times larger). Mixtral 8x7B on 16 H100s (Megatron-LM engine) at two batch sizes: where expert
 parallelism is faster and where it is not.
 """
 
@@ -29,6 +29,7 @@ from planner.search.space import Constraints  # noqa: E402
 from planner.specs import TrainingSpec  # noqa: E402
 
 CASES = [  # (label, model, cluster, nodes, global batch, seq, engine)
+    ("DeepSeek-V3, 2,048 H100", "deepseek-v3", "dgx-h100", 256, 2048, 4096, "megatron"),
     ("Qwen3-235B-A22B, 2,048 H100", "qwen3-235b-a22b", "dgx-h100", 256, 2048, 4096, "megatron"),
     ("  the same, meshplan engine", "qwen3-235b-a22b", "dgx-h100", 256, 2048, 4096, "meshplan"),
     ("Mixtral 8x7B, 16 H100, 64k tok", "mixtral-8x7b", "dgx-h100", 2, 32, 2048, "megatron"),

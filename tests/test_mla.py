@@ -197,10 +197,30 @@ def test_spec_refuses_what_latent_attention_does_not_combine_with(update, messag
         _mla_tiny(**update)
 
 
-def test_runtime_and_exports_refuse_latent_attention():
+def test_runtime_refuses_latent_attention_in_one_line():
     from runtime.checks import unsupported
-    dense = PRESETS["deepseek-v3"].model_copy(update={"moe": None})
-    assert "does not build models with mla" in unsupported(dense)
-    from planner.export.common import refuse_unwritten
-    with pytest.raises(InputError, match="the torchtitan export does not write mla"):
-        refuse_unwritten(dense, "torchtitan", ("moe",))
+    v2 = load_model(str(DATA / "deepseek_v2_config.json"))         # a softmax router: the MoE checks pass
+    assert unsupported(v2) == "the runtime does not build models with mla yet (GPT-2 and Llama blocks only)"
+
+
+@pytest.mark.parametrize("target,message", [
+    ("deepspeed", "DeepSpeed's AutoTP shards Linear layers by name"),
+    ("torchtitan", "torchtitan 0.3.0 ships no mixture-of-experts model shaped like mla-moe"),
+])
+def test_exports_without_latent_attention_refuse_it_in_one_line(target, message):
+    from planner.export import export_plan
+    from tests.export_helpers import make_test_plan
+    plan = make_test_plan("mla_moe", engine="megatron")
+    with pytest.raises(InputError, match=message):
+        export_plan(plan, target)
+
+
+def test_megatron_arguments_carry_the_latent_attention():
+    """The widths as Megatron-Core's MLA flags (its --qk-head-dim is the nope width, --qk-layernorm the latent
+    norms); tests/test_export_engines.py runs Megatron's own parser on them."""
+    from planner.export import export_plan
+    from tests.export_helpers import make_test_plan
+    args = export_plan(make_test_plan("mla_moe", engine="megatron"), "megatron").files["args.txt"]
+    assert ("--multi-latent-attention --kv-lora-rank 128 --qk-head-dim 64 --qk-pos-emb-head-dim 32 --v-head-dim 64 "
+            "--qk-layernorm --q-lora-rank 384") in args
+    assert "--group-query-attention" not in args and "--kv-channels" not in args
