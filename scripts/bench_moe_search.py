@@ -1,8 +1,9 @@
 """Wall time of the plan search for mixture-of-experts models with expert parallelism in the space (median of 3
 runs), the plans it picks and why expert parallelism wins or loses there.
 
-    python scripts/bench_moe_search.py            # both cases
+    python scripts/bench_moe_search.py            # every case
     python scripts/bench_moe_search.py --runs 5
+    python scripts/bench_moe_search.py --only DeepSeek
 
 Target on a 2-core machine: under 2 s for DeepSeek-V3 (671B, multi-head latent attention, 256 experts) and
 Qwen3-235B-A22B on 2,048 H100s (256 DGX H100 nodes), for the Megatron-LM engine, and for Qwen3 also meshplan's
@@ -40,9 +41,12 @@ CASES = [  # (label, model, cluster, nodes, global batch, seq, engine)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--only", default="", help="run only the cases whose label contains this text")
     args = ap.parse_args()
     rows, plans = [], []
     for label, model_name, cluster_name, nodes, batch, seq, engine_name in CASES:
+        if args.only not in label:
+            continue
         model, cluster = load_model(model_name), load_cluster(cluster_name, nodes=nodes)
         training = TrainingSpec(global_batch=batch, seq_len=seq, precision="bf16")
         engine = load_engine(engine_name)

@@ -39,8 +39,8 @@ def layer_params(m: ModelSpec, moe_layer: bool = False) -> LayerParams:
     the norms.
 
     Llama-style count from DESIGN.md: h*(a + 2k)*(h/a) + h*h + 3*h*f + 2h; GPT-style (Megatron SC21,
-    arXiv:2104.04473 Sec. 5.1): 12h^2 + 13h per layer; latent attention: planner/cost/mla.py. MoE layer (DESIGN.md Sec. 10): experts 3*h*f_e*E
-    (gated), router h*E, shared 3*h*f_s*S.
+    arXiv:2104.04473 Sec. 5.1): 12h^2 + 13h per layer; latent attention: planner/cost/mla.py.
+    MoE layer (DESIGN.md Sec. 10): experts 3*h*f_e*E (gated), router h*E, shared 3*h*f_s*S.
     """
     h, d, f = m.hidden_size, m.dim_per_head, m.ffn_size
     q_out, kv_out = m.num_heads * d, m.kv_heads * d
