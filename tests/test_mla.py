@@ -224,3 +224,24 @@ def test_megatron_arguments_carry_the_latent_attention():
     assert ("--multi-latent-attention --kv-lora-rank 128 --qk-head-dim 64 --qk-pos-emb-head-dim 32 --v-head-dim 64 "
             "--qk-layernorm --q-lora-rank 384") in args
     assert "--group-query-attention" not in args and "--kv-channels" not in args
+
+
+def test_eager_attention_scores_over_nope_plus_rope_and_values_at_v():
+    """Materialised softmax(Q K^T) V per head: Q K^T over d_h + d_h^R channels and P V at d_v, over the full s x s
+    matrix (an eager kernel computes the masked half too); selective recomputation replays that core."""
+    m, mbs, seq, tp = _mla_tiny(attention_kernel="eager"), 1, 256, 2
+    work = block_work(m, mbs, seq, tp, True, "selective", Dtypes.of("bf16"), MEGATRON)
+    core = [(k.shape, k.flops) for k in work.recompute.kernels if k.kind == "gemm"]     # the replayed core
+    heads = 8 / tp
+    assert core == [((seq, seq, 48), 2 * mbs * heads * seq * seq * 48),
+                    ((seq, 24, seq), 2 * mbs * heads * seq * seq * 24)]
+    assert all(k in work.forward.kernels for k in work.recompute.kernels)
+
+def test_estimate_plans_the_imported_deepseek_v3(capsys):
+    from tests.cli_helpers import run_cli
+    r = run_cli(capsys, "estimate", "-m", str(DATA / "deepseek_v3_config.json"), "-c", "dgx-h100", "--nodes", "256",
+                "-b", "2048", "--seq", "4096", "--tp", "2", "--sp", "--pp", "16", "--dp", "64", "--ep", "8",
+                "--recompute", "full", "--zero", "1", "--json")
+    assert r.code == 0, r.err
+    d = r.json()
+    assert (d["model"]["params"], d["model"]["active_params"]) == (671_026_404_352, 37_552_282_624)
