@@ -120,6 +120,25 @@ def test_kernels_split_heads_and_duplicate_the_down_projections(tp, sp):
                                ("reduce_scatter", tokens * h)]
     else:
         assert collectives == []
+    backward = sorted((c_.op, c_.bytes / 2) for c_ in work.backward.collectives)
+    if sp:    # conjugates, and Megatron's re-gathers of the sharded q latent and fc1 input for dW
+        assert backward == sorted([("reduce_scatter", tokens * cq), ("reduce_scatter", tokens * (c + rope)),
+                                   ("all_gather", tokens * h), ("reduce_scatter", tokens * h),
+                                   ("all_gather", tokens * h), ("all_gather", tokens * cq), ("all_gather", tokens * h)])
+    else:
+        assert backward == []
+
+
+def test_without_sp_the_backward_reduces_the_latents_gradients():
+    """tp 4, no SP: forward all-reduces after W^O and fc2 (h per token); backward all-reduces the gradients of
+    the duplicated down projections' outputs (q latent, kv latent, rope key) and of fc1's input (h)."""
+    m, mbs, seq, tp = _mla_tiny(), 1, 512, 4
+    work = block_work(m, mbs, seq, tp, False, "none", Dtypes.of("bf16"), MEGATRON)
+    tokens = mbs * seq
+    assert [(c.op, c.bytes / 2) for c in work.forward.collectives] == [("all_reduce", tokens * 256)] * 2
+    assert sorted(c.bytes / 2 for c in work.backward.collectives if c.op == "all_reduce") == sorted(
+        [tokens * (96 + 64 + 16), tokens * 256])
+    assert len(work.backward.collectives) == 2
 
 
 @pytest.mark.parametrize("tp,sp,saves", [(1, False, "sharded"), (4, True, "sharded"), (4, True, "gathered")])

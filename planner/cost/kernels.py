@@ -36,6 +36,7 @@ class Collective:
     op: Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all"]
     bytes: float                 # message size M of the collective (the full, unsharded buffer; all-to-all: per rank)
     group: Literal["tp", "ep"] = "tp"   # the tensor-parallel or the expert-parallel group
+    conjugate: bool = True       # a forward collective whose conjugate runs in backward (kernels.block_work)
 
 
 @dataclass
@@ -224,10 +225,12 @@ def _tp_in(p: Pass, nbytes: float, tp: int, sp: bool) -> None:
         p.collectives.append(Collective("all_gather", nbytes))
 
 
-def _tp_out(p: Pass, nbytes: float, tp: int, sp: bool) -> None:
-    """After a row-parallel linear: all-reduce, or reduce-scatter under SP (Korthikanti et al. Sec. 4.2.2)."""
+def _tp_out(p: Pass, nbytes: float, tp: int, sp: bool, conjugate: bool = True) -> None:
+    """After a row-parallel linear: all-reduce, or reduce-scatter under SP (Korthikanti et al. Sec. 4.2.2).
+    Without SP the backward all-reduce (of the block input's gradient, Megatron's `f`) is counted as this one's
+    conjugate unless `conjugate` is false (latent attention reduces a narrower gradient: planner/cost/mla.py)."""
     if tp > 1:
-        p.collectives.append(Collective("reduce_scatter" if sp else "all_reduce", nbytes))
+        p.collectives.append(Collective("reduce_scatter" if sp else "all_reduce", nbytes, conjugate=conjugate))
 
 
 _CONJUGATE = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather", "all_reduce": "all_reduce",
@@ -273,7 +276,6 @@ def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: s
     local_tokens = tokens / tp if sp else tokens        # the residual stream is sequence-sharded under SP
     act_bytes = tokens * h * e
     dropout = m.dropout > 0
-    mask = 1 if dropout else 0
     swiglu = m.mlp != "gelu"          # gated: gate and up (SwiGLU or GeGLU)
     up_width = f / tp * (2 if swiglu else 1)
     norm_out = FP32 if dt.autocast else e               # under autocast the norms write fp32
@@ -316,7 +318,7 @@ def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: s
             eager_attention_core(attn_core_fwd, mbs, heads, seq, d, d, e, "softmax" in fused, dropout)
     fwd.extend(attn_core_fwd)
     linear(h, k=attn_out, bias=m.bias)                                           # output projection
-    _tp_out(fwd, act_bytes, tp, sp)
+    _tp_out(fwd, act_bytes, tp, sp, conjugate=m.mla is None or sp)
     _residual(fwd, bwd_elem, local_tokens * h, e, er, dropout, "bias_dropout_add" in fused)
     if m.sandwich_norm:
         _norm(fwd, bwd_elem, m, local_tokens * h, er, norm_out, "norm" in fused)  # post-attention norm
@@ -364,7 +366,9 @@ def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: s
             attn_in = regathered_input_bytes(m, tokens, dt)
         bwd.collectives += [Collective("all_gather", attn_in), Collective("all_gather", act_bytes)]
     for c in fwd.collectives:   # conjugate collectives in backward (all-reduce stays, AG <-> RS swap)
-        bwd.collectives.append(Collective(_CONJUGATE[c.op], c.bytes, c.group))
+        if c.conjugate:
+            bwd.collectives.append(Collective(_CONJUGATE[c.op], c.bytes, c.group))
+    bwd.collectives += bwd_elem.collectives     # backward-only ones (latent attention's, without SP)
 
     return BlockWork(fwd, bwd, _recompute_pass(fwd, attn_core_fwd, projections, recompute, m, opts, moe_kernels))
 

@@ -18,7 +18,8 @@ up projections explicitly (no weight absorption: that is an inference optimisati
 
 from __future__ import annotations
 
-from planner.cost.kernels import FP32, Dtypes, Kernel, KernelOptions, Pass, _norm, _rope, _tp_in, eager_attention_core
+from planner.cost.kernels import (FP32, Collective, Dtypes, Kernel, KernelOptions, Pass, _norm, _rope, _tp_in,
+                                  eager_attention_core)
 from planner.specs import ModelSpec
 
 
@@ -58,7 +59,7 @@ def attention_work(fwd: Pass, bwd: Pass, core: Pass, linear, m: ModelSpec, mbs: 
     """Append the kernels and TP collectives of the latent attention from the norm output to the attention core
     (the core itself to `core`) for one micro-batch on one TP rank; `linear(*widths, k=, bias=, rows=)` adds a
     weight GEMM (kernels.block_work's), `keys` the mean keys per query of the causal flash kernel. The elementwise
-    pieces' backward kernels go to `bwd`."""
+    pieces' backward kernels, and without SP the backward all-reduce of the latents' gradients, go to `bwd`."""
     a, e, h = m.mla, dt.act, m.hidden_size
     fused = opts.fused
     tokens = mbs * seq
@@ -77,6 +78,11 @@ def attention_work(fwd: Pass, bwd: Pass, core: Pass, linear, m: ModelSpec, mbs: 
     _norm(fwd, bwd, m, local * a.kv_lora_rank, e, e, "norm" in fused)                 # kv latent norm
     _tp_in(fwd, tokens * (a.kv_lora_rank + rope) * e, tp, sp)
     linear(heads * (nope + v), k=a.kv_lora_rank, bias=False)                         # W^UKV
+    if tp > 1 and not sp:
+        # Megatron's `f` in backward: the duplicated down projections' output gradients (the latents' and k^R's)
+        # are partial sums over the head shards; their all-reduce replaces the dense block's h-wide one
+        latents = (a.q_lora_rank or h) + a.kv_lora_rank + rope
+        bwd.collectives.append(Collective("all_reduce", tokens * latents * e))
     _rope(fwd, bwd, tokens * heads * rope, e, "rope" in fused)                       # q^R
     _rope(fwd, bwd, tokens * rope, e, "rope" in fused)                               # k^R, shared by the heads
     # q = [q^C, q^R], k = [k^C, k^R broadcast to every head], v made contiguous for the attention kernel
