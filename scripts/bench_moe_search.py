@@ -1,5 +1,6 @@
 """Wall time of the plan search for mixture-of-experts models with expert parallelism in the space (median of 3
-runs), the plans it picks and why expert parallelism wins or loses there.
+runs, and the median CPU seconds of this process, which other jobs on a shared machine inflate less), the plans
+it picks and why expert parallelism wins or loses there.
 
     python scripts/bench_moe_search.py            # every case
     python scripts/bench_moe_search.py --runs 5
@@ -50,20 +51,22 @@ def main() -> None:
         model, cluster = load_model(model_name), load_cluster(cluster_name, nodes=nodes)
         training = TrainingSpec(global_batch=batch, seq_len=seq, precision="bf16")
         engine = load_engine(engine_name)
-        times, result, cost = [], None, None
+        times, cpu, result, cost = [], [], None, None
         for _ in range(args.runs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             cost = CostModel(model, cluster, training, engine=engine)      # a fresh cost model each run
             result = search(model, cluster, training, Constraints(), top_k=5, cost=cost)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         eps = {cand.ep for cand in (core.cfg for core in result.top)}
-        rows.append((label, cluster.world_size, statistics.median(times), min(times), result.candidates,
-                     result.evaluated, sorted(eps)))
+        rows.append((label, cluster.world_size, statistics.median(times), min(times), statistics.median(cpu),
+                     result.candidates, result.evaluated, sorted(eps)))
         plans.append((label, cost.prediction(result.top[0]), explain(cost, result.top[0])))
 
-    print(f"{'case':<32}{'GPUs':>7}{'median s':>10}{'min s':>8}{'candidates':>12}{'costed':>8}  ep in top 5")
-    for label, gpus, med, best_t, cands, costed, eps in rows:
-        print(f"{label:<32}{gpus:>7,}{med:>10.3f}{best_t:>8.3f}{cands:>12,}{costed:>8,}  {eps}")
+    print(f"{'case':<32}{'GPUs':>7}{'median s':>10}{'min s':>8}{'CPU s':>8}{'candidates':>12}{'costed':>8}"
+          f"  ep in top 5")
+    for label, gpus, med, best_t, cpu_s, cands, costed, eps in rows:
+        print(f"{label:<32}{gpus:>7,}{med:>10.3f}{best_t:>8.3f}{cpu_s:>8.3f}{cands:>12,}{costed:>8,}  {eps}")
     print()
     for label, best, why in plans:
         q = best.predicted
