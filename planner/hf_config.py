@@ -1,5 +1,5 @@
 """Read a Hugging Face `config.json` into a ModelSpec: GPT-2, Llama, Mistral, Mixtral, Qwen2, Qwen2-MoE, Qwen3
-(dense and MoE), Gemma 2, Gemma 3 (text) and Llama 4 (text) key names.
+(dense and MoE), Gemma 2, Gemma 3 (text), Llama 4 (text), DeepSeek-V2 and DeepSeek-V3 key names.
 
 The rule: every key either is modelled (read into a ModelSpec field), changes nothing meshplan counts
 (`_NEUTRAL`, each group with its reason), or is refused with one line naming it. Unknown keys are refused too:
@@ -31,6 +31,15 @@ _NEUTRAL = frozenset({
     # elementwise on scores or logits (tanh soft-capping, router jitter noise, top-k renormalisation): no weights,
     # FLOPs far below the matmuls' (fused attention kernels apply soft-capping inside, FlashAttention >= 2.6)
     "attn_logit_softcapping", "final_logit_softcapping", "router_jitter_noise", "norm_topk_prob",
+    # DeepSeek routing: group-limited top-k (n_group groups, the best topk_group of them) chooses which experts,
+    # not how many; the routed output's scale; the auxiliary-loss-free bias update; sequence-wise balance loss
+    "topk_method", "n_group", "topk_group", "routed_scaling_factor", "aux_loss_alpha", "seq_aux",
+    # DeepSeek's inference code's expert-parallel degree (a layout, not the model: plan it with --ep); RoPE
+    # channel order (interleaved pairs or halves: the same FLOPs)
+    "ep_size", "rope_interleave",
+    # DeepSeek-V3's multi-token prediction module (arXiv:2412.19437 Sec. 2.2): transformers' DeepseekV3 model
+    # builds no MTP layer (their weights are dropped on load), and the published 671B / 37B exclude its 14B
+    "num_nextn_predict_layers",
 })
 
 
@@ -87,11 +96,13 @@ def model_from_hf_config(data: dict[str, Any], source: str) -> dict[str, Any]:
         k.refuse("vision_config" if "vision_config" in data else "text_config",
                  "a multimodal config: the vision encoder is not modelled; to plan the text model, save its "
                  "text_config object as the config file")
-    for key, why in (("kv_lora_rank", "multi-head latent attention (DeepSeek-V2/V3) is not modelled"),
-                     ("q_lora_rank", "multi-head latent attention (DeepSeek-V2/V3) is not modelled"),
-                     ("quantization_config", "quantized weights are not modelled")):
-        if key in data:
-            k.refuse(key, why)
+    if "quantization_config" in data:
+        k.refuse("quantization_config", "quantized weights are not modelled")
+    if model_type not in _DEEPSEEK:
+        for key in ("kv_lora_rank", "q_lora_rank"):
+            if key in data:
+                k.refuse(key, f"multi-head latent attention is modelled for {' and '.join(_DEEPSEEK)} configs, "
+                              f"not model_type '{model_type}'")
     fields = _gpt2(k, name) if "n_layer" in data else _decoder(k, name, model_type)
     k.check_all_read(model_type or "gpt2")
     return fields
@@ -108,8 +119,9 @@ def _gpt2(k: _Keys, name: str) -> dict[str, Any]:
                 dropout=dropout)
 
 
+_DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 _KNOWN = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma2", "gemma3_text",
-          "llama4_text")
+          "llama4_text", *_DEEPSEEK)
 
 
 def _decoder(k: _Keys, name: str, model_type: str) -> dict[str, Any]:
@@ -127,6 +139,8 @@ def _decoder(k: _Keys, name: str, model_type: str) -> dict[str, Any]:
         _activation(k, "hidden_act", "silu", _SWIGLU_ACTS)
         mlp = "swiglu"
     heads = k.need("num_attention_heads")
+    if model_type in _DEEPSEEK:
+        return _deepseek(k, name, model_type, heads)
     fields = dict(
         name=name, num_layers=k.need("num_hidden_layers"), hidden_size=k.need("hidden_size"), num_heads=heads,
         num_kv_heads=k.get("num_key_value_heads") or heads, ffn_hidden_size=k.need("intermediate_size"),
@@ -213,6 +227,47 @@ def _moe(k: _Keys, model_type: str, fields: dict[str, Any]) -> dict[str, Any]:
                              expert_ffn_size=expert, shared_experts=1, shared_ffn_size=expert, every=every,
                              router="sigmoid"))
     return {}
+
+
+def _deepseek(k: _Keys, name: str, model_type: str, heads: int) -> dict[str, Any]:
+    """DeepSeek-V2 / V3 (transformers' DeepseekV2/V3 configs): latent attention, a dense MLP of intermediate_size
+    in the first first_k_dense_replace layers, then routed experts of moe_intermediate_size with
+    n_shared_experts shared ones (one MLP of n_shared_experts x moe_intermediate_size: the same weights)."""
+    _activation(k, "hidden_act", "silu", _SWIGLU_ACTS)
+    for key in ("attention_bias", "mlp_bias"):
+        if k.get(key, False):
+            k.refuse(key, "biases in DeepSeek's projections are not modelled")
+    kv = k.get("num_key_value_heads", heads)
+    if kv != heads:
+        k.refuse("num_key_value_heads", f"latent attention has a key and value per head ({heads}), got {kv}")
+    rope = k.need("qk_rope_head_dim")
+    if k.get("head_dim", rope) != rope:       # transformers sets head_dim to the rope width (its RoPE tables')
+        k.refuse("head_dim", f"expected qk_rope_head_dim {rope} (transformers' convention for DeepSeek)")
+    fields = dict(
+        name=name, num_layers=k.need("num_hidden_layers"), hidden_size=k.need("hidden_size"), num_heads=heads,
+        ffn_hidden_size=k.need("intermediate_size"), vocab_size=k.need("vocab_size"),
+        max_position_embeddings=k.get("max_position_embeddings", 4096),
+        tied_embeddings=k.get("tie_word_embeddings", False), norm="rmsnorm", mlp="swiglu", bias=False,
+        qkv_bias=False, position_embedding="rope", rope_theta=k.get("rope_theta", 10000.0),
+        norm_eps=k.get("rms_norm_eps", 1e-6), dropout=k.number("attention_dropout"),
+        mla=dict(kv_lora_rank=k.need("kv_lora_rank"), q_lora_rank=k.get("q_lora_rank"),
+                 qk_nope_head_dim=k.need("qk_nope_head_dim"), qk_rope_head_dim=rope, v_head_dim=k.need("v_head_dim")))
+    experts = k.get("n_routed_experts")
+    if experts:
+        if k.get("moe_layer_freq", 1) != 1:
+            k.refuse("moe_layer_freq", "MoE layers other than every layer after first_k_dense_replace are not "
+                                       "modelled")
+        scoring = k.get("scoring_func", "softmax")
+        if scoring not in ("softmax", "sigmoid"):
+            k.refuse("scoring_func", f"'{str(scoring)[:40]}' is not a router meshplan models (softmax, sigmoid)")
+        shared = k.get("n_shared_experts", 0)
+        fields["moe"] = dict(num_experts=experts, top_k=k.need("num_experts_per_tok"),
+                             expert_ffn_size=k.need("moe_intermediate_size"), shared_experts=shared,
+                             first_dense_layers=k.get("first_k_dense_replace", 0), router=scoring)
+    else:
+        k.used.update({"num_experts_per_tok", "moe_intermediate_size", "n_shared_experts", "first_k_dense_replace",
+                       "moe_layer_freq", "scoring_func"})    # inert without routed experts
+    return fields
 
 
 def validated(fields: dict[str, Any], source: str) -> ModelSpec:

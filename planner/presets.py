@@ -4,12 +4,13 @@ GPT-3: Brown et al. 2020 (arXiv:2005.14165) Table 2.1, with Megatron's padded GP
 (Narayanan et al. SC21, arXiv:2104.04473). Llama 3 / 3.1 / 3.2: Meta's published config.json files.
 Mistral 7B: Jiang et al. 2023 (arXiv:2310.06825) Table 1. Mixtral 8x7B (Jiang et al. 2024, arXiv:2401.04088
 Table 1), Qwen3 (Qwen3 technical report, arXiv:2505.09388, Tables 1-2) and Gemma 2 (arXiv:2408.00118 Table 1):
-the published config.json files. Presets leave the attention kernel to the engine (`--engine`).
+the published config.json files. DeepSeek-V3 (arXiv:2412.19437 Sec. 4.2 and its config.json; multi-token
+prediction module excluded, as the published 671B is). Presets leave the attention kernel to the engine (`--engine`).
 """
 
 from __future__ import annotations
 
-from planner.specs import ModelSpec, MoESpec
+from planner.specs import MLASpec, ModelSpec, MoESpec
 
 
 def _gpt(name: str, layers: int, hidden: int, heads: int, **extra) -> ModelSpec:
@@ -56,6 +57,14 @@ PRESETS: dict[str, ModelSpec] = {
         _qwen3("qwen3-8b", 36, 4096, 32, 8, 12288),
         _qwen3("qwen3-30b-a3b", 48, 2048, 32, 4, 6144, MoESpec(num_experts=128, top_k=8, expert_ffn_size=768)),
         _qwen3("qwen3-235b-a22b", 94, 4096, 64, 4, 12288, MoESpec(num_experts=128, top_k=8, expert_ffn_size=1536)),
+        ModelSpec(name="deepseek-v3", num_layers=61, hidden_size=7168, num_heads=128, ffn_hidden_size=18432,
+                  vocab_size=129280, max_position_embeddings=163840, tied_embeddings=False, norm="rmsnorm",
+                  mlp="swiglu", bias=False, position_embedding="rope", rope_theta=10000.0, norm_eps=1e-6,
+                  dropout=0.0,
+                  mla=MLASpec(kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                              v_head_dim=128),
+                  moe=MoESpec(num_experts=256, top_k=8, expert_ffn_size=2048, shared_experts=1,
+                              first_dense_layers=3, router="sigmoid")),
         ModelSpec(name="gemma2-9b", num_layers=42, hidden_size=3584, num_heads=16, num_kv_heads=8, head_dim=256,
                   ffn_hidden_size=14336, vocab_size=256000, max_position_embeddings=8192, tied_embeddings=True,
                   norm="rmsnorm", mlp="geglu", bias=False, sandwich_norm=True, sliding_window=4096,

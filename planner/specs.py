@@ -60,6 +60,34 @@ class MoESpec(_Spec):
         return i >= self.first_dense_layers and (i + 1) % self.every == 0
 
 
+class MLASpec(_Spec):
+    """Multi-head latent attention (DeepSeek-V2, arXiv:2405.04434 Sec. 2.1; DeepSeek-V3, arXiv:2412.19437
+    Sec. 2.1, eqs. 1-11): queries through a low-rank q_lora_rank bottleneck (normed), keys and values from one
+    kv_lora_rank latent (normed) per token, each head's key a nope part from the latent and a rope part
+    shared by all heads (the decoupled RoPE key, projected from the hidden state)."""
+
+    kv_lora_rank: PositiveInt = Field(description="Width d_c of the compressed key/value latent.")
+    q_lora_rank: PositiveInt | None = Field(
+        None, description="Width d_c' of the compressed query; None: queries projected directly from the hidden "
+                          "state (DeepSeek-V2-Lite).")
+    qk_nope_head_dim: PositiveInt = Field(description="Per-head query/key channels without RoPE (d_h).")
+    qk_rope_head_dim: PositiveInt = Field(description="Per-head query/key channels with RoPE (d_h^R); the rope key "
+                                                      "is one per token, shared by the heads.")
+    v_head_dim: PositiveInt = Field(description="Per-head value channels (and the output projection's input per "
+                                                "head).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MLASpec":
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"RoPE rotates pairs of channels: qk_rope_head_dim {self.qk_rope_head_dim} must be even")
+        return self
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Channels per head a score is taken over: nope + rope."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
 class ModelSpec(_Spec):
     """A decoder-only transformer (GPT-2 / GPT-3, Llama, Gemma or mixture-of-experts style)."""
 
@@ -94,6 +122,8 @@ class ModelSpec(_Spec):
         None, description="Chunked local attention (Llama 4): modelled for sequences up to this length, where it "
                           "is full attention; longer sequences are refused.")
     moe: MoESpec | None = Field(None, description="Mixture-of-experts MLPs; None: a dense model.")
+    mla: MLASpec | None = Field(None, description="Multi-head latent attention (DeepSeek-V2/V3) instead of "
+                                                  "q/k/v projections; None: multi-head / grouped-query attention.")
     bias: bool = Field(True, description="Linear layers (and LayerNorm) carry biases.")
     qkv_bias: bool | None = Field(None, description="Bias on q, k, v only (Qwen2); defaults to `bias`.")
     position_embedding: Literal["learned", "rope"] = "learned"
@@ -110,7 +140,9 @@ class ModelSpec(_Spec):
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.kv_heads}")
-        if self.position_embedding == "rope" and self.dim_per_head % 2:
+        if self.mla is not None:
+            self._check_mla()
+        elif self.position_embedding == "rope" and self.dim_per_head % 2:
             raise ValueError(f"RoPE rotates pairs of channels: head_dim {self.dim_per_head} "
                              f"{'' if self.head_dim else '(hidden_size / num_heads) '}must be even")
         if self.moe is not None and self.num_moe_layers == 0:
@@ -121,6 +153,17 @@ class ModelSpec(_Spec):
         if self.global_every is not None and self.sliding_window is None:
             raise ValueError("global_every needs sliding_window")
         return self
+
+    def _check_mla(self) -> None:
+        """Latent attention replaces the q/k/v shapes: every head has its own key and value (no GQA), the head
+        widths are the mla ones, keys carry RoPE, and no per-head q/k norm is modelled on top."""
+        for name, value, plain in (("num_kv_heads", self.num_kv_heads, (None, self.num_heads)),
+                                   ("head_dim", self.head_dim, (None,)), ("qk_norm", self.qk_norm, ("none",)),
+                                   ("position_embedding", self.position_embedding, ("rope",)),
+                                   ("qkv_bias", self.has_qkv_bias, (False,))):
+            if value not in plain:
+                raise ValueError(f"mla: {name} {value} is not modelled with multi-head latent attention "
+                                 f"(expected {' or '.join(map(str, plain))})")
 
     @property
     def kv_heads(self) -> int:

@@ -80,7 +80,7 @@ def valid_tp(model: ModelSpec, gpus: int | None = None) -> list[int]:
 def beyond_dense_blocks(spec: ModelSpec) -> str | None:
     """The first field of `spec` beyond a GPT-2 / Llama block (what runtime/models.py builds and the exports
     write), e.g. 'moe' or 'sliding_window'; None for a plain dense model."""
-    for field, plain in (("moe", None), ("qk_norm", "none"), ("sandwich_norm", False), ("sliding_window", None),
+    for field, plain in (("moe", None), ("mla", None), ("qk_norm", "none"), ("sandwich_norm", False), ("sliding_window", None),
                          ("attention_chunk", None)):
         if getattr(spec, field) != plain:
             return field

@@ -7,7 +7,7 @@ from planner.engine import load_engine
 from planner.loaders import load_cluster
 from planner.plan import make_plan
 from planner.presets import PRESETS
-from planner.specs import ModelSpec, MoESpec, ParallelConfig, TrainingSpec
+from planner.specs import MLASpec, ModelSpec, MoESpec, ParallelConfig, TrainingSpec
 
 # A Qwen2-MoE-like model with everything a MoE spec can say: the first layer dense, then every second layer
 # MoE, a gated shared expert (two of width 512: one MLP of 1024 in Megatron), a sigmoid router, capacity 1.25
@@ -17,6 +17,15 @@ MOE_VARIANTS = ModelSpec(name="moe-variants", num_layers=8, hidden_size=1024, nu
                          dropout=0.0, moe=MoESpec(num_experts=16, top_k=4, expert_ffn_size=512, shared_experts=2,
                                                   shared_expert_gate=True, first_dense_layers=1, every=2,
                                                   router="sigmoid", capacity_factor=1.25))
+
+# DeepSeek-V3's block shape at a small width: latent attention with a q latent, sigmoid router, a shared expert
+MLA_MOE = ModelSpec(name="mla-moe", num_layers=4, hidden_size=1024, num_heads=16, ffn_hidden_size=2816,
+                    vocab_size=32000, max_position_embeddings=4096, tied_embeddings=False, norm="rmsnorm", mlp="swiglu",
+                    bias=False, position_embedding="rope", dropout=0.0,
+                    mla=MLASpec(kv_lora_rank=128, q_lora_rank=384, qk_nope_head_dim=64, qk_rope_head_dim=32,
+                                v_head_dim=64),
+                    moe=MoESpec(num_experts=16, top_k=4, expert_ffn_size=512, shared_experts=1, first_dense_layers=1,
+                                router="sigmoid"))
 
 # name -> (preset or model, cluster, nodes, training, parallel config)
 PLANS = {
@@ -65,6 +74,8 @@ PLANS = {
                                  dict(tp=2, pp=2, dp=4, ep=2, vpp=8, mbs=1, zero=2, recompute="none", sp=True,
                                       schedule="interleaved")),
     # every MoE field Megatron writes, with an interleaved pipeline
+    "mla_moe": (MLA_MOE, "dgx-h100", 1, dict(global_batch=16, seq_len=4096, precision="bf16"),
+                dict(tp=2, pp=2, dp=2, ep=2, mbs=1, zero=1, recompute="selective", sp=True)),
     "moe_variants": (MOE_VARIANTS, "dgx-h100", 1, dict(global_batch=16, seq_len=4096, precision="bf16"),
                      dict(tp=2, pp=2, dp=2, ep=2, vpp=2, mbs=1, zero=1, recompute="none", sp=True,
                           schedule="interleaved")),

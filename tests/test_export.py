@@ -37,7 +37,7 @@ def _cluster_name(plan) -> str:
     ("gpt_zero2_tp", "deepspeed"), ("llama_zero2_pp", "torchtitan"),
     ("mixtral_ep_tp", "megatron"), ("qwen3_moe_ep", "megatron"), ("moe_variants", "megatron"),
     ("qwen3_moe_fsdp", "torchtitan"), ("mixtral_ep_zero3", "deepspeed"), ("mixtral_fsdp_interleaved", "megatron"),
-    ("qwen3_moe_pp", "torchtitan"),
+    ("qwen3_moe_pp", "torchtitan"), ("mla_moe", "megatron"),
 ])
 def test_export_read_back_gives_the_plans_configuration_and_prediction(capsys, tmp_path, name, target):
     """A plan costed for the target's engine, exported and read back, predicts the same."""

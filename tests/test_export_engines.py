@@ -21,7 +21,7 @@ ENGINE_PYTHON = ROOT / ".engines" / "venv" / "bin" / "python"
 DRIVERS = ROOT / "tests" / "engines"
 EXPORTS = {"megatron": ["gpt_dense", "llama_gqa", "interleaved_uneven", "gpt_fp16_pp", "gpt_zero2_tp",
                         "gpt_pipe_zero1", "mixtral_ep_tp", "qwen3_moe_ep", "qwen3_moe_fsdp", "moe_variants",
-                        "mixtral_fsdp_interleaved"],
+                        "mixtral_fsdp_interleaved", "mla_moe"],
            "deepspeed": ["gpt_pipe_zero1", "gpt_zero2_tp", "llama_gqa", "mixtral_ep_zero3", "qwen3_moe_fsdp"],
            "torchtitan": ["llama_gqa", "interleaved_uneven_amp", "llama_zero2_pp", "qwen3_moe_fsdp", "qwen3_moe_pp"]}
 
@@ -117,7 +117,15 @@ def test_megatron_accepts_the_exports_and_reads_back_the_plan(checked):
         assert (got["seq_length"], got["max_position_embeddings"]) == (t.seq_len, m.max_position_embeddings), name
         assert got["hidden_dropout"] == got["attention_dropout"] == m.dropout, name
         assert got["attention_backend"] == "flash" and got["layernorm_epsilon"] == m.norm_eps, name
-        assert got["kv_channels"] == m.dim_per_head and got["qk_layernorm"] == (m.qk_norm == "rmsnorm"), name
+        assert got["kv_channels"] == m.dim_per_head, name
+        assert got["qk_layernorm"] == (m.qk_norm == "rmsnorm" or m.mla is not None), name   # MLA: latent norms
+        assert got["multi_latent_attention"] == (m.mla is not None), name
+        if m.mla is not None:
+            a = m.mla
+            assert (got["q_lora_rank"], got["kv_lora_rank"], got["qk_head_dim"], got["qk_pos_emb_head_dim"],
+                    got["v_head_dim"]) == (a.q_lora_rank, a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim,
+                                           a.v_head_dim), name
+            assert got["mla_module"] and got["latent_norms"], name
         assert got["num_moe_experts"] == (m.moe.num_experts if m.moe else None), name
         if m.moe is not None:
             _megatron_moe(name, m, cfg, got)

@@ -22,7 +22,8 @@ def layer_forward_flops(m: ModelSpec, tokens: int, seq: int, moe_layer: bool = F
 
     GPT (f = 4h, a = k): 24*b*s*h^2 + 4*b*s^2*h (Narayanan et al. SC21, Sec. 5.1). A sliding window of w
     counts the full s x w band (w for s); a MoE layer counts its router (2*h*E per token), top_k routed experts
-    and the shared experts (DESIGN.md Sec. 10: FLOPs follow the active parameters).
+    and the shared experts (DESIGN.md Sec. 10: FLOPs follow the active parameters); latent attention's
+    projections and core are planner/cost/mla.py's.
     """
     h, d, f = m.hidden_size, m.dim_per_head, m.ffn_size
     q_out, kv_out = m.num_heads * d, m.kv_heads * d
@@ -35,6 +36,9 @@ def layer_forward_flops(m: ModelSpec, tokens: int, seq: int, moe_layer: bool = F
         mlp = 2 * tokens * h * (e.num_experts + gated * (e.top_k * e.expert_ffn_size + e.shared_width))
     else:
         mlp = 2 * tokens * h * f * gated
+    if m.mla is not None:            # latent attention (planner/cost/mla.py)
+        from planner.cost.mla import attention_forward_flops
+        return float(attention_forward_flops(m, tokens, attended_keys(m, seq, windowed)) + mlp)
     return float(qkv + scores_and_values + proj + mlp)
 
 

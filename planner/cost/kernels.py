@@ -36,6 +36,7 @@ class Collective:
     op: Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all"]
     bytes: float                 # message size M of the collective (the full, unsharded buffer; all-to-all: per rank)
     group: Literal["tp", "ep"] = "tp"   # the tensor-parallel or the expert-parallel group
+    conjugate: bool = True       # a forward collective whose conjugate runs in backward (kernels.block_work)
 
 
 @dataclass
@@ -239,10 +240,12 @@ def _tp_in(p: Pass, nbytes: float, tp: int, sp: bool) -> None:
         p.collectives.append(Collective("all_gather", nbytes))
 
 
-def _tp_out(p: Pass, nbytes: float, tp: int, sp: bool) -> None:
-    """After a row-parallel linear: all-reduce, or reduce-scatter under SP (Korthikanti et al. Sec. 4.2.2)."""
+def _tp_out(p: Pass, nbytes: float, tp: int, sp: bool, conjugate: bool = True) -> None:
+    """After a row-parallel linear: all-reduce, or reduce-scatter under SP (Korthikanti et al. Sec. 4.2.2).
+    Without SP the backward all-reduce (of the block input's gradient, Megatron's `f`) is counted as this one's
+    conjugate unless `conjugate` is false (latent attention reduces a narrower gradient: planner/cost/mla.py)."""
     if tp > 1:
-        p.collectives.append(Collective("reduce_scatter" if sp else "all_reduce", nbytes))
+        p.collectives.append(Collective("reduce_scatter" if sp else "all_reduce", nbytes, conjugate=conjugate))
 
 
 _CONJUGATE = {"all_gather": "reduce_scatter", "reduce_scatter": "all_gather", "all_reduce": "all_reduce",
@@ -256,6 +259,22 @@ def causal_keys(seq: int, window: int | None) -> float:
     return (seq * w - w * w / 2) / seq
 
 
+def eager_attention_core(core: Pass, mbs: int, heads: float, seq: int, qk_dim: int, v_dim: int, e: int,
+                         fused_softmax: bool, dropout: bool) -> None:
+    """softmax(Q K^T) V materialised, per head: scores over qk_dim channels, values of v_dim; scale, mask and
+    softmax one fused kernel or eager PyTorch's three; attention dropout with its 1-byte mask."""
+    scores = mbs * heads * seq * seq                    # elements of one rank's score matrices
+    core.gemm(seq, seq, qk_dim, e, batch=mbs * heads)                            # Q K^T
+    if fused_softmax:
+        core.mem(2 * scores * e)                                                 # scale-mask-softmax
+    else:
+        core.chain(2 * scores * e, 3 * scores * e, 2 * scores * e)               # scale, + mask, softmax
+    if dropout:
+        core.mem(scores * (2 * e + 1))                                           # attention dropout
+    core.gemm(seq, v_dim, seq, e, batch=mbs * heads)                             # P V
+    core.mem(2 * mbs * seq * heads * v_dim * e)                                  # heads back to [s, b, h]
+
+
 def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: str, dt: Dtypes,
                opts: KernelOptions = MEGATRON, moe_layer: bool = False, windowed: bool = False, ep: int = 1,
                imbalance: float = 1.0) -> BlockWork:
@@ -267,59 +286,54 @@ def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: s
     fused = opts.fused
     heads = m.num_heads / tp
     q_out, kv_out = heads * d, m.kv_heads / tp * d
+    attn_out = heads * m.mla.v_head_dim if m.mla else q_out     # the output projection's input width
     tokens = mbs * seq
     local_tokens = tokens / tp if sp else tokens        # the residual stream is sequence-sharded under SP
     act_bytes = tokens * h * e
     dropout = m.dropout > 0
-    mask = 1 if dropout else 0
     swiglu = m.mlp != "gelu"          # gated: gate and up (SwiGLU or GeGLU)
     up_width = f / tp * (2 if swiglu else 1)
-    scores = mbs * heads * seq * seq                    # elements of one rank's score matrix
     norm_out = FP32 if dt.autocast else e               # under autocast the norms write fp32
     linear_inputs_cast = 3 if opts.casts_per_linear else 1   # q/k/v each cast their fp32 input under autocast
 
     fwd, bwd_elem, attn_core_fwd = Pass(), Pass(backward=True), Pass()
     projections: list[int] = []          # index in fwd.kernels of each weight GEMM (aten.mm), in order
 
-    def linear(*widths: float, k: float, bias: bool) -> None:
-        """Weight GEMMs reading one input of width k: one fused GEMM, or one per output (separate modules);
-        eager PyTorch reduces each bias gradient in a kernel of its own."""
+    def linear(*widths: float, k: float, bias: bool, rows: float = tokens) -> None:
+        """Weight GEMMs reading one input of width k on `rows` tokens: one fused GEMM, or one per output
+        (separate modules); eager PyTorch reduces each bias gradient in a kernel of its own."""
         for w in ((sum(widths),) if "projections" in fused else widths):
             projections.append(len(fwd.kernels))
-            fwd.gemm(tokens, w, k, e)
+            fwd.gemm(rows, w, k, e)
             if bias and "projections" not in fused:
-                bwd_elem.mem(tokens * w * e)
+                bwd_elem.mem(rows * w * e)
 
     # --- attention ---
     _norm(fwd, bwd_elem, m, local_tokens * h, er, norm_out, "norm" in fused)      # norm 1
     if dt.autocast:
         fwd.chain(*[tokens * h * (FP32 + e)] * linear_inputs_cast)               # autocast input casts
-    _tp_in(fwd, act_bytes, tp, sp)
-    linear(q_out, kv_out, kv_out, k=h, bias=m.has_qkv_bias)                      # QKV
-    if m.qk_norm != "none":                                                      # q and k norms per head
-        _norm(fwd, bwd_elem, m, tokens * (q_out + kv_out), e, e, True)
-    if m.position_embedding == "rope":
-        _rope(fwd, bwd_elem, tokens * q_out, e, "rope" in fused)
-        _rope(fwd, bwd_elem, tokens * kv_out, e, "rope" in fused)
-    if m.attention == "flash":
-        # causal flash kernel skips the masked half of the score matrix (and what lies outside the window)
-        keys = causal_keys(seq, m.sliding_window if windowed else None)
-        attn_core_fwd.kernels.append(Kernel("attn", 4 * mbs * seq * keys * q_out,
-                                            (2 * q_out + 2 * kv_out) * tokens * e + 4 * heads * tokens,
-                                            (mbs * heads * seq / 128, 1.0, 1.0)))
+    # causal flash kernel skips the masked half of the score matrix (and what lies outside the window)
+    keys = causal_keys(seq, m.sliding_window if windowed else None)
+    if m.mla is not None:                # multi-head latent attention (DeepSeek-V2/V3)
+        from planner.cost.mla import attention_work
+        attention_work(fwd, bwd_elem, attn_core_fwd, linear, m, mbs, seq, tp, sp, keys, dt, opts)
     else:
-        attn_core_fwd.gemm(seq, seq, d, e, batch=mbs * heads)                    # Q K^T
-        if "softmax" in fused:
-            attn_core_fwd.mem(2 * scores * e)                                    # scale-mask-softmax
+        _tp_in(fwd, act_bytes, tp, sp)
+        linear(q_out, kv_out, kv_out, k=h, bias=m.has_qkv_bias)                  # QKV
+        if m.qk_norm != "none":                                                  # q and k norms per head
+            _norm(fwd, bwd_elem, m, tokens * (q_out + kv_out), e, e, True)
+        if m.position_embedding == "rope":
+            _rope(fwd, bwd_elem, tokens * q_out, e, "rope" in fused)
+            _rope(fwd, bwd_elem, tokens * kv_out, e, "rope" in fused)
+        if m.attention == "flash":
+            attn_core_fwd.kernels.append(Kernel("attn", 4 * mbs * seq * keys * q_out,
+                                                (2 * q_out + 2 * kv_out) * tokens * e + 4 * heads * tokens,
+                                                (mbs * heads * seq / 128, 1.0, 1.0)))
         else:
-            attn_core_fwd.chain(2 * scores * e, 3 * scores * e, 2 * scores * e)  # scale, + mask, softmax
-        if dropout:
-            attn_core_fwd.mem(scores * (2 * e + mask))                           # attention dropout
-        attn_core_fwd.gemm(seq, d, seq, e, batch=mbs * heads)                    # P V
-        attn_core_fwd.mem(2 * tokens * q_out * e)                                # heads back to [s, b, h]
+            eager_attention_core(attn_core_fwd, mbs, heads, seq, d, d, e, "softmax" in fused, dropout)
     fwd.extend(attn_core_fwd)
-    linear(h, k=q_out, bias=m.bias)                                              # output projection
-    _tp_out(fwd, act_bytes, tp, sp)
+    linear(h, k=attn_out, bias=m.bias)                                           # output projection
+    _tp_out(fwd, act_bytes, tp, sp, conjugate=m.mla is None or sp)
     _residual(fwd, bwd_elem, local_tokens * h, e, er, dropout, "bias_dropout_add" in fused)
     if m.sandwich_norm:
         _norm(fwd, bwd_elem, m, local_tokens * h, er, norm_out, "norm" in fused)  # post-attention norm
@@ -361,20 +375,30 @@ def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: s
     bwd.kernels += bwd_elem.kernels
     if sp and tp > 1 and opts.sp_saves == "sharded":
         # Megatron keeps the sequence-sharded QKV and fc1 inputs and gathers them again for dW
-        bwd.collectives += [Collective("all_gather", act_bytes)] * 2
+        attn_in = act_bytes
+        if m.mla is not None:            # the q latent (planner/cost/mla.py)
+            from planner.cost.mla import regathered_input_bytes
+            attn_in = regathered_input_bytes(m, tokens, dt)
+        bwd.collectives += [Collective("all_gather", attn_in), Collective("all_gather", act_bytes)]
     for c in fwd.collectives:   # conjugate collectives in backward (all-reduce stays, AG <-> RS swap)
-        bwd.collectives.append(Collective(_CONJUGATE[c.op], c.bytes, c.group))
+        if c.conjugate:
+            bwd.collectives.append(Collective(_CONJUGATE[c.op], c.bytes, c.group))
+    bwd.collectives += bwd_elem.collectives     # backward-only ones (latent attention's, without SP)
 
     return BlockWork(fwd, bwd, _recompute_pass(fwd, attn_core_fwd, projections, recompute, m, opts, moe_kernels))
 
 
-def projection_widths(m: ModelSpec, tp: int, fused_projections: bool, moe_layer: bool = False) -> list[float]:
+def projection_widths(m: ModelSpec, tp: int, fused_projections: bool, moe_layer: bool = False,
+                      sp: bool = False) -> list[float]:
     """Output widths of a block's weight GEMMs on one TP rank, in forward order (q, k, v, o, gate, up, down;
-    q/k/v and gate/up as one GEMM each when the engine fuses projections); a MoE layer's MLP GEMMs are not
-    among them (planner/cost/moe.py keeps their outputs)."""
+    q/k/v and gate/up as one GEMM each when the engine fuses projections; latent attention's own, from
+    planner/cost/mla.py); a MoE layer's MLP GEMMs are not among them (planner/cost/moe.py keeps their outputs)."""
     q_out, kv_out, f = m.num_heads / tp * m.dim_per_head, m.kv_heads / tp * m.dim_per_head, m.ffn_size / tp
     up = [f, f] if m.mlp != "gelu" else [f]
     mlp = [] if moe_layer else ([sum(up), m.hidden_size] if fused_projections else [*up, m.hidden_size])
+    if m.mla is not None:
+        from planner.cost.mla import projection_widths as latent_widths
+        return [*latent_widths(m, tp, sp), *mlp]
     if fused_projections:
         return [q_out + 2 * kv_out, m.hidden_size, *mlp]
     return [q_out, kv_out, kv_out, m.hidden_size, *mlp]

@@ -94,6 +94,10 @@ def block_activation_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, 
         attention = e * tokens * d * heads * 4
         if not (recompute == "selective" and opts.selective == "attention_core"):
             attention += scores * (e + (mask + e if mask else 0))
+    if m.mla is not None:     # latent attention: its own inputs and core instead of q/k/v's (planner/cost/mla.py)
+        from planner.cost.mla import attention_activation_bytes
+        linear_inputs = (copies - 3 if copies > 2 else 1) * e * gathered * h     # fc1's input (and casts) alone
+        attention = attention_activation_bytes(m, mbs, seq, tp, sp, recompute, dt, opts)
     f = m.ffn_size / tp
     mlp = e * tokens * f * (3 if swiglu else 2)     # gate, up, product / GELU input and output
     if moe_layer:
@@ -112,12 +116,15 @@ def _op_policy_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dt
     local = tokens / tp if sp else tokens
     h = m.hidden_size
     heads = m.num_heads / tp
-    widths = projection_widths(m, tp, "projections" in opts.fused, moe_layer)
+    widths = projection_widths(m, tp, "projections" in opts.fused, moe_layer, sp)
     kept = sum(widths[j] for j in kept_projections(len(widths))) * e * tokens
     if moe_layer:               # the experts' kernels are not replayed (kernels._recompute_pass): all kept
         from planner.cost.moe import moe_activation_bytes
         kept += moe_activation_bytes(m, tokens, tp, sp, imbalance, dt)
     attention = (e * tokens * heads * m.dim_per_head + FP32 * mbs * heads * seq) if m.attention == "flash" else 0
+    if m.mla is not None and m.attention == "flash":
+        from planner.cost.mla import op_policy_attention_bytes
+        attention = op_policy_attention_bytes(m, mbs, seq, tp, dt)
     reduce_scatters = 2 * e * local * h if (sp and tp > 1) else 0
     return er * local * h + kept + attention + reduce_scatters
 

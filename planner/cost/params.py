@@ -39,8 +39,8 @@ def layer_params(m: ModelSpec, moe_layer: bool = False) -> LayerParams:
     the norms.
 
     Llama-style count from DESIGN.md: h*(a + 2k)*(h/a) + h*h + 3*h*f + 2h; GPT-style (Megatron SC21,
-    arXiv:2104.04473 Sec. 5.1): 12h^2 + 13h per layer. MoE layer (DESIGN.md Sec. 10): experts 3*h*f_e*E
-    (gated), router h*E, shared 3*h*f_s*S.
+    arXiv:2104.04473 Sec. 5.1): 12h^2 + 13h per layer; latent attention: planner/cost/mla.py.
+    MoE layer (DESIGN.md Sec. 10): experts 3*h*f_e*E (gated), router h*E, shared 3*h*f_s*S.
     """
     h, d, f = m.hidden_size, m.dim_per_head, m.ffn_size
     q_out, kv_out = m.num_heads * d, m.kv_heads * d
@@ -49,6 +49,10 @@ def layer_params(m: ModelSpec, moe_layer: bool = False) -> LayerParams:
     one_norm = 2 * h if m.norm == "layernorm" and m.bias else h
     norm = one_norm * (4 if m.sandwich_norm else 2) + (2 * d if m.qk_norm == "rmsnorm" else 0)
     row_biases = 2 * h if m.bias else 0   # output biases of the two row-parallel linears
+    if m.mla is not None:                 # latent attention instead of q/k/v/o (planner/cost/mla.py)
+        from planner.cost.mla import attention_params
+        qkv_sharded, qkv_replicated = attention_params(m)
+        qkv, proj, norm = qkv_sharded, 0, norm + qkv_replicated
     if not moe_layer:
         return LayerParams(sharded=qkv + proj + mlp_params(m, f, m.bias), replicated=norm + row_biases)
     e = m.moe
@@ -140,4 +144,8 @@ def tensors_per_block(m: ModelSpec, fused_projections: bool) -> int:
     qkv_biases = ((1 if fused_projections else 3) if m.has_qkv_bias else 0)
     other_biases = (1 + (1 if fused_projections or not swiglu else 2) + 1) if m.bias else 0
     norms = 2 * (2 if m.norm == "layernorm" and m.bias else 1)
+    if m.mla is not None:             # latent attention's matrices and norms instead of q/k/v/o's
+        from planner.cost.mla import attention_tensors
+        matrices += attention_tensors(m) - (2 if fused_projections else 4)
+        qkv_biases = 0
     return matrices + qkv_biases + other_biases + norms

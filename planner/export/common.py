@@ -100,7 +100,8 @@ def model_shape(m: ModelSpec) -> dict:
             "qk_norm": m.qk_norm, "bias": m.bias, "has_qkv_bias": m.has_qkv_bias,
             "position_embedding": m.position_embedding, "dropout": m.dropout, "attention": m.attention_kernel,
             "moe": None if m.moe is None else _moe_shape(m),
-            "windows": (m.sliding_window, m.global_every, m.attention_chunk), "sandwich_norm": m.sandwich_norm}
+            "windows": (m.sliding_window, m.global_every, m.attention_chunk), "sandwich_norm": m.sandwich_norm,
+            "mla": m.mla}
 
 
 def _moe_shape(m: ModelSpec) -> tuple:
@@ -126,11 +127,12 @@ def shape_difference(a: ModelSpec, b: ModelSpec) -> str | None:
 
 def refuse_unwritten(m: ModelSpec, target: str, expressible: tuple[str, ...]) -> None:
     """InputError naming the first field beyond a dense GPT-2 / Llama block that `target` does not write
-    (those in `expressible` it does: 'moe', 'head_dim', 'qk_norm')."""
+    (those in `expressible` it does: 'moe', 'head_dim', 'qk_norm', 'mla')."""
     from planner.validate import beyond_dense_blocks
     field = beyond_dense_blocks(m)
     while field in expressible:
-        plain = {"moe": {"moe": None}, "head_dim": {"head_dim": None}, "qk_norm": {"qk_norm": "none"}}[field]
+        plain = {"moe": {"moe": None}, "head_dim": {"head_dim": None}, "qk_norm": {"qk_norm": "none"},
+                 "mla": {"mla": None}}[field]
         m = m.model_copy(update=plain)
         field = beyond_dense_blocks(m)
     if field:

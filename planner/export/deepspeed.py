@@ -25,6 +25,10 @@ OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}
 def nearest(plan) -> Adjusted:
     cfg, training, changes = resolved_config(plan), plan.training, []
     m = plan.model
+    if m.mla is not None and cfg.tp > 1:
+        raise InputError(f"DeepSpeed's AutoTP shards Linear layers by name, which does not give multi-head latent "
+                         f"attention's duplicated down projections that meshplan costs: export a plan of "
+                         f"{m.name} with tp 1 (this one has tp {cfg.tp}), or --to megatron", field="--to deepspeed")
     if m.moe is not None:
         _check_moe(m, cfg)
     if cfg.tp > 1 and cfg.pp > 1:

@@ -23,7 +23,7 @@ TP_PP_DP = ("tp", "pp", "dp")              # --use-tp-pp-dp-mapping; Megatron's 
 FSDP_STRATEGY = {2: "optim_grads", 3: "optim_grads_params"}   # Megatron-FSDP's ZeRO-2 / ZeRO-3
 # Flags meshplan does not model: a launch using them is refused rather than predicted wrongly.
 UNMODELLED = {"--context-parallel-size": "context parallelism", "--fp8-format": "FP8 training",
-              "--fp4-format": "FP4 training", "--multi-latent-attention": "multi-latent attention",
+              "--fp4-format": "FP4 training", "--mla-down-proj-fusion": "fused MLA down projections",
               "--hybrid-layer-pattern": "hybrid (Mamba) layers", "--use-torch-fsdp2": "torch FSDP2 inside Megatron",
               "--moe-latent-size": "MoE latent projections", "--moe-router-num-groups": "group-limited routing",
               "--moe-pad-expert-input-to-capacity": "experts padded to their capacity"}
@@ -47,7 +47,7 @@ def _vocab_divisor(vocab: int, tp: int) -> int:
 def nearest(plan) -> Adjusted:
     m = plan.model
     from planner.export.common import refuse_unwritten
-    refuse_unwritten(m, TARGET, ("moe", "head_dim", "qk_norm"))
+    refuse_unwritten(m, TARGET, ("moe", "head_dim", "qk_norm", "mla"))
     if m.qk_norm == "rmsnorm" and m.norm != "rmsnorm":
         raise InputError("Megatron-LM's --qk-layernorm uses the model's --normalization: q/k RMSNorm needs "
                          "RMSNorm blocks", field="--to megatron")
@@ -114,6 +114,28 @@ def moe_args(m, ep: int) -> list[str]:
     return args
 
 
+def mla_args(mla) -> list[str]:
+    """Multi-head latent attention: Megatron-Core's MLASelfAttention (its --qk-head-dim is the nope width; its
+    --qk-layernorm puts the norms on the q and kv latents, which DeepSeek has)."""
+    args = ["--multi-latent-attention", "--kv-lora-rank", str(mla.kv_lora_rank), "--qk-head-dim",
+            str(mla.qk_nope_head_dim), "--qk-pos-emb-head-dim", str(mla.qk_rope_head_dim), "--v-head-dim",
+            str(mla.v_head_dim), "--qk-layernorm"]
+    return args + (["--q-lora-rank", str(mla.q_lora_rank)] if mla.q_lora_rank else [])
+
+
+def _mla(a: dict, source: str) -> dict | None:
+    """The mla fields of a launch with --multi-latent-attention (Megatron's defaults for the widths)."""
+    if "--multi-latent-attention" not in a:
+        return None
+    if "--qk-layernorm" not in a:
+        raise InputError("--multi-latent-attention without --qk-layernorm (no norms on the latents) is not "
+                         "modelled", field=source)
+    return dict(kv_lora_rank=take_int(a, "--kv-lora-rank", 32, source), q_lora_rank=take_int(a, "--q-lora-rank",
+                None, source), qk_nope_head_dim=take_int(a, "--qk-head-dim", 128, source),
+                qk_rope_head_dim=take_int(a, "--qk-pos-emb-head-dim", 64, source),
+                v_head_dim=take_int(a, "--v-head-dim", 128, source))
+
+
 def model_args(m, tp: int, seq: int, ep: int = 1) -> list[str]:
     """Model shape flags (GPT-2/3: LayerNorm, GELU, learned positions, biases, tied embeddings; Llama: RMSNorm,
     SwiGLU, RoPE, GQA, untied, no bias; Qwen2: q/k/v bias; Qwen3: head width, q/k RMSNorm; MoE: moe_args)."""
@@ -127,6 +149,8 @@ def model_args(m, tp: int, seq: int, ep: int = 1) -> list[str]:
         args += ["--kv-channels", str(m.dim_per_head)]
     if m.qk_norm != "none":
         args.append("--qk-layernorm" if m.qk_norm == "rmsnorm" else "--qk-l2-norm")
+    if m.mla is not None:
+        args += mla_args(m.mla)
     args += ["--normalization", "LayerNorm" if m.norm == "layernorm" else "RMSNorm", "--norm-epsilon", repr(m.norm_eps)]
     if m.mlp == "swiglu":
         args.append("--swiglu")
@@ -231,7 +255,9 @@ def _model(a: dict, source: str) -> tuple[dict, int]:
                          field=source)
     if "--qk-layernorm" in a and norm != "RMSNorm":
         raise InputError("--qk-layernorm with LayerNorm blocks is not modelled (q/k RMSNorm is)", field=source)
-    qk_norm = "rmsnorm" if "--qk-layernorm" in a else "l2" if "--qk-l2-norm" in a else "none"
+    mla = _mla(a, source)
+    qk_norm = ("rmsnorm" if "--qk-layernorm" in a and mla is None else "l2" if "--qk-l2-norm" in a
+               else "none")
     kv_channels = take_int(a, "--kv-channels", None, source)
     hidden_dropout = take_float(a, "--hidden-dropout", 0.1, source)
     attention_dropout = take_float(a, "--attention-dropout", 0.1, source)
@@ -250,7 +276,7 @@ def _model(a: dict, source: str) -> tuple[dict, int]:
                 dropout=max(hidden_dropout, attention_dropout),
                 attention_kernel="eager" if backend in ("unfused", "local") else "flash", qk_norm=qk_norm,
                 head_dim=kv_channels if kv_channels not in (None, hidden // heads) else None,
-                moe=_moe(a, layers, ffn, bias, source)), seq
+                moe=_moe(a, layers, ffn, bias, source), mla=mla), seq
 
 
 def _pattern(text: str, num_layers: int, source: str) -> list[int]:

@@ -98,7 +98,22 @@ def check(directory: str, world_size: int) -> dict:
         "attention_backend": cfg.attention_backend.name, "layernorm_epsilon": cfg.layernorm_epsilon,
         "kv_channels": cfg.kv_channels, "qk_layernorm": cfg.qk_layernorm, "qk_l2_norm": cfg.qk_l2_norm,
         **(moe_fields(cfg) if cfg.num_moe_experts is not None else {"num_moe_experts": None}),
+        **(mla_fields(cfg) if getattr(cfg, "multi_latent_attention", False) else {"multi_latent_attention": False}),
     }
+
+
+def mla_fields(cfg) -> dict:
+    """The latent attention's widths as MLATransformerConfig holds them, and the modules Megatron's GPT spec
+    builds for its attention: MLASelfAttention, with norms on the latents (not identity)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+    attention = get_gpt_decoder_layer_specs(cfg, use_transformer_engine=False)[0].submodules.self_attention
+    sub = attention.submodules
+    return {"multi_latent_attention": True, "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank,
+            "qk_head_dim": cfg.qk_head_dim, "qk_pos_emb_head_dim": cfg.qk_pos_emb_head_dim,
+            "v_head_dim": cfg.v_head_dim, "mla_module": _builds(attention, MLASelfAttention),
+            "latent_norms": not (_builds(sub.q_layernorm, IdentityOp) or _builds(sub.kv_layernorm, IdentityOp))}
 
 
 def _builds(spec, cls) -> bool:
