@@ -7,6 +7,7 @@ import pytest
 
 from planner.cost.dp_comm import exposed, stage_dp_comm
 from planner.engine import load_engine, with_overrides
+from planner.parallel_dims import ParallelDims
 
 
 def one_second(op: str, nbytes: float) -> float:
@@ -50,7 +51,7 @@ def test_zero3_step_prices_window_and_blocking_reduction():
     cfg = ParallelConfig(tp=1, pp=1, dp=16, mbs=1, zero=3, recompute="full")
     core = cost.evaluate_core(cfg)
     w = core.work
-    _, _, dp_group = cost.layout(1, 1, 16, core.order)
+    dp_group = cost.group(ParallelDims(pp=1, dp=16, tp=1, order=core.order), "dp")
     layers = cost.model.num_layers
     c = cost.dp_comm(cfg, cost.device_params(cfg, 0, layers), layers, dp_group)
     assert c.bwd_blocking > 0 and c.fwd_each > 0
@@ -78,7 +79,7 @@ def test_deepspeed_one_rail_and_per_parameter_calls_only_under_zero3():
     for zero, calls, rails in ((1, layers + 1, 0),
                                (3, layers * tensors_per_block(cost.model, "projections" in ds.fused) + 1, 1)):
         cfg = ParallelConfig(tp=1, pp=1, dp=16, mbs=1, zero=zero, recompute="full")
-        _, _, group = cost.layout(1, 1, 16, ("tp", "dp", "pp"))
+        group = cost.group(ParallelDims(pp=1, dp=16, tp=1), "dp")
         params = cost.device_params(cfg, 0, layers)
         grads = params * cost.recipe(zero, 16).reduce_bytes
         weights = params * cost.recipe(zero, 16).gather_bytes

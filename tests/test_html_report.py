@@ -14,7 +14,6 @@ from planner.html_report.data import (MEMORY_KINDS, TIME_BINS, alternatives_data
 from planner.html_report.inputs import RunReport, evaluate_plan
 from planner.loaders import load_cluster, load_model
 from planner.plan import Plan, make_plan
-from planner.prediction import StageMemory
 from planner.report import why_slower
 from planner.specs import ModelSpec, ParallelConfig, TrainingSpec
 from tests.cli_helpers import run_cli

@@ -198,8 +198,8 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_says_so(drills):
     """Disk full on rank 1 at step 4: nothing of that save is left, step 2 is named as still the newest, and
     training goes on to save steps 6 and 8."""
     err = drills["killed"].stderr
-    assert (f"warning: the checkpoint of step 4 was not saved (rank 1: OSError: [Errno 28] No space left on "
-            f"device") in err, err[-3000:]
+    assert ("warning: the checkpoint of step 4 was not saved (rank 1: OSError: [Errno 28] No space left on "
+            "device") in err, err[-3000:]
     assert f"'{drills['ckpt'] / 'step_00000002'}' is still the newest usable checkpoint" in err
     assert drills["after_kill"] == ["step_00000002", "step_00000006", "step_00000008"]
 
