@@ -28,7 +28,7 @@ RecipeName = Literal["bf16", "fp16", "amp-bf16", "amp-fp16", "fp32"]
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class Kernels(_Spec):

@@ -20,7 +20,7 @@ SCHEMA_VERSION = 2
 
 
 class RankEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     rank: int
     pp: int
     dp: int
@@ -34,7 +34,7 @@ class RankEntry(BaseModel):
 class NodeGroupsReport(BaseModel):
     """How a plan uses a cluster's node groups (plans of clusters with node_groups only)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     stage_groups: list[str] = Field(description="The node group of each pipeline stage.")
     assignment: str = Field(description="How stages were assigned to groups: ilp (proven optimal), local search, "
                                         "contiguous.")
@@ -48,7 +48,7 @@ class NodeGroupsReport(BaseModel):
 class SearchStats(BaseModel):
     """How the search got there (absent for a plan written by `estimate`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     seconds: float
     candidates: int = Field(description="Configurations enumerated.")
     evaluated: int = Field(description="Configurations fully costed.")
@@ -62,7 +62,7 @@ class SearchStats(BaseModel):
 
 
 class Plan(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     schema_version: int = SCHEMA_VERSION
     model: ModelSpec
     cluster: ClusterSpec

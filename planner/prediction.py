@@ -10,7 +10,7 @@ from planner.specs import ParallelConfig
 
 
 class _Out(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 class StageMemory(_Out):

@@ -20,7 +20,7 @@ PROFILE_SCHEMA_VERSION = 1
 
 
 class _P(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 class DeviceInfo(_P):

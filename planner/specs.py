@@ -19,7 +19,8 @@ Schedule = Literal["gpipe", "1f1b", "interleaved"]
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # defer_build: each schema is built on first use, so commands start faster
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 # ----------------------------------------------------------------------------------------------
