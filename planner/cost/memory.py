@@ -131,8 +131,10 @@ def _op_policy_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dt
 
 def autocast_weight_bytes(m: ModelSpec, tp: int, dt: Dtypes, ep: int = 1) -> float:
     """Bytes of the 16-bit copies autocast makes of the mean block's Linear weights and biases (one TP rank)."""
+    if not dt.autocast:
+        return 0.0
     p = mean_layer_params(m)
-    return dt.act * (p.sharded / tp + p.experts / (tp * ep)) if dt.autocast else 0.0
+    return dt.act * (p.sharded / tp + p.experts / (tp * ep))
 
 
 def embedding_activation_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool) -> float:

@@ -602,6 +602,11 @@ class CostModel:
                            dt: Dtypes) -> list[int] | None:
         """Blocks per chunk of an interleaved pipeline under memory: blocks per device by `partition_layers`
         with each device's cap, spread over its chunks by `spread_over_chunks`; None if no split fits."""
+        # the last two devices keep the fewest micro-batches in flight, so no device holds more than they do:
+        # when pp of those fall short of the model, no split fits (cheaper than every device's cap)
+        roomiest = max(self._max_blocks(cfg, d, nmb, blk, dt) for d in {cfg.pp - 2, cfg.pp - 1})
+        if roomiest * cfg.pp < self.model.num_layers:
+            return None
         caps = self._device_caps(cfg, nmb, blk, dt)
         totals = partition_layers(self.model.num_layers, blk.total, self._ends_per_device(cfg, ends), caps=caps)
         if totals is None:
@@ -677,19 +682,39 @@ class CostModel:
     def _max_interleaved_blocks(self, cfg: ParallelConfig, device: int, nmb: int, blk: BlockCost,
                                 dt: Dtypes) -> int:
         """The most blocks an interleaved device can hold, spread over its chunks by `spread_over_chunks`. Its
-        peak rises with every block added but not convexly (the chunk a block joins alternates), so bisection."""
-        cap = self.capacity
+        peak rises with every block added but not convexly (the chunk a block joins alternates), so a search
+        that gallops out from the equal share L/pp (where the cap usually lies near) and then bisects."""
+        cap, top = self.capacity, self.model.num_layers
 
         def fits(n: int) -> bool:
             chunks = spread_over_chunks(n, cfg.vpp)
             return self.stage_timeline(cfg, device, chunks, nmb, blk, dt).peak.total <= cap
 
-        lo, hi = 0, self.model.num_layers          # fits(lo) or lo == 0; not fits(hi) unless hi fits
-        if fits(hi):
-            return hi
-        if not fits(0):
-            return 0
-        while hi - lo > 1:
+        start = min(top, -(-top // cfg.pp))
+        step = 1
+        if fits(start):                  # gallop up to the first count that does not fit
+            lo = start
+            while True:
+                if lo == top:
+                    return top
+                nxt = min(top, lo + step)
+                if not fits(nxt):
+                    hi = nxt
+                    break
+                lo, step = nxt, step * 2
+        else:                            # gallop down to the first count that fits
+            hi = start
+            while True:
+                if hi == 0:
+                    return 0
+                nxt = max(0, hi - step)
+                if fits(nxt):
+                    lo = nxt
+                    break
+                if nxt == 0:
+                    return 0
+                hi, step = nxt, step * 2
+        while hi - lo > 1:               # fits(lo), not fits(hi)
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         return lo
