@@ -15,6 +15,7 @@ from planner.errors import InputError
 from planner.loaders import load_model
 from planner.presets import PRESETS
 from planner.specs import MLASpec, ModelSpec
+from tests.config_helpers import load_config_dict
 
 DATA = Path(__file__).parent / "data"
 
@@ -175,11 +176,6 @@ def test_no_q_latent_projects_queries_directly():
     assert total_params(one_dense) == dense_layer + 2 * cfg["vocab_size"] * cfg["hidden_size"] + cfg["hidden_size"]
 
 
-def _load(tmp_path, cfg: dict):
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(cfg))
-    return load_model(str(path))
-
 
 @pytest.mark.parametrize("change,message", [
     ({"moe_layer_freq": 2}, "'moe_layer_freq': MoE layers other than every layer"),
@@ -193,7 +189,7 @@ def _load(tmp_path, cfg: dict):
 def test_deepseek_keys_are_modelled_or_refused_in_one_line(tmp_path, change, message):
     cfg = {**json.loads((DATA / "deepseek_v3_config.json").read_text()), **change}
     with pytest.raises(InputError, match=message):
-        _load(tmp_path, cfg)
+        load_config_dict(tmp_path, cfg)
 
 
 def test_deepseek_moe_keys_map_to_the_moe_spec():

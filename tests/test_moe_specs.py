@@ -12,6 +12,7 @@ from planner.cost.params import active_params, total_params
 from planner.errors import InputError
 from planner.loaders import load_model
 from planner.presets import PRESETS
+from tests.config_helpers import load_config_dict
 
 DATA = Path(__file__).parent / "data"
 
@@ -87,11 +88,6 @@ def test_sliding_window_counts_the_window_in_windowed_layers():
     assert m.num_windowed_layers == 21
 
 
-def _load_dict(tmp_path, data: dict):
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(data))
-    return load_model(str(path))
-
 
 @pytest.mark.parametrize("change,message", [
     ({"some_new_key": 3}, "'some_new_key': not a key meshplan knows for model_type 'mixtral'"),
@@ -106,7 +102,7 @@ def _load_dict(tmp_path, data: dict):
 def test_hf_keys_that_change_the_model_are_modelled_or_refused(tmp_path, change, message):
     cfg = {**json.loads((DATA / "mixtral_config.json").read_text()), **change}
     with pytest.raises(InputError, match=message):
-        _load_dict(tmp_path, cfg)
+        load_config_dict(tmp_path, cfg)
 
 
 def test_mixtral_is_no_longer_a_dense_model(tmp_path):
@@ -119,15 +115,15 @@ def test_mixtral_is_no_longer_a_dense_model(tmp_path):
 def test_mistral_sliding_window_is_modelled(tmp_path):
     cfg = json.loads((DATA / "llama3_8b_config.json").read_text())
     cfg.update(model_type="mistral", sliding_window=4096, vocab_size=32000)
-    m = _load_dict(tmp_path, cfg)
+    m = load_config_dict(tmp_path, cfg)
     assert m.sliding_window == 4096 and m.num_windowed_layers == 32
 
 
 def test_moe_layer_pattern(tmp_path):
     cfg = {**json.loads((DATA / "qwen3_30b_a3b_config.json").read_text()), "mlp_only_layers": [0, 1],
            "decoder_sparse_step": 2}
-    m = _load_dict(tmp_path, cfg)
+    m = load_config_dict(tmp_path, cfg)
     assert [i for i in range(m.num_layers) if m.moe.is_moe_layer(i)] == list(range(3, 48, 2))
     cfg["mlp_only_layers"] = [5]
     with pytest.raises(InputError, match="'mlp_only_layers'"):
-        _load_dict(tmp_path, cfg)
+        load_config_dict(tmp_path, cfg)
