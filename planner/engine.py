@@ -43,6 +43,10 @@ class Kernels(_Spec):
     gemm_efficiency: float = Field(
         1.0, gt=0, le=1, description="Share of the GPU's GEMM rate (its efficiency model) this engine's GEMM calls "
                                      "reach: library, operand layouts, version.")
+    softmax_shapes: Literal["any", "megatron"] = Field(
+        "any", description="Where the fused softmax of eager attention runs: any shape, or `megatron`: Megatron's "
+                           "fused scale-mask-softmax only where micro-batch x local heads is a multiple of 4 and "
+                           "16 < seq <= 4096 with seq a multiple of 4; elsewhere PyTorch's fallback in fp32.")
     compile_fuses: list[Fusable] = Field(
         default_factory=list,
         description="Pieces that `--compile` (torch.compile of each block) fuses in addition; empty: the engine "

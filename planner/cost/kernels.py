@@ -98,6 +98,7 @@ class KernelOptions:
     casts_per_linear: bool = False          # autocast casts each Linear's input separately
     logits_fp32: bool = True                # the loss reads an fp32 copy of the logits
     gemm_scale: float = 1.0                 # share of the GPU's GEMM rate the engine's GEMMs reach
+    softmax_shapes: str = "any"             # shapes the fused softmax runs at (engine.Kernels.softmax_shapes)
 
     @staticmethod
     def of(engine) -> "KernelOptions":
@@ -105,7 +106,8 @@ class KernelOptions:
                              sp_saves=engine.memory_extras.sp_saves,
                              casts_per_linear=engine.memory_extras.autocast_casts_per_linear,
                              logits_fp32=engine.memory_extras.logits_fp32,
-                             gemm_scale=engine.kernels.gemm_efficiency)
+                             gemm_scale=engine.kernels.gemm_efficiency,
+                             softmax_shapes=engine.kernels.softmax_shapes)
 
 
 MEGATRON = KernelOptions()
@@ -157,12 +159,19 @@ def isolated_pass_time(p: Pass, gpu: GPUSpec, dtype: str, host_per_kernel: float
     k-1's launch and started when both it is launched and its predecessor is done. It lies between
     `pass_time`'s max(host, device) (the steady state of many passes back to back, where the queue carries
     the slack over) and their sum; collectives excluded."""
+    return isolated_time([(p, host_per_kernel)], gpu, dtype, gemm_scale)
+
+
+def isolated_time(segments: list[tuple[Pass, float]], gpu: GPUSpec, dtype: str, gemm_scale: float = 1.0) -> float:
+    """`isolated_pass_time` of passes issued back to back in one timed region, each with its own host seconds
+    per kernel (a backward under recomputation: the replayed forward, then the backward's kernels)."""
     if not gpu.async_launch:
-        return device_time(p, gpu, dtype, gemm_scale) + len(p.kernels) * host_per_kernel
+        return sum(device_time(p, gpu, dtype, gemm_scale) + len(p.kernels) * host for p, host in segments)
     launched = done = 0.0
-    for k in p.kernels:
-        launched += host_per_kernel
-        done = max(done, launched) + kernel_time(k, gpu, dtype, gemm_scale)
+    for p, host in segments:
+        for k in p.kernels:
+            launched += host
+            done = max(done, launched) + kernel_time(k, gpu, dtype, gemm_scale)
     return done
 
 
@@ -259,14 +268,35 @@ def causal_keys(seq: int, window: int | None) -> float:
     return (seq * w - w * w / 2) / seq
 
 
+def fused_softmax_runs(opts: KernelOptions, mbs: int, heads: float, seq: int) -> bool:
+    """Whether the engine's fused scale-mask-softmax runs for these score matrices. Megatron's kernel
+    (megatron/model/fused_softmax.py, FusedScaleMaskSoftmax.is_kernel_available) needs 16 < seq <= 4096,
+    seq % 4 == 0 and (micro-batch x local heads) a multiple of 4 and of the causal kernel's batches per block
+    (scaled_upper_triang_masked_softmax.h: 8 for seq <= 128, 4 above)."""
+    if "softmax" not in opts.fused:
+        return False
+    if opts.softmax_shapes == "megatron":
+        attn_batches = mbs * heads
+        per_block = 8 if seq <= 128 else 4
+        return 16 < seq <= 4096 and seq % 4 == 0 and attn_batches == int(attn_batches) and \
+            int(attn_batches) % per_block == 0
+    return True
+
+
 def eager_attention_core(core: Pass, mbs: int, heads: float, seq: int, qk_dim: int, v_dim: int, e: int,
-                         fused_softmax: bool, dropout: bool) -> None:
+                         opts: KernelOptions, dropout: bool) -> None:
     """softmax(Q K^T) V materialised, per head: scores over qk_dim channels, values of v_dim; scale, mask and
-    softmax one fused kernel or eager PyTorch's three; attention dropout with its 1-byte mask."""
+    softmax one fused kernel, eager PyTorch's three, or (an engine whose fused kernel does not take the shape)
+    Megatron's fallback in fp32; attention dropout with its 1-byte mask."""
     scores = mbs * heads * seq * seq                    # elements of one rank's score matrices
     core.gemm(seq, seq, qk_dim, e, batch=mbs * heads)                            # Q K^T
-    if fused_softmax:
+    if fused_softmax_runs(opts, mbs, heads, seq):
         core.mem(2 * scores * e)                                                 # scale-mask-softmax
+    elif "softmax" in opts.fused:
+        # FusedScaleMaskSoftmax.forward_torch_softmax with softmax_in_fp32 (query-key layer scaling): cast up,
+        # scale, masked_fill, softmax, cast down
+        core.chain(scores * (e + FP32), 2 * scores * FP32, 2 * scores * FP32, 2 * scores * FP32,
+                   scores * (FP32 + e))
     else:
         core.chain(2 * scores * e, 3 * scores * e, 2 * scores * e)               # scale, + mask, softmax
     if dropout:
@@ -330,7 +360,7 @@ def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: s
                                                 (2 * q_out + 2 * kv_out) * tokens * e + 4 * heads * tokens,
                                                 (mbs * heads * seq / 128, 1.0, 1.0)))
         else:
-            eager_attention_core(attn_core_fwd, mbs, heads, seq, d, d, e, "softmax" in fused, dropout)
+            eager_attention_core(attn_core_fwd, mbs, heads, seq, d, d, e, opts, dropout)
     fwd.extend(attn_core_fwd)
     linear(h, k=attn_out, bias=m.bias)                                           # output projection
     _tp_out(fwd, act_bytes, tp, sp, conjugate=m.mla is None or sp)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.cost.kernels import FP32, MEGATRON, Dtypes, KernelOptions, kept_projections, projection_widths
+from planner.cost.kernels import (FP32, MEGATRON, Dtypes, KernelOptions, fused_softmax_runs, kept_projections,
+                                  projection_widths)
 from planner.cost.params import mean_layer_params
 from planner.specs import ModelSpec
 
@@ -89,11 +90,13 @@ def block_activation_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, 
         attention = e * tokens * d * (2 * heads + 2 * kv) + FP32 * mbs * heads * seq
     else:
         # q, k and v (k, v expanded to every query head), the projection's input, and the score matrices:
-        # softmax output, and with dropout its 1-byte mask and dropped-out copy
+        # softmax output (fp32 where Megatron falls back to PyTorch's softmax), and with dropout its 1-byte
+        # mask and dropped-out copy
         scores = mbs * heads * seq * seq
         attention = e * tokens * d * heads * 4
+        fallback = "softmax" in opts.fused and not fused_softmax_runs(opts, mbs, heads, seq)
         if not (recompute == "selective" and opts.selective == "attention_core"):
-            attention += scores * (e + (mask + e if mask else 0))
+            attention += scores * ((FP32 if fallback else e) + (mask + e if mask else 0))
     if m.mla is not None:     # latent attention: its own inputs and core instead of q/k/v's (planner/cost/mla.py)
         from planner.cost.mla import attention_activation_bytes
         linear_inputs = (copies - 3 if copies > 2 else 1) * e * gathered * h     # fc1's input (and casts) alone

@@ -94,7 +94,7 @@ def attention_work(fwd: Pass, bwd: Pass, core: Pass, linear, m: ModelSpec, mbs: 
                                    (2 * qk + 2 * v) * heads * tokens * e + 4 * heads * tokens,
                                    (mbs * heads * seq / 128, 1.0, 1.0)))
     else:
-        eager_attention_core(core, mbs, heads, seq, qk, v, e, "softmax" in fused, m.dropout > 0)
+        eager_attention_core(core, mbs, heads, seq, qk, v, e, opts, m.dropout > 0)
 
 
 def regathered_input_bytes(m: ModelSpec, tokens: int, dt: Dtypes) -> float:
