@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from planner.cost.kernels import Dtypes, KernelOptions, block_work, pass_time
+from planner.cost.kernels import Dtypes, KernelOptions, block_work, isolated_time, pass_time
 from planner.cost.memory import block_activation_bytes
 from planner.cost.model import CostModel
 from planner.engine import load_engine
@@ -23,20 +23,26 @@ ENGINE = load_engine("meshplan")
 BF16 = Dtypes.of("bf16")
 
 
-def analytical(tp, mbs, recompute="none"):
+def analytical(tp, mbs, recompute="none", alone=False):
     """The cost model's own block numbers at bf16 (kernels, host costs and kept bytes of the meshplan engine):
-    the profiles below scale them, so the test checks the replacement, not the kernel model."""
+    the profiles below scale them, so the test checks the replacement, not the kernel model. `alone`: each pass
+    timed by itself from an idle device, as `profile model` times it; otherwise the steady state of the step."""
     opts, (host_f, host_b) = KernelOptions.of(ENGINE), ENGINE.host_per_kernel
     w = block_work(MODEL, mbs, 2048, tp, False, recompute, BF16, opts)
-    return (pass_time(w.forward, CLUSTER.gpu, "bf16", host_f),
-            pass_time(w.backward, CLUSTER.gpu, "bf16", host_b) + pass_time(w.recompute, CLUSTER.gpu, "bf16", host_f),
-            block_activation_bytes(MODEL, mbs, 2048, tp, False, recompute, BF16, opts))
+    gpu = CLUSTER.gpu
+    if alone:
+        times = (isolated_time([(w.forward, host_f)], gpu, "bf16"),
+                 isolated_time([(w.recompute, host_f), (w.backward, host_b)], gpu, "bf16"))
+    else:
+        times = (pass_time(w.forward, gpu, "bf16", host_f),
+                 pass_time(w.backward, gpu, "bf16", host_b) + pass_time(w.recompute, gpu, "bf16", host_f))
+    return (*times, block_activation_bytes(MODEL, mbs, 2048, tp, False, recompute, BF16, opts))
 
 
 def profile(scale_time: float, scale_bytes: float, points=((1, 1), (2, 1), (1, 2)), model=MODEL, seq=2048):
     blocks = []
     for tp, mbs in points:
-        f, b, a = analytical(tp, mbs)
+        f, b, a = analytical(tp, mbs, alone=True)
         blocks.append(BlockMeasurement(tp=tp, mbs=mbs, recompute="none", forward_s=f * scale_time,
                                        backward_s=b * scale_time, activation_bytes=int(a * scale_bytes)))
     return ModelProfile(model=model, precision="bf16", seq_len=seq,
@@ -93,11 +99,12 @@ def test_moe_blocks_take_the_factors_of_the_moe_measurements():
     blocks, want = [], {}
     for layer, scale in (("dense", 1.0), ("moe", 3.0)):
         w = block_work(model, 1, 256, 1, False, "none", BF16, opts, moe_layer=layer == "moe")
-        f = pass_time(w.forward, CLUSTER.gpu, "bf16", host_f)
+        f = pass_time(w.forward, CLUSTER.gpu, "bf16", host_f)                   # in the step
+        alone = isolated_time([(w.forward, host_f)], CLUSTER.gpu, "bf16")      # as profiled
         a = acts(model, 1, 256, 1, False, "none", BF16, opts, moe_layer=layer == "moe")
         want[layer] = (f, a)
-        blocks.append(BlockMeasurement(layer=layer, tp=1, mbs=1, recompute="none", forward_s=f * scale,
-                                       backward_s=f * scale, activation_bytes=int(a * scale)))
+        blocks.append(BlockMeasurement(layer=layer, tp=1, mbs=1, recompute="none", forward_s=alone * scale,
+                                       backward_s=alone * scale, activation_bytes=int(a * scale)))
     prof = ModelProfile(model=model, precision="bf16", seq_len=256,
                         device=DeviceInfo(type="cuda", name=CLUSTER.gpu.name, torch_version="2.13.0"), blocks=blocks)
     cost = CostModel(model, CLUSTER, training, prof, "p.json")

@@ -1,7 +1,8 @@
 """Measured per-layer costs (a `meshplan profile model` file) in place of the analytical ones.
 
 A measurement is used as a correction of the analytical number at the same point: factor = measured /
-analytical. At a (tp, micro-batch) that was not measured, the factor is interpolated over the measured points
+analytical, both of one pass timed alone from an idle device (`kernels.isolated_time`), the factor then scaling
+the steady-state pass of the step. At a (tp, micro-batch) that was not measured, the factor is interpolated over the measured points
 of the same kind of block (dense or mixture of experts) and recompute mode (inverse-distance weights in
 log2 tp and log2 micro-batch, exact at measured points) and multiplies the analytical value there, so shapes
 between and beyond the measured ones keep the analytical model's scaling.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from planner.cost.kernels import MEGATRON, Dtypes, KernelOptions, block_work, embedding_work, head_work, pass_time
+from planner.cost.kernels import MEGATRON, Dtypes, KernelOptions, block_work, embedding_work, head_work, isolated_time
 from planner.cost.memory import block_activation_bytes, embedding_activation_bytes, head_activation_bytes
 from planner.profile_data import ModelProfile
 from planner.specs import GPUSpec, ModelSpec, TrainingSpec
@@ -55,13 +56,14 @@ class MeasuredCosts:
         dt = Dtypes.of(profile.run_precision or profile.precision)   # what the profiled blocks computed in
         seq = training.seq_len
 
-        def timed(p, host: float) -> float:
-            return pass_time(p, gpu, dt.matmul, host, gemm_scale=opts.gemm_scale)
+        def timed(*segments) -> float:
+            # the profiler times each pass alone, from a synchronised device (profiler/layers.py `_timed`)
+            return isolated_time(list(segments), gpu, dt.matmul, opts.gemm_scale)
         for b in profile.blocks:
             moe = b.layer == "moe"
             w = block_work(model, b.mbs, seq, b.tp, False, b.recompute, dt, opts, moe_layer=moe)
-            fwd = timed(w.forward, host_fwd)
-            bwd = timed(w.backward, host_bwd) + timed(w.recompute, host_fwd)
+            fwd = timed((w.forward, host_fwd))
+            bwd = timed((w.recompute, host_fwd), (w.backward, host_bwd))
             act = block_activation_bytes(model, b.mbs, seq, b.tp, False, b.recompute, dt, opts, moe_layer=moe)
             self._blocks.setdefault((b.layer, b.recompute), []).append(
                 (b.tp, b.mbs, (b.forward_s / fwd, b.backward_s / bwd, b.activation_bytes / act if act else 1.0)))
@@ -71,8 +73,8 @@ class MeasuredCosts:
             act = (embedding_activation_bytes(model, e.mbs, seq, e.tp, False) if e.part == "embedding"
                    else head_activation_bytes(model, e.mbs, seq, e.tp, False, dt, opts))
             self._ends.setdefault(e.part, []).append(
-                (e.tp, e.mbs, (e.forward_s / timed(work[0], host_fwd),
-                               e.backward_s / timed(work[1], host_bwd), e.activation_bytes / act)))
+                (e.tp, e.mbs, (e.forward_s / timed((work[0], host_fwd)),
+                               e.backward_s / timed((work[1], host_bwd)), e.activation_bytes / act)))
 
     @staticmethod
     def _mismatch(profile: ModelProfile, model: ModelSpec, training: TrainingSpec, gpu: GPUSpec, backend: str) -> str:
