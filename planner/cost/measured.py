@@ -1,11 +1,11 @@
 """Measured per-layer costs (a `meshplan profile model` file) in place of the analytical ones.
 
 A measurement is used as a correction of the analytical number at the same point: factor = measured /
-analytical, both of one pass timed alone from an idle device (`kernels.isolated_time`), the factor then scaling
-the steady-state pass of the step. At a (tp, micro-batch) that was not measured, the factor is interpolated over the measured points
-of the same kind of block (dense or mixture of experts) and recompute mode (inverse-distance weights in
-log2 tp and log2 micro-batch, exact at measured points) and multiplies the analytical value there, so shapes
-between and beyond the measured ones keep the analytical model's scaling.
+analytical, both of one pass timed alone from an idle device (`kernels.isolated_time`), the factor then
+scaling the steady-state pass of the step. At a (tp, micro-batch) that was not measured, the factor is
+interpolated over the measured points of the same kind of block (dense or mixture of experts) and recompute
+mode (inverse-distance weights in log2 tp and log2 micro-batch, exact at measured points) and multiplies the
+analytical value there, so shapes between and beyond the measured ones keep the analytical model's scaling.
 """
 
 from __future__ import annotations
