@@ -179,6 +179,13 @@ def test_mixed_plan_uses_both_types_and_beats_either_part():
 
 
 def test_two_islands_keep_dp_and_tp_inside_and_pipeline_across(capsys):
+    """Llama-3-70B on two 8-node pods joined by 12.5 GB/s per node: DP and TP stay inside a pod and the
+    pipeline crosses the slow link once. With asynchronous sends every micro-batch's activation and gradient
+    still cross each hop, so a slow hop lengthens the steady-state loop of the stages beside it (the schedule
+    simulation's slope, tests/test_pipeline_schedule.py); crossing twice (pod-a, pod-b, pod-b, pod-a) puts two
+    slow hops in the whole pipeline's loop and is slower (18.35 s of pipeline against 18.06 s in the
+    simulation, 18.41 s against 18.12 s per step in the model). A model that charges every hop the slowest
+    hop's delay prices one and two crossings alike and may return either."""
     r = run_cli(capsys, "plan", "-m", "llama3-70b", "-c", "two-islands", "-b", "512", "--seq", "4096", "--top", "1",
                 "--json")
     assert r.code == 0
@@ -194,6 +201,22 @@ def test_two_islands_keep_dp_and_tp_inside_and_pipeline_across(capsys):
     text = " ".join(plan["node_groups"]["explanation"])
     assert "data parallelism inside a group" in text and "only pipeline transfers cross groups" in text
     assert "one fabric at its slowest group link" in text
+
+
+def test_two_islands_crossing_twice_costs_its_second_slow_hop():
+    """The two-islands plan's configuration with its stages in pod order (one slow hop) and folded back
+    (pod-a, pod-b, pod-b, pod-a: two slow hops), same layers: the second costs more, all of it pipeline
+    transfers, and a third crossing (alternating pods) more still."""
+    hc = HeteroCost(PRESETS["llama3-70b"], load_cluster("two-islands"), TrainingSpec(global_batch=512, seq_len=4096))
+    cand = Candidate(4, 4, 8, 1, 1, 1, "none", True, "1f1b")
+    layers = [20, 20, 20, 20]
+    once, twice, thrice = (hc.evaluate(cand, g, layers) for g in ((0, 0, 1, 1), (0, 1, 1, 0), (0, 1, 0, 1)))
+    assert once.p2p == twice.p2p == thrice.p2p                     # the same slowest hop
+    assert once.step < twice.step < thrice.step
+    assert twice.step - once.step == pytest.approx(twice.time["pp_comm"] - once.time["pp_comm"], rel=1e-6)
+    for core in (once, twice, thrice):
+        assert {k: v for k, v in core.time.items() if k not in ("pp_comm", "bubble")} == pytest.approx(
+            {k: v for k, v in once.time.items() if k not in ("pp_comm", "bubble")})
 
 
 def test_search_prunes_nothing_better_than_its_answer():

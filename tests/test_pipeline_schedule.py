@@ -130,3 +130,78 @@ def test_operations_keep_devices_serial_and_dependencies_in_order(schedule, v):
     assert len(tl.transfers) == 2 * m * (p * v - 1)
     assert all(t.end - t.start == pytest.approx(c) for t in tl.transfers)
     assert tl.makespan == max(o.end for o in tl.ops)
+
+
+@pytest.mark.parametrize("schedule,v", [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)])
+@pytest.mark.parametrize("blocking", [False, True])
+def test_one_delay_per_link_alike_is_one_delay(schedule, v, blocking):
+    """Per-link delays that are all equal price exactly as the one delay they repeat (closed form and simulation)."""
+    p, m, c = 4, 8, 0.3
+    fwd = [[(1.0 + i / 7) / v] * v for i in range(p)]
+    bwd = [[(2.0 - i / 9) / v] * v for i in range(p)]
+    assert closed(schedule, m, fwd, bwd, [c] * (p - 1), blocking) == closed(schedule, m, fwd, bwd, c, blocking)
+    assert makespan(schedule, m, fwd, bwd, [c] * (p - 1)) == makespan(schedule, m, fwd, bwd, c)
+
+
+def test_simulated_transfers_take_their_own_link_delay():
+    """Each activation and gradient takes the delay of the link it crosses, in both directions."""
+    p, m, links = 4, 8, [0.05, 0.4, 0.1]
+    tl = simulate("1f1b", m, [[1.0]] * p, [[2.0]] * p, links)
+    assert len(tl.transfers) == 2 * m * (p - 1)
+    for t in tl.transfers:
+        assert t.end - t.start == pytest.approx(links[min(t.src, t.dst)])
+        assert abs(t.src - t.dst) == 1
+
+
+def test_blocking_transfers_per_link_are_device_time():
+    """Blocking send/recv on links of different speeds: a device's forward pays its link to the next device and
+    its backward its link to the previous one; the closed form stays within 2% of the simulation of those busier
+    devices without delays (the closed form of unequal stages, exact only when they are equal)."""
+    p, m, links = 4, 8, [0.05, 0.4, 0.1]
+    fwd, bwd = [[1.0]] * p, [[2.0]] * p
+    out = [links[min(i, p - 2)] for i in range(p)]
+    back = [links[max(i - 1, 0)] for i in range(p)]
+    busy_f = [[f[0] + c] for f, c in zip(fwd, out)]
+    busy_b = [[b[0] + c] for b, c in zip(bwd, back)]
+    got = closed("1f1b", m, fwd, bwd, links, blocking=True)
+    assert got == pytest.approx(makespan("1f1b", m, busy_f, busy_b), rel=0.02)
+    assert got > closed("1f1b", m, fwd, bwd, links)
+
+
+@given(p=st.integers(2, 8), mult=st.integers(4, 12), tf=st.floats(0.2, 2.0), ratio=st.floats(1.0, 3.0),
+       seed=st.randoms(use_true_random=False))
+@settings(max_examples=120, deadline=None)
+def test_balanced_1f1b_with_links_of_different_speeds_within_2_percent(p, mult, tf, ratio, seed):
+    """Balanced stages, m >= 4p, each link's delay 0 to 20% of a stage's forward (one slow link between node
+    groups among fast ones, or several): the per-link closed form (steady state: the slowest loop of
+    neighbouring devices) stays within 2% of the simulation."""
+    m = p * mult
+    fwd, bwd = [[tf]] * p, [[tf * ratio]] * p
+    links = [seed.choice([0.0, 0.02, 0.2]) * seed.random() * tf for _ in range(p - 1)]
+    assert closed("1f1b", m, fwd, bwd, links) == pytest.approx(makespan("1f1b", m, fwd, bwd, links), rel=0.02)
+
+
+@given(p=st.integers(2, 6), mult=st.integers(4, 12), seed=st.randoms(use_true_random=False))
+@settings(max_examples=80, deadline=None)
+def test_unbalanced_1f1b_with_links_of_different_speeds_within_8_percent(p, mult, seed):
+    """Stages within +-30% of each other and per-link delays: within 8% of the simulation, the bound the
+    one-delay form keeps on unequal stages (test_unbalanced_1f1b_and_interleaved_within_8_percent)."""
+    m = p * mult
+    fwd = [[seed.uniform(0.7, 1.3)] for _ in range(p)]
+    bwd = [[2 * f[0] * seed.uniform(0.8, 1.2)] for f in fwd]
+    links = [seed.choice([0.0, 0.01, 0.2]) * seed.random() for _ in range(p - 1)]
+    assert closed("1f1b", m, fwd, bwd, links) == pytest.approx(makespan("1f1b", m, fwd, bwd, links), rel=0.08)
+
+
+def test_1f1b_crossing_a_slow_link_once_beats_twice():
+    """Four balanced stages, two pods joined by a slow link: placed A A B B the link is one hop, placed A B B A
+    two; the simulation says the second pays the slow round trip on two loops of the steady state, and the
+    closed form ranks them as the simulation does (the slowest-hop-everywhere form priced both alike)."""
+    p, m, fast, slow = 4, 32, 0.004, 0.12
+    fwd, bwd = [[1.0]] * p, [[2.0]] * p
+    once, twice = [fast, slow, fast], [slow, fast, slow]
+    sim_once, sim_twice = makespan("1f1b", m, fwd, bwd, once), makespan("1f1b", m, fwd, bwd, twice)
+    assert sim_once < sim_twice
+    assert closed("1f1b", m, fwd, bwd, once) < closed("1f1b", m, fwd, bwd, twice)
+    assert closed("1f1b", m, fwd, bwd, once) == pytest.approx(sim_once, rel=0.01)
+    assert closed("1f1b", m, fwd, bwd, twice) == pytest.approx(sim_twice, rel=0.01)

@@ -113,14 +113,30 @@ def _pieces(work: Work, kind: str) -> tuple[Piece, ...]:
     return tuple((k, float(x)) for k, x in work if x > 0)
 
 
+def link_delays(p2p: float | Sequence[float], p: int) -> list[float]:
+    """Seconds an activation or gradient takes on each link, links[i] between device i and device (i + 1) % p,
+    from one value for every link or one per link (p - 1 of them; the p-th, from the last device back to the
+    first, only interleaving uses, and it defaults to the slowest of the others)."""
+    if p == 1:
+        return [0.0]
+    if isinstance(p2p, (int, float)):
+        return [float(p2p)] * p
+    links = [float(x) for x in p2p]
+    if len(links) == p - 1:
+        links.append(max(links))
+    if len(links) != p:
+        raise ValueError(f"p2p: {len(links)} link delays for {p} devices (expected {p - 1} or {p})")
+    return links
+
+
 def simulate(schedule: str, m: int, fwd: Sequence[Sequence[Work]], bwd: Sequence[Sequence[Work]],
-             p2p: float = 0.0) -> Timeline:
+             p2p: float | Sequence[float] = 0.0) -> Timeline:
     """Run one step of `m` micro-batches. fwd[i][c] / bwd[i][c]: one micro-batch's forward / backward of local
     chunk c on device i (seconds, or (kind, seconds) pieces); `p2p`: seconds an activation or gradient takes
-    between neighbouring devices."""
+    between neighbouring devices, one value for every link or one per link (link_delays)."""
     p, v = len(fwd), len(fwd[0])
     last = p * v - 1
-    lag = p2p if p > 1 else 0.0
+    links = link_delays(p2p, p)
     f_done = [[-1.0] * m for _ in range(last + 1)]   # finish time of (virtual stage, micro-batch); -1: not yet
     b_done = [[-1.0] * m for _ in range(last + 1)]
     plans = []
@@ -151,6 +167,7 @@ def simulate(schedule: str, m: int, fwd: Sequence[Sequence[Work]], bwd: Sequence
                     if arrival < 0:
                         break
                     if linked:
+                        lag = links[min(src % p, i) if abs(src % p - i) == 1 else p - 1]
                         if lag > 0:
                             out.transfers.append(Transfer(src % p, i, j, "activation" if op == "F" else "gradient",
                                                           arrival, arrival + lag))

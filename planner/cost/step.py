@@ -10,11 +10,13 @@ and the step's breakdown on the critical device (it sums to the step).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 from planner.cost.dp_comm import DPComm, exposed
 from planner.cost.pipeline import pipeline_time
+from planner.cost.schedule import link_delays
 
 if TYPE_CHECKING:
     from planner.cost.model import BlockCost, EndsCost
@@ -47,13 +49,14 @@ class StepTimes:
     post_opt: list[float]         # optimizer step, per device
 
 
-def step_times(schedule: str, vpp: int, nmb: int, devices: list[DeviceWork], p2p: float, kappa: float,
-               host_microbatch: float, host_step: float, blocking: bool, window: float = 1.0) -> StepTimes:
-    """The step of `devices` under `schedule` (vpp chunks per device) over nmb micro-batches; p2p: one
-    activation transfer between neighbouring stages; kappa: the compute slowdown while communication overlaps
-    it; host_*: the engine's host seconds per micro-batch and per step; blocking: transfers block the stages;
-    window: the share of a pass the parameter gathers (and what shares their links) can run under (the
-    engine's overlap.gather_window)."""
+def step_times(schedule: str, vpp: int, nmb: int, devices: list[DeviceWork], p2p: float | Sequence[float],
+               kappa: float, host_microbatch: float, host_step: float, blocking: bool,
+               window: float = 1.0) -> StepTimes:
+    """The step of `devices` under `schedule` (vpp chunks per device) over nmb micro-batches; p2p: one activation
+    transfer between neighbouring stages (one value, or one per link: pipeline.pipeline_time); kappa: the compute
+    slowdown while communication overlaps it; host_*: the engine's host seconds per micro-batch and per step;
+    blocking: transfers block the stages; window: the share of a pass the parameter gathers (and what shares their
+    links) can run under (the engine's overlap.gather_window)."""
     pp, last = len(devices), len(devices) - 1
     # --- per-device, per-micro-batch times (embedding on the first device, head and loss on the last)
     fwd = [d.layers * d.block.forward.total + host_microbatch for d in devices]
@@ -83,10 +86,11 @@ def step_times(schedule: str, vpp: int, nmb: int, devices: list[DeviceWork], p2p
     # optimizer step
     ends_at, slack = [], 0.0
     per_hop = (1.0 / vpp) if schedule == "interleaved" else 1.0
+    links = link_delays(p2p, pp)
     for i, d in enumerate(devices):
         comm = once_last[i] + d.comm.after + d.tied_sync
         ends_at.append((pipe - slack + comm + d.optimizer, comm, d.optimizer, i))
-        slack += bwd[i] * per_hop + p2p
+        slack += bwd[i] * per_hop + links[i]
     finish, post_comm, post_opt, _ = max(ends_at)
     first = max(once_first)
     step = finish + first + host_step

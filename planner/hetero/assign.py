@@ -2,13 +2,13 @@
 
 A pipeline of p stages, each on one node group (one GPU type); stage s on group k costs, per micro-batch,
   D_s = n_s * block[k] + extra[s][k] + hop[k_prev][k] + hop[k][k_next]
-(n_s blocks of one block's forward + backward on that GPU type; the embedding on s = 0, the head and loss on
-s = p - 1 and the host's time per micro-batch in `extra`; each transfer to and from a neighbour blocks the
-stage once). The step is the 1F1B closed form over m micro-batches (Narayanan et al. SC21 Sec. 2.2, with
-Pipette's slowest-stage steady state): (m - 1) max_s D_s + sum_s D_s. Constraints: every stage on one group,
-at most capacity[k] stages on group k (its GPUs over one stage's), n_s between 1 and caps[s][k] (what
-stage position s can hold in group k's memory: 1F1B position s keeps p - s micro-batches in flight) and the
-n_s summing to the model's layers.
+(n_s blocks of one block's forward + backward on that GPU type; the embedding on s = 0, the head and loss on s =
+p - 1 and the host's time per micro-batch in `extra`; each transfer to and from a neighbour blocks the stage
+once, or, sent asynchronously, bounds the two neighbours' steady-state loop: (D_s + D_s+1) / 2 + c). The step is
+the 1F1B closed form over m micro-batches (Narayanan et al. SC21 Sec. 2.2, with Pipette's slowest-stage steady
+state): (m - 1) max_s D_s + sum_s D_s. Constraints: every stage on one group, at most capacity[k] stages on group
+k (its GPUs over one stage's), n_s between 1 and caps[s][k] (what stage position s can hold in group k's memory:
+1F1B position s keeps p - s micro-batches in flight) and the n_s summing to the model's layers.
 
 The ILP linearises the stage-to-group choice with binaries x[s,k], the layers with integers n[s,k] <= caps x,
 the neighbour pairs with y[s,k,k'] >= x[s,k] + x[s+1,k'] - 1 (their cost is positive, so y is the product at

@@ -10,8 +10,9 @@ Each stage is priced by its group's homogeneous CostModel (planner.cost.model): 
 DP communication against the compute it overlaps, memory timeline at its pipeline position and optimizer
 step, all on that GPU type; the pipeline transfers on the link between the two stages' GPUs
 (planner.hetero.groups); the step from the per-stage times by planner.cost.step, the homogeneous model's own
-function (the slowest transfer on every hop, as the homogeneous model takes its slowest pair). On a one-group
-cluster this is the homogeneous model's number (tests check it).
+function, with each hop's own transfer time (a pipeline that crosses a slow link between groups once pays it on
+one hop, not on all: pipeline.pipeline_time's per-link forms). On a one-group cluster whose hops are alike
+this is the homogeneous model's number (tests check it).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class HeteroCore:
     budgets: list[float]             # each stage's GPU's memory budget
     feasible: bool
     devices: tuple[int, ...]         # global device of each rank (rank = pp * dp * tp + dp * tp + tp)
-    p2p: float
+    p2p: float                       # the slowest hop's transfer (seconds)
     method: str = ""                 # how the stages were assigned (planner.hetero.assign)
 
     @property
@@ -257,9 +258,10 @@ class HeteroCost:
             if capacity[k]:
                 for s, cap in enumerate(self._caps(cand, k, nmb) if memory else [self.model.num_layers] * p):
                     caps[s][k] = cap
+        # both stages of a hop pay its transfer, blocking or not: an asynchronous transfer does not occupy them,
+        # but every micro-batch's activation and gradient cross it, so the two stages' steady-state loop takes
+        # (D_s + D_s+1) / 2 + c <= max(D_s, D_s+1) + c (pipeline.py), equal when the split balances them
         hop = self.hop_table(cand) if p > 1 else [[0.0] * K for _ in range(K)]
-        if self.engine.overlap.pp_p2p != "exposed":
-            hop = [[0.0] * K for _ in range(K)]      # asynchronous transfers do not occupy the stages
         return StageProblem(self.model.num_layers, nmb, block, extra, caps, hop, capacity)
 
     def _caps(self, cand: Candidate, k: int, nmb: int) -> list[int]:
@@ -283,10 +285,10 @@ class HeteroCost:
                            part.cost.optimizer_seconds(cand, params[s], n))
                 for s, (part, n) in enumerate(zip(parts, layers))]
         blocking = self.engine.overlap.pp_p2p == "exposed"
-        p2p = (max(self.hop_seconds(cand, devices, s) for s in range(p - 1)) + self.costs[0].host_coll
-               if p > 1 else 0.0)
-        times = step_times(cand.schedule, 1, nmb, work, p2p, self.cluster.overlap_slowdown, host.per_microbatch_s,
-                           host.per_step_s, blocking, self.engine.overlap.gather_window)
+        hops = [self.hop_seconds(cand, devices, s) + self.costs[0].host_coll for s in range(p - 1)]
+        times = step_times(cand.schedule, 1, nmb, work, hops if p > 1 else 0.0, self.cluster.overlap_slowdown,
+                           host.per_microbatch_s, host.per_step_s, blocking, self.engine.overlap.gather_window)
+        p2p = max(hops, default=0.0)
 
         stages = [parts[s].cost.stage_memory(cand, s, [layers[s]], nmb, parts[s].blk, parts[s].dt) for s in range(p)]
         reserved = [st.total * parts[s].cost.margin for s, st in enumerate(stages)]
