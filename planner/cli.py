@@ -319,7 +319,7 @@ def _fit_hints(closest, constraints, cost) -> str:
                                            or constraints.max_zero < 3 else ""))
     if c.mbs > 1:
         hints.append("micro-batch 1" + (" (drop --mbs)" if constraints.mbs else ""))
-    recipe = cost.engine.recipe(training.precision, max(cost.engine.zero_stages), 2)
+    recipe = cost.engine.recipe(cost.run_precision, max(cost.engine.zero_stages), 2)
     states = total_params(model) * state_bytes(recipe, training.optimizer, 0, 1).total
     budget = closest.predicted.memory.budget_bytes or closest.predicted.memory.usable_bytes
     gpus = -(-states // (0.8 * budget))

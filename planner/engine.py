@@ -233,6 +233,13 @@ class EngineSpec(_Spec):
         return self.name + (" (compiled)" if self.compile else "")
 
 
+def run_precision(precision: str, device_type: str) -> str:
+    """The precision a plan's `precision` computes in on this device type ("cuda" or "cpu"): as planned on
+    CUDA; fp32 on CPU, where 16-bit matmuls are far slower than fp32 (what `meshplan run` does, and so what
+    every engine is costed with on a gloo cluster)."""
+    return precision if device_type == "cuda" else "fp32"
+
+
 def engine_names() -> list[str]:
     return sorted(p.stem for p in ENGINE_DIR.glob("*.yaml"))
 

@@ -30,8 +30,9 @@ def header(model: ModelSpec, cluster: ClusterSpec, training: TrainingSpec) -> Te
                                       f"{model.moe.num_experts} experts)" if model.moe else "")
                                    + f", {model.num_layers} layers) on ",
         (f"{cluster.name}", "bold"), f" ({cluster.num_nodes} x {cluster.gpus_per_node} {cluster.gpu.name}), ",
-        f"global batch {training.global_batch} x {training.seq_len} tokens, {training.precision}, "
-        f"{training.optimizer}")
+        f"global batch {training.global_batch} x {training.seq_len} tokens, {training.precision}"
+        + (" (run in fp32 on CPUs)" if cluster.backend == "gloo" and training.precision != "fp32" else "")
+        + f", {training.optimizer}")
 
 
 def summary_table(pred: Prediction) -> Table:

@@ -205,7 +205,7 @@ def profile_model(spec: ModelSpec, precision: str, seq: int, tps: list[int], mbs
     """Measure and write the model profile; returns it. Inputs are assumed validated (see profiler.cli)."""
     import torch
 
-    from runtime.train import run_precision
+    from planner.engine import run_precision
 
     if threads:
         torch.set_num_threads(threads)

@@ -9,6 +9,7 @@ import statistics
 
 from planner.cost.flops import model_flops_per_step
 from planner.cost.kernels import Dtypes
+from planner.engine import run_precision
 from planner.plan import Plan
 
 REPORT_SCHEMA_VERSION = 1
@@ -54,7 +55,8 @@ def build_report(plan: Plan, run: dict, losses: list[float], per_rank: list[dict
     step = aggregate_step_time(per_rank)
     world = len(per_rank)
     flops = model_flops_per_step(plan.model, tr.global_batch, tr.seq_len)
-    peak = mean_peak(plan, Dtypes.of(tr.precision).matmul)
+    ran = run.get("precision_run") or run_precision(tr.precision, run.get("device", "cuda"))
+    peak = mean_peak(plan, Dtypes.of(ran).matmul)          # of the precision the GEMMs ran in
     mem_kind = per_rank[0]["memory_kind"] if per_rank else None
     peak_mem = max((r["peak_memory_bytes"] for r in per_rank), default=None)
     reserved = [r["peak_reserved_bytes"] for r in per_rank if r.get("peak_reserved_bytes") is not None]

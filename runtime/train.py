@@ -37,6 +37,7 @@ import time
 import traceback
 from pathlib import Path
 
+from planner.engine import run_precision
 from planner.errors import InputError, MeshplanError
 
 PROGRESS_PREFIX = "@meshplan-progress "
@@ -78,12 +79,6 @@ def _device():
         torch.cuda.set_device(local)
         return torch.device("cuda", local), "nccl"
     return torch.device("cpu"), "gloo"
-
-
-def run_precision(precision: str, device_type: str) -> str:
-    """The precision recipe a plan's `precision` computes in on this device type: as planned on CUDA;
-    fp32 on CPU (16-bit matmuls are far slower there than fp32)."""
-    return precision if device_type == "cuda" else "fp32"
 
 
 def _precision(plan, device):

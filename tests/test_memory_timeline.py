@@ -31,7 +31,9 @@ def cpu_engine():
 
 
 def plan_and_prediction(gpus: int, precision: str, batch: int, **config):
-    cluster = load_cluster("cpu-local", nodes=1, gpus_per_node=gpus)
+    # the traces run the CUDA precision recipes on CPU (cuda_precision=True), so they are costed as on a CUDA
+    # cluster: on a gloo one the cost model, like `meshplan run`, computes in fp32 whatever the precision
+    cluster = load_cluster("cpu-local", nodes=1, gpus_per_node=gpus).model_copy(update={"backend": "nccl"})
     training = TrainingSpec(global_batch=batch, seq_len=32, precision=precision)
     cost = CostModel(MODEL, cluster, training, engine=cpu_engine())
     pred = cost.evaluate(ParallelConfig(**config))

@@ -28,7 +28,7 @@ from planner.cost.pipeline import p2p_on_path
 from planner.cost.stage_work import StageWork
 from planner.cost.step import DeviceWork, step_times
 from planner.cost.timeline import PhaseMemory, Regime, StageInputs, Timeline, grads_between_bytes, stage_timeline
-from planner.engine import EngineSpec, engine_on, load_engine
+from planner.engine import EngineSpec, engine_on, load_engine, run_precision as precision_on
 from planner.layout import DEFAULT_ORDER, Layout
 from planner.parallel_dims import ParallelDims, tied_embedding_pairs
 from planner.partition import partition_layers, spread_over_chunks
@@ -228,9 +228,14 @@ class CostModel:
         return out
 
     # ------------------------------------------------------------------ recipes
+    @property
+    def run_precision(self) -> str:
+        """The precision the steps compute in: the training's, but fp32 on CPUs (a gloo cluster)."""
+        return precision_on(self.training.precision, "cpu" if self.cluster.backend == "gloo" else "cuda")
+
     def recipe(self, zero: int, dp: int):
-        """The memory recipe the training precision runs with at this ZeRO stage and dp."""
-        return self.engine.recipe(self.training.precision, zero, dp)
+        """The memory recipe the run precision runs with at this ZeRO stage and dp."""
+        return self.engine.recipe(self.run_precision, zero, dp)
 
     def dtypes(self, zero: int, dp: int) -> Dtypes:
         """What the recipe computes in (16-bit, fp32 or autocast)."""
