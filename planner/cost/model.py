@@ -584,15 +584,17 @@ class CostModel:
                 return split
             return self._interleaved_split(cfg, nmb, blk, ends, dt) or split
         extra = self._ends_per_device(cfg, ends)
-        split = partition_layers(m.num_layers, blk.total, extra)
+        split, most = partition_layers(m.num_layers, blk.total, extra), None
         if not self._split_fits(cfg, split, nmb, blk, dt):   # else the unconstrained optimum is the constrained one
-            fitting = partition_layers(m.num_layers, blk.total, extra, caps=self._device_caps(cfg, nmb, blk, dt))
+            most = self._device_caps(cfg, nmb, blk, dt)
+            fitting = partition_layers(m.num_layers, blk.total, extra, caps=most)
             if fitting is None:
                 return split
             split = fitting
         if cfg.schedule != "1f1b":
             return split
-        ov, host, last, cap = self.engine.overlap, self.engine.host, cfg.pp - 1, self.capacity
+        ov, host, pp, cap = self.engine.overlap, self.engine.host, cfg.pp, self.capacity
+        last = pp - 1
 
         seen: dict[tuple[bool, bool, int], tuple] = {}
 
@@ -605,8 +607,20 @@ class CostModel:
                                                 host.per_microbatch_s, ov.gather_window), w.optimizer)
             return hit
 
+        fit_from: dict[int, int] = {}     # blocks -> the first middle device known to hold them
+
         def fits(i: int, n: int) -> bool:
-            return self.stage_memory(cfg, i, [n], nmb, blk, dt).total <= cap
+            if most is not None:
+                return n <= most[i]
+            # middle devices keep fewer micro-batches in flight the later they are (see _device_caps): those after
+            # one that holds n blocks hold them too
+            middle = 0 < i < last
+            if middle and i >= fit_from.get(n, pp):
+                return True
+            ok = self.stage_memory(cfg, i, [n], nmb, blk, dt).total <= cap
+            if ok and middle:
+                fit_from[n] = min(i, fit_from.get(n, pp))
+            return ok
 
         return best_1f1b_split(m.num_layers, nmb, split, times, fits, p2p, blocking, host.per_step_s, blk.total,
                                [x + host.per_microbatch_s for x in extra])

@@ -77,41 +77,59 @@ def best_1f1b_split(num_layers: int, nmb: int, start: list[int], times: Callable
     # what the devices after i add at least: the largest d and f of their fewest blocks (the others at most
     # at their caps); d rises with n, f need not
     fewest = [max(1, L - (sum(caps) - cap)) for cap in caps]
+    rows = [{n: stage(i, n) for n in range(fewest[i], caps[i] + 1)} for i in range(p)]   # times by blocks held
     d_after, f_after, e_after = [0.0] * p, [0.0] * p, [-math.inf] * p
     for j in range(p - 1, 0, -1):
-        d_after[j - 1] = max(d_after[j], stage(j, fewest[j])[0])
-        f_after[j - 1] = max(f_after[j], min(stage(j, n)[2] for n in range(fewest[j], caps[j] + 1)))
-        e_after[j - 1] = max(e_after[j], max(stage(j, n)[3] for n in range(fewest[j], caps[j] + 1)))
+        d_after[j - 1] = max(d_after[j], rows[j][fewest[j]][0])
+        f_after[j - 1] = max(f_after[j], min(t[2] for t in rows[j].values()))
+        e_after[j - 1] = max(e_after[j], max(t[3] for t in rows[j].values()))
 
     tol = SUM_NOISE * best
-    # labels: (d_max, d_sum, slack, worst_end, first, split so far), per blocks placed
-    states: dict[int, list[tuple]] = {0: [(0.0, 0.0, 0.0, -math.inf, 0.0, ())]}
+    cut = best / (1 - RELATIVE_GAIN)      # a label whose bound reaches this cannot beat `best` by RELATIVE_GAIN
+    # labels: (d_max, d_sum, slack, worst_end, first, (blocks of this device, the label it extends)), per blocks
+    # placed
+    states: dict[int, list[tuple]] = {0: [(0.0, 0.0, 0.0, -math.inf, 0.0, None)]}
     for i in range(p):
         nxt: dict[int, list[tuple]] = {}
         left = p - 1 - i
         for placed, labels in states.items():
             lo, hi = max(1, L - placed - after[i]), min(caps[i], L - placed - left)
             for n in range(lo, hi + 1):
-                d, b, f, e = stage(i, n)
+                d, b, f, e = rows[i][n]
                 rest = (L - placed - n) * block_floor + floor_after[i]
                 rest_max = max(rest / left if left else 0.0, d_after[i])
-                for d_max, d_sum, slack, worst_end, first, split in labels:
-                    label = (max(d_max, d), d_sum + d, slack + b, max(worst_end, e - slack), max(first, f),
-                             split + (n,))
-                    if e_after[i] - label[2] <= label[3]:       # no later device can end after the worst one:
-                        label = label[:2] + (math.inf,) + label[3:]   # more slack cannot help
-                    bound = (one_f_one_b(m, p, max(label[0], rest_max), label[1] + rest, c) + label[3]
-                             + max(label[4], f_after[i]) + host_step)
-                    if bound * (1 - RELATIVE_GAIN) >= best:
+                front = None
+                for label in labels:
+                    d_max, d_sum, slack, worst_end, first = label[:5]
+                    d_max, d_sum, first = max(d_max, d), d_sum + d, max(first, f)
+                    worst_end = max(worst_end, e - slack)
+                    bound = (one_f_one_b(m, p, max(d_max, rest_max), d_sum + rest, c) + worst_end
+                             + max(first, f_after[i]) + host_step)
+                    if bound >= cut:
                         continue
-                    _keep(nxt.setdefault(placed + n, []), label, tol)
+                    slack += b
+                    if e_after[i] - slack <= worst_end:     # no later device can end after the worst one:
+                        slack = math.inf                     # more slack cannot help
+                    if front is None:
+                        front = nxt.setdefault(placed + n, [])
+                    _keep(front, (d_max, d_sum, slack, worst_end, first, (n, label)), tol)
         states = nxt
     chosen = start
-    for d_max, d_sum, _, worst_end, first, split in states.get(L, []):
+    for d_max, d_sum, _, worst_end, first, link in states.get(L, []):
         step = one_f_one_b(m, p, d_max, d_sum, c) + worst_end + first + host_step
         if step < best * (1 - RELATIVE_GAIN):
-            best, chosen = step, list(split)
+            best, chosen = step, _split_of(link)
     return chosen
+
+
+def _split_of(link: tuple) -> list[int]:
+    """The blocks per device of a final label, from its chain of (blocks, previous label)."""
+    split = []
+    while link is not None:
+        n, label = link
+        split.append(n)
+        link = label[5]
+    return split[::-1]
 
 
 def _keep(front: list[tuple], label: tuple, tol: float) -> None:
