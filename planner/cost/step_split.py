@@ -1,19 +1,23 @@
 """The 1F1B layer split that minimises the step as planner.cost.step charges it, DP/ZeRO exposure included.
 
-With per-device times from `step.device_times` (d_i: forward plus backward of one micro-batch, b_i: its
-backward, f_i: exposed gathers of the first forward, e_i: communication after the last backward plus the
-optimizer step), the 1F1B step of a split is
+With per-device times from `step.device_times` (d_i: forward plus backward of one micro-batch, exposed ZeRO
+traffic and blocking transfers included; b_i: its backward; f_i: exposed gathers of the step's first forward;
+e_i: communication after the last backward plus the optimizer step), the 1F1B step of a split is
     one_f_one_b(m, p, max_i d_i, sum_i d_i, c) + max_i (e_i - s_i) + max_i f_i + host_step,
     s_i = sum_{k<i} (b_k + p2p)   (device i finishes its last backward s_i before device 0),
-which is what `step_times` computes (planner/cost/pipeline.py for the closed form). This is not a min-max of
-separable stage costs (the exposure terms and the slowest stage are maxima over different devices, and s_i
-depends on the earlier devices), so the min-max split of planner.partition is not its optimum. The split here
-is exact: a dynamic program over devices in pipeline order whose state is the blocks placed so far, keeping
-at each state every label (max d, sum d, s, max(e - s), max f) that no other label beats in all five (the
-step rises in each of them but s, which it falls with). It is bounded by the time-only split (`start`): a
-split can only beat it with max d <= T, where T solves (m-1) T + (the least sum d) + the closed form's
-transfers + host_step = its step (the exposure terms are >= 0), and labels whose lower bound reaches the
-best step so far are dropped. Assumes each device's d rises with its blocks and its memory too (`fits`).
+which is what `step_times` computes (planner/cost/pipeline.py for the closed form). It is not a min-max of
+separable stage costs (its maxima are over different devices, and s_i depends on the devices before i), so
+the min-max split of planner.partition is not its optimum, nor is a min-max of m d_i + e_i.
+The split here is exact: a dynamic program over the devices in pipeline order whose state is the blocks
+placed so far, keeping at each state every label (max d, sum d, s, max(e - s), max f) that no other label
+beats in all five (the step rises with each of them but s, with which it falls; once no later device can end
+after the worst one so far, s no longer matters). Every block count within the bounds below is tried, so e
+and f need not rise with the blocks (a larger backward hides more of a stage's fixed reduction, so its
+exposure can fall as it grows). Bounds: a split beats the time-only one (`start`) only with max d <= T, where
+(m-1) T + (sum d without any DP traffic) + the closed form's transfers + host_step = the step of `start`
+(the exposure terms are >= 0), which caps each device's blocks where its compute alone passes T or it runs
+out of memory (`fits`, which rises with the blocks); labels whose lower bound reaches the step of `start` are
+dropped.
 """
 
 from __future__ import annotations
@@ -64,23 +68,29 @@ def best_1f1b_split(num_layers: int, nmb: int, start: list[int], times: Callable
     d_cap = (best - host_step - transfers - floor_sum) / (m - 1) if m > 1 else math.inf
     d_cap *= 1 + RELATIVE_GAIN
 
-    # the most blocks each device may take: its d within d_cap, within memory (both rise with n)
+    # the most blocks each device may take: its d within d_cap (its compute alone past d_cap ends the search: d
+    # need not rise with every block), within memory (which does)
     caps = []
     for i, n in enumerate(start):
-        while n < L - (p - 1) and stage(i, n + 1)[0] <= d_cap and fits(i, n + 1):
+        cap = n
+        while n < L - (p - 1) and (n + 1) * block_floor + extra_floor[i] <= d_cap:
             n += 1
-        caps.append(n)
+            if stage(i, n)[0] <= d_cap:
+                if not fits(i, n):
+                    break
+                cap = n
+        caps.append(cap)
     if caps == start:
         return start          # no device can take a block more: only the time-only split is left
     after = [sum(caps[i + 1:]) for i in range(p)]          # the most the devices after i can take
     floor_after = [sum(extra_floor[i + 1:]) for i in range(p)]
-    # what the devices after i add at least: the largest d and f of their fewest blocks (the others at most
-    # at their caps); d rises with n, f need not
+    # what the devices after i add at least: the largest of their least d and least f over the blocks they may
+    # hold (from the fewest, with all others at their caps, to their caps)
     fewest = [max(1, L - (sum(caps) - cap)) for cap in caps]
     rows = [{n: stage(i, n) for n in range(fewest[i], caps[i] + 1)} for i in range(p)]   # times by blocks held
     d_after, f_after, e_after = [0.0] * p, [0.0] * p, [-math.inf] * p
     for j in range(p - 1, 0, -1):
-        d_after[j - 1] = max(d_after[j], rows[j][fewest[j]][0])
+        d_after[j - 1] = max(d_after[j], min(t[0] for t in rows[j].values()))
         f_after[j - 1] = max(f_after[j], min(t[2] for t in rows[j].values()))
         e_after[j - 1] = max(e_after[j], max(t[3] for t in rows[j].values()))
 
