@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Callable
 
 from planner.cost.comm import Group, Network
 from planner.cost.dp_comm import DPComm, stage_dp_comm
@@ -26,7 +27,8 @@ from planner.cost.params import (final_norm_params, layer_mix, mean_layer_params
                                  position_params, tensors_per_block, total_params)
 from planner.cost.pipeline import p2p_on_path
 from planner.cost.stage_work import StageWork
-from planner.cost.step import DeviceWork, step_times
+from planner.cost.step import DeviceWork, device_times, step_times
+from planner.cost.step_split import best_1f1b_split
 from planner.cost.timeline import PhaseMemory, Regime, StageInputs, Timeline, grads_between_bytes, stage_timeline
 from planner.engine import EngineSpec, engine_on, load_engine, run_precision as precision_on
 from planner.layout import DEFAULT_ORDER, Layout
@@ -565,12 +567,15 @@ class CostModel:
         return self.budget_bytes / self.margin
 
     # ------------------------------------------------------------------ layer split
-    def default_layers(self, cfg: ParallelConfig, blk: BlockCost, ends: EndsCost, dt: Dtypes) -> list[int]:
-        """Blocks per chunk, minimising the slowest device under every device's memory (falling back to time
-        alone when nothing fits). One chunk per device: the exact split of `partition_layers`. Interleaved:
-        near-equal chunks when they fit; otherwise blocks per device by the same split, each device's blocks
-        spread near-equally over its chunks (the step's closed form counts a device's total; the schedule
-        wants its chunks alike)."""
+    def default_layers(self, cfg: ParallelConfig, blk: BlockCost, ends: EndsCost, dt: Dtypes,
+                       work: Callable[[int, int], DeviceWork], p2p: float, blocking: bool) -> list[int]:
+        """Blocks per chunk under every device's memory (falling back to time alone when nothing fits).
+        1F1B: the split with the least step, data-parallel exposure and optimizer included
+        (planner.cost.step_split, from the min-max split of `partition_layers`); GPipe: that min-max split.
+        Interleaved: near-equal chunks when they fit; otherwise blocks per device by the min-max split, each
+        device's blocks spread near-equally over its chunks (the step's closed form counts a device's total;
+        the schedule wants its chunks alike). `work(i, n)`: device i holding n blocks; p2p, blocking: its
+        transfers."""
         m, chunks = self.model, cfg.pp * cfg.vpp
         nmb = cfg.microbatches(self.training.global_batch)
         if cfg.vpp > 1 or cfg.pp == 1:
@@ -584,11 +589,46 @@ class CostModel:
                 return split
             return self._interleaved_split(cfg, nmb, blk, ends, dt) or split
         extra = self._ends_per_device(cfg, ends)
-        free = partition_layers(m.num_layers, blk.total, extra)
-        if self._split_fits(cfg, free, nmb, blk, dt):
-            return free          # memory does not bind: the unconstrained optimum is the constrained one
-        caps = self._device_caps(cfg, nmb, blk, dt)
-        return partition_layers(m.num_layers, blk.total, extra, caps=caps) or free
+        split, most = partition_layers(m.num_layers, blk.total, extra), None
+        if not self._split_fits(cfg, split, nmb, blk, dt):   # else the unconstrained optimum is the constrained one
+            most = self._device_caps(cfg, nmb, blk, dt)
+            fitting = partition_layers(m.num_layers, blk.total, extra, caps=most)
+            if fitting is None:
+                return split
+            split = fitting
+        if cfg.schedule != "1f1b":
+            return split
+        ov, host, pp, cap = self.engine.overlap, self.engine.host, cfg.pp, self.capacity
+        last = pp - 1
+
+        seen: dict[tuple[bool, bool, int], tuple] = {}
+
+        def times(i: int, n: int):
+            key = (i == 0, i == last, n)       # devices other than the first and the last are alike
+            hit = seen.get(key)
+            if hit is None:
+                w = work(i, n)
+                hit = seen[key] = (device_times(w, i == 0, i == last, self.cluster.overlap_slowdown,
+                                                host.per_microbatch_s, ov.gather_window), w.optimizer)
+            return hit
+
+        fit_from: dict[int, int] = {}     # blocks -> the first middle device known to hold them
+
+        def fits(i: int, n: int) -> bool:
+            if most is not None:
+                return n <= most[i]
+            # middle devices keep fewer micro-batches in flight the later they are (see _device_caps): those after
+            # one that holds n blocks hold them too
+            middle = 0 < i < last
+            if middle and i >= fit_from.get(n, pp):
+                return True
+            ok = self.stage_memory(cfg, i, [n], nmb, blk, dt).total <= cap
+            if ok and middle:
+                fit_from[n] = min(i, fit_from.get(n, pp))
+            return ok
+
+        return best_1f1b_split(m.num_layers, nmb, split, times, fits, p2p, blocking, host.per_step_s, blk.total,
+                               [x + host.per_microbatch_s for x in extra])
 
     @staticmethod
     def _ends_per_device(cfg: ParallelConfig, ends: EndsCost) -> list[float]:
@@ -947,20 +987,30 @@ class CostModel:
         ep_grp, edp_group = self.group(dims, "ep", devices), self.group(dims, "edp", devices)
         blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp)
         ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group, dt)
-        chunks = list(cfg.layers_per_stage) if cfg.layers_per_stage else self.default_layers(cfg, blk, ends, dt)
         pp, last = cfg.pp, cfg.pp - 1
-        device_chunks = [chunks[i::pp] for i in range(pp)]
-        layers = [sum(c) for c in device_chunks]
-        params = [self.device_params(cfg, i, n) for i, n in enumerate(layers)]
         tied = 0.0
         if m.tied_embeddings and pp > 1:
             tied = self.net.collective("all_reduce", self.vocab(cfg.tp) * m.hidden_size / cfg.tp
                                        * self.recipe(cfg.zero, cfg.dp).reduce_bytes, self._tied_pair(layout))
-        work = [DeviceWork(n, blk, ends, self.stage_comm(cfg, params[i], n, dp_group, edp_group),
-                           tied if i in (0, last) else 0.0, self.optimizer_seconds(cfg, params[i], n))
-                for i, n in enumerate(layers)]
+        made: dict[tuple[bool, bool, int], DeviceWork] = {}
+
+        def work_of(i: int, n: int) -> DeviceWork:
+            """Device i holding n blocks (devices other than the first and the last are alike)."""
+            key = (i == 0, i == last, n)
+            w = made.get(key)
+            if w is None:
+                params = self.device_params(cfg, i, n)
+                w = made[key] = DeviceWork(n, blk, ends, self.stage_comm(cfg, params, n, dp_group, edp_group),
+                                           tied if i in (0, last) else 0.0, self.optimizer_seconds(cfg, params, n))
+            return w
+
         blocking = self.engine.overlap.pp_p2p == "exposed"
         p2p = self._p2p(layout, self._act_msg(cfg)) if pp > 1 else 0.0
+        chunks = (list(cfg.layers_per_stage) if cfg.layers_per_stage
+                  else self.default_layers(cfg, blk, ends, dt, work_of, p2p, blocking))
+        device_chunks = [chunks[i::pp] for i in range(pp)]
+        layers = [sum(c) for c in device_chunks]
+        work = [work_of(i, n) for i, n in enumerate(layers)]
         st = step_times(cfg.schedule, cfg.vpp, nmb, work, p2p, self.cluster.overlap_slowdown,
                         host.per_microbatch_s, host.per_step_s, blocking, self.engine.overlap.gather_window)
 

@@ -54,10 +54,17 @@ def pipeline_time(schedule: str, m: int, fwd: list[float], bwd: list[float], p2p
         return sum(fwd) + (m - 1) * max(fwd) + sum(bwd) + (m - 1) * max(bwd) + 2 * (p - 1) * c, crit
     if schedule == "interleaved":
         return m * d[crit] + (sum(d) - d[crit]) / vpp + 2 * (vpp * p - 1) * c, crit
+    return one_f_one_b(m, p, d[crit], sum(d), c), crit
+
+
+def one_f_one_b(m: int, p: int, d_max: float, d_sum: float, p2p: float) -> float:
+    """The 1F1B closed form from the slowest device's and all devices' forward plus backward time per
+    micro-batch (d_max, d_sum; blocking transfers already in them, then p2p = 0) and an asynchronous transfer's
+    p2p seconds (see the module docstring)."""
     if p == 1:
-        return m * d[0], 0
-    cycle = max(d[crit], sum(d) / p + 2 * c * (p - 1) / p)
-    return (m - 1) * cycle + sum(d) + 2 * c * ((p - 1) / p + p - 2), crit
+        return m * d_max
+    cycle = max(d_max, d_sum / p + 2 * p2p * (p - 1) / p)
+    return (m - 1) * cycle + d_sum + 2 * p2p * ((p - 1) / p + p - 2)
 
 
 def _per_link_time(schedule: str, m: int, fwd: list[float], bwd: list[float], links: list[float], vpp: int,

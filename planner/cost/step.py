@@ -49,6 +49,39 @@ class StepTimes:
     post_opt: list[float]         # optimizer step, per device
 
 
+class DeviceTimes(NamedTuple):
+    """One device's times as the step charges them (seconds)."""
+
+    fwd: float          # one micro-batch's forward, exposed ZeRO gathers included
+    bwd: float          # one micro-batch's backward (recomputation included), exposed ZeRO communication included
+    zero_fwd: float     # of fwd, the exposed ZeRO communication
+    zero_bwd: float     # of bwd, the exposed ZeRO communication
+    first: float        # exposed parameter gathers of the step's first forward
+    post: float         # communication after the last backward: the rest of the gradient reduction, tied sync
+
+
+def device_times(d: DeviceWork, first: bool, last: bool, kappa: float, host_microbatch: float,
+                 window: float = 1.0) -> DeviceTimes:
+    """The times of device `d` (`first`: it holds the embedding, `last`: the head and loss); kappa, host_microbatch
+    and window as in `step_times`."""
+    fwd = d.layers * d.block.forward.total + host_microbatch
+    bwd = d.layers * (d.block.backward.total + d.block.recompute.total)
+    if first:
+        fwd += d.ends.emb_fwd.total
+        bwd += d.ends.emb_bwd.total
+    if last:
+        fwd += d.ends.head_fwd.total
+        bwd += d.ends.head_bwd.total
+    # data-parallel communication as the engine issues it, against the compute it overlaps
+    c = d.comm
+    zero_fwd = exposed(c.fwd_each, window * fwd, kappa, c.fwd_piece) + c.fwd_blocking
+    zero_bwd = exposed(c.bwd_each, window * bwd, kappa, c.bwd_piece) + c.bwd_blocking
+    once_first = exposed(c.first_fwd, window * (fwd + zero_fwd), kappa, c.fwd_piece)
+    once_last = exposed(c.last_bwd, bwd + zero_bwd, kappa, 0.0 if c.bwd_each else c.bwd_piece)
+    return DeviceTimes(fwd + zero_fwd, bwd + zero_bwd, zero_fwd, zero_bwd, once_first,
+                       once_last + c.after + d.tied_sync)
+
+
 def step_times(schedule: str, vpp: int, nmb: int, devices: list[DeviceWork], p2p: float | Sequence[float],
                kappa: float, host_microbatch: float, host_step: float, blocking: bool,
                window: float = 1.0) -> StepTimes:
@@ -58,25 +91,10 @@ def step_times(schedule: str, vpp: int, nmb: int, devices: list[DeviceWork], p2p
     blocking: transfers block the stages; window: the share of a pass the parameter gathers (and what shares their
     links) can run under (the engine's overlap.gather_window)."""
     pp, last = len(devices), len(devices) - 1
-    # --- per-device, per-micro-batch times (embedding on the first device, head and loss on the last)
-    fwd = [d.layers * d.block.forward.total + host_microbatch for d in devices]
-    bwd = [d.layers * (d.block.backward.total + d.block.recompute.total) for d in devices]
-    fwd[0] += devices[0].ends.emb_fwd.total
-    bwd[0] += devices[0].ends.emb_bwd.total
-    fwd[last] += devices[last].ends.head_fwd.total
-    bwd[last] += devices[last].ends.head_bwd.total
-
-    # --- data-parallel communication as the engine issues it, against the compute it overlaps
-    zero_fwd, zero_bwd = [0.0] * pp, [0.0] * pp
-    once_first, once_last = [0.0] * pp, [0.0] * pp
-    for i, d in enumerate(devices):
-        c = d.comm
-        zero_fwd[i] = exposed(c.fwd_each, window * fwd[i], kappa, c.fwd_piece) + c.fwd_blocking
-        zero_bwd[i] = exposed(c.bwd_each, window * bwd[i], kappa, c.bwd_piece) + c.bwd_blocking
-        once_first[i] = exposed(c.first_fwd, window * (fwd[i] + zero_fwd[i]), kappa, c.fwd_piece)
-        once_last[i] = exposed(c.last_bwd, bwd[i] + zero_bwd[i], kappa, 0.0 if c.bwd_each else c.bwd_piece)
-        fwd[i] += zero_fwd[i]
-        bwd[i] += zero_bwd[i]
+    # per-device, per-micro-batch times (embedding on the first device, head and loss on the last)
+    times = [device_times(d, i == 0, i == last, kappa, host_microbatch, window) for i, d in enumerate(devices)]
+    fwd, bwd = [t.fwd for t in times], [t.bwd for t in times]
+    zero_fwd, zero_bwd = [t.zero_fwd for t in times], [t.zero_bwd for t in times]
     every = [f + b for f, b in zip(zero_fwd, zero_bwd)]
 
     pipe, crit = pipeline_time(schedule, nmb, fwd, bwd, p2p, vpp, blocking)
@@ -88,11 +106,10 @@ def step_times(schedule: str, vpp: int, nmb: int, devices: list[DeviceWork], p2p
     per_hop = (1.0 / vpp) if schedule == "interleaved" else 1.0
     links = link_delays(p2p, pp)
     for i, d in enumerate(devices):
-        comm = once_last[i] + d.comm.after + d.tied_sync
-        ends_at.append((pipe - slack + comm + d.optimizer, comm, d.optimizer, i))
+        ends_at.append((pipe - slack + times[i].post + d.optimizer, times[i].post, d.optimizer, i))
         slack += bwd[i] * per_hop + links[i]
     finish, post_comm, post_opt, _ = max(ends_at)
-    first = max(once_first)
+    first = max(t.first for t in times)
     step = finish + first + host_step
     # what the step spends after the pipeline: the finishing device's communication and optimizer, less the
     # part of it that ran while the pipeline drained
