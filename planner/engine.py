@@ -186,6 +186,14 @@ class EngineSpec(_Spec):
     schedules: list[Literal["gpipe", "1f1b", "interleaved"]]
     recompute_modes: list[Literal["none", "selective", "full"]]
     sequence_parallel: bool
+    pipeline_max_zero: Literal[0, 1, 2, 3] = Field(
+        3, description="The highest ZeRO stage it runs with pipeline parallelism (DeepSpeed's PipelineEngine "
+                       "refuses ZeRO-2 and ZeRO-3).")
+    layer_split: Literal["any", "balanced"] = Field(
+        "any", description="How the engine splits blocks over pipeline stages: `any` list the plan gives, or "
+                           "`balanced`: its own near-equal split, the remainder on the first stages (DeepSpeed's "
+                           "PipelineModule: partition 'uniform', or 'type:transformer' as Megatron-DeepSpeed's "
+                           "GPTModelPipe), which plans then use.")
     compile: bool = Field(False, description="Whether `--compile` is on for this estimate (set by the CLI).")
     kernels: Kernels
     host: HostCosts

@@ -59,3 +59,10 @@ def spread_over_chunks(blocks: int, chunks: int) -> list[int]:
     on its later chunks: under interleaved 1F1B a device holds fewer in-flight micro-batches of those."""
     base, rest = divmod(blocks, chunks)
     return [base + (1 if k >= chunks - rest else 0) for k in range(chunks)]
+
+
+def balanced_layers(num_layers: int, chunks: int) -> list[int]:
+    """Near-equal blocks per chunk, the remainder on the first chunks (what an engine's uniform split does:
+    DeepSpeed's ds_utils.partition_uniform)."""
+    base, rest = divmod(num_layers, chunks)
+    return [base + (1 if j < rest else 0) for j in range(chunks)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from planner.errors import InputError
+from planner.partition import balanced_layers
 from planner.specs import ClusterSpec, ModelSpec, ParallelConfig, TrainingSpec
 
 
@@ -58,8 +59,16 @@ def check_engine(engine, training: TrainingSpec, cfg: ParallelConfig, model: Mod
         if value not in allowed and not (field == "--schedule" and cfg.pp == 1):
             raise InputError(f"engine {name} does not run {value} (it runs {', '.join(map(str, allowed))})",
                              field=field)
+    if cfg.pp > 1 and cfg.zero > engine.pipeline_max_zero:
+        raise InputError(f"engine {name} runs at most ZeRO-{engine.pipeline_max_zero} with pipeline parallelism",
+                         field="--zero")
     if cfg.sp and not engine.sequence_parallel:
         raise InputError(f"engine {name} has no sequence parallelism", field="--sp")
+    if engine.layer_split == "balanced" and cfg.layers_per_stage and model is not None:
+        even = balanced_layers(model.num_layers, cfg.pp * cfg.vpp)
+        if list(cfg.layers_per_stage) != even:
+            raise InputError(f"engine {name} splits the blocks over its stages itself ({','.join(map(str, even))}), "
+                             f"not by a list", field="--layers-per-stage")
     if training.precision not in engine.memory:
         raise InputError(f"engine {name} does not train in {training.precision} (it runs "
                          f"{', '.join(engine.memory)})", field="--precision")

@@ -33,7 +33,7 @@ from planner.cost.timeline import PhaseMemory, Regime, StageInputs, Timeline, gr
 from planner.engine import EngineSpec, engine_on, load_engine, run_precision as precision_on
 from planner.layout import DEFAULT_ORDER, Layout
 from planner.parallel_dims import ParallelDims, tied_embedding_pairs
-from planner.partition import partition_layers, spread_over_chunks
+from planner.partition import balanced_layers, partition_layers, spread_over_chunks
 from planner.profile_data import ModelProfile
 from planner.prediction import (MemoryBreakdown, ModelSummary, Predicted, Prediction, ResolvedConfig, StageMemory,
                                 TimeBreakdown)
@@ -577,6 +577,8 @@ class CostModel:
         the schedule wants its chunks alike). `work(i, n)`: device i holding n blocks; p2p, blocking: its
         transfers."""
         m, chunks = self.model, cfg.pp * cfg.vpp
+        if self.engine.layer_split == "balanced":         # the engine splits the blocks itself
+            return balanced_layers(m.num_layers, chunks)
         nmb = cfg.microbatches(self.training.global_batch)
         if cfg.vpp > 1 or cfg.pp == 1:
             # near-equal chunks; the remainder goes to the chunks without the embedding or the head

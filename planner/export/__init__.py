@@ -13,7 +13,8 @@ from pathlib import Path
 
 from planner.errors import InputError
 from planner.export import deepspeed, megatron, torchtitan
-from planner.export.common import Adjusted, Launch, balanced_layers, plan_engine, read_arg_file, resolved_config
+from planner.export.common import Adjusted, Launch, plan_engine, read_arg_file, resolved_config
+from planner.partition import balanced_layers
 from planner.prediction import Prediction
 
 TARGETS = {"megatron": megatron, "deepspeed": deepspeed, "torchtitan": torchtitan}

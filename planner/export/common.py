@@ -79,12 +79,6 @@ def resolved_config(plan) -> ParallelConfig:
     return ParallelConfig(**fields)
 
 
-def balanced_layers(num_layers: int, chunks: int) -> list[int]:
-    """Near-equal blocks per chunk, the remainder on the first chunks (what an engine's uniform split does)."""
-    base, rest = divmod(num_layers, chunks)
-    return [base + (1 if j < rest else 0) for j in range(chunks)]
-
-
 def change_config(cfg: ParallelConfig, **update) -> ParallelConfig:
     return ParallelConfig(**{**cfg.model_dump(), **update})
 

@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 
 from planner.errors import InputError
-from planner.export.common import (Adjusted, Launch, balanced_layers, change_config, launch_script,
+from planner.export.common import (Adjusted, Launch, change_config, launch_script,
                                    overlaps_grad_reduce, resolved_config, slurm_script)
 from planner.layout import DEFAULT_ORDER
+from planner.partition import balanced_layers
 from planner.specs import ParallelConfig
 
 TARGET = "deepspeed"

@@ -116,7 +116,8 @@ def stage_choices(model: ModelSpec, training: TrainingSpec, engine, c: Constrain
             continue
         m = B // (dp * mbs)
         for schedule, vpp in _schedules(pp, m, L, c, rejected, engine.schedules):
-            for zero in _pick(c.zero, [z for z in engine.zero_stages if z <= c.max_zero]):
+            top = min(c.max_zero, engine.pipeline_max_zero if pp > 1 else 3)
+            for zero in _pick(c.zero, [z for z in engine.zero_stages if z <= top]):
                 if dp == 1 and zero > 0 and c.zero is None:
                     rejected["dominated"] += 1
                     continue
