@@ -18,6 +18,7 @@ from planner.engine import load_engine
 from planner.loaders import load_cluster
 from planner.partition import partition_layers
 from planner.specs import ModelSpec, ParallelConfig, TrainingSpec
+from tests.test_partition import _compositions
 
 NODES = 12
 
@@ -32,15 +33,6 @@ def _cost(engine: str, layers: int = 12, hidden: int = 2048, tied: bool = False,
         cluster = cluster.model_copy(update={"gpu_types": {cluster.nodes.gpu_type: gpu}})
     return CostModel(model, cluster, TrainingSpec(global_batch=batch, seq_len=2048, precision="bf16"),
                      engine=load_engine(engine))
-
-
-def _compositions(total: int, parts: int):
-    if parts == 1:
-        yield (total,)
-        return
-    for first in range(1, total - parts + 2):
-        for rest in _compositions(total - first, parts - 1):
-            yield (first,) + rest
 
 
 def _brute_force(cost: CostModel, cfg: ParallelConfig, fitting: bool = True) -> tuple[float, tuple[int, ...]] | None:
