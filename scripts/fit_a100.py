@@ -33,12 +33,14 @@ import accuracy_public as sets  # noqa: E402
 from planner.calibrate import with_params  # noqa: E402
 
 PARAMS = [  # (dotted path, start, lower, upper, scale); "engine." paths are DeepSpeed's
-    ("gpu.efficiency.gemm_max", 0.879, 0.5, 0.95, 1.0),
-    ("gpu.efficiency.gemm_tile", 4.4, 0.0, 512.0, 100.0),
-    ("gpu.efficiency.memory", 0.641, 0.3, 0.95, 1.0),
-    ("engine.host.per_kernel_s", 20e-6, 1e-6, 200e-6, 1e-4),
-    ("engine.host.per_backward_kernel_s", 20e-6, 1e-6, 200e-6, 1e-4),
-    ("intra_node.latency", 9.5e-6, 1e-6, 60e-6, 1e-5),
+    ("gpu.efficiency.gemm_max", 0.868, 0.5, 0.95, 1.0),
+    ("gpu.efficiency.gemm_tile", 174.0, 0.0, 512.0, 100.0),
+    ("gpu.efficiency.memory", 0.95, 0.3, 0.95, 1.0),
+    ("engine.host.per_kernel_s", 73e-6, 1e-6, 200e-6, 1e-4),
+    ("engine.host.per_backward_kernel_s", 37e-6, 1e-6, 200e-6, 1e-4),
+    ("intra_node.latency", 3.6e-6, 1e-6, 60e-6, 1e-5),
+    ("engine.host.per_microbatch_s", 1e-3, 1e-5, 10e-3, 1e-3),
+    ("engine.host.per_step_s", 10e-3, 1e-5, 50e-3, 1e-2),
 ]
 VTRAIN_WEIGHT = 3.0
 
