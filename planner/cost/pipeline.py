@@ -32,6 +32,7 @@ each way).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 from planner.cost.schedule import link_delays
 
@@ -74,6 +75,12 @@ def link_terms(links: Sequence[float]) -> tuple[float, float]:
     """(loop, fill) of asynchronous 1F1B over links[h] between devices h and h + 1 (p - 1 of them; module
     docstring): loop, the largest 2 sum_{a..b-1} c_h / (b - a + 1) over runs of neighbouring devices a..b (one
     delay c: 2c (p-1)/p); fill, 2 c ((p-1)/p + p - 2) with c the links' mean."""
+    return _link_terms(tuple(links))
+
+
+@lru_cache(maxsize=4096)
+def _link_terms(links: tuple[float, ...]) -> tuple[float, float]:
+    """link_terms, once per distinct hops (the search asks for the same few thousands of times)."""
     p = len(links) + 1
     if p == 1:
         return 0.0, 0.0
