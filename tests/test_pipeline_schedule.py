@@ -205,3 +205,30 @@ def test_1f1b_crossing_a_slow_link_once_beats_twice():
     assert closed("1f1b", m, fwd, bwd, once) < closed("1f1b", m, fwd, bwd, twice)
     assert closed("1f1b", m, fwd, bwd, once) == pytest.approx(sim_once, rel=0.01)
     assert closed("1f1b", m, fwd, bwd, twice) == pytest.approx(sim_twice, rel=0.01)
+
+
+@given(schedule=st.sampled_from(["gpipe", "1f1b", "interleaved"]), blocking=st.booleans(), p=st.integers(2, 8),
+       m=st.integers(1, 32), v=st.integers(2, 3), seed=st.randoms(use_true_random=False))
+@settings(max_examples=200, deadline=None)
+def test_per_link_transfers_add_at_least_p2p_on_path(schedule, blocking, p, m, v, seed):
+    """The search's lower bound: for any stage times and hop delays, the closed form is at least the balanced
+    schedule of the same total work plus p2p_on_path of those hops; with alike links both forms are the one-delay
+    ones for any stage times (cycle max(max D, mean D + 2c(p-1)/p) for asynchronous 1F1B)."""
+    from planner.cost.pipeline import p2p_on_path
+    v = v if schedule == "interleaved" else 1
+    if schedule == "interleaved":
+        m = p * max(1, m // p)
+    fwd = [seed.uniform(0.5, 1.5) for _ in range(p)]
+    bwd = [2 * f * seed.uniform(0.7, 1.3) for f in fwd]
+    links = [seed.choice([0.0, 0.01, 0.3]) * seed.random() for _ in range(p - 1)]
+    got = pipeline_time(schedule, m, fwd, bwd, links, v, blocking)[0]
+    w = (sum(fwd) + sum(bwd)) / p
+    balanced = (m + (p - 1) / v) * w if schedule == "interleaved" else (m + p - 1) * w
+    assert got >= balanced + p2p_on_path(schedule, m, p, links, v, blocking) - 1e-9
+    c = seed.uniform(0.0, 0.3)
+    d = [f + b for f, b in zip(fwd, bwd)]
+    alike = pipeline_time(schedule, m, fwd, bwd, [c] * (p - 1), v, blocking)[0]
+    assert alike == pipeline_time(schedule, m, fwd, bwd, c, v, blocking)[0]
+    if schedule == "1f1b" and not blocking:
+        cycle = max(max(d), sum(d) / p + 2 * c * (p - 1) / p)
+        assert alike == pytest.approx((m - 1) * cycle + sum(d) + 2 * c * ((p - 1) / p + p - 2), rel=1e-12)

@@ -191,8 +191,8 @@ class CostModel:
         self._layouts: dict[tuple, Layout] = {}
         self._groups: dict[tuple, Group] = {}
         self._held_cache: dict[tuple, list[int]] = {}
-        self._p2p_cache: dict[tuple, float] = {}
-        self._pairs_cache: dict[Layout, tuple[tuple[int, int], ...]] = {}
+        self._hops_cache: dict[tuple, tuple[float, ...]] = {}
+        self._pairs_cache: dict[Layout, tuple] = {}
         self._signatures: dict[tuple, tuple] = {}
         self._work_cache: dict[tuple, float] = {}
         self._state_bounds_cache: dict[tuple, tuple[float, float, float]] = {}
@@ -568,14 +568,14 @@ class CostModel:
 
     # ------------------------------------------------------------------ layer split
     def default_layers(self, cfg: ParallelConfig, blk: BlockCost, ends: EndsCost, dt: Dtypes,
-                       work: Callable[[int, int], DeviceWork], p2p: float, blocking: bool) -> list[int]:
+                       work: Callable[[int, int], DeviceWork], hops: tuple[float, ...], blocking: bool) -> list[int]:
         """Blocks per chunk under every device's memory (falling back to time alone when nothing fits).
         1F1B: the split with the least step, data-parallel exposure and optimizer included
         (planner.cost.step_split, from the min-max split of `partition_layers`); GPipe: that min-max split.
         Interleaved: near-equal chunks when they fit; otherwise blocks per device by the min-max split, each
         device's blocks spread near-equally over its chunks (the step's closed form counts a device's total;
-        the schedule wants its chunks alike). `work(i, n)`: device i holding n blocks; p2p, blocking: its
-        transfers."""
+        the schedule wants its chunks alike). `work(i, n)`: device i holding n blocks; hops, blocking: its
+        transfers (seconds on each hop, whether they block the stages)."""
         m, chunks = self.model, cfg.pp * cfg.vpp
         if self.engine.layer_split == "balanced":         # the engine splits the blocks itself
             return balanced_layers(m.num_layers, chunks)
@@ -629,7 +629,7 @@ class CostModel:
                 fit_from[n] = min(i, fit_from.get(n, pp))
             return ok
 
-        return best_1f1b_split(m.num_layers, nmb, split, times, fits, p2p, blocking, host.per_step_s, blk.total,
+        return best_1f1b_split(m.num_layers, nmb, split, times, fits, hops, blocking, host.per_step_s, blk.total,
                                [x + host.per_microbatch_s for x in extra])
 
     @staticmethod
@@ -775,9 +775,9 @@ class CostModel:
     def time_bound(self, cfg: ParallelConfig, order: tuple[str, str, str] = DEFAULT_ORDER) -> float:
         """Step seconds no layer split of `cfg` can beat. With total work W per micro-batch over p devices,
         every schedule's closed form is at least its balanced value, (m + p - 1) W/p, or (m + (p-1)/v) W/p
-        interleaved, plus its transfers; data-parallel communication costs at least the overlap slow-down times
-        itself (or all of it when not overlapped); the optimizer step of the device with the most parameters
-        takes at least that of the average device."""
+        interleaved, plus the least its transfers add on their hops (pipeline.p2p_on_path); data-parallel
+        communication costs at least the overlap slow-down times itself (or all of it when not overlapped); the
+        optimizer step of the device with the most parameters takes at least that of the average device."""
         dims = ParallelDims.of(cfg, order)
         layout, tp_group, dp_group = self.layout(dims), self.group(dims, "tp"), self.group(dims, "dp")
         dt = self.dtypes(cfg.zero, cfg.dp)
@@ -789,8 +789,8 @@ class CostModel:
         p = cfg.pp
         fill = (p - 1) / cfg.vpp if cfg.schedule == "interleaved" else p - 1
         host = self.engine.host
-        c = self._p2p(layout, self._act_msg(cfg)) if p > 1 else 0.0
-        transfers = p2p_on_path(cfg.schedule, nmb, p, c, cfg.vpp, self.engine.overlap.pp_p2p == "exposed")
+        hops = self._hops(layout, self._act_msg(cfg)) if p > 1 else 0.0
+        transfers = p2p_on_path(cfg.schedule, nmb, p, hops, cfg.vpp, self.engine.overlap.pp_p2p == "exposed")
         return (nmb + fill) * (work / p + per_cycle + host.per_microbatch_s) + transfers + post + host.per_step_s
 
     def memory_bound(self, cfg: ParallelConfig) -> float:
@@ -920,26 +920,26 @@ class CostModel:
         dt = self.dtypes(cfg.zero, cfg.dp)
         return cfg.mbs * self.seq * self.model.hidden_size * dt.residual / (cfg.tp if cfg.sp else 1)
 
-    def _p2p(self, layout: Layout, nbytes: float) -> float:
-        """The slowest activation transfer between neighbouring stages (over every rank pair when measured)."""
+    def _hops(self, layout: Layout, nbytes: float) -> tuple[float, ...]:
+        """Seconds of one activation transfer on each pipeline hop (stage h to h + 1, pp - 1 of them), each on its
+        own link: inside a node or across nodes as the placement puts its two stages (the slowest of the hop's
+        rank pairs when links are measured)."""
         key = (layout, nbytes)
-        t = self._p2p_cache.get(key)
-        if t is None:
-            t = self._p2p_cache[key] = max((self.net.p2p(nbytes, a, b) for a, b in self._stage_pairs(layout)),
-                                           default=0.0) + self.host_coll
-        return t
+        hit = self._hops_cache.get(key)
+        if hit is None:
+            hit = self._hops_cache[key] = tuple(
+                max(self.net.p2p(nbytes, a, b) for a, b in pairs) + self.host_coll for pairs in self._hop_pairs(layout))
+        return hit
 
-    def _stage_pairs(self, layout: Layout) -> tuple[tuple[int, int], ...]:
-        """Device pairs of neighbouring stages: every pair when links are measured; else one pair inside a node
-        and one across nodes where the pipeline has them (spec-sheet links differ only by that)."""
+    def _hop_pairs(self, layout: Layout) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """Device pairs of each pipeline hop: every pipeline's when links are measured; else the first
+        pipeline's (spec-sheet links differ only by whether a hop crosses nodes, as placement_signature sees)."""
         pairs = self._pairs_cache.get(layout)
         if pairs is None:
             pipelines = layout.dims.groups("pp") if self.net.matrix is not None else (layout.dims.group("pp", 0),)
-            every = [(layout.device(a), layout.device(b)) for g in pipelines for a, b in zip(g, g[1:])]
-            if self.net.matrix is None:
-                node = self.cluster.gpus_per_node
-                every = list({a // node == b // node: (a, b) for a, b in every}.values())
-            pairs = self._pairs_cache[layout] = tuple(every)
+            pairs = self._pairs_cache[layout] = tuple(
+                tuple((layout.device(g[h]), layout.device(g[h + 1])) for g in pipelines)
+                for h in range(layout.dims.pp - 1))
         return pairs
 
     def _tied_pair(self, layout: Layout) -> Group:
@@ -1007,13 +1007,13 @@ class CostModel:
             return w
 
         blocking = self.engine.overlap.pp_p2p == "exposed"
-        p2p = self._p2p(layout, self._act_msg(cfg)) if pp > 1 else 0.0
+        hops = self._hops(layout, self._act_msg(cfg)) if pp > 1 else ()
         chunks = (list(cfg.layers_per_stage) if cfg.layers_per_stage
-                  else self.default_layers(cfg, blk, ends, dt, work_of, p2p, blocking))
+                  else self.default_layers(cfg, blk, ends, dt, work_of, hops, blocking))
         device_chunks = [chunks[i::pp] for i in range(pp)]
         layers = [sum(c) for c in device_chunks]
         work = [work_of(i, n) for i, n in enumerate(layers)]
-        st = step_times(cfg.schedule, cfg.vpp, nmb, work, p2p, self.cluster.overlap_slowdown,
+        st = step_times(cfg.schedule, cfg.vpp, nmb, work, hops or 0.0, self.cluster.overlap_slowdown,
                         host.per_microbatch_s, host.per_step_s, blocking, self.engine.overlap.gather_window)
 
         # --- memory
@@ -1025,7 +1025,7 @@ class CostModel:
         return Core(cfg=cfg, order=order, chunks=chunks, nmb=nmb, step=st.step, crit=st.crit, time=st.time,
                     stages=stages, peak_total=peak_total, peak_reserved=peak_reserved, fullest=fullest,
                     feasible=peak_reserved <= self.budget_bytes, devices=devices,
-                    work=StageWork(device_chunks, blk, ends, st.zero_fwd, st.zero_bwd, p2p, st.post_comm,
+                    work=StageWork(device_chunks, blk, ends, st.zero_fwd, st.zero_bwd, hops, st.post_comm,
                                    st.post_opt, st.pipeline, pre_comm=st.pre_comm, host_step=host.per_step_s,
                                    blocking_p2p=blocking, host_microbatch=host.per_microbatch_s))
 

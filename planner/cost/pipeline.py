@@ -19,10 +19,12 @@ Links of different speeds (stages on node groups joined by a slow link) take one
 devices h and h + 1. Blocking: device h's forward pays its link to the next device, its backward its link to the
 previous one (each end device pays its one link twice, as with one c). Asynchronous 1F1B: each run of
 neighbouring devices a..b is a loop of the steady state (every micro-batch's activation and gradient cross its
-links), so cycle = max over runs of (sum_{a..b} D_i + 2 sum_{a..b-1} c_h) / (b - a + 1) (the simulation's
-steady-state slope; with one c and balanced stages the whole pipeline, as above), plus the fill with c the links'
-mean (not derived: within 2% of the simulation for balanced stages and links up to a fifth of a forward, 8% for
-stages within +-30%, as with one c; tests/test_pipeline_schedule.py); GPipe and interleaving pay each link on
+links) whose cycle is (sum_{a..b} D_i + 2 sum_{a..b-1} c_h) / (b - a + 1) (the simulation's steady-state
+slope); with the mean D in place of each run's own (the same for balanced stages; with one c, the form above for
+any stages, the whole pipeline being the slowest loop), cycle = max(max D, mean D + loop), loop = max over runs
+of 2 sum_{a..b-1} c_h / (b - a + 1), which no layer split changes, plus the fill with c the links' mean (not
+derived: within 2% of the simulation for balanced stages and links up to a fifth of a forward, 8% for stages
+within +-30%, as with one c; tests/test_pipeline_schedule.py); GPipe and interleaving pay each link on
 their fill and drain (2 sum c_h; interleaving also the link from the last device back to the first, v - 1 times
 each way).
 """
@@ -30,6 +32,7 @@ each way).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 from planner.cost.schedule import link_delays
 
@@ -38,76 +41,77 @@ def pipeline_time(schedule: str, m: int, fwd: list[float], bwd: list[float], p2p
                   vpp: int = 1, blocking_p2p: bool = True) -> tuple[float, int]:
     """(seconds, index of the critical device). `fwd`/`bwd`: one micro-batch's forward / backward time on
     each device (all its chunks); `p2p`: one activation transfer between neighbouring stages, one value for
-    every link or one per link (p - 1 values, link h between devices h and h + 1)."""
+    every link or one per link (p - 1 values, link h between devices h and h + 1; link_delays)."""
     p = len(fwd)
-    if not isinstance(p2p, (int, float)):
-        return _per_link_time(schedule, m, fwd, bwd, link_delays(p2p, p), vpp, blocking_p2p)
-    c = p2p if p > 1 else 0.0
-    if blocking_p2p and c > 0:
-        hops = vpp if schedule == "interleaved" else 1
-        fwd = [x + hops * c for x in fwd]
-        bwd = [x + hops * c for x in bwd]
-        c = 0.0
-    d = [x + y for x, y in zip(fwd, bwd)]
-    crit = max(range(p), key=d.__getitem__)
-    if schedule == "gpipe":
-        return sum(fwd) + (m - 1) * max(fwd) + sum(bwd) + (m - 1) * max(bwd) + 2 * (p - 1) * c, crit
-    if schedule == "interleaved":
-        return m * d[crit] + (sum(d) - d[crit]) / vpp + 2 * (vpp * p - 1) * c, crit
-    return one_f_one_b(m, p, d[crit], sum(d), c), crit
-
-
-def one_f_one_b(m: int, p: int, d_max: float, d_sum: float, p2p: float) -> float:
-    """The 1F1B closed form from the slowest device's and all devices' forward plus backward time per
-    micro-batch (d_max, d_sum; blocking transfers already in them, then p2p = 0) and an asynchronous transfer's
-    p2p seconds (see the module docstring)."""
-    if p == 1:
-        return m * d_max
-    cycle = max(d_max, d_sum / p + 2 * p2p * (p - 1) / p)
-    return (m - 1) * cycle + d_sum + 2 * p2p * ((p - 1) / p + p - 2)
-
-
-def _per_link_time(schedule: str, m: int, fwd: list[float], bwd: list[float], links: list[float], vpp: int,
-                   blocking_p2p: bool) -> tuple[float, int]:
-    """pipeline_time with links[h] seconds between devices h and (h + 1) % p (link_delays)."""
-    p = len(fwd)
-    if p == 1 or max(links) <= 0:
-        return pipeline_time(schedule, m, fwd, bwd, 0.0, vpp, blocking_p2p)
-    if blocking_p2p:
+    links = link_delays(p2p, p)
+    if p > 1 and max(links) > 0 and blocking_p2p:
         hops = vpp if schedule == "interleaved" else 1
         out = [links[min(i, p - 2)] for i in range(p)]          # forward: the link to the next device
         back = [links[max(i - 1, 0)] for i in range(p)]         # backward: the link to the previous one
-        return pipeline_time(schedule, m, [x + hops * c for x, c in zip(fwd, out)],
-                             [x + hops * c for x, c in zip(bwd, back)], 0.0, vpp, blocking_p2p)
-    chain = sum(links[:p - 1])
-    if schedule in ("gpipe", "interleaved"):
-        base, crit = pipeline_time(schedule, m, fwd, bwd, 0.0, vpp, False)
-        if schedule == "gpipe":
-            return base + 2 * chain, crit
-        return base + 2 * (vpp * chain + (vpp - 1) * links[p - 1]), crit
+        fwd = [x + hops * c for x, c in zip(fwd, out)]
+        bwd = [x + hops * c for x, c in zip(bwd, back)]
+    if p == 1 or blocking_p2p:
+        links = [0.0] * p
     d = [x + y for x, y in zip(fwd, bwd)]
     crit = max(range(p), key=d.__getitem__)
-    cycle = d[crit]
+    chain = sum(links[:p - 1])
+    if schedule == "gpipe":
+        return sum(fwd) + (m - 1) * max(fwd) + sum(bwd) + (m - 1) * max(bwd) + 2 * chain, crit
+    if schedule == "interleaved":
+        return m * d[crit] + (sum(d) - d[crit]) / vpp + 2 * (vpp * chain + (vpp - 1) * links[p - 1]), crit
+    return one_f_one_b(m, p, d[crit], sum(d), *link_terms(links[:p - 1])), crit
+
+
+def one_f_one_b(m: int, p: int, d_max: float, d_sum: float, loop: float = 0.0, fill: float = 0.0) -> float:
+    """The 1F1B closed form from the slowest device's and all devices' forward plus backward time per
+    micro-batch (d_max, d_sum; blocking transfers already in them) and what asynchronous transfers add to the
+    cycle and to the fill and drain (`link_terms`; 0 for blocking ones)."""
+    if p == 1:
+        return m * d_max
+    return (m - 1) * max(d_max, d_sum / p + loop) + d_sum + fill
+
+
+def link_terms(links: Sequence[float]) -> tuple[float, float]:
+    """(loop, fill) of asynchronous 1F1B over links[h] between devices h and h + 1 (p - 1 of them; module
+    docstring): loop, the largest 2 sum_{a..b-1} c_h / (b - a + 1) over runs of neighbouring devices a..b (one
+    delay c: 2c (p-1)/p); fill, 2 c ((p-1)/p + p - 2) with c the links' mean."""
+    return _link_terms(tuple(links))
+
+
+@lru_cache(maxsize=4096)
+def _link_terms(links: tuple[float, ...]) -> tuple[float, float]:
+    """link_terms, once per distinct hops (the search asks for the same few thousands of times)."""
+    p = len(links) + 1
+    if p == 1:
+        return 0.0, 0.0
+    loop = 0.0
     for a in range(p - 1):
-        work = d[a]
+        both_ways = 0.0
         for b in range(a + 1, p):
-            work += d[b] + 2 * links[b - 1]
-            cycle = max(cycle, work / (b - a + 1))
-    c = chain / (p - 1)
-    return (m - 1) * cycle + sum(d) + 2 * c * ((p - 1) / p + p - 2), crit
+            both_ways += 2 * links[b - 1]
+            loop = max(loop, both_ways / (b - a + 1))
+    c = sum(links) / (p - 1)
+    return loop, 2 * c * ((p - 1) / p + p - 2)
 
 
-def p2p_on_path(schedule: str, m: int, p: int, p2p: float, vpp: int = 1, blocking_p2p: bool = True) -> float:
-    """Seconds of a step spent on pipeline transfers along the critical path (for the time breakdown)."""
-    if p == 1 or p2p <= 0:
+def p2p_on_path(schedule: str, m: int, p: int, p2p: float | Sequence[float], vpp: int = 1,
+                blocking_p2p: bool = True) -> float:
+    """Seconds pipeline transfers add to the schedule's closed form for balanced stages, and the least they add
+    whatever the stage times (the search's lower bound): blocking, each device's links to the next and the
+    previous device in its cycle, at least their mean over the devices; asynchronous, the transfer terms of
+    `pipeline_time`, whose stage terms are at least the balanced ones."""
+    links = link_delays(p2p, p)
+    if p == 1 or max(links) <= 0:
         return 0.0
+    chain = sum(links[:p - 1])
     if blocking_p2p:
         hops = vpp if schedule == "interleaved" else 1
-        per_cycle = 2 * hops * p2p
+        per_cycle = hops * (2 * chain + links[0] + links[p - 2]) / p
         cycles = m + p - 1 if schedule != "interleaved" else m + (p - 1) / vpp
         return per_cycle * cycles
     if schedule == "gpipe":
-        return 2 * (p - 1) * p2p
+        return 2 * chain
     if schedule == "interleaved":
-        return 2 * (vpp * p - 1) * p2p
-    return 2 * p2p * ((m - 1) * (p - 1) / p + (p - 1) / p + p - 2)
+        return 2 * (vpp * chain + (vpp - 1) * links[p - 1])
+    loop, fill = link_terms(links[:p - 1])
+    return (m - 1) * loop + fill

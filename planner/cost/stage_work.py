@@ -24,7 +24,7 @@ class StageWork:
     ends: EndsCost                  # embedding (virtual stage 0), LM head and loss (the last virtual stage)
     zero_fwd: list[float]           # exposed ZeRO-3 gathers of one micro-batch's forward, per device
     zero_bwd: list[float]           # exposed ZeRO-2/3 gathers and reduce-scatters of one backward, per device
-    p2p: float                      # one activation or gradient between neighbouring stages (0 with pp 1)
+    hops: tuple[float, ...]         # one activation or gradient on each hop, h: device h to h + 1 (none with pp 1)
     post_comm: list[float]          # DP / tied-embedding communication after the last backward, per device
     post_opt: list[float]           # optimizer step, per device
     pipeline_s: float               # the closed form's pipeline time (planner/cost/pipeline.py)
@@ -63,7 +63,7 @@ class StageWork:
             compute, comm = compute + fwd.compute, comm + fwd.comm
         comm += self.zero_fwd[device] * self._share(device, chunk)
         compute += self.host_microbatch / self.vpp
-        return [("forward", compute), ("communication", comm)] + self._transfer()
+        return [("forward", compute), ("communication", comm)] + self._transfer(min(device, self.pp - 2))
 
     def backward(self, device: int, chunk: int) -> list[Piece]:
         """One micro-batch's backward of a chunk: the recomputed forward, the backward kernels, then TP
@@ -74,13 +74,20 @@ class StageWork:
             compute, comm = compute + bwd.compute, comm + bwd.comm
         comm += self.zero_bwd[device] * self._share(device, chunk)
         return [("recompute", n * blk.recompute.compute), ("backward", compute), ("communication", comm)] + \
-            self._transfer()
+            self._transfer(max(device - 1, 0))
 
-    def _transfer(self) -> list[Piece]:
-        """A blocking transfer is the device's time too (one per chunk pass)."""
-        return [("p2p", self.p2p)] if self.blocking_p2p and self.pp > 1 else []
+    def _transfer(self, hop: int) -> list[Piece]:
+        """A blocking transfer is the device's time too (one per chunk pass): a forward sends on the hop to the
+        next device, a backward on the hop to the previous one (the end devices' one hop both ways, as
+        planner/cost/pipeline.py charges them)."""
+        return [("p2p", self.hops[hop])] if self.blocking_p2p and self.pp > 1 else []
 
     @property
-    def link_delay(self) -> float:
-        """The delay between stages the simulation applies (0 when transfers block the devices instead)."""
-        return 0.0 if self.blocking_p2p else self.p2p
+    def p2p(self) -> float:
+        """The slowest hop's transfer (seconds; 0 with pp 1)."""
+        return max(self.hops, default=0.0)
+
+    @property
+    def link_delays(self) -> list[float]:
+        """The delay on each hop the simulation applies (0 when transfers block the devices instead)."""
+        return [0.0 if self.blocking_p2p else c for c in self.hops] or [0.0]

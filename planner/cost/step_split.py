@@ -2,12 +2,15 @@
 
 With per-device times from `step.device_times` (d_i: forward plus backward of one micro-batch, exposed ZeRO
 traffic and blocking transfers included; b_i: its backward; f_i: exposed gathers of the step's first forward;
-e_i: communication after the last backward plus the optimizer step), the 1F1B step of a split is
-    one_f_one_b(m, p, max_i d_i, sum_i d_i, c) + max_i (e_i - s_i) + max_i f_i + host_step,
-    s_i = sum_{k<i} (b_k + p2p)   (device i finishes its last backward s_i before device 0),
-which is what `step_times` computes (planner/cost/pipeline.py for the closed form). It is not a min-max of
-separable stage costs (its maxima are over different devices, and s_i depends on the devices before i), so
-the min-max split of planner.partition is not its optimum, nor is a min-max of m d_i + e_i.
+e_i: communication after the last backward plus the optimizer step), with c_h the transfer on the hop from
+device h to h + 1, the 1F1B step of a split is
+    one_f_one_b(m, p, max_i d_i, sum_i d_i, loop, fill) + max_i (e_i - s_i) + max_i f_i + host_step,
+    s_i = sum_{k<i} (b_k + c_k)   (device i finishes its last backward s_i before device 0),
+which is what `step_times` computes (planner/cost/pipeline.py for the closed form: blocking transfers are in
+d_i, device i's hop to the next device and to the previous one, and loop = fill = 0; asynchronous ones add
+`link_terms`, which no split changes). It is not a min-max of separable stage costs (its maxima are over
+different devices, and s_i depends on the devices before i), so the min-max split of planner.partition is not
+its optimum, nor is a min-max of m d_i + e_i.
 The split here is exact: a dynamic program over the devices in pipeline order whose state is the blocks
 placed so far, keeping at each state every label (max d, sum d, s, max(e - s), max f) that no other label
 beats in all five (the step rises with each of them but s, with which it falls; once no later device can end
@@ -23,9 +26,10 @@ dropped.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Callable
 
-from planner.cost.pipeline import one_f_one_b
+from planner.cost.pipeline import link_terms, one_f_one_b
 from planner.cost.step import DeviceTimes
 
 # A split must beat the time-only split by this share of its step to replace it (ties keep the time-only one).
@@ -36,21 +40,28 @@ SUM_NOISE = 1e-14
 
 
 def best_1f1b_split(num_layers: int, nmb: int, start: list[int], times: Callable[[int, int], tuple[DeviceTimes, float]],
-                    fits: Callable[[int, int], bool], p2p: float, blocking: bool, host_step: float,
+                    fits: Callable[[int, int], bool], links: Sequence[float], blocking: bool, host_step: float,
                     block_floor: float, extra_floor: list[float]) -> list[int]:
     """Blocks per device minimising the 1F1B step. `start`: a split that fits (the time-only one);
     `times(i, n)`: (DeviceTimes, optimizer seconds) of device i holding n blocks; `fits(i, n)`: whether it fits
-    in memory (monotone in n); p2p: one transfer between neighbours, `blocking`: transfers block the devices;
-    `block_floor`, `extra_floor[i]`: seconds with d_i(n) >= n * block_floor + extra_floor[i] (its compute
-    without any data-parallel communication)."""
+    in memory (monotone in n); links: one transfer on each hop (links[h] from device h to h + 1, p - 1 of
+    them), `blocking`: transfers block the devices; `block_floor`, `extra_floor[i]`: seconds with
+    d_i(n) >= n * block_floor + extra_floor[i] (its compute without any data-parallel communication)."""
     p, L, m = len(start), num_layers, nmb
-    hop = p2p if blocking else 0.0        # a blocking transfer is device time on each pass
-    c = 0.0 if blocking else p2p          # an asynchronous one enters the closed form as a delay
+    hops = [float(x) for x in links]
+    if len(hops) != p - 1:
+        raise ValueError(f"{len(hops)} hop delays for {p} devices (expected {p - 1})")
+    # a blocking transfer is device time on each pass: a forward's hop to the next device, a backward's to the
+    # previous one; asynchronous ones enter the closed form as delays
+    out = [hops[min(i, p - 2)] if blocking else 0.0 for i in range(p)]
+    back = [hops[max(i - 1, 0)] if blocking else 0.0 for i in range(p)]
+    c = (0.0, 0.0) if blocking else link_terms(hops)        # (loop, fill)
+    hops.append(0.0)                                         # nothing after the last device
 
     def stage(i: int, n: int) -> tuple[float, float, float, float]:
-        """(d, b + p2p, f, e) of device i holding n blocks."""
+        """(d, b + its hop to the next device, f, e) of device i holding n blocks."""
         t, opt = times(i, n)
-        return (t.fwd + hop) + (t.bwd + hop), t.bwd + p2p, t.first, t.post + opt
+        return (t.fwd + out[i]) + (t.bwd + back[i]), t.bwd + hops[i], t.first, t.post + opt
 
     def step_of(split: list[int]) -> float:
         d_max = d_sum = slack = 0.0
@@ -60,11 +71,11 @@ def best_1f1b_split(num_layers: int, nmb: int, start: list[int], times: Callable
             d_max, d_sum = max(d_max, d), d_sum + d
             worst_end, first = max(worst_end, e - slack), max(first, f)
             slack += b
-        return one_f_one_b(m, p, d_max, d_sum, c) + worst_end + first + host_step
+        return one_f_one_b(m, p, d_max, d_sum, *c) + worst_end + first + host_step
 
     best = step_of(start)
     floor_sum = L * block_floor + sum(extra_floor)
-    transfers = one_f_one_b(1, p, 0.0, 0.0, c)       # the closed form's fill and drain transfers
+    transfers = c[1]       # the closed form's fill and drain transfers
     d_cap = (best - host_step - transfers - floor_sum) / (m - 1) if m > 1 else math.inf
     d_cap *= 1 + RELATIVE_GAIN
 
@@ -113,7 +124,7 @@ def best_1f1b_split(num_layers: int, nmb: int, start: list[int], times: Callable
                     d_max, d_sum, slack, worst_end, first = label[:5]
                     d_max, d_sum, first = max(d_max, d), d_sum + d, max(first, f)
                     worst_end = max(worst_end, e - slack)
-                    bound = (one_f_one_b(m, p, max(d_max, rest_max), d_sum + rest, c) + worst_end
+                    bound = (one_f_one_b(m, p, max(d_max, rest_max), d_sum + rest, *c) + worst_end
                              + max(first, f_after[i]) + host_step)
                     if bound >= cut:
                         continue
@@ -126,7 +137,7 @@ def best_1f1b_split(num_layers: int, nmb: int, start: list[int], times: Callable
         states = nxt
     chosen = start
     for d_max, d_sum, _, worst_end, first, link in states.get(L, []):
-        step = one_f_one_b(m, p, d_max, d_sum, c) + worst_end + first + host_step
+        step = one_f_one_b(m, p, d_max, d_sum, *c) + worst_end + first + host_step
         if step < best * (1 - RELATIVE_GAIN):
             best, chosen = step, _split_of(link)
     return chosen

@@ -61,7 +61,7 @@ def simulate_core(core: Core) -> Timeline:
     w = core.work
     fwd = [[w.forward(i, c) for c in range(w.vpp)] for i in range(w.pp)]
     bwd = [[w.backward(i, c) for c in range(w.vpp)] for i in range(w.pp)]
-    return simulate(core.cfg.schedule, core.nmb, fwd, bwd, w.link_delay)
+    return simulate(core.cfg.schedule, core.nmb, fwd, bwd, w.link_delays)
 
 
 def timeline_data(plan: Plan, core: Core, max_boxes: int = MAX_BOXES, bins: int = TIME_BINS) -> dict:
@@ -95,7 +95,7 @@ def timeline_data(plan: Plan, core: Core, max_boxes: int = MAX_BOXES, bins: int 
                        "idle": step - sum(busy.values()), "post": [e for e in post[i] if e["end"] > e["start"]]})
     out = {
         "schedule": cfg.schedule, "pp": w.pp, "vpp": w.vpp, "microbatches": core.nmb, "operations": ops,
-        "p2p_s": w.p2p, "pipeline_s": pipe, "step_s": step,
+        "p2p_s": w.p2p, "hops_s": list(w.hops), "pipeline_s": pipe, "step_s": step,
         "closed_form_pipeline_s": w.pipeline_s, "closed_form_step_s": core.step,
         "predicted_step_s": plan.predicted.step_time_s,
         "critical_stage": core.crit, "stages": stages, "aggregated": aggregated,

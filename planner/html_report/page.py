@@ -131,13 +131,19 @@ def summary_section(s: dict) -> str:
     return "".join(html)
 
 
+def _hop_seconds(hops: list[float]) -> str:
+    """Each hop's transfer time, as one value when the hops are alike, else their range."""
+    lo, hi = min(hops, default=0.0), max(hops, default=0.0)
+    return f"{seconds(hi)} each" if lo == hi else f"{seconds(lo)} to {seconds(hi)} by hop"
+
+
 def timeline_section(tl: dict) -> str:
     kinds = list(BUSY_KINDS) + (["p2p"] if tl["p2p_s"] > 0 and not tl["aggregated"] else []) + list(POST_KINDS)
     legend = _legend([(KIND_LABELS[k], KIND_COLOURS[k]) for k in kinds + ["idle"]])
     name = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": f"interleaved 1F1B ({tl['vpp']} chunks per stage)"}
     notes = [f"{name[tl['schedule']]}, {tl['microbatches']} micro-batches on {tl['pp']} stages, simulated "
              f"event by event (planner/cost/schedule.py) from the cost model's per-stage times. Transfers between "
-             f"stages ({seconds(tl['p2p_s'])} each) are link delays; data-parallel communication and the "
+             f"stages ({_hop_seconds(tl['hops_s'])}) are link delays; data-parallel communication and the "
              f"optimizer follow the whole pipeline, as the cost model charges them."]
     if abs(tl["step_s"] - tl["closed_form_step_s"]) > 1e-6 * tl["closed_form_step_s"]:
         notes.append(f"Simulated step {seconds(tl['step_s'])}; the cost model's closed form gives "
