@@ -56,10 +56,24 @@ def pipeline_time(schedule: str, m: int, fwd: list[float], bwd: list[float], p2p
     crit = max(range(p), key=d.__getitem__)
     chain = sum(links[:p - 1])
     if schedule == "gpipe":
-        return sum(fwd) + (m - 1) * max(fwd) + sum(bwd) + (m - 1) * max(bwd) + 2 * chain, crit
+        return gpipe(m, sum(fwd), max(fwd), sum(bwd), max(bwd), 2 * chain), crit
     if schedule == "interleaved":
-        return m * d[crit] + (sum(d) - d[crit]) / vpp + 2 * (vpp * chain + (vpp - 1) * links[p - 1]), crit
+        return interleaved(m, vpp, d[crit], sum(d), 2 * (vpp * chain + (vpp - 1) * links[p - 1])), crit
     return one_f_one_b(m, p, d[crit], sum(d), *link_terms(links[:p - 1])), crit
+
+
+def gpipe(m: int, f_sum: float, f_max: float, b_sum: float, b_max: float, transfers: float = 0.0) -> float:
+    """The GPipe closed form (seconds) from the devices' forward and backward times per micro-batch (their sums
+    and maxima, blocking transfers already in them) and what asynchronous transfers add (2 sum c_h; 0 for
+    blocking ones)."""
+    return f_sum + (m - 1) * f_max + b_sum + (m - 1) * b_max + transfers
+
+
+def interleaved(m: int, v: int, d_max: float, d_sum: float, transfers: float = 0.0) -> float:
+    """The interleaved closed form (seconds) from the slowest device's and all devices' forward plus backward
+    time per micro-batch over their v chunks (d_max, d_sum; blocking transfers already in them) and what
+    asynchronous transfers add (2 (v sum c_h + (v - 1) c_wrap); 0 for blocking ones)."""
+    return m * d_max + (d_sum - d_max) / v + transfers
 
 
 def one_f_one_b(m: int, p: int, d_max: float, d_sum: float, loop: float = 0.0, fill: float = 0.0) -> float:
