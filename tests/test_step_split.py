@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planner.cost.model import CostModel
-from planner.cost.step_split import best_1f1b_split
+from planner.cost.step_split import best_split
 from planner.engine import load_engine
 from planner.loaders import load_cluster
 from planner.partition import partition_layers
@@ -205,6 +205,7 @@ def test_split_with_any_hop_delays_is_the_brute_force_optimum(blocking, p, layer
         return pipeline_time("1f1b", nmb, [f for f, _ in fb], [b for _, b in fb], hops, 1, blocking)[0]
 
     start = partition_layers(layers, f_blk + b_blk, ends)
-    got = best_1f1b_split(layers, nmb, start, times, lambda i, n: True, hops, blocking, 0.0, f_blk + b_blk, ends)
+    got = best_split("1f1b", 1, layers, nmb, start, times, lambda i, n: True, hops, blocking, 0.0, f_blk + b_blk,
+                     ends)
     assert sum(got) == layers and len(got) == p
     assert step(got) == pytest.approx(min(step(s) for s in _compositions(layers, p)), rel=1e-9)

@@ -28,7 +28,7 @@ from planner.cost.params import (final_norm_params, layer_mix, mean_layer_params
 from planner.cost.pipeline import p2p_on_path
 from planner.cost.stage_work import StageWork
 from planner.cost.step import DeviceWork, device_times, step_times
-from planner.cost.step_split import best_1f1b_split
+from planner.cost.step_split import best_split
 from planner.cost.timeline import PhaseMemory, Regime, StageInputs, Timeline, grads_between_bytes, stage_timeline
 from planner.engine import EngineSpec, engine_on, load_engine, run_precision as precision_on
 from planner.layout import DEFAULT_ORDER, Layout
@@ -569,17 +569,20 @@ class CostModel:
     # ------------------------------------------------------------------ layer split
     def default_layers(self, cfg: ParallelConfig, blk: BlockCost, ends: EndsCost, dt: Dtypes,
                        work: Callable[[int, int], DeviceWork], hops: tuple[float, ...], blocking: bool) -> list[int]:
-        """Blocks per chunk under every device's memory (falling back to time alone when nothing fits).
-        1F1B: the split with the least step, data-parallel exposure and optimizer included
-        (planner.cost.step_split, from the min-max split of `partition_layers`); GPipe: that min-max split.
-        Interleaved: near-equal chunks when they fit; otherwise blocks per device by the min-max split, each
-        device's blocks spread near-equally over its chunks (the step's closed form counts a device's total;
-        the schedule wants its chunks alike). `work(i, n)`: device i holding n blocks; hops, blocking: its
-        transfers (seconds on each hop, whether they block the stages)."""
+        """Blocks per chunk under every device's memory (falling back to time alone when nothing fits): the
+        split with the least step, data-parallel exposure and optimizer included (planner.cost.step_split),
+        searched from a time-only one. 1F1B and GPipe start from the min-max split of `partition_layers`.
+        Interleaved starts from near-equal chunks when they fit, else from the min-max split of each device's
+        blocks under its memory; the search picks blocks per device, at least one per chunk, spread near-equally
+        over its chunks by `spread_over_chunks` (the step's closed form counts a device's total; the schedule
+        wants its chunks alike), and keeps the start unless a split beats it (unsearched when the start leaves
+        a chunk empty or its totals do not fit spread). `work(i, n)`: device i holding n blocks; hops, blocking:
+        its transfers (seconds on each hop, whether they block the stages)."""
         m, chunks = self.model, cfg.pp * cfg.vpp
         if self.engine.layer_split == "balanced":         # the engine splits the blocks itself
             return balanced_layers(m.num_layers, chunks)
         nmb = cfg.microbatches(self.training.global_batch)
+        most = None       # every device's most blocks, once known
         if cfg.vpp > 1 or cfg.pp == 1:
             # near-equal chunks; the remainder goes to the chunks without the embedding or the head
             base, rest = divmod(m.num_layers, chunks)
@@ -587,19 +590,24 @@ class CostModel:
             split = [base] * chunks
             for j in order[:rest]:
                 split[j] += 1
-            if cfg.pp == 1 or self._split_fits(cfg, split, nmb, blk, dt):
+            if cfg.pp == 1:
                 return split
-            return self._interleaved_split(cfg, nmb, blk, ends, dt) or split
-        extra = self._ends_per_device(cfg, ends)
-        split, most = partition_layers(m.num_layers, blk.total, extra), None
-        if not self._split_fits(cfg, split, nmb, blk, dt):   # else the unconstrained optimum is the constrained one
-            most = self._device_caps(cfg, nmb, blk, dt)
-            fitting = partition_layers(m.num_layers, blk.total, extra, caps=most)
-            if fitting is None:
-                return split
-            split = fitting
-        if cfg.schedule != "1f1b":
-            return split
+            if not self._split_fits(cfg, split, nmb, blk, dt):
+                fitting = self._interleaved_split(cfg, nmb, blk, ends, dt)
+                if fitting is None:
+                    return split
+                split, most = fitting, self._device_caps(cfg, nmb, blk, dt)
+            start = [sum(split[i::cfg.pp]) for i in range(cfg.pp)]
+        else:
+            extra = self._ends_per_device(cfg, ends)
+            split = partition_layers(m.num_layers, blk.total, extra)
+            if not self._split_fits(cfg, split, nmb, blk, dt):   # else the unconstrained optimum is the constrained one
+                most = self._device_caps(cfg, nmb, blk, dt)
+                fitting = partition_layers(m.num_layers, blk.total, extra, caps=most)
+                if fitting is None:
+                    return split
+                split = fitting
+            start = split
         ov, host, pp, cap = self.engine.overlap, self.engine.host, cfg.pp, self.capacity
         last = pp - 1
 
@@ -624,13 +632,20 @@ class CostModel:
             middle = 0 < i < last
             if middle and i >= fit_from.get(n, pp):
                 return True
-            ok = self.stage_memory(cfg, i, [n], nmb, blk, dt).total <= cap
+            ok = self.stage_memory(cfg, i, spread_over_chunks(n, cfg.vpp), nmb, blk, dt).total <= cap
             if ok and middle:
                 fit_from[n] = min(i, fit_from.get(n, pp))
             return ok
 
-        return best_1f1b_split(m.num_layers, nmb, split, times, fits, hops, blocking, host.per_step_s, blk.total,
-                               [x + host.per_microbatch_s for x in extra])
+        if cfg.vpp > 1 and not all(n >= cfg.vpp and fits(i, n) for i, n in enumerate(start)):
+            return split      # the start leaves a chunk empty or does not fit spread: no bound to search from
+        extra = [x + host.per_microbatch_s for x in self._ends_per_device(cfg, ends)]
+        totals = best_split(cfg.schedule, cfg.vpp, m.num_layers, nmb, start, times, fits, hops, blocking,
+                            host.per_step_s, blk.total, extra, least=cfg.vpp)
+        if totals == start:
+            return split
+        per_device = [spread_over_chunks(n, cfg.vpp) for n in totals]
+        return [per_device[j % pp][j // pp] for j in range(chunks)]
 
     @staticmethod
     def _ends_per_device(cfg: ParallelConfig, ends: EndsCost) -> list[float]:

@@ -1,0 +1,130 @@
+"""The GPipe and interleaved layer splits against brute force: every split costed by the cost model's full
+evaluation (explicit layers_per_stage), data-parallel and ZeRO exposure, the optimizer and memory included.
+
+Small GPTs on 12 DGX A100 nodes (as tests/test_step_split.py for 1F1B): data-parallel groups of 24-48 ranks
+span nodes, so their gradient reduction and ZeRO gathers run over InfiniBand, and the few micro-batches leave
+much of it exposed. Interleaved splits are searched as blocks per device, each spread over its chunks by
+`spread_over_chunks` (every chunk at least one block); the near-equal chunks they start from are candidates too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from planner.cost.pipeline import pipeline_time
+from planner.cost.step import DeviceTimes
+from planner.cost.step_split import best_split
+from planner.partition import spread_over_chunks
+from planner.specs import ParallelConfig
+from tests.test_partition import _compositions
+from tests.test_step_split import _config, _cost, _time_only_split
+
+
+def _fastest(cost, cfg: ParallelConfig, splits, fitting: bool = True) -> tuple[float, tuple[int, ...]] | None:
+    """(step, chunks) of the fastest of `splits` (that fits, unless not `fitting`)."""
+    best = None
+    for chunks in splits:
+        pred = cost.evaluate(cfg.model_copy(update={"layers_per_stage": list(chunks)}), validate=False)
+        if (pred.feasible or not fitting) and (best is None or pred.predicted.step_time_s < best[0]):
+            best = (pred.predicted.step_time_s, tuple(chunks))
+    return best
+
+
+def _interleaved_splits(layers: int, pp: int, vpp: int):
+    """Equal chunks and every split into per-device blocks (each >= vpp) spread over the device's chunks."""
+    yield (layers // (pp * vpp),) * (pp * vpp)
+    for totals in _compositions(layers, pp):
+        if min(totals) >= vpp:
+            per_device = [spread_over_chunks(n, vpp) for n in totals]
+            yield tuple(per_device[j % pp][j // pp] for j in range(pp * vpp))
+
+
+GPIPE = [(engine, zero, pp) for engine, zeros in (("meshplan", (0, 1, 3)), ("megatron", (0, 1)),
+                                                  ("torchtitan", (2,)))
+         for zero in zeros for pp in (2, 3, 4)]
+
+
+@pytest.mark.parametrize("engine,zero,pp", GPIPE)
+def test_gpipe_split_is_the_brute_force_optimum(engine, zero, pp):
+    cost = _cost(engine, tied=pp == 3)           # pp 3 with tied embeddings: their sync after the last backward
+    cfg = _config(cost, pp, zero).model_copy(update={"schedule": "gpipe"})
+    chosen = cost.evaluate(cfg, validate=False)
+    best = _fastest(cost, cfg, _compositions(cost.model.num_layers, pp))
+    assert chosen.feasible and best is not None
+    assert math.isclose(chosen.predicted.step_time_s, best[0], rel_tol=1e-9), (chosen.config.layers_per_stage, best)
+
+
+@pytest.mark.parametrize("engine,zero,pp,vpp", [
+    ("meshplan", 0, 2, 2), ("meshplan", 1, 2, 3), ("meshplan", 3, 3, 2), ("megatron", 1, 2, 2),
+    ("megatron", 0, 3, 2), ("torchtitan", 2, 2, 3)])
+def test_interleaved_split_is_the_brute_force_optimum(engine, zero, pp, vpp):
+    cost = _cost(engine, tied=pp == 3)
+    cfg = _config(cost, pp, zero).model_copy(update={"schedule": "interleaved", "vpp": vpp})
+    chosen = cost.evaluate(cfg, validate=False)
+    best = _fastest(cost, cfg, _interleaved_splits(cost.model.num_layers, pp, vpp))
+    assert chosen.feasible and best is not None
+    assert math.isclose(chosen.predicted.step_time_s, best[0], rel_tol=1e-9), (chosen.config.layers_per_stage, best)
+
+
+@pytest.mark.parametrize("schedule,vpp,engine,layers,hidden,pp,memory_gib", [
+    ("gpipe", 1, "meshplan", 12, 2048, 3, 11.1), ("interleaved", 2, "meshplan", 16, 4096, 4, 12.25),
+    ("interleaved", 2, "meshplan", 16, 4096, 4, 12.75), ("interleaved", 2, "megatron", 16, 4096, 4, 14)])
+def test_split_under_memory_is_the_brute_force_optimum(schedule, vpp, engine, layers, hidden, pp, memory_gib):
+    """Where memory binds (GPUs shrunk to 11-14 GiB: the fastest split does not fit) the split is the fastest
+    that fits."""
+    cost = _cost(engine, layers=layers, hidden=hidden, tied=pp == 3, memory_gib=memory_gib)
+    cfg = _config(cost, pp, 0 if pp == 3 else 1).model_copy(update={"schedule": schedule, "vpp": vpp})
+    splits = list(_compositions(layers, pp)) if vpp == 1 else list(_interleaved_splits(layers, pp, vpp))
+    chosen = cost.evaluate(cfg, validate=False)
+    best = _fastest(cost, cfg, splits)
+    assert best is not None and chosen.feasible
+    assert math.isclose(chosen.predicted.step_time_s, best[0], rel_tol=1e-9), (chosen.config.layers_per_stage, best)
+    assert _fastest(cost, cfg, splits, fitting=False)[0] < best[0]        # memory binds
+
+
+def test_gpipe_time_only_split_was_slower():
+    """The GPipe split that balances compute alone leaves more DP communication exposed than the chosen one."""
+    cost = _cost("meshplan", tied=True)
+    cfg = _config(cost, 3, 0).model_copy(update={"schedule": "gpipe"})
+    old = _time_only_split(cost, cfg)
+    chosen = cost.evaluate(cfg, validate=False)
+    before = cost.evaluate(cfg.model_copy(update={"layers_per_stage": old}), validate=False)
+    assert chosen.config.layers_per_stage != old
+    assert chosen.predicted.step_time_s < before.predicted.step_time_s * (1 - 0.004)
+
+
+@given(schedule=st.sampled_from(["gpipe", "interleaved"]), vpp=st.integers(2, 3), blocking=st.booleans(),
+       p=st.integers(2, 5), layers=st.integers(6, 14), nmb=st.integers(1, 8), seed=st.randoms(use_true_random=False))
+@settings(max_examples=150, deadline=None)
+def test_split_with_any_hop_delays_is_the_brute_force_optimum(schedule, vpp, blocking, p, layers, nmb, seed):
+    """Synthetic devices (a block's forward and backward, the embedding on the first device, the head on the
+    last) and hops of any speeds: the split's step is pipeline.pipeline_time's with those hops, and the split is
+    the fastest of every split by it (interleaved: every device at least vpp blocks)."""
+    v = vpp if schedule == "interleaved" else 1
+    if layers < p * v:
+        return
+    f_blk, b_blk = seed.uniform(0.5, 1.5), seed.uniform(1.0, 3.0)
+    ends = [seed.uniform(0.0, 4.0) if i in (0, p - 1) else 0.0 for i in range(p)]
+    hops = [seed.choice([0.01, 0.05, 0.6]) * seed.uniform(0.5, 1.5) for _ in range(p - 1)]
+
+    def passes(i: int, n: int) -> tuple[float, float]:
+        return n * f_blk + ends[i] / 3, n * b_blk + 2 * ends[i] / 3
+
+    def times(i: int, n: int) -> tuple[DeviceTimes, float]:
+        f, b = passes(i, n)
+        return DeviceTimes(f, b, 0.0, 0.0, 0.0, 0.0), 0.0
+
+    def step(split) -> float:
+        fb = [passes(i, n) for i, n in enumerate(split)]
+        return pipeline_time(schedule, nmb, [f for f, _ in fb], [b for _, b in fb], hops, v, blocking)[0]
+
+    splits = [s for s in _compositions(layers, p) if min(s) >= v]
+    start = splits[0]
+    got = best_split(schedule, v, layers, nmb, list(start), times, lambda i, n: True, hops, blocking, 0.0,
+                     f_blk + b_blk, ends, least=v)
+    assert sum(got) == layers and len(got) == p and min(got) >= v
+    assert step(got) == pytest.approx(min(step(s) for s in splits), rel=1e-9)
