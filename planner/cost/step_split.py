@@ -51,11 +51,12 @@ def best_split(schedule: str, vpp: int, num_layers: int, nmb: int, start: list[i
                links: Sequence[float], blocking: bool, host_step: float, block_floor: float,
                extra_floor: list[float], least: int = 1) -> list[int]:
     """Blocks per device (each at least `least`) minimising the step of `schedule` ("1f1b", "gpipe" or
-    "interleaved" over vpp chunks per device). `start`: a split that fits (the time-only one); `times(i, n)`: (DeviceTimes, optimizer seconds)
-    of device i holding n blocks; `fits(i, n)`: whether it fits in memory (monotone in n); links: one transfer
-    on each hop (links[h] from device h to h + 1, p - 1 of them), `blocking`: transfers block the devices;
-    `block_floor`, `extra_floor[i]`: seconds with d_i(n) >= n * block_floor + extra_floor[i] (its compute
-    without any data-parallel communication)."""
+    "interleaved" over vpp chunks per device); `start` unless a split beats it by RELATIVE_GAIN. `start`: a
+    split that fits (the time-only one); `times(i, n)`: (DeviceTimes, optimizer seconds) of device i holding n
+    blocks; `fits(i, n)`: whether it fits in memory (monotone in n); links: one transfer on each hop (links[h]
+    from device h to h + 1, p - 1 of them), `blocking`: transfers block the devices; `block_floor`,
+    `extra_floor[i]`: seconds with d_i(n) >= n * block_floor + extra_floor[i] (its compute without any
+    data-parallel communication)."""
     p, L, m = len(start), num_layers, nmb
     hops = [float(x) for x in links]
     if len(hops) != p - 1:
