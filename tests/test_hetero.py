@@ -289,5 +289,9 @@ def test_a_group_that_only_hurts_is_left_idle():
     every = result.every_group
     assert every.used == (0, 1) and every.step >= brute[(0, 1)] * (1 - 1e-12)
     lines = explain(result.cost, result)
-    assert lines[0].startswith("the slow group is left idle: using it costs more than it adds")
-    assert f"{every.step / best.step - 1:+.1%}" in lines[0]
+    # first the warning that the fast group alone, as the homogeneous search plans it, is faster: its GPipe layer
+    # split minimises the whole step (GPipe's forward and backward maxima apart, the optimizer after the last
+    # backward), the node-group split the stage objective (0.5% off here)
+    assert lines[0].startswith("warning: fast alone") and "layer split" in lines[0]
+    assert lines[1].startswith("the slow group is left idle: using it costs more than it adds")
+    assert f"{every.step / best.step - 1:+.1%}" in lines[1]

@@ -126,7 +126,8 @@ def explain(hc: HeteroCost, result: HeteroResult) -> list[str]:
         alone = min(faster, key=lambda p: p.step)
         lines.insert(0, f"warning: {alone.group} alone ({alone.config}) is faster, {alone.step:.3g} s against "
                         f"{best.step:.3g} s, as the homogeneous search plans it (with degrees the pins exclude here, "
-                        f"or interleaved schedules and rank orders the node-group search leaves out); plan that "
+                        f"interleaved schedules and rank orders the node-group search leaves out, or a layer split "
+                        f"by the whole step, not the stage objective); plan that "
                         f"group by itself.")
     if result.naive is not None:
         n = result.naive
