@@ -18,19 +18,20 @@ import math
 
 def partition_layers(num_layers: int, block_time: float | list[float], extra_time: list[float],
                      block_bytes: list[float] | None = None, base_bytes: list[float] | None = None,
-                     capacity: float = math.inf, caps: list[int] | None = None) -> list[int] | None:
-    """Blocks per stage (each >= 1) minimising the slowest stage subject to memory; None if no split fits.
+                     capacity: float = math.inf, caps: list[int] | None = None, least: int = 1) -> list[int] | None:
+    """Blocks per stage (each >= `least`) minimising the slowest stage subject to memory; None if no split fits.
 
     Memory is either affine per stage (`block_bytes`, `base_bytes` against `capacity`) or given directly as the
     most blocks each stage can hold (`caps`, from the cost model's memory timeline, monotone in the block
     count). `block_time` is one block's seconds on every stage, or on each stage. Ties go to later stages, which
-    under 1F1B hold fewer micro-batches in flight.
+    under 1F1B hold fewer micro-batches in flight. `least`: an interleaved device holds at least one block per
+    chunk.
     """
     stages = len(extra_time)
     block_s = [block_time] * stages if isinstance(block_time, (int, float)) else list(block_time)
     if len(block_s) != stages:
         raise ValueError(f"{len(block_s)} block times for {stages} stages")
-    if stages > num_layers:
+    if stages * least > num_layers:
         return None
     if caps is None:
         caps = []
@@ -40,12 +41,12 @@ def partition_layers(num_layers: int, block_time: float | list[float], extra_tim
             fits = num_layers if per_block <= 0 or math.isinf(room) else math.floor(room / per_block)
             caps.append(min(num_layers, fits))
     caps = [min(num_layers, c) for c in caps]
-    if min(caps) < 1 or sum(caps) < num_layers:
+    if min(caps) < least or sum(caps) < num_layers:
         return None
-    counts = [1] * stages
-    heap = [((2 * block_s[j] + extra_time[j]), -j) for j in range(stages) if caps[j] > 1]
+    counts = [least] * stages
+    heap = [(((least + 1) * block_s[j] + extra_time[j]), -j) for j in range(stages) if caps[j] > least]
     heapq.heapify(heap)
-    for _ in range(num_layers - stages):
+    for _ in range(num_layers - stages * least):
         _, neg_j = heapq.heappop(heap)
         j = -neg_j
         counts[j] += 1

@@ -573,10 +573,10 @@ class CostModel:
         split with the least step, data-parallel exposure and optimizer included (planner.cost.step_split),
         searched from a time-only one. 1F1B and GPipe start from the min-max split of `partition_layers`.
         Interleaved starts from near-equal chunks when they fit, else from the min-max split of each device's
-        blocks under its memory; the search picks blocks per device, at least one per chunk, spread near-equally
+        blocks under its memory, at least one per chunk; the search picks blocks per device, at least one per chunk, spread near-equally
         over its chunks by `spread_over_chunks` (the step's closed form counts a device's total; the schedule
-        wants its chunks alike), and keeps the start unless a split beats it (unsearched when the start leaves
-        a chunk empty or its totals do not fit spread). `work(i, n)`: device i holding n blocks; hops, blocking:
+        wants its chunks alike), and keeps the start unless a split beats it (unsearched when its totals do not
+        fit spread). `work(i, n)`: device i holding n blocks; hops, blocking:
         its transfers (seconds on each hop, whether they block the stages)."""
         m, chunks = self.model, cfg.pp * cfg.vpp
         if self.engine.layer_split == "balanced":         # the engine splits the blocks itself
@@ -638,7 +638,7 @@ class CostModel:
             return ok
 
         if cfg.vpp > 1 and not all(n >= cfg.vpp and fits(i, n) for i, n in enumerate(start)):
-            return split      # the start leaves a chunk empty or does not fit spread: no bound to search from
+            return split      # the start's totals do not fit spread: no bound to search from
         extra = [x + host.per_microbatch_s for x in self._ends_per_device(cfg, ends)]
         totals = best_split(cfg.schedule, cfg.vpp, m.num_layers, nmb, start, times, fits, hops, blocking,
                             host.per_step_s, blk.total, extra, least=cfg.vpp)
@@ -663,14 +663,16 @@ class CostModel:
     def _interleaved_split(self, cfg: ParallelConfig, nmb: int, blk: BlockCost, ends: EndsCost,
                            dt: Dtypes) -> list[int] | None:
         """Blocks per chunk of an interleaved pipeline under memory: blocks per device by `partition_layers`
-        with each device's cap, spread over its chunks by `spread_over_chunks`; None if no split fits."""
+        with each device's cap and at least one block per chunk, spread over its chunks by `spread_over_chunks`;
+        None if no split fits."""
         # the last two devices keep the fewest micro-batches in flight, so no device holds more than they do:
         # when pp of those fall short of the model, no split fits (cheaper than every device's cap)
         roomiest = max(self._max_blocks(cfg, d, nmb, blk, dt) for d in {cfg.pp - 2, cfg.pp - 1})
         if roomiest * cfg.pp < self.model.num_layers:
             return None
         caps = self._device_caps(cfg, nmb, blk, dt)
-        totals = partition_layers(self.model.num_layers, blk.total, self._ends_per_device(cfg, ends), caps=caps)
+        totals = partition_layers(self.model.num_layers, blk.total, self._ends_per_device(cfg, ends), caps=caps,
+                                  least=cfg.vpp)
         if totals is None:
             return None
         per_device = [spread_over_chunks(n, cfg.vpp) for n in totals]
