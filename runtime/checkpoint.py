@@ -31,6 +31,7 @@ import shutil
 from pathlib import Path
 
 from planner.errors import InputError
+from runtime.rank_layout import rank_grid
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 SAVED_DIR = re.compile(r"^step_\d{8}(\.partial)?$")        # complete or being written
@@ -46,7 +47,6 @@ def fingerprint(plan, seed: int, lr: float, data: str | None) -> str:
     configuration and which process holds which coordinate, the seed, learning rate and data file (by its
     resolved path, as the ranks are given it; sha256 hex of their canonical JSON; other plan fields, such as
     predictions, do not matter)."""
-    from runtime.checks import rank_grid
     cfg = plan.config
     keep = {"model": plan.model.model_dump(mode="json"), "training": plan.training.model_dump(mode="json"),
             "config": {k: getattr(cfg, k) for k in CONFIG_KEYS}, "grid": rank_grid(plan),

@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from planner.parallel_dims import ParallelDims, tied_embedding_pairs
 from planner.plan import Plan
-from runtime.checks import rank_devices
+from runtime.rank_layout import rank_devices
 from runtime.models import ModelChunk, init_weights
 
 

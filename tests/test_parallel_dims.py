@@ -107,7 +107,7 @@ def test_a_plan_file_written_before_parallel_dims_still_loads_and_runs_the_same_
     of its coordinate, and the runtime's rank -> process map reads it. (Its predicted step is not compared: the
     cost model's physics has changed since.)"""
     from planner.plan import load_plan
-    from runtime.checks import rank_devices, rank_grid
+    from runtime.rank_layout import rank_devices, rank_grid
 
     plan = load_plan(ROOT / "tests" / "data" / "plans" / "moe_tiny_pp2_dp4_ep2_9a8d039.json")
     dims = plan.config.dims

@@ -213,7 +213,7 @@ def test_report_figures_from_rank_measurements():
 
 
 def test_rank_layout_placement_decides_which_process_holds_which_coordinate():
-    from runtime.checks import rank_grid
+    from runtime.rank_layout import rank_grid
     from runtime.parallelize import my_coords
 
     plan = make_test_plan(tp=2, pp=2, dp=2)
