@@ -144,6 +144,19 @@ class ParallelDims:
         rest = [d for d in self._fine_strides if d not in along]
         return tuple(tuple(base + m for m in members) for base in self._offsets(rest))
 
+    def groups_by_residue(self, dim: str, modulus: int) -> tuple[tuple[int, ...], ...]:
+        """One group along `dim` for each value its first rank takes modulo `modulus`: groups whose first ranks
+        agree modulo the node size cross node boundaries alike, so these show every group's pattern (at most
+        `modulus` groups, found without listing all world / size of them)."""
+        along = self._along(dim)
+        members = self._offsets(along)
+        first = {0: 0}                       # first rank modulo `modulus` -> one first rank
+        for d in (d for d in self._fine_strides if d not in along):
+            stride = self._fine_strides[d]
+            first = {(b + i * stride) % modulus: b + i * stride
+                     for b in first.values() for i in range(self.size(d))} | first
+        return tuple(tuple(b + m for m in members) for b in sorted(first.values()))
+
     def group(self, dim: str, rank: int = 0) -> tuple[int, ...]:
         """The group along `dim` that holds `rank`."""
         first = self._first_groups.get(dim)

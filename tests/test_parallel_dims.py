@@ -12,6 +12,7 @@ import pytest
 from planner.errors import InputError
 from planner.layout import Layout
 from planner.parallel_dims import AXES, ParallelDims, tied_embedding_pairs
+from planner.specs import ParallelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [(pp, dp, tp, ep, order) for pp, dp, tp, ep in [(1, 1, 1, 1), (2, 4, 2, 2), (3, 4, 2, 4), (2, 6, 1, 3),
@@ -120,3 +121,15 @@ def test_a_plan_file_written_before_parallel_dims_still_loads_and_runs_the_same_
     swapped = [row.model_copy(update={"local_gpu": 3 - row.local_gpu}) for row in plan.rank_layout]
     moved = rank_devices(plan.model_copy(update={"rank_layout": swapped}))
     assert moved == tuple(r // 4 * 4 + 3 - r % 4 for r in range(8))
+
+
+@pytest.mark.parametrize("tp,pp,dp", [(2, 3, 4), (1, 4, 6), (4, 2, 3), (3, 5, 2)])
+@pytest.mark.parametrize("order", list(permutations(("tp", "dp", "pp"))))
+def test_groups_by_residue_cover_every_groups_first_rank_modulo_the_node(tp, pp, dp, order):
+    """Against the full list of groups: the same first ranks modulo the node size, each of them a real group."""
+    dims = ParallelDims.of(ParallelConfig(tp=tp, pp=pp, dp=dp, mbs=1), order)
+    every = dims.groups("pp")
+    for node in (4, 6, 8):
+        some = dims.groups_by_residue("pp", node)
+        assert set(some) <= set(every)
+        assert sorted(g[0] % node for g in some) == sorted({g[0] % node for g in every})

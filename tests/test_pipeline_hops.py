@@ -89,3 +89,22 @@ def test_1f1b_with_mixed_hops_stays_near_the_simulation(engine):
     sim = _simulated(core)
     assert core.work.pipeline_s == pytest.approx(sim, rel=0.08)
     assert _simulated(core, (max(core.work.hops),) * (PP - 1)) > sim
+
+
+def test_a_hop_costs_what_its_slowest_pipeline_pays():
+    """With the pipeline innermost in the rank order (tp 2, pp 3, dp 4 on three 8-GPU nodes), pipeline k holds
+    ranks 3k..3k+2: the first stays in node 0, but pipelines 2 (ranks 6-8) and 5 (ranks 15-17) cross a node
+    boundary on hops 1 and 0. Each hop waits for its slowest pipeline, so both ride InfiniBand."""
+    cost = CostModel(PRESETS["llama3-8b"], load_cluster("dgx-h100", nodes=3),
+                     TrainingSpec(global_batch=32, seq_len=4096, precision="bf16"), engine=load_engine("meshplan"))
+    cfg = ParallelConfig(tp=2, pp=3, dp=4, mbs=1, layers_per_stage=[11, 11, 10])
+    c = cost.cluster
+    nbytes = 1 * 4096 * 4096 * 4
+    per_gpu_nic = c.inter_node.bandwidth * c.nics_per_node / c.gpus_per_node
+    across = c.inter_node.latency + nbytes / per_gpu_nic
+    pipeline_innermost = cost.evaluate_core(cfg, order=("pp", "tp", "dp")).work.hops
+    tp_innermost = cost.evaluate_core(cfg).work.hops      # default order: each pipeline spans nodes 0, 1, 2
+    assert pipeline_innermost[1] - pipeline_innermost[0] == pytest.approx(0.0, abs=1e-12)
+    assert tp_innermost[0] == pytest.approx(pipeline_innermost[0], rel=1e-12)
+    issue = cost.engine.host.per_collective_s           # the host's cost of issuing the send
+    assert pipeline_innermost[0] == pytest.approx(across + issue, rel=1e-9)

@@ -914,12 +914,13 @@ class CostModel:
 
     def placement_signature(self, dims: ParallelDims) -> tuple:
         """What the cost model sees of a rank order: nodes spanned by the TP, DP, EP and expert-DP groups and which
-        pipeline boundaries cross nodes (with a measured link matrix, the ranks themselves)."""
+        pipeline boundaries cross nodes in any pipeline (with a measured link matrix, the ranks themselves)."""
         sig = self._signatures.get(dims)
         if sig is None:
             node = self.cluster.gpus_per_node
-            stages = dims.group("pp", 0)
-            crossings = tuple(a // node != b // node for a, b in zip(stages, stages[1:]))
+            # per hop, whether its pipelines stay inside a node, cross nodes, or both
+            crossings = tuple(frozenset(g[h] // node != g[h + 1] // node for g in dims.groups_by_residue("pp", node))
+                              for h in range(dims.pp - 1))
             moe = ("ep", "edp") if dims.ep > 1 else ()
             sig = dims.order if self.net.matrix is not None else (
                 self.group(dims, "tp").nodes, self.group(dims, "dp").nodes, crossings,
@@ -949,14 +950,21 @@ class CostModel:
         return hit
 
     def _hop_pairs(self, layout: Layout) -> tuple[tuple[tuple[int, int], ...], ...]:
-        """Device pairs of each pipeline hop: every pipeline's when links are measured; else the first
-        pipeline's (spec-sheet links differ only by whether a hop crosses nodes, as placement_signature sees)."""
+        """Device pairs of each pipeline hop over every pipeline (the slowest sets the hop's time). Spec-sheet
+        links differ only by whether a hop crosses nodes, so there each hop keeps one pair of each kind its
+        pipelines use (a pipeline can cross a node boundary where the first one does not)."""
         pairs = self._pairs_cache.get(layout)
         if pairs is None:
-            pipelines = layout.dims.groups("pp") if self.net.matrix is not None else (layout.dims.group("pp", 0),)
-            pairs = self._pairs_cache[layout] = tuple(
-                tuple((layout.device(g[h]), layout.device(g[h + 1])) for g in pipelines)
-                for h in range(layout.dims.pp - 1))
+            gpn = layout.gpus_per_node
+            pipelines = (layout.dims.groups("pp") if self.net.matrix is not None or layout.devices is not None
+                         else layout.dims.groups_by_residue("pp", gpn))
+            out = []
+            for h in range(layout.dims.pp - 1):
+                hop = [(layout.device(g[h]), layout.device(g[h + 1])) for g in pipelines]
+                if self.net.matrix is None:       # one pair per kind: inside a node, across nodes
+                    hop = list({a // gpn == b // gpn: (a, b) for a, b in hop}.values())
+                out.append(tuple(hop))
+            pairs = self._pairs_cache[layout] = tuple(out)
         return pairs
 
     def _tied_pair(self, layout: Layout) -> Group:
