@@ -27,11 +27,20 @@ class Layout:
         return ranks if self.devices is None else tuple(self.devices[r] for r in ranks)
 
     def group(self, dim: str, all_groups: bool = False) -> Group:
-        """The group along `dim` (an axis, 'ep' or 'edp') through rank 0, as devices; with `all_groups`, every
-        parallel group along the dimension rides along as its peers (a measured network is as slow as its
-        slowest group)."""
-        peers = tuple(self.on_devices(g) for g in self.dims.groups(dim)) if all_groups else ()
-        return Group.of(self.on_devices(self.dims.group(dim, 0)), self.gpus_per_node, peers)
+        """The group along `dim` (an axis, 'ep' or 'edp') that sets the pace, as devices: with `all_groups`, the
+        one through rank 0 with every parallel group along the dimension as its peers (a measured network is as
+        slow as its slowest group); else the one spanning the most nodes (rank 0's among equals: on spec-sheet
+        links a group's time depends on its node count, and a group of a size that does not divide the node,
+        tp 3 on 8-GPU nodes say, spans one node or two by where it starts)."""
+        if all_groups:
+            peers = tuple(self.on_devices(g) for g in self.dims.groups(dim))
+            return Group.of(self.on_devices(self.dims.group(dim, 0)), self.gpus_per_node, peers)
+        gpn = self.gpus_per_node
+        if self.devices is None:
+            ranks = max(self.dims.groups_by_residue(dim, gpn), key=lambda g: len({r // gpn for r in g}))
+        else:
+            ranks = max(self.dims.groups(dim), key=lambda g: len({self.devices[r] // gpn for r in g}))
+        return Group.of(self.on_devices(ranks), gpn)
 
     def entries(self) -> list[dict[str, int]]:
         """Every rank with its coordinate, node and local GPU index, sorted by rank (the plan's rank_layout)."""

@@ -133,3 +133,17 @@ def test_groups_by_residue_cover_every_groups_first_rank_modulo_the_node(tp, pp,
         some = dims.groups_by_residue("pp", node)
         assert set(some) <= set(every)
         assert sorted(g[0] % node for g in some) == sorted({g[0] % node for g in every})
+
+
+@pytest.mark.parametrize("tp,pp,dp", [(3, 1, 8), (3, 2, 4), (6, 1, 4), (2, 3, 4)])
+@pytest.mark.parametrize("order", list(permutations(("tp", "dp", "pp"))))
+def test_a_layouts_group_is_its_slowest_one(tp, pp, dp, order):
+    """On spec-sheet links the group that prices a collective spans the most nodes of all the groups along its
+    dimension (brute force over every group): tp 3 on 8-GPU nodes puts ranks 6-8 across two nodes."""
+    dims = ParallelDims.of(ParallelConfig(tp=tp, pp=pp, dp=dp, mbs=1), order)
+    layout = Layout(dims, 8)
+    for dim in ("tp", "dp", "pp"):
+        most = max(len({r // 8 for r in g}) for g in dims.groups(dim))
+        assert layout.group(dim).nodes == most
+    if order == ("tp", "dp", "pp") and (tp, pp) == (3, 1):
+        assert layout.group("tp").nodes == 2 and dims.group("tp", 0) == (0, 1, 2)
