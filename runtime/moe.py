@@ -92,14 +92,17 @@ class SharedExpert(nn.Module):
         return self.down(SwiGLUFunction.apply(self.gate(x), self.up(x)))
 
 
-def _expert_major(table: torch.Tensor) -> torch.Tensor:
-    """Rows arrive grouped by source, then by expert (table[s, e] rows from source s for expert e): the
-    permutation that groups them by expert, then source."""
-    sources, experts = table.shape
+def expert_major(table: torch.Tensor, total: int) -> torch.Tensor:
+    """Rows arrive grouped by source, then by expert (table[s, e] rows from source s for expert e, `total` of
+    them): the permutation that groups them by expert, then source. Computed on the table's device without
+    reading it back (`total` sizes the output), so it costs no host synchronisation."""
     flat = table.flatten()
-    starts = torch.cumsum(flat, 0) - flat
-    blocks = [(int(starts[s * experts + e]), int(table[s, e])) for e in range(experts) for s in range(sources)]
-    return torch.cat([torch.arange(a, a + n) for a, n in blocks]) if blocks else torch.arange(0)
+    starts = torch.cumsum(flat, 0) - flat                 # where block (s, e) begins among the arrived rows
+    lengths = table.t().flatten()                         # blocks in expert-major order
+    firsts = starts.view(table.shape).t().flatten()
+    offsets = torch.cumsum(lengths, 0) - lengths          # where each block begins in the permuted order
+    block_start = torch.repeat_interleave(firsts - offsets, lengths, output_size=total)
+    return block_start + torch.arange(total, device=table.device)
 
 
 class MoEMLP(nn.Module):
@@ -163,7 +166,7 @@ class MoEMLP(nn.Module):
         dist.all_to_all_single(recv, send.contiguous(), group=group)      # [source rank, local expert]
         send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
         arrived = all_to_all_single(rows, recv_splits, send_splits, group)
-        perm = _expert_major(recv)        # arrived is grouped by source rank, then expert
+        perm = expert_major(recv, sum(recv_splits))       # arrived is grouped by source rank, then expert
         out = self._run_experts(arrived[perm], recv.sum(0))
         back = out[torch.argsort(perm)]
         return all_to_all_single(back, send_splits, recv_splits, group)
@@ -181,7 +184,7 @@ class MoEMLP(nn.Module):
         table = torch.stack(table)                           # [TP rank, local expert]
         sizes = table.sum(1).tolist()
         gathered = all_to_all_single(rows.repeat(tp, 1), sizes, [n] * tp, group)   # backward: reduce-scatter
-        perm = _expert_major(table)
+        perm = expert_major(table, sum(sizes))
         partial = self.experts(gathered[perm], table.sum(0).tolist())[torch.argsort(perm)]
         scattered = all_to_all_single(partial, [n] * tp, sizes, group)   # my rows' partial sum from every rank
         return scattered.view(tp, n, -1).sum(0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.moe import MoEMLP
+from runtime.moe import MoEMLP, expert_major
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,22 @@ def test_moe_mlp_matches_a_per_token_loop():
             s = m.shared
             want = want + s.down.weight @ (F.silu(s.gate.weight @ v) * (s.up.weight @ v))
             assert torch.allclose(y[b, t], want, rtol=1e-5, atol=1e-6)
+
+
+def test_expert_major_order_is_the_block_by_block_permutation():
+    """Against the permutation written out block by block: rows grouped by source then expert (table[s, e] of
+    them) regrouped by expert then source, empty blocks included."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        sources, experts = torch.randint(1, 5, (2,), generator=gen).tolist()
+        table = torch.randint(0, 4, (sources, experts), generator=gen)
+        start = {}
+        at = 0
+        for s in range(sources):
+            for e in range(experts):
+                start[s, e], at = at, at + int(table[s, e])
+        want = [start[s, e] + i for e in range(experts) for s in range(sources) for i in range(int(table[s, e]))]
+        assert expert_major(table, at).tolist() == want
 
 
 def test_expert_parallel_matches_single_process(tmp_path):
