@@ -11,7 +11,23 @@ from dataclasses import dataclass
 from planner.cost.comm import Group
 from planner.parallel_dims import AXES, DEFAULT_ORDER, ParallelDims
 
-__all__ = ["AXES", "DEFAULT_ORDER", "Layout"]
+__all__ = ["AXES", "DEFAULT_ORDER", "Layout", "ORDERED_DIMS", "reversed_group"]
+
+# Mesh dimensions whose shards PyTorch gathers in process order: DTensor's TP shards, FSDP2's DP and expert-DP
+# shards (the pipeline maps stages to processes itself; the all-to-all numbers EP ranks by its own group).
+ORDERED_DIMS = ("tp", "dp", "edp")
+
+
+def reversed_group(dims: ParallelDims, devices: tuple[int, ...]) -> tuple[str, tuple[int, ...]] | None:
+    """The first TP, DP or expert-DP group (dimension, ranks) whose devices do not increase along it, None when
+    every one does. A DeviceMesh sub-group numbers its members by process (torch.distributed.new_group sorts
+    them), so `meshplan run` can only run placements where none is reversed."""
+    for dim in ORDERED_DIMS:
+        for group in dims.groups(dim):
+            processes = [devices[r] for r in group]
+            if processes != sorted(processes):
+                return dim, group
+    return None
 
 
 @dataclass(frozen=True)

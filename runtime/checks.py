@@ -7,6 +7,7 @@ Each check raises `planner.errors.InputError` (one line naming the field; exit 2
 from __future__ import annotations
 
 from planner.errors import InputError
+from planner.layout import reversed_group
 from planner.limits import check_option
 from planner.outputs import check_writable_dir
 from planner.plan import Plan
@@ -17,23 +18,17 @@ from runtime.data import check_data_file
 from runtime.rank_layout import rank_devices
 
 
-# Mesh dimensions whose shards PyTorch gathers in process order: DTensor's TP shards, FSDP2's DP and expert-DP
-# shards (the pipeline maps stages to processes itself; the all-to-all numbers EP ranks by its own group).
-ORDERED_DIMS = ("tp", "dp", "edp")
-
-
 def check_mesh_order(plan: Plan) -> None:
     """InputError unless every TP, DP and expert-DP group runs on increasing processes: a DeviceMesh sub-group
     numbers its members by process (torch.distributed.new_group sorts them), so on a placement that reverses a
     group DTensor and FSDP2 would gather its shards out of the mesh's order and train another model."""
-    dims, devices = plan.config.dims, rank_devices(plan)
-    for dim in ORDERED_DIMS:
-        for group in dims.groups(dim):
-            processes = [devices[r] for r in group]
-            if processes != sorted(processes):
-                raise InputError(f"the {dim} group of ranks {list(group)} is placed on processes {processes}; the "
-                                 f"runtime needs every tp, dp and expert-dp group on increasing processes",
-                                 field="rank_layout")
+    devices = rank_devices(plan)
+    bad = reversed_group(plan.config.dims, devices)
+    if bad is not None:
+        dim, group = bad
+        raise InputError(f"the {dim} group of ranks {list(group)} is placed on processes "
+                         f"{[devices[r] for r in group]}; the runtime needs every tp, dp and expert-dp group on "
+                         f"increasing processes", field="rank_layout")
 
 
 def unsupported(spec: ModelSpec) -> str | None:

@@ -57,3 +57,26 @@ def test_plan_file_carries_the_placement(tmp_path):
     plan = make_plan(MODEL, cluster, TRAINING, cost.prediction(placed))
     assert plan.config.placement == list(placed.devices)
     assert [e.local_gpu for e in sorted(plan.rank_layout, key=lambda e: e.rank)] == list(placed.devices)
+
+
+def _runnable(dims, devices) -> bool:
+    """Every TP and DP group on increasing devices (what `meshplan run`'s DeviceMesh can run)."""
+    return all(list(devices[r] for r in g) == sorted(devices[r] for r in g)
+               for dim in ("tp", "dp") for g in dims.groups(dim))
+
+
+@pytest.mark.parametrize("tp,pp,dp", [(2, 2, 1), (1, 2, 2)])
+@pytest.mark.parametrize("slow", [{(0, 1)}, {(1, 2)}, {(0, 2), (1, 3)}, {(0, 3), (1, 2)}])
+def test_placement_keeps_groups_in_process_order_and_is_the_best_such(tp, pp, dp, slow):
+    """Against brute force over every placement the runtime can run: the search never returns a TP or DP group
+    on decreasing devices (DeviceMesh numbers a sub-group by process), and it finds the fastest of those."""
+    from planner.parallel_dims import ParallelDims
+    cluster = measured_cluster({frozenset(p) for p in slow})
+    cost = CostModel(MODEL, cluster, TRAINING)
+    cand = Candidate(tp, pp, dp, 1, 1, 0, "none", False, "1f1b", DEFAULT_ORDER)
+    dims = ParallelDims.of(cand, cand.order)
+    placed = improve_placement(cost, cand, cost.evaluate_core(cand, cand.order))
+    assert placed.devices is None or _runnable(dims, placed.devices)
+    brute = min(cost.evaluate_core(cand, cand.order, perm).step for perm in permutations(range(4))
+                if _runnable(dims, perm))
+    assert placed.step == pytest.approx(brute, rel=1e-9)
