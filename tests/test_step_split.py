@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planner.cost.model import CostModel
-from planner.cost.step_split import best_split
 from planner.engine import load_engine
 from planner.loaders import load_cluster
 from planner.partition import partition_layers
@@ -176,36 +175,3 @@ def test_split_with_hops_inside_and_across_nodes_is_the_brute_force_optimum(engi
             best = (pred.predicted.step_time_s, split)
     assert chosen.feasible and best is not None
     assert math.isclose(chosen.predicted.step_time_s, best[0], rel_tol=1e-9), (chosen.config.layers_per_stage, best)
-
-
-@given(blocking=st.booleans(), p=st.integers(2, 6), layers=st.integers(6, 12), nmb=st.integers(1, 12),
-       seed=st.randoms(use_true_random=False))
-@settings(max_examples=150, deadline=None)
-def test_split_with_any_hop_delays_is_the_brute_force_optimum(blocking, p, layers, nmb, seed):
-    """Synthetic devices (a block's forward and backward, the embedding on the first device, the head on the
-    last) and hops of any speeds, slow ones among fast: the split's step is pipeline.pipeline_time's 1F1B with
-    those hops, and the split is the fastest of every contiguous split by it."""
-    from planner.cost.pipeline import pipeline_time
-    from planner.cost.step import DeviceTimes
-    if layers < p:
-        return
-    f_blk, b_blk = seed.uniform(0.5, 1.5), seed.uniform(1.0, 3.0)
-    ends = [seed.uniform(0.0, 2.0) if i in (0, p - 1) else 0.0 for i in range(p)]
-    hops = [seed.choice([0.01, 0.05, 0.6]) * seed.uniform(0.5, 1.5) for _ in range(p - 1)]
-
-    def passes(i: int, n: int) -> tuple[float, float]:
-        return n * f_blk + ends[i] / 3, n * b_blk + 2 * ends[i] / 3
-
-    def times(i: int, n: int) -> tuple[DeviceTimes, float]:
-        f, b = passes(i, n)
-        return DeviceTimes(f, b, 0.0, 0.0, 0.0, 0.0), 0.0
-
-    def step(split) -> float:
-        fb = [passes(i, n) for i, n in enumerate(split)]
-        return pipeline_time("1f1b", nmb, [f for f, _ in fb], [b for _, b in fb], hops, 1, blocking)[0]
-
-    start = partition_layers(layers, f_blk + b_blk, ends)
-    got = best_split("1f1b", 1, layers, nmb, start, times, lambda i, n: True, hops, blocking, 0.0, f_blk + b_blk,
-                     ends)
-    assert sum(got) == layers and len(got) == p
-    assert step(got) == pytest.approx(min(step(s) for s in _compositions(layers, p)), rel=1e-9)
