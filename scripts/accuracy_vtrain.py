@@ -1,20 +1,31 @@
-"""Accuracy of meshplan's step-time predictions against 1,440 measured Megatron-DeepSpeed iterations.
+"""vTrain's 1,440 Megatron-DeepSpeed iterations in detail: the error per GPU count, and how much of what is left
+any smooth correction of the cost model could remove.
 
-Data: ../shared/reference/vtrain_single_node_a100.csv (vTrain, MICRO 2024): one node of 2, 4 or 8 A100s,
-GPT models (h 1024/2048, 16 heads, 12-24 layers, seq 1024, vocab 51,200), fp16, full activation
-recomputation, 1F1B, eager (non-flash) attention with dropout, ZeRO off.
+Data: ../shared/reference/vtrain_single_node_a100.csv (vTrain, MICRO 2024): one node of 2, 4 or 8 A100s, GPT
+models (h 1024/2048, 16 heads, 12-24 layers, seq 1024, vocab 51,200), fp16, full recomputation, 1F1B, eager
+attention with dropout, ZeRO off. Each row is predicted exactly as `scripts/accuracy_public.py --set vtrain`
+predicts it (the set is defined there once); `scripts/fit_a100.py` fits the cluster file's parameters.
 
-    python scripts/accuracy_vtrain.py            # MAPE and Spearman per GPU count with cluster_specs/dgx-a100-80gb.yaml
-    python scripts/accuracy_vtrain.py --fit      # refit the cluster file's efficiency parameters (prints them)
+    python scripts/accuracy_vtrain.py            # MAPE, median and max APE, Spearman per GPU count
+    python scripts/accuracy_vtrain.py --cv       # also 5-fold cross-validated calibration (about 6 minutes)
+    python scripts/accuracy_vtrain.py --floor    # what is left of the error, by cell and under smooth corrections
 
-The fit adjusts only the physically meaningful parameters listed in FITTED, once, for all rows. The data is
-read from ../shared/reference, or from its copy in tests/data/reference.
+`--floor` takes the log residuals log(predicted / measured) and asks two questions:
+  1. where they sit: the residual left after removing each (hidden, tp, micro-batch) cell's median, against
+     removing the median of coarser groupings (a table of per-cell factors: an upper bound on what any
+     cell-wise correction could do in sample, not a model);
+  2. what a smooth correction could reach: polynomials of degree 1-3 in log2 of hidden size, tp and micro-batch
+     (4 to 20 coefficients), fitted on 4 folds and scored on the 5th, the same folds as the cross-validation.
+     A physical term that varies smoothly with the shapes (a GEMM curve, a host or latency cost, a bandwidth)
+     is such a correction or a simpler one; if the degree-3 polynomial does not reach a target, no smooth
+     refinement of the model will.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import sys
 from pathlib import Path
 
@@ -23,68 +34,21 @@ from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
-from planner.calibrate import fit, with_params  # noqa: E402
-from planner.cost.model import CostModel  # noqa: E402
-from planner.engine import load_engine  # noqa: E402
-from planner.loaders import load_cluster  # noqa: E402
-from planner.specs import ClusterSpec, ModelSpec, ParallelConfig, TrainingSpec  # noqa: E402
+import accuracy_public as sets  # noqa: E402
 
-DATA = next((p for p in (ROOT.parent / "shared" / "reference" / "vtrain_single_node_a100.csv",
-                          ROOT / "tests" / "data" / "reference" / "vtrain_single_node_a100.csv") if p.is_file()))
-CLUSTER = "dgx-a100-80gb"
-ENGINE = load_engine("deepspeed")      # Megatron-DeepSpeed: vTrain's runs
-GPUS_PER_NODE = 8          # vTrain's A100 nodes
-
-# (dotted path, lower bound, upper bound): `gpu.` the A100's efficiencies, `engine.` DeepSpeed's host costs
-FITTED = [
-    ("gpu.efficiency.gemm_max", 0.4, 0.95),
-    ("gpu.efficiency.gemm_tile", 0.0, 512.0),
-    ("gpu.efficiency.memory", 0.3, 0.95),
-    ("engine.host.per_kernel_s", 1e-6, 200e-6),
-    ("engine.host.per_backward_kernel_s", 1e-6, 200e-6),
-    ("intra_node.latency", 1e-6, 60e-6),
-]
+FOLDS = 5
+COLUMNS = ["gpus", "global_batch", "mbs", "hidden", "heads", "layers", "seq", "tp", "dp", "pp"]
 
 
-def read_rows(path: Path = DATA) -> list[dict[str, int | float]]:
-    names = ["gpus", "global_batch", "mbs", "hidden", "heads", "layers", "seq", "tp", "dp", "pp", "ms"]
-    rows = []
-    with open(path) as f:
-        for rec in csv.reader(f):
-            if not rec or rec[0].startswith("#"):
-                continue
-            row = dict(zip(names, rec))
-            rows.append({k: (float(v) if k == "ms" else int(v)) for k, v in row.items()})
-    return rows
+def read_rows() -> list[dict[str, int]]:
+    """The configuration of every row, in the file's order (the order of `sets.vtrain_set().cases`)."""
+    with open(sets.REFERENCE / "vtrain_single_node_a100.csv") as f:
+        return [dict(zip(COLUMNS, map(int, rec[:-1]))) for rec in csv.reader(f) if rec and not rec[0].startswith("#")]
 
 
-def predict_all(rows, cluster: ClusterSpec) -> np.ndarray:
-    """Predicted iteration time (ms) of every row."""
-    models: dict[tuple, CostModel] = {}
-    out = []
-    for r in rows:
-        key = (r["hidden"], r["layers"], r["global_batch"], r["gpus"])
-        cm = models.get(key)
-        if cm is None:
-            model = ModelSpec(name=f"gpt-h{r['hidden']}-l{r['layers']}", num_layers=r["layers"],
-                              hidden_size=r["hidden"], num_heads=r["heads"], vocab_size=51200,
-                              max_position_embeddings=r["seq"], tied_embeddings=True, dropout=0.1,
-                              attention_kernel="eager")
-            # DeepSpeed's engine all-reduces the gradients after the backward, not under it (its engine file)
-            training = TrainingSpec(global_batch=r["global_batch"], seq_len=r["seq"], precision="fp16",
-                                    optimizer="adam")
-            gpus_per_node = min(r["gpus"], GPUS_PER_NODE)
-            nodes = -(-r["gpus"] // gpus_per_node)
-            cm = models[key] = CostModel(model, cluster.resized(nodes, gpus_per_node), training, engine=ENGINE)
-        cfg = ParallelConfig(tp=r["tp"], pp=r["pp"], dp=r["dp"], mbs=r["mbs"], recompute="full",
-                             schedule="1f1b")
-        out.append(cm.evaluate(cfg).predicted.step_time_s * 1e3)
-    return np.array(out)
-
-
-def report(rows, pred: np.ndarray) -> None:
-    meas = np.array([r["ms"] for r in rows])
+def report(rows: list[dict[str, int]], pred: np.ndarray, meas: np.ndarray) -> None:
     gpus = np.array([r["gpus"] for r in rows])
     print(f"{'GPUs':>5} {'rows':>5} {'MAPE %':>8} {'median APE %':>13} {'max APE %':>10} {'Spearman':>9}")
     for g in sorted(set(gpus)) + [None]:
@@ -95,41 +59,70 @@ def report(rows, pred: np.ndarray) -> None:
               f"{ape.max():>10.1f} {rho:>9.4f}")
 
 
-def refit(rows, cluster: ClusterSpec, quiet: bool = False) -> ClusterSpec:
-    values = fit(cluster, FITTED, [r["ms"] / 1e3 for r in rows], lambda c: predict_all(rows, c) / 1e3, ENGINE)
-    if not quiet:
-        for p, v in values.items():
-            print(f"  {p} = {v:.6g}")
-    return with_params(cluster, values, ENGINE.name)
+def mape(log_residual: np.ndarray) -> float:
+    return float(np.mean(np.abs(np.expm1(log_residual))) * 100)
 
 
-def cross_validated(rows, cluster: ClusterSpec, folds: int = 5) -> np.ndarray:
-    """Each row predicted by the parameters fitted to the other folds (rows assigned round-robin)."""
-    pred = np.zeros(len(rows))
-    for k in range(folds):
-        train = [r for i, r in enumerate(rows) if i % folds != k]
-        test = [i for i in range(len(rows)) if i % folds == k]
-        fitted = refit(train, cluster, quiet=True)
-        pred[test] = predict_all([rows[i] for i in test], fitted)
-    return pred
+def without_group_medians(r: np.ndarray, rows: list[dict[str, int]], keys: tuple[str, ...]) -> np.ndarray:
+    """The log residuals less the median of each group of rows sharing `keys`."""
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(tuple(row[k] for k in keys), []).append(i)
+    out = r.copy()
+    for members in groups.values():
+        out[members] -= np.median(r[members])
+    return out
+
+
+def polynomial_features(rows: list[dict[str, int]], degree: int) -> np.ndarray:
+    """1 and every monomial up to `degree` in log2 of hidden size, tp and micro-batch: one row per run."""
+    axes = [np.log2([r[k] for r in rows]) for k in ("hidden", "tp", "mbs")]
+    cols = [np.ones(len(rows))]
+    for d in range(1, degree + 1):
+        cols += [np.prod(c, axis=0) for c in itertools.combinations_with_replacement(axes, d)]
+    return np.array(cols).T
+
+
+def cross_validated_correction(r: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The log residuals after a least-squares correction x @ c fitted on the other folds (round-robin rows)."""
+    out = np.empty_like(r)
+    fold = np.arange(len(r)) % FOLDS
+    for k in range(FOLDS):
+        c, *_ = np.linalg.lstsq(x[fold != k], r[fold != k], rcond=None)
+        out[fold == k] = r[fold == k] - x[fold == k] @ c
+    return out
+
+
+def floor(rows: list[dict[str, int]], pred: np.ndarray, meas: np.ndarray) -> None:
+    r = np.log(pred / meas)
+    print(f"\nresidual MAPE {mape(r):.2f}% as predicted; after removing group medians (in sample, a table):")
+    for keys in [("tp",), ("mbs",), ("hidden", "tp"), ("tp", "mbs"), ("gpus", "tp", "mbs"), ("tp", "pp", "mbs"),
+                 ("hidden", "tp", "mbs")]:
+        n = len({tuple(row[k] for k in keys) for row in rows})
+        print(f"  {' x '.join(keys):<22} {n:>3} groups  {mape(without_group_medians(r, rows, keys)):6.2f}%")
+    print(f"smooth corrections in log2(hidden, tp, micro-batch), {FOLDS}-fold cross-validated:")
+    for degree in (1, 2, 3):
+        x = polynomial_features(rows, degree)
+        print(f"  degree {degree} ({x.shape[1]:>2} coefficients)          "
+              f"{mape(cross_validated_correction(r, x)):6.2f}%")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fit", action="store_true", help="refit the FITTED parameters and report with them")
-    ap.add_argument("--cv", action="store_true", help="also report 5-fold cross-validated errors (refits 5 times)")
-    ap.add_argument("--cluster", default=CLUSTER, help="cluster spec to evaluate (default %(default)s)")
+    ap.add_argument("--cv", action="store_true", help=f"also the {FOLDS}-fold cross-validated calibration")
+    ap.add_argument("--floor", action="store_true", help="where the residual sits, and what smooth corrections reach")
     args = ap.parse_args()
-    rows = read_rows()
-    cluster = load_cluster(args.cluster)
-    if args.fit:
-        print("fitted parameters:")
-        cluster = refit(rows, cluster)
-    print(f"vTrain single-node A100 rows: {len(rows)}; cluster {cluster.name}, engine {ENGINE.name}")
-    report(rows, predict_all(rows, cluster))
+    st, rows = sets.vtrain_set(), read_rows()
+    assert len(rows) == len(st.cases)
+    meas = np.array([c.measured_s for c in st.cases])
+    pred = sets.predict(st.cases, st.cluster)
+    print(f"vTrain single-node A100 rows: {len(rows)}; cluster {st.cluster.name}, engine {st.engine.name}")
+    report(rows, pred, meas)
     if args.cv:
-        print("5-fold cross-validated (each row predicted by parameters fitted without it):")
-        report(rows, cross_validated(rows, cluster))
+        print(f"{FOLDS}-fold cross-validated (each row predicted by parameters fitted without it):")
+        report(rows, sets.cross_validated(st), meas)
+    if args.floor:
+        floor(rows, pred, meas)
 
 
 if __name__ == "__main__":
