@@ -407,15 +407,15 @@ class ClusterSpec(_Spec):
     @classmethod
     def _one_group(cls, data):
         """A single entry of `node_groups` is the plain `nodes` form (its links become the cluster's)."""
-        if isinstance(data, dict) and len(data.get("node_groups") or []) == 1 and data.get("nodes") is None:
+        groups = data.get("node_groups") if isinstance(data, dict) else None
+        if isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict) and data.get("nodes") is None:
             data = dict(data)
-            group = dict(data.pop("node_groups")[0]) if isinstance(data["node_groups"][0], dict) else None
-            if group is not None:
-                for key in ("intra_node", "inter_node", "nics_per_node"):
-                    if group.get(key) is not None:
-                        data[key] = group.pop(key)
-                    group.pop(key, None)
-                data["nodes"] = group
+            group = dict(data.pop("node_groups")[0])
+            for key in ("intra_node", "inter_node", "nics_per_node"):
+                if group.get(key) is not None:
+                    data[key] = group.pop(key)
+                group.pop(key, None)
+            data["nodes"] = group
         return data
 
     @model_validator(mode="after")

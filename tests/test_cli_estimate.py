@@ -117,3 +117,17 @@ def test_plan_file_written_once(capsys, tmp_path):
     assert again.code == 2 and "--force" in again.err
     forced = run_cli(capsys, *BASE, "-o", str(out), "--force", "--json")
     assert forced.code == 0
+
+
+@pytest.mark.parametrize("groups", [3, 0.5, True, "x", [7]])
+def test_node_groups_that_are_not_a_list_of_groups(capsys, tmp_path, groups):
+    """A cluster's `node_groups` must be a list of node groups: anything else is named in one line (it raised
+    a TypeError in the single-group shortcut)."""
+    cluster = tmp_path / "cluster.json"
+    cluster.write_text(json.dumps({"name": "odd", "node_groups": groups,
+                                   "intra_node": {"bandwidth": 3e11}, "inter_node": {"bandwidth": 2.5e10}}))
+    argv = list(BASE)
+    argv[argv.index("dgx-a100-80gb")] = str(cluster)
+    r = run_cli(capsys, *argv)
+    assert r.code == 2, (r.out, r.err)
+    assert "node_groups" in r.err and "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1
