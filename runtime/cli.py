@@ -7,6 +7,7 @@ and `meshplan estimate` must stay fast); torch itself is imported only by the ra
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -75,13 +76,13 @@ def run_command(
     parse_endpoint(rdzv_endpoint)
     if data_dtype not in ("uint16", "uint32"):
         raise InputError(f"'{data_dtype}' is not one of uint16, uint32", field="--data-dtype")
-    train_args = ["--plan", str(plan.resolve()), "--steps", str(steps), "--seed", str(seed), "--lr", repr(lr)]
+    train_args = ["--plan", os.path.abspath(plan), "--steps", str(steps), "--seed", str(seed), "--lr", repr(lr)]
     if compile if compile is not None else p.engine.compile:
         train_args.append("--compile")
     if data:
-        train_args += ["--data", str(data.resolve()), "--data-dtype", data_dtype]
+        train_args += ["--data", os.path.abspath(data), "--data-dtype", data_dtype]
     if checkpoint_dir:
-        train_args += ["--checkpoint-dir", str(checkpoint_dir.resolve())]
+        train_args += ["--checkpoint-dir", os.path.abspath(checkpoint_dir)]
     if checkpoint_every:
         train_args += ["--checkpoint-every", str(checkpoint_every)]
     if resume:

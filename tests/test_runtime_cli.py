@@ -247,7 +247,10 @@ def test_bad_input_is_refused_before_launch(tmp_path):
     (np.arange(4096) % 500 + 1).astype(np.uint32).tofile(wide)
     (tmp_path / "exists.json").write_text("{}")
     fake_checkpoint(tmp_path / "earlier", 6)
+    loop = tmp_path / "loop.bin"
+    loop.symlink_to(loop)
     cases = [
+        (["--data", loop, "--print-command"], "--data"),
         (["--nproc-per-node", 4], "the plan is for 2 processes (tp 2 x pp 1 x dp 1) but 4 were started"),
         (["--data", short], "holds 20 tokens; one training sequence needs seq_len + 1 = 33"),
         (["--data", wide], "looks like uint32 token ids"),
