@@ -55,7 +55,7 @@ def test_zero3_step_prices_window_and_blocking_reduction():
     layers = cost.model.num_layers
     c = cost.dp_comm(cfg, cost.device_params(cfg, 0, layers), layers, dp_group)
     assert c.bwd_blocking > 0 and c.fwd_each > 0
-    blk, ends = w.block, w.ends
+    blk, ends = w.blocks[0], w.ends
     fwd = layers * blk.forward.total + ds.host.per_microbatch_s + ends.emb_fwd.total + ends.head_fwd.total
     bwd = layers * (blk.backward.total + blk.recompute.total) + ends.emb_bwd.total + ends.head_bwd.total
     kappa = cluster.overlap_slowdown

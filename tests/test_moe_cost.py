@@ -186,3 +186,34 @@ def test_plan_for_mixtral_on_16_h100_uses_ep_where_it_is_faster(capsys, tmp_path
     r = run_cli(capsys, "run", out, "--print-command")
     assert cfg["tp"] > 1
     assert r.code == 0 and r.out.count("-m runtime.train") == 2, r.err
+
+
+def _moe_model(first_dense: int, every: int):
+    from planner.specs import ModelSpec
+    return ModelSpec(name=f"moe-d{first_dense}-e{every}", num_layers=8, hidden_size=256, num_heads=4,
+                     vocab_size=1024, max_position_embeddings=512, ffn_hidden_size=1024, mlp="swiglu",
+                     moe=MoESpec(num_experts=4, top_k=2, expert_ffn_size=512, first_dense_layers=first_dense,
+                                 every=every))
+
+
+@pytest.mark.parametrize("zero,ep", [(0, 1), (1, 2), (2, 2)])
+def test_each_stage_is_priced_with_its_own_layers(zero, ep):
+    """First two layers dense, six MoE, pp 2 at 4 + 4 blocks: stage 0 holds 2 dense + 2 MoE layers, which is the
+    same mix as a stage of the model whose every second layer is MoE; stage 1 holds 4 MoE layers, as a stage of
+    the all-MoE model does. Each stage's memory and per-micro-batch work equal those stages' exactly (a mean
+    block over the whole model would give both stages 6/8 MoE)."""
+    cluster = load_cluster("dgx-h100", nodes=1, gpus_per_node=4)
+    training = TrainingSpec(global_batch=16, seq_len=512)
+    cfg = ParallelConfig(tp=1, pp=2, dp=2, ep=ep, mbs=1, zero=zero, layers_per_stage=[4, 4])
+
+    def core(first_dense: int, every: int):
+        return CostModel(_moe_model(first_dense, every), cluster, training).evaluate_core(cfg)
+
+    mixed, alternating, all_moe = core(2, 1), core(0, 2), core(0, 1)
+    for stage, same in ((0, alternating), (1, all_moe)):
+        got, want = mixed.stages[stage], same.stages[stage]
+        for field in ("params", "grads", "optimizer", "activations", "other", "total"):
+            assert getattr(got, field) == pytest.approx(getattr(want, field), rel=1e-9), (stage, field)
+        for pass_ in ("forward", "backward"):
+            got_s, want_s = (dict(getattr(c.work, pass_)(stage, 0)) for c in (mixed, same))
+            assert got_s == pytest.approx(want_s), (stage, pass_)

@@ -59,12 +59,14 @@ def problems(draw):
 
 @st.composite
 def moe_problems(draw):
-    """Mixture-of-experts models (every layer or after a dense first one) on one or two small nodes."""
+    """Mixture-of-experts models (every layer or every second one, after a dense first one or not) on one or two
+    small nodes: stages of different kinds of layers."""
     heads = draw(st.sampled_from([4, 8]))
     experts = draw(st.sampled_from([4, 8]))
     moe = MoESpec(num_experts=experts, top_k=draw(st.sampled_from([1, 2])),
                   expert_ffn_size=heads * draw(st.sampled_from([64, 128])),
-                  shared_experts=draw(st.sampled_from([0, 1])), first_dense_layers=draw(st.sampled_from([0, 1])))
+                  shared_experts=draw(st.sampled_from([0, 1])), first_dense_layers=draw(st.sampled_from([0, 1])),
+                  every=draw(st.sampled_from([1, 1, 2])))
     model = ModelSpec(num_layers=draw(st.integers(2, 8)), hidden_size=heads * 64, num_heads=heads,
                       num_kv_heads=heads // 2, ffn_hidden_size=heads * 128, vocab_size=32000,
                       max_position_embeddings=4096, mlp="swiglu", norm="rmsnorm", bias=False,

@@ -57,7 +57,7 @@ def _time_only_split(cost: CostModel, cfg: ParallelConfig) -> list[int]:
     extra = [0.0] * cfg.pp
     extra[0] += w.ends.emb_fwd.total + w.ends.emb_bwd.total
     extra[-1] += w.ends.head_fwd.total + w.ends.head_bwd.total
-    return partition_layers(cost.model.num_layers, w.block.total, extra)
+    return partition_layers(cost.model.num_layers, w.blocks[0].total, extra)
 
 
 CASES = [(engine, zero, pp) for engine, zeros in (("meshplan", (0, 1, 3)), ("megatron", (0, 1)),

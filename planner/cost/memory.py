@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from planner.cost.kernels import (FP32, MEGATRON, Dtypes, KernelOptions, fused_softmax_runs, kept_projections,
                                   projection_widths)
-from planner.cost.params import mean_layer_params
+from planner.cost.params import LayerParams, mean_layer_params
 from planner.specs import ModelSpec
 
 GIB = 2 ** 30
@@ -132,11 +132,12 @@ def _op_policy_bytes(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dt
     return er * local * h + kept + attention + reduce_scatters
 
 
-def autocast_weight_bytes(m: ModelSpec, tp: int, dt: Dtypes, ep: int = 1) -> float:
-    """Bytes of the 16-bit copies autocast makes of the mean block's Linear weights and biases (one TP rank)."""
+def autocast_weight_bytes(m: ModelSpec, tp: int, dt: Dtypes, ep: int = 1, p: LayerParams | None = None) -> float:
+    """Bytes of the 16-bit copies autocast makes of the mean block's Linear weights and biases (one TP rank);
+    `p`: the parameters of another mean block (default the model's)."""
     if not dt.autocast:
         return 0.0
-    p = mean_layer_params(m)
+    p = p or mean_layer_params(m)
     return dt.act * (p.sharded / tp + p.experts / (tp * ep))
 
 

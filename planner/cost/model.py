@@ -23,7 +23,7 @@ from planner.cost.memory import (GIB, autocast_weight_bytes, block_activation_by
                                  embedding_activation_bytes, head_activation_bytes, head_transient_bytes,
                                  in_flight_microbatches, interleaved_in_flight_chunks, state_bytes)
 from planner.cost.moe import add_comm, imbalance
-from planner.cost.params import (final_norm_params, layer_mix, mean_layer_params, padded_vocab_size,
+from planner.cost.params import (LayerParams, final_norm_params, layer_mix, mean_layer_params, padded_vocab_size,
                                  position_params, tensors_per_block, total_params)
 from planner.cost.pipeline import p2p_on_path
 from planner.cost.stage_work import StageWork
@@ -39,6 +39,8 @@ from planner.prediction import (MemoryBreakdown, ModelSummary, Predicted, Predic
                                 TimeBreakdown)
 from planner.specs import ClusterSpec, ModelSpec, ParallelConfig, TrainingSpec
 from planner.validate import check_config
+
+Mix = tuple[tuple[tuple[bool, bool], int], ...]     # layers by kind: ((is MoE, windowed), how many), sorted
 
 # Fraction of the usable memory a plan keeps free. PyTorch's caching allocator leaves on average 15% (up to
 # 33%) of its reserved memory unusable in LLM training with recomputation and ZeRO (GMLake, Guo et al.
@@ -174,7 +176,7 @@ class CostModel:
         self.host_coll = engine.host.per_collective_s
         self.net = Network(cluster)
         self.layer = mean_layer_params(model)       # the mean block (dense and MoE layers by their counts)
-        self.mix = layer_mix(model)
+        self.mix: Mix = tuple(layer_mix(model))
         self.dp_calls_per_block = (tensors_per_block(model, "projections" in engine.fused)
                                    if engine.overlap.dp_calls == "parameter" else 1)
         self.seq = training.seq_len
@@ -208,6 +210,7 @@ class CostModel:
         self._expert_state_cache: dict[tuple, tuple] = {}
         self._kind_acts: dict[tuple, float] = {}
         self._timelines: dict[tuple, Timeline] = {}
+        self._mix_params: dict[Mix, LayerParams] = {}
 
     def _sources(self, profile_name: str, measured: MeasuredCosts | None) -> dict[str, str]:
         """Which numbers are measured and which computed, for the report."""
@@ -287,16 +290,18 @@ class CostModel:
         return PassCost(kernels, shown, ep_comm * (1.0 - ov.ep_comm_hidden))
 
     def block(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group, dt: Dtypes, ep: int = 1,
-              ep_group: Group | None = None) -> BlockCost:
-        """The mean block: each kind of layer (dense or MoE, global or windowed attention) weighted by its count;
-        its backward working set is the largest kind's."""
+              ep_group: Group | None = None, mix: Mix | None = None) -> BlockCost:
+        """The mean block of the model, or of the layers `mix` counts (one device's: `device_mixes`): each kind of
+        layer (dense or MoE, global or windowed attention) weighted by its count; its backward working set is
+        the largest kind's."""
         where = (lambda g: g if self.net.matrix else (g.nodes if g is not None else None))   # noqa: E731
-        key = (tp, mbs, sp, recompute, where(tp_group), dt, ep, where(ep_group))
+        mix = mix or self.mix
+        key = (tp, mbs, sp, recompute, where(tp_group), dt, ep, where(ep_group), mix)
         cost = self._blocks.get(key)
         if cost is None:
             kinds = [(self._block_kind(tp, mbs, sp, recompute, tp_group, dt, ep, ep_group, moe, win), n)
-                     for (moe, win), n in self.mix]
-            L = self.model.num_layers
+                     for (moe, win), n in mix]
+            L = sum(n for _, n in mix)
 
             def mean(get) -> PassCost:
                 return PassCost(*(sum(getattr(get(c), f) * n for c, n in kinds) / L for f in ("compute", "comm", "ep")))
@@ -383,24 +388,47 @@ class CostModel:
             return 0.0
         return self.vocab(cfg.tp) * self.model.hidden_size / cfg.tp + position_params(self.model)
 
-    def device_params(self, cfg: ParallelConfig, device: int, layers: int) -> float:
+    def device_params(self, cfg: ParallelConfig, device: int, layers: int, mix: Mix | None = None) -> float:
         """Parameters one TP rank of pipeline device `device` holds that are reduced over the whole data-parallel
-        group: all but the routed experts (elements)."""
-        return layers * self.block_params(cfg) + self.end_params(cfg, device)
+        group: all but the routed experts (elements). `mix`: the device's own layers (default: mean blocks)."""
+        return layers * self.block_params(cfg, mix) + self.end_params(cfg, device)
 
-    def block_params(self, cfg) -> float:
+    def layer_params(self, mix: Mix | None = None) -> LayerParams:
+        """The mean block's parameters, of the model or of the layers `mix` counts (cached)."""
+        if not mix:
+            return self.layer
+        hit = self._mix_params.get(mix)
+        if hit is None:
+            hit = self._mix_params[mix] = mean_layer_params(self.model, mix)
+        return hit
+
+    def block_params(self, cfg, mix: Mix | None = None) -> float:
         """Parameters of the mean block one TP rank holds that are reduced over the whole data-parallel group:
         without expert parallelism the routed experts too (their states then follow the dense ones exactly)."""
-        return self.layer.dense_per_tp_rank(cfg.tp) + (self.layer.experts / cfg.tp if cfg.ep == 1 else 0.0)
+        layer = self.layer_params(mix)
+        return layer.dense_per_tp_rank(cfg.tp) + (layer.experts / cfg.tp if cfg.ep == 1 else 0.0)
 
     def has_experts(self, cfg) -> bool:
         """Whether `cfg` shards routed experts over an EP group (their states then follow dp/ep ranks)."""
         return cfg.ep > 1 and self.layer.experts > 0
 
-    def expert_params(self, cfg, layers: int) -> float:
+    def expert_params(self, cfg, layers: int, mix: Mix | None = None) -> float:
         """Routed-expert parameters one rank holds in `layers` (mean) blocks under expert parallelism: its E/ep
         experts' TP shards (0 without: `block_params` counts them)."""
-        return layers * self.layer.experts / (cfg.tp * cfg.ep) if cfg.ep > 1 else 0.0
+        return layers * self.layer_params(mix).experts / (cfg.tp * cfg.ep) if cfg.ep > 1 else 0.0
+
+    def device_mixes(self, chunks: list[int], pp: int) -> list[Mix] | None:
+        """Each pipeline device's layers by kind, `layer_mix`'s form, from the block counts of the virtual stages
+        in model order (virtual stage v on device v mod pp); None when all the model's layers are alike."""
+        if len(self.mix) == 1:
+            return None
+        m, counts, start = self.model, [dict() for _ in range(pp)], 0
+        for v, n in enumerate(chunks):
+            for i in range(start, start + n):
+                key = (m.moe is not None and m.moe.is_moe_layer(i), m.is_windowed_layer(i))
+                counts[v % pp][key] = counts[v % pp].get(key, 0) + 1
+            start += n
+        return [tuple(sorted(c.items())) for c in counts]
 
     def _expert_regime(self, cfg, nmb: int) -> Regime:
         """The regime of the expert parameters: ZeRO over the expert-data-parallel group (dp/ep ranks)."""
@@ -425,19 +453,20 @@ class CostModel:
                       defer_under_pipeline=ov.grad_sync_under_pipeline == "last_microbatch", microbatches=nmb)
 
     def stage_timeline(self, cfg: ParallelConfig, device: int, chunk_layers: list[int], nmb: int,
-                       blk: BlockCost, dt: Dtypes) -> Timeline:
-        """Phase peaks of one GPU of pipeline device `device` whose local chunks hold `chunk_layers` blocks (cached:
-        the layer split asks for many counts, and rank orders of one configuration share their memory)."""
+                       blk: BlockCost, dt: Dtypes, mix: Mix | None = None) -> Timeline:
+        """Phase peaks of one GPU of pipeline device `device` whose local chunks hold `chunk_layers` blocks, `blk`
+        and the parameters of `mix` each (default: mean blocks) (cached: the layer split asks for many counts, and
+        rank orders of one configuration share their memory)."""
         key = (cfg.tp, cfg.pp, cfg.dp, cfg.ep, cfg.vpp, cfg.mbs, cfg.zero, cfg.sp, cfg.schedule, device, nmb,
-               blk.activation_bytes, blk.transient_bytes, tuple(chunk_layers))
+               blk.activation_bytes, blk.transient_bytes, tuple(chunk_layers), mix)
         hit = self._timelines.get(key)
         if hit is None:
-            hit = self._timelines[key] = self._stage_timeline(cfg, device, chunk_layers, nmb, blk, dt)
+            hit = self._timelines[key] = self._stage_timeline(cfg, device, chunk_layers, nmb, blk, dt, mix)
         return hit
 
     def _stage_timeline(self, cfg: ParallelConfig, device: int, chunk_layers: list[int], nmb: int,
-                        blk: BlockCost, dt: Dtypes) -> Timeline:
-        fixed = self._stage_fixed(cfg, device, nmb, blk, dt)
+                        blk: BlockCost, dt: Dtypes, mix: Mix | None) -> Timeline:
+        fixed = self._stage_fixed(cfg, device, nmb, blk, dt, mix)
         layers = sum(chunk_layers)
         held = fixed.held_per_chunk
         acts = blk.activation_bytes * sum(n * h for n, h in zip(chunk_layers, held)) + fixed.end_acts_held
@@ -453,16 +482,16 @@ class CostModel:
         dense = stage_timeline(fixed.recipe, fixed.regime, inputs, fixed.states, fixed.grads_between)
         if not self.has_experts(cfg):
             return dense
-        return _summed(dense, self._expert_timeline(cfg, layers, nmb, fixed))
+        return _summed(dense, self._expert_timeline(cfg, layers, nmb, fixed, mix))
 
-    def _expert_timeline(self, cfg, layers: int, nmb: int, fixed: "_StageFixed") -> Timeline:
+    def _expert_timeline(self, cfg, layers: int, nmb: int, fixed: "_StageFixed", mix: Mix | None) -> Timeline:
         """The routed experts' states over a step: the same recipe with ZeRO over the expert-data-parallel group,
         no activations of their own (the blocks' activations count the routed tokens)."""
-        key = (cfg.tp, cfg.pp, cfg.dp, cfg.ep, cfg.zero, nmb, max(fixed.held_per_chunk), layers)
+        key = (cfg.tp, cfg.pp, cfg.dp, cfg.ep, cfg.zero, nmb, max(fixed.held_per_chunk), layers, mix)
         hit = self._expert_timelines.get(key)
         if hit is not None:
             return hit
-        block = self.expert_params(cfg, 1)
+        block = self.expert_params(cfg, 1, mix)
         inputs = StageInputs(params=layers * block, block_params=block, end_params=0.0, last_params=0.0,
                              whole_grad_params=0.0, acts_held=0.0, acts_one=0.0, head_acts=0.0, held=max(fixed.held_per_chunk),
                              microbatches=nmb, block_transient=0.0, head_transient=0.0, head_backward=0.0,
@@ -481,11 +510,12 @@ class CostModel:
                                                                        regime.dp), grads_between_bytes(recipe, regime))
         return hit
 
-    def _stage_fixed(self, cfg: ParallelConfig, device: int, nmb: int, blk: BlockCost, dt: Dtypes) -> "_StageFixed":
+    def _stage_fixed(self, cfg: ParallelConfig, device: int, nmb: int, blk: BlockCost, dt: Dtypes,
+                     mix: Mix | None = None) -> "_StageFixed":
         """What of a device's memory does not depend on its block count (cached: the layer split asks for many
         counts)."""
         key = (cfg.tp, cfg.pp, cfg.dp, cfg.ep, cfg.vpp, cfg.mbs, cfg.zero, cfg.sp, cfg.schedule, device, nmb,
-               blk.activation_bytes)
+               blk.activation_bytes, mix)
         hit = self._stage_fixed_cache.get(key)
         if hit is not None:
             return hit
@@ -518,13 +548,14 @@ class CostModel:
         hit = self._stage_fixed_cache[key] = _StageFixed(
             recipe=recipe, regime=regime, states=state_bytes(recipe, self.training.optimizer, cfg.zero, cfg.dp),
             grads_between=grads_between_bytes(recipe, regime), held_per_chunk=held,
-            block_params=self.block_params(cfg),
+            block_params=self.block_params(cfg, mix),
             end_params=self.end_params(cfg, device), last_params=self._embedding_params(cfg, device),
             end_acts_held=end_held, end_acts_one=end_one, head_acts=head_acts,
             whole_grad_params=(self.vocab(tp) * m.hidden_size * (1 - 1 / tp)
                                if device == 0 and tp > 1 and self.engine.memory_extras.embedding_grad_whole else 0.0),
             head_transient=head_transient, head_backward=head_backward,
-            copies_per_block=0.0 if fsdp else autocast_weight_bytes(m, tp, dt, cfg.ep), end_copies=end_copies,
+            copies_per_block=0.0 if fsdp else autocast_weight_bytes(m, tp, dt, cfg.ep, self.layer_params(mix)),
+            end_copies=end_copies,
             pipeline_buffers=self._pipeline_buffers(cfg, device, nmb, held))
         return hit
 
@@ -549,12 +580,12 @@ class CostModel:
         return kept, in_flight
 
     def stage_memory(self, cfg: ParallelConfig, device: int, chunk_layers: list[int], nmb: int,
-                     blk: BlockCost, dt: Dtypes) -> StageMem:
+                     blk: BlockCost, dt: Dtypes, mix: Mix | None = None) -> StageMem:
         key = (cfg.tp, cfg.pp, cfg.dp, cfg.ep, cfg.vpp, cfg.mbs, cfg.zero, cfg.recompute, cfg.sp, cfg.schedule,
-               device, tuple(chunk_layers), nmb)
+               device, tuple(chunk_layers), nmb, mix)
         hit = self._stage_memory_cache.get(key)
         if hit is None:
-            t = self.stage_timeline(cfg, device, chunk_layers, nmb, blk, dt)
+            t = self.stage_timeline(cfg, device, chunk_layers, nmb, blk, dt, mix)
             peak = t.peak
             hit = self._stage_memory_cache[key] = StageMem(
                 sum(chunk_layers), peak.params, peak.grads, peak.optimizer, peak.activations, peak.other,
@@ -822,27 +853,37 @@ class CostModel:
         return hit
 
     def _memory_bound(self, cfg: ParallelConfig) -> float:
+        """Each device is priced with its own layers (`device_mixes`), so with layers of several kinds each kind
+        alone bounds the peak: its blocks must sit somewhere, whatever the others add."""
         dt = self.dtypes(cfg.zero, cfg.dp)
-        a = self._block_activations(cfg, dt)
-        s = self._forward_bytes_per_block(cfg, self.recipe(cfg.zero, cfg.dp))
+        recipe = self.recipe(cfg.zero, cfg.dp)
         nmb = cfg.microbatches(self.training.global_batch)
-        p, L = cfg.pp, self.model.num_layers
-        if cfg.schedule == "gpipe" and p > 1:
-            inv_sum = p / (s + a * nmb)
-        else:   # 1F1B holds min(p - i, m); interleaving holds more, so this bound holds for it too
-            k = min(p, nmb)
-            inv_sum = math.log1p(a * k / s) / a if a > 0 else k / s
-            inv_sum += (p - k) / (s + a * k)
-        return L / inv_sum * self.margin
+        p = cfg.pp
+        mixes = [None] if len(self.mix) == 1 else [((kind, n),) for kind, n in self.mix]
+        bound = 0.0
+        for mix in mixes:
+            a = self._block_activations(cfg, dt, mix)
+            s = self._forward_bytes_per_block(cfg, recipe, mix)
+            L = sum(n for _, n in (mix or self.mix))
+            if cfg.schedule == "gpipe" and p > 1:
+                inv_sum = p / (s + a * nmb)
+            else:   # 1F1B holds min(p - i, m); interleaving holds more, so this bound holds for it too
+                k = min(p, nmb)
+                inv_sum = math.log1p(a * k / s) / a if a > 0 else k / s
+                inv_sum += (p - k) / (s + a * k)
+            bound = max(bound, L / inv_sum * self.margin)
+        return bound
 
-    def _block_activations(self, cfg: ParallelConfig, dt: Dtypes) -> float:
-        """One block's kept bytes per micro-batch (the TP group's placement does not change them)."""
-        key = (cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, dt, cfg.ep)
+    def _block_activations(self, cfg: ParallelConfig, dt: Dtypes, mix: Mix | None = None) -> float:
+        """One (mean) block's kept bytes per micro-batch, of the model or of the layers `mix` counts (the TP
+        group's placement does not change them)."""
+        mix = mix or self.mix
+        key = (cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, dt, cfg.ep, mix)
         hit = self._acts_cache.get(key)
         if hit is None:      # the mean block's, as `block` weighs the kinds
             hit = self._acts_cache[key] = sum(
                 self._kind_activations(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, dt, cfg.ep, moe) * n
-                for (moe, win), n in self.mix) / self.model.num_layers
+                for (moe, win), n in mix) / sum(n for _, n in mix)
         return hit
 
     def _work(self, cfg: ParallelConfig, blk: BlockCost, tp_group: Group, dt: Dtypes) -> float:
@@ -883,19 +924,19 @@ class CostModel:
             hit = self._state_bounds_cache[key] = (per_cycle, once)
         return hit
 
-    def _forward_bytes_per_block(self, cfg: ParallelConfig, recipe) -> float:
+    def _forward_bytes_per_block(self, cfg: ParallelConfig, recipe, mix: Mix | None = None) -> float:
         """Bytes one more block adds to every stage's forward-phase peak besides its activations (states,
         gradients when a backward came first on every stage, gathered or copied weights): the timeline's own
         slope, so the search's memory bound cannot drift from the costing."""
         nmb = cfg.microbatches(self.training.global_batch)
         most_held = max(self._held(cfg, 0, nmb))       # stage 0 holds the most, as the timeline counts them
-        key = (cfg.tp, cfg.zero, cfg.dp, cfg.ep, cfg.pp > 1, min(nmb, 2), nmb > most_held)
+        key = (cfg.tp, cfg.zero, cfg.dp, cfg.ep, cfg.pp > 1, min(nmb, 2), nmb > most_held, mix)
         hit = self._forward_slope_cache.get(key)
         if hit is not None:
             return hit
         dt = self.dtypes(cfg.zero, cfg.dp)
         fsdp = recipe.gathered_weights_bytes > 0 and cfg.dp > 1 and cfg.zero >= recipe.weights.sharded_from
-        copies = 0.0 if fsdp else autocast_weight_bytes(self.model, cfg.tp, dt, cfg.ep)
+        copies = 0.0 if fsdp else autocast_weight_bytes(self.model, cfg.tp, dt, cfg.ep, self.layer_params(mix))
 
         def forward(n: int, block: float, copies: float, regime: Regime) -> float:
             inputs = StageInputs(params=n * block, block_params=block, end_params=0.0, last_params=0.0,
@@ -904,10 +945,10 @@ class CostModel:
                                  head_backward=0.0, autocast_copies=n * copies, pipeline_buffers=0.0,
                                  inflight_outputs=0.0)
             return stage_timeline(recipe, regime, inputs).phases["forward"].total
-        dense, regime = self.block_params(cfg), self.regime(cfg, nmb)
+        dense, regime = self.block_params(cfg, mix), self.regime(cfg, nmb)
         hit = forward(1, dense, copies, regime) - forward(0, dense, copies, regime)
         if self.has_experts(cfg):   # the experts' states at the expert-data-parallel degree, as the timeline adds them
-            experts, eregime = self.expert_params(cfg, 1), self._expert_regime(cfg, nmb)
+            experts, eregime = self.expert_params(cfg, 1, mix), self._expert_regime(cfg, nmb)
             hit += forward(1, experts, 0.0, eregime) - forward(0, experts, 0.0, eregime)
         self._forward_slope_cache[key] = hit
         return hit
@@ -985,20 +1026,20 @@ class CostModel:
                              self.dp_calls_per_block if cfg.zero >= 3 else 1)
 
     def stage_comm(self, cfg: ParallelConfig, params: float, layers: int, dp_group: Group,
-                   edp_group: Group | None) -> DPComm:
+                   edp_group: Group | None, mix: Mix | None = None) -> DPComm:
         """One device's data-parallel communication: its `params` over `dp_group` and, with routed experts,
-        their gradients over the expert-data-parallel group in the same windows."""
+        their gradients over the expert-data-parallel group in the same windows (`mix`: its layers' kinds)."""
         comm = self.dp_comm(cfg, params, layers, dp_group)
         if self.has_experts(cfg):
-            comm = add_comm(comm, self.dp_comm(cfg, self.expert_params(cfg, layers), layers, edp_group,
+            comm = add_comm(comm, self.dp_comm(cfg, self.expert_params(cfg, layers, mix), layers, edp_group,
                                                cfg.dp // cfg.ep))
         return comm
 
-    def optimizer_seconds(self, cfg: ParallelConfig, params: float, layers: int) -> float:
+    def optimizer_seconds(self, cfg: ParallelConfig, params: float, layers: int, mix: Mix | None = None) -> float:
         """One device's optimizer step over its `params` and its `layers` blocks' experts, as sharded."""
         sharded = cfg.zero >= self.recipe(cfg.zero, cfg.dp).moments_sharded_from
         return (params / (cfg.dp if sharded else 1)
-                + self.expert_params(cfg, layers) / (cfg.dp // cfg.ep if sharded else 1)
+                + self.expert_params(cfg, layers, mix) / (cfg.dp // cfg.ep if sharded else 1)
                 ) * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
 
     def evaluate_core(self, cfg: ParallelConfig, order: tuple[str, str, str] = DEFAULT_ORDER,
@@ -1037,12 +1078,18 @@ class CostModel:
                   else self.default_layers(cfg, blk, ends, dt, work_of, hops, blocking))
         device_chunks = [chunks[i::pp] for i in range(pp)]
         layers = [sum(c) for c in device_chunks]
-        work = [work_of(i, n) for i, n in enumerate(layers)]
+        # the split is chosen with mean blocks; the step and memory are those of each device's own layers
+        mixes = self.device_mixes(chunks, pp) or [None] * pp
+        blocks = [self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp, mix)
+                  if mix else blk for mix in mixes]
+        work = [work_of(i, n) if mix is None else self._own_work(cfg, i, n, blocks[i], ends, mix, dp_group, edp_group,
+                                                                 tied if i in (0, last) else 0.0)
+                for i, (n, mix) in enumerate(zip(layers, mixes))]
         st = step_times(cfg.schedule, cfg.vpp, nmb, work, hops or 0.0, self.cluster.overlap_slowdown,
                         host.per_microbatch_s, host.per_step_s, blocking, self.engine.overlap.gather_window)
 
         # --- memory
-        stages = [self.stage_memory(cfg, i, device_chunks[i], nmb, blk, dt) for i in range(pp)]
+        stages = [self.stage_memory(cfg, i, device_chunks[i], nmb, blocks[i], dt, mixes[i]) for i in range(pp)]
         totals = [s.total for s in stages]
         fullest = max(range(pp), key=totals.__getitem__)
         peak_total = totals[fullest]
@@ -1050,9 +1097,16 @@ class CostModel:
         return Core(cfg=cfg, order=order, chunks=chunks, nmb=nmb, step=st.step, crit=st.crit, time=st.time,
                     stages=stages, peak_total=peak_total, peak_reserved=peak_reserved, fullest=fullest,
                     feasible=peak_reserved <= self.budget_bytes, devices=devices,
-                    work=StageWork(device_chunks, blk, ends, st.zero_fwd, st.zero_bwd, hops, st.post_comm,
+                    work=StageWork(device_chunks, blocks, ends, st.zero_fwd, st.zero_bwd, hops, st.post_comm,
                                    st.post_opt, st.pipeline, pre_comm=st.pre_comm, host_step=host.per_step_s,
                                    blocking_p2p=blocking, host_microbatch=host.per_microbatch_s))
+
+    def _own_work(self, cfg: ParallelConfig, device: int, layers: int, blk: BlockCost, ends: EndsCost, mix: Mix,
+                  dp_group: Group, edp_group: Group | None, tied: float) -> DeviceWork:
+        """Device `device` holding `layers` blocks of the kinds `mix` counts, `blk` their mean block."""
+        params = self.device_params(cfg, device, layers, mix)
+        return DeviceWork(layers, blk, ends, self.stage_comm(cfg, params, layers, dp_group, edp_group, mix), tied,
+                          self.optimizer_seconds(cfg, params, layers, mix))
 
     def sources_for(self, cfg: ParallelConfig) -> dict[str, str]:
         """`sources` with where this configuration's block numbers came from."""

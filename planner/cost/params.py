@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from planner.specs import ModelSpec
 
@@ -77,9 +78,12 @@ def layer_mix(m: ModelSpec) -> list[tuple[tuple[bool, bool], int]]:
     return sorted(counts.items())
 
 
-def mean_layer_params(m: ModelSpec) -> LayerParams:
-    """The mean block of the model (its dense and MoE layers weighted by their counts)."""
-    parts = [(layer_params(m, kind), n / m.num_layers) for kind, n in layer_kinds(m)]
+def mean_layer_params(m: ModelSpec, mix: Sequence[tuple[tuple[bool, bool], int]] | None = None) -> LayerParams:
+    """The mean block of the model, or of the layers `mix` counts ((is MoE, windowed), how many; `layer_mix`'s
+    form): its dense and MoE layers weighted by their counts."""
+    counts = layer_kinds(m) if mix is None else [(moe, n) for (moe, _), n in mix]
+    total = sum(n for _, n in counts)
+    parts = [(layer_params(m, kind), n / total) for kind, n in counts]
     return LayerParams(sharded=sum(p.sharded * w for p, w in parts), replicated=sum(p.replicated * w for p, w in parts),
                        experts=sum(p.experts * w for p, w in parts))
 

@@ -20,7 +20,7 @@ class StageWork:
     """Seconds per micro-batch and per device, one TP rank; chunk c of device i is virtual stage c * pp + i."""
 
     chunk_layers: list[list[int]]   # blocks of each local chunk, per device
-    block: BlockCost                # one block, one micro-batch
+    blocks: list[BlockCost]         # one (mean) block of each device's layers, one micro-batch
     ends: EndsCost                  # embedding (virtual stage 0), LM head and loss (the last virtual stage)
     zero_fwd: list[float]           # exposed ZeRO-3 gathers of one micro-batch's forward, per device
     zero_bwd: list[float]           # exposed ZeRO-2/3 gathers and reduce-scatters of one backward, per device
@@ -57,7 +57,7 @@ class StageWork:
 
     def forward(self, device: int, chunk: int) -> list[Piece]:
         """One micro-batch's forward of a chunk: kernels, then TP collectives and exposed ZeRO gathers."""
-        n, blk = self.chunk_layers[device][chunk], self.block
+        n, blk = self.chunk_layers[device][chunk], self.blocks[device]
         compute, comm = n * blk.forward.compute, n * blk.forward.comm
         for fwd, _ in self._ends_of(device, chunk):
             compute, comm = compute + fwd.compute, comm + fwd.comm
@@ -68,7 +68,7 @@ class StageWork:
     def backward(self, device: int, chunk: int) -> list[Piece]:
         """One micro-batch's backward of a chunk: the recomputed forward, the backward kernels, then TP
         collectives (the recomputation's too) and exposed ZeRO communication."""
-        n, blk = self.chunk_layers[device][chunk], self.block
+        n, blk = self.chunk_layers[device][chunk], self.blocks[device]
         compute, comm = n * blk.backward.compute, n * (blk.backward.comm + blk.recompute.comm)
         for _, bwd in self._ends_of(device, chunk):
             compute, comm = compute + bwd.compute, comm + bwd.comm
