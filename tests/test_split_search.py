@@ -141,3 +141,54 @@ def test_split_with_any_hop_delays_is_the_brute_force_optimum(schedule, vpp, blo
                      f_blk + b_blk, ends, least=v)
     assert sum(got) == layers and len(got) == p and min(got) >= v
     assert step(got) == pytest.approx(min(step(s) for s in splits), rel=1e-9)
+
+
+def _moe_cost(first_dense: int, every: int, engine: str = "megatron", memory_gib: float | None = None):
+    """10 blocks whose MoE layers compute twice a dense one's MLP (top-2 of 4096-wide experts, dense MLP 4096)
+    and hold four times its weights, on 2 DGX H100 nodes."""
+    from planner.engine import load_engine
+    from planner.loaders import load_cluster
+    from planner.specs import ModelSpec, MoESpec, TrainingSpec
+    from planner.cost.model import CostModel
+    model = ModelSpec(num_layers=10, hidden_size=1024, num_heads=8, num_kv_heads=4, ffn_hidden_size=4096,
+                      vocab_size=32000, max_position_embeddings=4096, mlp="swiglu", norm="rmsnorm", bias=False,
+                      position_embedding="rope", dropout=0.0,
+                      moe=MoESpec(num_experts=8, top_k=2, expert_ffn_size=4096, first_dense_layers=first_dense,
+                                  every=every))
+    cluster = load_cluster("dgx-h100", nodes=2)
+    if memory_gib is not None:
+        gpu = cluster.gpu.model_copy(update={"memory_bytes": int(memory_gib * 2 ** 30)})
+        cluster = cluster.model_copy(update={"gpu_types": {cluster.nodes.gpu_type: gpu}})
+    return CostModel(model, cluster, TrainingSpec(global_batch=64, seq_len=2048), engine=load_engine(engine))
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+@pytest.mark.parametrize("first_dense,every", [(3, 1), (0, 2), (2, 2)])
+@pytest.mark.parametrize("pp,ep,zero,engine", [(2, 1, 1, "megatron"), (4, 2, 1, "megatron"), (4, 4, 0, "meshplan"),
+                                               (4, 2, 3, "meshplan")])
+def test_split_of_dense_and_moe_blocks_is_the_brute_force_optimum(schedule, first_dense, every, pp, ep, zero, engine):
+    """Stages priced with their own blocks (dense first, or every second one MoE): the split searched over the
+    index of each device's first block is the fastest of every split, each costed in full."""
+    cost = _moe_cost(first_dense, every, engine)
+    cfg = ParallelConfig(tp=1, pp=pp, dp=16 // pp, ep=ep, mbs=1, zero=zero, schedule=schedule)
+    chosen = cost.evaluate(cfg, validate=False)
+    best = _fastest(cost, cfg, _compositions(10, pp))
+    assert chosen.feasible and best is not None
+    assert math.isclose(chosen.predicted.step_time_s, best[0], rel_tol=1e-9), (chosen.config.layers_per_stage, best)
+
+
+@pytest.mark.parametrize("schedule,zero,memory_gib", [("1f1b", 1, 5.25), ("1f1b", 1, 5.5), ("1f1b", 0, 9.0),
+                                                      ("gpipe", 1, 6.0), ("1f1b", 1, 4.0)])
+def test_split_of_dense_and_moe_blocks_under_memory_is_the_brute_force_optimum(schedule, zero, memory_gib):
+    """The same under memory that some splits exceed (at 5.25, 5.5 and 9 GiB the fastest split, 2-3-3-2, does
+    not fit and the fastest that does is 4-2-2-2; at 4 GiB none fits): the fastest split that fits, or (none
+    fitting) one that does not fit either."""
+    cost = _moe_cost(3, 1, "meshplan", memory_gib)
+    cfg = ParallelConfig(tp=1, pp=4, dp=4, ep=1, mbs=1, zero=zero, schedule=schedule)
+    chosen = cost.evaluate(cfg, validate=False)
+    best = _fastest(cost, cfg, _compositions(10, 4))
+    if best is None:
+        assert not chosen.feasible
+        return
+    assert chosen.feasible
+    assert math.isclose(chosen.predicted.step_time_s, best[0], rel_tol=1e-9), (chosen.config.layers_per_stage, best)

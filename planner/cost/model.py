@@ -211,6 +211,7 @@ class CostModel:
         self._kind_acts: dict[tuple, float] = {}
         self._timelines: dict[tuple, Timeline] = {}
         self._mix_params: dict[Mix, LayerParams] = {}
+        self._range_mixes: dict[tuple[int, int], Mix] = {}
 
     def _sources(self, profile_name: str, measured: MeasuredCosts | None) -> dict[str, str]:
         """Which numbers are measured and which computed, for the report."""
@@ -299,8 +300,14 @@ class CostModel:
         key = (tp, mbs, sp, recompute, where(tp_group), dt, ep, where(ep_group), mix)
         cost = self._blocks.get(key)
         if cost is None:
-            kinds = [(self._block_kind(tp, mbs, sp, recompute, tp_group, dt, ep, ep_group, moe, win), n)
-                     for (moe, win), n in mix]
+            kinds = []
+            for (moe, win), n in mix:
+                kind_key = key[:-1] + (moe, win)
+                one = self._blocks.get(kind_key)
+                if one is None:
+                    one = self._blocks[kind_key] = self._block_kind(tp, mbs, sp, recompute, tp_group, dt, ep,
+                                                                    ep_group, moe, win)
+                kinds.append((one, n))
             L = sum(n for _, n in mix)
 
             def mean(get) -> PassCost:
@@ -422,13 +429,24 @@ class CostModel:
         in model order (virtual stage v on device v mod pp); None when all the model's layers are alike."""
         if len(self.mix) == 1:
             return None
-        m, counts, start = self.model, [dict() for _ in range(pp)], 0
+        counts: list[dict] = [dict() for _ in range(pp)]
+        start = 0
         for v, n in enumerate(chunks):
-            for i in range(start, start + n):
-                key = (m.moe is not None and m.moe.is_moe_layer(i), m.is_windowed_layer(i))
-                counts[v % pp][key] = counts[v % pp].get(key, 0) + 1
+            for kind, k in self.range_mix(start, n):
+                counts[v % pp][kind] = counts[v % pp].get(kind, 0) + k
             start += n
         return [tuple(sorted(c.items())) for c in counts]
+
+    def range_mix(self, first: int, n: int) -> Mix:
+        """The kinds of the model's blocks first .. first + n - 1, `layer_mix`'s form (cached)."""
+        hit = self._range_mixes.get((first, n))
+        if hit is None:
+            m, counts = self.model, {}
+            for i in range(first, first + n):
+                key = (m.moe is not None and m.moe.is_moe_layer(i), m.is_windowed_layer(i))
+                counts[key] = counts.get(key, 0) + 1
+            hit = self._range_mixes[(first, n)] = tuple(sorted(counts.items()))
+        return hit
 
     def _expert_regime(self, cfg, nmb: int) -> Regime:
         """The regime of the expert parameters: ZeRO over the expert-data-parallel group (dp/ep ranks)."""
@@ -599,7 +617,8 @@ class CostModel:
 
     # ------------------------------------------------------------------ layer split
     def default_layers(self, cfg: ParallelConfig, blk: BlockCost, ends: EndsCost, dt: Dtypes,
-                       work: Callable[[int, int], DeviceWork], hops: tuple[float, ...], blocking: bool) -> list[int]:
+                       work: Callable[[int, int], DeviceWork], hops: tuple[float, ...], blocking: bool,
+                       work_at: Callable[[int, int, int], DeviceWork] | None = None) -> list[int]:
         """Blocks per chunk under every device's memory (falling back to time alone when nothing fits): the
         split with the least step, data-parallel exposure and optimizer included (planner.cost.step_split),
         searched from a time-only one. 1F1B and GPipe start from the min-max split of `partition_layers`.
@@ -608,7 +627,9 @@ class CostModel:
         over its chunks by `spread_over_chunks` (the step's closed form counts a device's total; the schedule
         wants its chunks alike), and keeps the start unless a split beats it (unsearched when its totals do not
         fit spread). `work(i, n)`: device i holding n blocks; hops, blocking:
-        its transfers (seconds on each hop, whether they block the stages)."""
+        its transfers (seconds on each hop, whether they block the stages); `work_at(i, first, n)`: device i
+        holding the blocks from `first` on, for a model whose blocks differ (1F1B and GPipe are then searched
+        with each device's own blocks, interleaved pipelines with mean blocks)."""
         m, chunks = self.model, cfg.pp * cfg.vpp
         if self.engine.layer_split == "balanced":         # the engine splits the blocks itself
             return balanced_layers(m.num_layers, chunks)
@@ -671,8 +692,37 @@ class CostModel:
         if cfg.vpp > 1 and not all(n >= cfg.vpp and fits(i, n) for i, n in enumerate(start)):
             return split      # the start's totals do not fit spread: no bound to search from
         extra = [x + host.per_microbatch_s for x in self._ends_per_device(cfg, ends)]
-        totals = best_split(cfg.schedule, cfg.vpp, m.num_layers, nmb, start, times, fits, hops, blocking,
-                            host.per_step_s, blk.total, extra, least=cfg.vpp)
+        floor, positional = blk.total, work_at is not None and cfg.vpp == 1
+        if positional:        # each device's own blocks, from the index of its first one
+            seen_at: dict[tuple, tuple] = {}
+
+            def times_at(i: int, first: int, n: int):
+                key = (i == 0, i == last, self.range_mix(first, n))
+                hit = seen_at.get(key)
+                if hit is None:
+                    w = work_at(i, first, n)
+                    hit = seen_at[key] = (device_times(w, i == 0, i == last, self.cluster.overlap_slowdown,
+                                                       host.per_microbatch_s, ov.gather_window), w.optimizer)
+                return hit
+
+            fit_from_mix: dict[Mix, int] = {}      # blocks -> the first middle device known to hold them
+
+            def fits_at(i: int, first: int, n: int) -> bool:
+                mix = self.range_mix(first, n)
+                middle = 0 < i < last              # later middle devices keep fewer micro-batches (as `fits`)
+                if middle and i >= fit_from_mix.get(mix, pp):
+                    return True
+                ok = self.stage_memory(cfg, i, [n], nmb, work_at(i, first, n).block, dt, mix).total <= cap
+                if ok and middle:
+                    fit_from_mix[mix] = min(i, fit_from_mix.get(mix, pp))
+                return ok
+            first_of = {}                      # the first block of each kind
+            for i in range(m.num_layers):
+                first_of.setdefault(self.range_mix(i, 1), i)
+            floor = min(work_at(0, i, 1).block.total for i in first_of.values())   # the lightest kind's block
+        totals = best_split(cfg.schedule, cfg.vpp, m.num_layers, nmb, start, times_at if positional else times,
+                            fits_at if positional else fits, hops, blocking, host.per_step_s, floor, extra,
+                            least=cfg.vpp, blocks_key=self.range_mix if positional else None)
         if totals == start:
             return split
         per_device = [spread_over_chunks(n, cfg.vpp) for n in totals]
@@ -1072,13 +1122,27 @@ class CostModel:
                                            tied if i in (0, last) else 0.0, self.optimizer_seconds(cfg, params, n))
             return w
 
+        def work_at(i: int, first: int, n: int) -> DeviceWork:
+            """Device i holding the n blocks from block `first` on (a model whose blocks differ)."""
+            mix = self.range_mix(first, n)
+            key = (i == 0, i == last, mix)
+            w = made_at.get(key)
+            if w is None:
+                own = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp, mix)
+                w = made_at[key] = self._own_work(cfg, i, n, own, ends, mix, dp_group, edp_group,
+                                                  tied if i in (0, last) else 0.0)
+            return w
+        made_at: dict[tuple, DeviceWork] = {}
+
         blocking = self.engine.overlap.pp_p2p == "exposed"
         hops = self._hops(layout, self._act_msg(cfg)) if pp > 1 else ()
         chunks = (list(cfg.layers_per_stage) if cfg.layers_per_stage
-                  else self.default_layers(cfg, blk, ends, dt, work_of, hops, blocking))
+                  else self.default_layers(cfg, blk, ends, dt, work_of, hops, blocking,
+                                           work_at if len(self.mix) > 1 else None))
         device_chunks = [chunks[i::pp] for i in range(pp)]
         layers = [sum(c) for c in device_chunks]
-        # the split is chosen with mean blocks; the step and memory are those of each device's own layers
+        # the step and memory are those of each device's own layers (an interleaved split is chosen with mean
+        # blocks; 1F1B and GPipe splits with the devices' own)
         mixes = self.device_mixes(chunks, pp) or [None] * pp
         blocks = [self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp, mix)
                   if mix else blk for mix in mixes]

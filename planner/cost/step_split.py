@@ -32,7 +32,7 @@ dropped.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Callable
 
 from planner.cost.pipeline import gpipe, interleaved, link_terms, one_f_one_b
@@ -49,14 +49,27 @@ SUM_NOISE = 1e-14
 def best_split(schedule: str, vpp: int, num_layers: int, nmb: int, start: list[int],
                times: Callable[[int, int], tuple[DeviceTimes, float]], fits: Callable[[int, int], bool],
                links: Sequence[float], blocking: bool, host_step: float, block_floor: float,
-               extra_floor: list[float], least: int = 1) -> list[int]:
+               extra_floor: list[float], least: int = 1,
+               blocks_key: Callable[[int, int], Hashable] | None = None) -> list[int]:
     """Blocks per device (each at least `least`) minimising the step of `schedule` ("1f1b", "gpipe" or
     "interleaved" over vpp chunks per device); `start` unless a split beats it by RELATIVE_GAIN. `start`: a
     split that fits (the time-only one); `times(i, n)`: (DeviceTimes, optimizer seconds) of device i holding n
     blocks; `fits(i, n)`: whether it fits in memory (monotone in n); links: one transfer on each hop (links[h]
     from device h to h + 1, p - 1 of them), `blocking`: transfers block the devices; `block_floor`,
     `extra_floor[i]`: seconds with d_i(n) >= n * block_floor + extra_floor[i] (its compute without any
-    data-parallel communication)."""
+    data-parallel communication). `blocks_key(first, n)`: given when the blocks differ (dense and MoE layers),
+    what the n blocks from block `first` on are (equal keys: equal blocks); `times(i, first, n)` and
+    `fits(i, first, n)` then take the index of the device's first block too (1F1B and GPipe: the state of the
+    program is that index), each device's caps and the bounds on the devices after it range over every position
+    its first block can take, `block_floor` must not exceed the lightest block's, and `times` must treat the
+    devices between the first and the last alike."""
+    positional = blocks_key is not None
+    if not positional:
+        by_count, fits_count = times, fits
+        times = lambda i, first, n: by_count(i, n)            # noqa: E731
+        fits = lambda i, first, n: fits_count(i, n)           # noqa: E731
+    elif schedule == "interleaved":
+        raise ValueError("an interleaved device's blocks are not one range: its split is not positional")
     p, L, m = len(start), num_layers, nmb
     hops = [float(x) for x in links]
     if len(hops) != p - 1:
@@ -69,25 +82,65 @@ def best_split(schedule: str, vpp: int, num_layers: int, nmb: int, start: list[i
     pipe, bound_pipe, transfers = _closed_form(schedule, m, p, v, hops, blocking)
     hops.append(0.0)                       # no slack after the last device
 
-    def stage(i: int, n: int) -> tuple[float, float, float, float, float, float]:
-        """(peak term 1, peak term 2, d, b / v + its hop to the next device, f, e) of device i holding n blocks:
-        GPipe's peaks are its forward and backward, the others' d and 0."""
-        t, opt = times(i, n)
-        fwd, bwd = t.fwd + out[i], t.bwd + back[i]
-        pk1, pk2 = (fwd, bwd) if schedule == "gpipe" else (fwd + bwd, 0.0)
-        return pk1, pk2, fwd + bwd, t.bwd / v + hops[i], t.first, t.post + opt
+    staged: dict[tuple, tuple] = {}
+    fitted: dict[tuple, bool] = {}
+    kinds: dict[int, list] = {}        # kinds[n][first]: what the n blocks from `first` on are (positional only)
+
+    def kinds_of(n: int) -> list:
+        hit = kinds.get(n)
+        if hit is None:
+            hit = kinds[n] = [blocks_key(first, n) for first in range(L - n + 1)]
+        return hit
+
+    # devices alike in what `times` sees (first, last or middle) and in their transfers cost alike
+    alike = [(i == 0, i == p - 1, out[i], back[i], hops[i]) for i in range(p)]
+
+    def key_of(i: int, first: int, n: int) -> tuple:
+        return (alike[i], kinds_of(n)[first]) if positional else (i, n)
+
+    def placings(i: int, n: int) -> dict:
+        """One first block for each different content device i can hold n blocks of ({key: first})."""
+        if not positional:
+            return {n: 0}
+        lo, hi = i * least, L - (p - 1 - i) * least - n       # hi: the devices after i keep `least` each
+        found: dict = {}
+        row = kinds_of(n)
+        for first in range(lo, hi + 1):
+            found.setdefault(row[first], first)
+        return found
+
+    def stage(i: int, first: int, n: int) -> tuple[float, float, float, float, float, float]:
+        """(peak term 1, peak term 2, d, b / v + its hop to the next device, f, e) of device i holding n blocks
+        from block `first` on: GPipe's peaks are its forward and backward, the others' d and 0."""
+        key = key_of(i, first, n)
+        hit = staged.get(key)
+        if hit is None:
+            t, opt = times(i, first, n)
+            fwd, bwd = t.fwd + out[i], t.bwd + back[i]
+            pk1, pk2 = (fwd, bwd) if schedule == "gpipe" else (fwd + bwd, 0.0)
+            hit = staged[key] = (pk1, pk2, fwd + bwd, t.bwd / v + hops[i], t.first, t.post + opt)
+        return hit
+
+    def fits_at(i: int, first: int, n: int) -> bool:
+        key = (i, kinds_of(n)[first]) if positional else (i, n)
+        hit = fitted.get(key)
+        if hit is None:
+            hit = fitted[key] = fits(i, first, n)
+        return hit
 
     def step_of(split: list[int]) -> float:
         pk1 = pk2 = d_sum = slack = 0.0
         worst_end = first = -math.inf
         for i, n in enumerate(split):
-            a, b, d, s_i, f, e = stage(i, n)
+            a, b, d, s_i, f, e = stage(i, sum(split[:i]), n)
             pk1, pk2, d_sum = max(pk1, a), max(pk2, b), d_sum + d
             worst_end, first = max(worst_end, e - slack), max(first, f)
             slack += s_i
         return pipe(pk1, pk2, d_sum) + worst_end + first + host_step
 
-    best = step_of(start)
+    # a start that does not fit (positional: it was chosen with mean blocks) bounds nothing
+    start_fits = not positional or all(fits_at(i, sum(start[:i]), n) for i, n in enumerate(start))
+    best = step_of(start) if start_fits else math.inf
     floor_sum = L * block_floor + sum(extra_floor)
     # no device's d passes d_cap in a split that beats `start`: the closed form with max d = d_cap, sum d at its
     # floor, is the step of `start` less host_step (the exposure terms are >= 0)
@@ -95,14 +148,17 @@ def best_split(schedule: str, vpp: int, num_layers: int, nmb: int, start: list[i
 
     # the most blocks each device may take: its d within d_cap (its compute alone past d_cap ends the search: d
     # need not rise with every block), within memory (which does)
+    # (positional: over every content the device can hold n blocks of; once none fits, no larger n fits)
     caps = []
     for i, n in enumerate(start):
         cap = n
         while n < L - (p - 1) * least and (n + 1) * block_floor + extra_floor[i] <= d_cap:
             n += 1
-            if stage(i, n)[2] <= d_cap:
-                if not fits(i, n):
-                    break
+            within = [first for first in placings(i, n).values() if stage(i, first, n)[2] <= d_cap]
+            fitting = [first for first in within if fits_at(i, first, n)]
+            if within and not fitting and all(not fits_at(i, first, n) for first in placings(i, n).values()):
+                break
+            if fitting:
                 cap = n
         caps.append(cap)
     if caps == start:
@@ -112,14 +168,14 @@ def best_split(schedule: str, vpp: int, num_layers: int, nmb: int, start: list[i
     # what the devices after i add at least: the largest of their least d and least f over the blocks they may
     # hold (from the fewest, with all others at their caps, to their caps)
     fewest = [max(least, L - (sum(caps) - cap)) for cap in caps]
-    rows = [{n: stage(i, n) for n in range(fewest[i], caps[i] + 1)} for i in range(p)]   # times by blocks held
     d_after, f_after, e_after = [0.0] * p, [0.0] * p, [-math.inf] * p
     for j in range(p - 1, 0, -1):
-        d_after[j - 1] = max(d_after[j], min(t[2] for t in rows[j].values()))
-        f_after[j - 1] = max(f_after[j], min(t[4] for t in rows[j].values()))
-        e_after[j - 1] = max(e_after[j], max(t[5] for t in rows[j].values()))
+        held = [stage(j, first, n) for n in range(fewest[j], caps[j] + 1) for first in placings(j, n).values()]
+        d_after[j - 1] = max(d_after[j], min((t[2] for t in held), default=0.0))
+        f_after[j - 1] = max(f_after[j], min((t[4] for t in held), default=0.0))
+        e_after[j - 1] = max(e_after[j], max((t[5] for t in held), default=-math.inf))
 
-    tol = SUM_NOISE * best
+    tol = SUM_NOISE * best if math.isfinite(best) else 0.0
     cut = best / (1 - RELATIVE_GAIN)      # a label whose bound reaches this cannot beat `best` by RELATIVE_GAIN
     # labels: (peak 1, peak 2, d_sum, slack, worst_end, first, (blocks of this device, the label it extends)), per
     # blocks placed
@@ -130,7 +186,9 @@ def best_split(schedule: str, vpp: int, num_layers: int, nmb: int, start: list[i
         for placed, labels in states.items():
             lo, hi = max(least, L - placed - after[i]), min(caps[i], L - placed - left * least)
             for n in range(lo, hi + 1):
-                a, b, d, s_i, f, e = rows[i][n]
+                if positional and not fits_at(i, placed, n):
+                    break                 # memory rises with the blocks
+                a, b, d, s_i, f, e = stage(i, placed, n)
                 rest = (L - placed - n) * block_floor + floor_after[i]
                 rest_max = max(rest / left if left else 0.0, d_after[i])
                 front = None
