@@ -116,6 +116,22 @@ def test_one_group_hetero_cost_is_the_homogeneous_model_with_experts():
         assert max(mine.reserved) == core.peak_reserved
 
 
+def test_one_group_hetero_cost_is_the_homogeneous_model_with_dense_and_moe_layers():
+    # Mixtral with its first three layers dense: each stage priced with its own layers in both models
+    base = PRESETS["mixtral-8x7b"]
+    mixed = base.model_copy(update={"moe": base.moe.model_copy(update={"first_dense_layers": 3})})
+    training = TrainingSpec(global_batch=64, seq_len=4096)
+    cluster = load_cluster("dgx-h100", nodes=4)
+    homogeneous, hetero = CostModel(mixed, cluster, training), HeteroCost(mixed, cluster, training)
+    for cand in (Candidate(4, 2, 4, 1, 1, 1, "full", True, "1f1b", ep=4), Candidate(2, 4, 4, 1, 1, 3, "full", True,
+                                                                                  "1f1b", ep=2)):
+        core = homogeneous.evaluate_core(cand)
+        mine = hetero.evaluate(cand, (0,) * cand.pp, core.chunks)
+        assert mine.step == core.step and mine.time == core.time
+        assert [st.total for st in mine.stages] == [st.total for st in core.stages]
+        assert core.stages[0].params < core.stages[-1].params       # stage 0 holds the dense layers
+
+
 def test_two_groups_of_the_same_nodes_cost_as_one():
     # the link between groups defaults to the NICs: a pipeline hop or the tied-embedding sync across the groups
     # costs what it costs across two nodes of one group

@@ -43,6 +43,7 @@ class StageParts(NamedTuple):
     tp_group: Group
     dp_group: Group
     edp_group: Group             # expert-data-parallel group (dp / ep ranks) of the routed experts
+    ep_group: Group
 
 
 @dataclass
@@ -122,7 +123,7 @@ class HeteroCost:
             tp_group, dp_group, ep_group, edp_group = (cost.group(dims, d) for d in ("tp", "dp", "ep", "edp"))
             blk = cost.block(cand.tp, cand.mbs, cand.sp, cand.recompute, tp_group, dt, cand.ep, ep_group)
             ends = cost.ends(cand.tp, cand.mbs, cand.sp, tp_group, dt)
-            hit = self._stage_cache[key] = StageParts(cost, blk, ends, dt, tp_group, dp_group, edp_group)
+            hit = self._stage_cache[key] = StageParts(cost, blk, ends, dt, tp_group, dp_group, edp_group, ep_group)
         return hit
 
     def block_seconds(self, cand: Candidate, k: int) -> float:
@@ -276,13 +277,19 @@ class HeteroCost:
         p, last = cand.pp, cand.pp - 1
         nmb = cand.microbatches(self.training.global_batch)
         parts = [self._on_group(cand, k) for k in groups]
-        params = [parts[s].cost.device_params(cand, s, n) for s, n in enumerate(layers)]
+        # each stage priced with its own blocks (dense and MoE layers), as the homogeneous model does; the
+        # assignment and split above weighed mean blocks
+        mixes = ([part.cost.range_mix(sum(layers[:s]), n) for s, (part, n) in enumerate(zip(parts, layers))]
+                 if len(parts[0].cost.mix) > 1 else [None] * p)
+        blocks = [part.cost.block(cand.tp, cand.mbs, cand.sp, cand.recompute, part.tp_group, part.dt, cand.ep,
+                                  part.ep_group, mix) if mix else part.blk for part, mix in zip(parts, mixes)]
+        params = [parts[s].cost.device_params(cand, s, n, mixes[s]) for s, n in enumerate(layers)]
         devices = self.devices(cand, groups)
         tied = m.tied_embeddings and p > 1
-        work = [DeviceWork(n, part.blk, part.ends, part.cost.stage_comm(cand, params[s], n, part.dp_group,
-                                                                        part.edp_group),
+        work = [DeviceWork(n, blocks[s], part.ends, part.cost.stage_comm(cand, params[s], n, part.dp_group,
+                                                                         part.edp_group, mixes[s]),
                            self._tied_sync(cand, devices, part.cost) if tied and s in (0, last) else 0.0,
-                           part.cost.optimizer_seconds(cand, params[s], n))
+                           part.cost.optimizer_seconds(cand, params[s], n, mixes[s]))
                 for s, (part, n) in enumerate(zip(parts, layers))]
         blocking = self.engine.overlap.pp_p2p == "exposed"
         hops = [self.hop_seconds(cand, devices, s) + self.costs[0].host_coll for s in range(p - 1)]
@@ -290,7 +297,8 @@ class HeteroCost:
                            host.per_microbatch_s, host.per_step_s, blocking, self.engine.overlap.gather_window)
         p2p = max(hops, default=0.0)
 
-        stages = [parts[s].cost.stage_memory(cand, s, [layers[s]], nmb, parts[s].blk, parts[s].dt) for s in range(p)]
+        stages = [parts[s].cost.stage_memory(cand, s, [layers[s]], nmb, blocks[s], parts[s].dt, mixes[s])
+                  for s in range(p)]
         reserved = [st.total * parts[s].cost.margin for s, st in enumerate(stages)]
         budgets = [parts[s].cost.budget_bytes for s in range(p)]
         feasible = all(r <= b for r, b in zip(reserved, budgets))
