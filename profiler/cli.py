@@ -201,7 +201,7 @@ def precheck_partial(path: Path, known: dict) -> None:
         return
     try:
         config = json.loads(path.read_text()).get("config", {})
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         raise InputError(f"cannot read the partial results '{path}'; delete it or pass --force",
                          field="--output") from None
     diff = sorted(k for k, v in known.items() if k in config and config[k] != v)

@@ -73,7 +73,7 @@ def load_raw(path: Path, config: dict, restart: bool) -> tuple[dict, bool]:
         return new_raw(config), False
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, RecursionError):
         raise InputError(f"cannot read the partial results '{path}'; delete it or pass --force",
                          field="--output") from None
     if raw.get("kind") != RAW_KIND or raw.get("schema_version") != RAW_SCHEMA_VERSION:

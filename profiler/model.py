@@ -78,7 +78,7 @@ def is_incomplete_profile(path: Path) -> bool:
     which a rerun resumes and completes in place."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(data, dict) and data.get("kind") == "model_profile" and data.get("complete") is False
 

@@ -114,3 +114,21 @@ def test_the_search_space_grows_with_divisors_not_values():
     training = TrainingSpec(global_batch=8, seq_len=2048)
     pins = Constraints(pp=2, schedule="interleaved")
     assert {c.vpp for c in enumerate_space(model, cluster, training, pins, Counter())} == {4999}
+
+
+@pytest.mark.parametrize("command,suffix", [
+    (["plan", "-m", "llama3-8b", "-c", "dgx-h100", "-b", "32", "--seq", "4096", "--compare"], ".json"),
+    (["estimate", "-c", "dgx-h100", "--from"], ".json"),
+    (["calibrate", "-c", "dgx-h100", "-o", "{tmp}/out.yaml", "--runs"], ".jsonl"),
+])
+def test_json_nested_past_the_parser_is_one_line(capsys, tmp_path, command, suffix):
+    """A JSON file nested deeper than Python's parser recurses (the CLI fuzz's deep.json) is refused in one line
+    naming the option (a RecursionError escaped `plan --compare`)."""
+    deep = tmp_path / f"deep{suffix}"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in command] + [str(deep)]
+    r = run_cli(capsys, *argv)
+    assert r.code == 2, (r.out, r.err)
+    lines = [line for line in r.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.err, r.err
+    assert command[-1] in lines[0] or "nested too deeply" in lines[0], lines[0]

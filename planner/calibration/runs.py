@@ -171,6 +171,8 @@ def _jsonl(path: Path, text: str, cluster, engine) -> list[MeasuredRun]:
             data = json.loads(line)
         except json.JSONDecodeError as exc:
             raise _error(where, None, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise _error(where, None, "nested too deeply") from None
         runs.append(run_from_record(_record(data, where), where, f"{path.name}:{n}", path.parent, cluster,
                                     engine))
     return runs
@@ -217,8 +219,8 @@ def read_runs(paths: list[Path], cluster, engine) -> list[MeasuredRun]:
             raise InputError(f"cannot read '{path}': {getattr(exc, 'strerror', None) or exc}", field="--runs") from None
         try:
             whole = json.loads(text)
-        except json.JSONDecodeError:
-            whole = None
+        except (json.JSONDecodeError, RecursionError):
+            whole = None        # JSONL, or an error the line-by-line reading names
         if isinstance(whole, dict) and "kind" in whole:
             if whole["kind"] != RUN_REPORT_KIND:
                 raise InputError(f"'{path}' is a {whole['kind']!r} file, not a meshplan run report or a JSONL file "

@@ -64,6 +64,8 @@ def _read_json(path: Path):
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"'{path}' is not valid JSON (line {exc.lineno})", field="--from") from None
+    except RecursionError:
+        raise InputError(f"'{path}' is nested too deeply", field="--from") from None
     except OSError as exc:
         raise InputError(f"cannot read '{path}': {exc.strerror}", field="--from") from None
 

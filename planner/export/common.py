@@ -174,6 +174,8 @@ def read_arg_file(path: Path) -> list[str]:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise InputError(f"'{path}' is not valid JSON (line {exc.lineno})", field="--from") from None
+        except RecursionError:
+            raise InputError(f"'{path}' is nested too deeply", field="--from") from None
         if not isinstance(data, list) or not all(isinstance(x, (str, int, float)) for x in data):
             raise InputError(f"'{path}' must hold a JSON list of command-line arguments", field="--from")
         return [str(x) for x in data]

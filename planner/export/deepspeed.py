@@ -236,6 +236,8 @@ def read_file(path: Path) -> dict:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"'{path}' is not valid JSON (line {exc.lineno})", field="--from") from None
+    except RecursionError:
+        raise InputError(f"'{path}' is nested too deeply", field="--from") from None
     if not looks_like(data):
         raise InputError(f"'{path}' is not a DeepSpeed config (no train_batch_size / "
                          f"train_micro_batch_size_per_gpu)", field="--from")

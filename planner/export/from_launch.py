@@ -107,7 +107,7 @@ def is_launch(text: str) -> bool:
         return True
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False        # parse_compare reports it
     return isinstance(data, list) or looks_like(data)
 
