@@ -47,6 +47,13 @@ class Kernels(_Spec):
         "any", description="Where the fused softmax of eager attention runs: any shape, or `megatron`: Megatron's "
                            "fused scale-mask-softmax only where micro-batch x local heads is a multiple of 4 and "
                            "16 < seq <= 4096 with seq a multiple of 4; elsewhere PyTorch's fallback in fp32.")
+    grad_accumulation: Literal["fused", "hook", "autograd"] = Field(
+        "fused", description="How each micro-batch's weight gradients join their accumulator: `fused` into the "
+                             "weight-gradient GEMM (Megatron's --gradient-accumulation-fusion: no extra traffic); "
+                             "`hook`: a separate add into it every micro-batch (Megatron-LM before that fusion: "
+                             "main_grad.add_(grad)); `autograd`: PyTorch's AccumulateGrad, or FSDP2's unsharded "
+                             "accumulator, adding every micro-batch after the first. Gradients reduce-scattered "
+                             "each micro-batch accumulate as 1/dp shards, which is neglected.")
     compile_fuses: list[Fusable] = Field(
         default_factory=list,
         description="Pieces that `--compile` (torch.compile of each block) fuses in addition; empty: the engine "

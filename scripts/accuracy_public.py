@@ -158,10 +158,18 @@ def sc21_zero3_set() -> Set:
     return sc21_set(zero3=True)
 
 
+def megatron_2021() -> EngineSpec:
+    """The megatron engine as Megatron-LM ran in SC21 (v2, spring 2021): before gradient-accumulation fusion, a
+    hook added each micro-batch's bf16 weight gradients into the fp32 main_grad buffer
+    (megatron/model/distributed.py, main_grad.add_(grad))."""
+    engine = load_engine("megatron")
+    return engine.model_copy(update={"kernels": engine.kernels.model_copy(update={"grad_accumulation": "hook"})})
+
+
 def sc21_set(zero3: bool) -> Set:
     """Megatron SC21 Table 2's rows of one scheme: PTD-P (Megatron-LM) or ZeRO-3 (DeepSpeed)."""
     cluster, cache = load_cluster("dgx-a100-80gb"), {}
-    megatron, deepspeed = load_engine("megatron"), load_engine("deepspeed")
+    megatron, deepspeed = megatron_2021(), load_engine("deepspeed")
     models = {"174.6": gpt("gpt3-175b", 96, 12288, 96), "529.6": gpt("mt-nlg-530b", 105, 20480, 128)}
     pp_of = {"174.6": 12, "529.6": 35}
     cases = []

@@ -33,14 +33,14 @@ import accuracy_public as sets  # noqa: E402
 from planner.calibrate import with_params  # noqa: E402
 
 PARAMS = [  # (dotted path, start, lower, upper, scale); "engine." paths are DeepSpeed's
-    ("gpu.efficiency.gemm_max", 0.868, 0.5, 0.95, 1.0),
-    ("gpu.efficiency.gemm_tile", 174.0, 0.0, 512.0, 100.0),
+    ("gpu.efficiency.gemm_max", 0.910, 0.5, 0.95, 1.0),
+    ("gpu.efficiency.gemm_tile", 204.0, 0.0, 512.0, 100.0),
     ("gpu.efficiency.memory", 0.95, 0.3, 0.95, 1.0),
-    ("engine.host.per_kernel_s", 73e-6, 1e-6, 200e-6, 1e-4),
-    ("engine.host.per_backward_kernel_s", 37e-6, 1e-6, 200e-6, 1e-4),
-    ("intra_node.latency", 3.6e-6, 1e-6, 60e-6, 1e-5),
-    ("engine.host.per_microbatch_s", 1e-3, 1e-5, 10e-3, 1e-3),
-    ("engine.host.per_step_s", 10e-3, 1e-5, 50e-3, 1e-2),
+    ("engine.host.per_kernel_s", 75.5e-6, 1e-6, 200e-6, 1e-4),
+    ("engine.host.per_backward_kernel_s", 25.2e-6, 1e-6, 200e-6, 1e-4),
+    ("intra_node.latency", 4.05e-6, 1e-6, 60e-6, 1e-5),
+    ("engine.host.per_microbatch_s", 2.0e-3, 1e-5, 10e-3, 1e-3),
+    ("engine.host.per_step_s", 1e-5, 1e-5, 50e-3, 1e-2),
 ]
 VTRAIN_WEIGHT = 3.0
 

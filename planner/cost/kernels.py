@@ -418,6 +418,16 @@ def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: s
     return BlockWork(fwd, bwd, _recompute_pass(fwd, attn_core_fwd, projections, recompute, m, opts, moe_kernels))
 
 
+def with_accumulation(bwd: Pass, elements: float, tensors: int, bytes_per_element: float) -> Pass:
+    """A backward pass followed by the accumulation of its weight gradients: one elementwise kernel per weight
+    tensor (`tensors` of them, `elements` gradient elements in all, spread evenly), each moving `bytes_per_element` per element
+    (read the fresh gradient, read and write the accumulator)."""
+    out = Pass(list(bwd.kernels), list(bwd.collectives), backward=True)
+    for _ in range(max(tensors, 1)):
+        out.mem(elements * bytes_per_element / max(tensors, 1))
+    return out
+
+
 def projection_widths(m: ModelSpec, tp: int, fused_projections: bool, moe_layer: bool = False,
                       sp: bool = False) -> list[float]:
     """Output widths of a block's weight GEMMs on one TP rank, in forward order (q, k, v, o, gate, up, down;

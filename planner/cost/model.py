@@ -17,14 +17,15 @@ from typing import Callable
 from planner.cost.comm import Group, Network
 from planner.cost.dp_comm import DPComm, stage_dp_comm
 from planner.cost.flops import hardware_flops_per_step, model_flops_per_step
-from planner.cost.kernels import Dtypes, KernelOptions, block_work, embedding_work, head_work, pass_time
+from planner.cost.kernels import (Dtypes, KernelOptions, block_work, embedding_work, head_work, pass_time,
+                                  with_accumulation)
 from planner.cost.measured import MeasuredCosts
 from planner.cost.memory import (GIB, autocast_weight_bytes, block_activation_bytes, block_backward_transient_bytes,
                                  embedding_activation_bytes, head_activation_bytes, head_transient_bytes,
                                  in_flight_microbatches, interleaved_in_flight_chunks, state_bytes)
 from planner.cost.moe import add_comm, imbalance
-from planner.cost.params import (LayerParams, final_norm_params, layer_mix, mean_layer_params, padded_vocab_size,
-                                 position_params, tensors_per_block, total_params)
+from planner.cost.params import (LayerParams, final_norm_params, layer_mix, layer_params, mean_layer_params,
+                                 padded_vocab_size, position_params, tensors_per_block, total_params)
 from planner.cost.pipeline import p2p_on_path
 from planner.cost.stage_work import StageWork
 from planner.cost.step import DeviceWork, device_times, step_times
@@ -251,6 +252,24 @@ class CostModel:
             hit = self._dtypes[key] = Dtypes.of(self.recipe(zero, dp).compute)
         return hit
 
+    def accumulation_bytes(self, cfg: ParallelConfig, nmb: int) -> float:
+        """Bytes per weight-gradient element one micro-batch's backward moves, on average over the step, to add
+        its gradients to their accumulator (engine.kernels.grad_accumulation): the fresh 16-bit (fp32 under
+        autocast or fp32) gradient read, the accumulator read and written; every micro-batch with a hook, all but
+        the first with autograd; none when fused into the weight-gradient GEMM or when the gradients are
+        reduce-scattered every micro-batch (their 1/dp shards accumulate, neglected)."""
+        mode = self.engine.kernels.grad_accumulation
+        if mode == "fused" or (mode == "autograd" and nmb == 1):
+            return 0.0
+        recipe, dt = self.recipe(cfg.zero, cfg.dp), self.dtypes(cfg.zero, cfg.dp)
+        defers = cfg.pp > 1 and self.engine.overlap.grad_sync_under_pipeline == "last_microbatch"
+        sharded = cfg.dp > 1 and cfg.zero >= recipe.grads.sharded_from
+        if sharded and (nmb == 1 or (cfg.zero >= 2 and not defers)):
+            return 0.0
+        accumulator = (recipe.accumulated_grads_bytes or recipe.grads.bytes) if sharded else recipe.grads.bytes
+        share = 1.0 if mode == "hook" else (nmb - 1) / nmb
+        return (dt.residual + 2 * accumulator) * share      # the fresh gradient: the parameters' compute dtype
+
     def vocab(self, tp: int) -> int:
         """The vocabulary the engine allocates at this TP degree (padded)."""
         return padded_vocab_size(self.model, tp, self.engine.memory_extras.vocab_multiple)
@@ -291,22 +310,23 @@ class CostModel:
         return PassCost(kernels, shown, ep_comm * (1.0 - ov.ep_comm_hidden))
 
     def block(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group, dt: Dtypes, ep: int = 1,
-              ep_group: Group | None = None, mix: Mix | None = None) -> BlockCost:
+              ep_group: Group | None = None, mix: Mix | None = None, accumulate: float = 0.0) -> BlockCost:
         """The mean block of the model, or of the layers `mix` counts (one device's: `device_mixes`): each kind of
         layer (dense or MoE, global or windowed attention) weighted by its count; its backward working set is
-        the largest kind's."""
+        the largest kind's. `accumulate`: bytes per weight-gradient element its backward moves to accumulate
+        them (`accumulation_bytes`; 0: none, a lower bound)."""
         where = (lambda g: g if self.net.matrix else (g.nodes if g is not None else None))   # noqa: E731
         mix = mix or self.mix
-        key = (tp, mbs, sp, recompute, where(tp_group), dt, ep, where(ep_group), mix)
+        key = (tp, mbs, sp, recompute, where(tp_group), dt, ep, where(ep_group), mix, accumulate)
         cost = self._blocks.get(key)
         if cost is None:
             kinds = []
             for (moe, win), n in mix:
-                kind_key = key[:-1] + (moe, win)
+                kind_key = key[:-2] + (moe, win, accumulate)
                 one = self._blocks.get(kind_key)
                 if one is None:
                     one = self._blocks[kind_key] = self._block_kind(tp, mbs, sp, recompute, tp_group, dt, ep,
-                                                                    ep_group, moe, win)
+                                                                    ep_group, moe, win, accumulate)
                 kinds.append((one, n))
             L = sum(n for _, n in mix)
 
@@ -318,15 +338,20 @@ class CostModel:
         return cost
 
     def _block_kind(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group, dt: Dtypes, ep: int,
-                    ep_group: Group | None, moe: bool, windowed: bool) -> BlockCost:
+                    ep_group: Group | None, moe: bool, windowed: bool, accumulate: float = 0.0) -> BlockCost:
         w, acts, transient = self._block_work(tp, mbs, sp, recompute, dt, ep, moe, windowed)
         fwd = self._pass_cost(w.forward, tp_group, dt, self.host_fwd, ep_group)
-        bwd = self._pass_cost(w.backward, tp_group, dt, self.host_bwd, ep_group)
+        bwd = plain_bwd = self._pass_cost(w.backward, tp_group, dt, self.host_bwd, ep_group)
         rec = self._pass_cost(w.recompute, tp_group, dt, self.host_fwd, ep_group)
         factors = self.measured.block(tp, mbs, recompute, moe) if self.measured else None
         if factors is not None:   # measured kernels; TP collectives stay on the cluster's links
             fwd, bwd, rec = (PassCost(pc.compute * k, pc.comm, pc.ep) for pc, k in
                              ((fwd, factors.forward), (bwd, factors.backward), (rec, factors.backward)))
+        if accumulate:            # what the gradients' accumulation adds to the backward (a profile times one)
+            summed = with_accumulation(w.backward, layer_params(self.model, moe).per_tp_rank(tp, ep),
+                                       tensors_per_block(self.model, "projections" in self.opts.fused), accumulate)
+            extra = self._pass_cost(summed, tp_group, dt, self.host_bwd, ep_group).compute - plain_bwd.compute
+            bwd = PassCost(bwd.compute + extra, bwd.comm, bwd.ep)
         return BlockCost(fwd, bwd, rec, acts, transient)
 
     def _block_work(self, tp: int, mbs: int, sp: bool, recompute: str, dt: Dtypes, ep: int, moe: bool,
@@ -1103,7 +1128,8 @@ class CostModel:
         layout = self.layout(dims, devices)
         tp_group, dp_group = self.group(dims, "tp", devices), self.group(dims, "dp", devices)
         ep_grp, edp_group = self.group(dims, "ep", devices), self.group(dims, "edp", devices)
-        blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp)
+        acc = self.accumulation_bytes(cfg, nmb)
+        blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp, accumulate=acc)
         ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group, dt)
         pp, last = cfg.pp, cfg.pp - 1
         tied = 0.0
@@ -1128,7 +1154,7 @@ class CostModel:
             key = (i == 0, i == last, mix)
             w = made_at.get(key)
             if w is None:
-                own = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp, mix)
+                own = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp, mix, acc)
                 w = made_at[key] = self._own_work(cfg, i, n, own, ends, mix, dp_group, edp_group,
                                                   tied if i in (0, last) else 0.0)
             return w
@@ -1144,7 +1170,7 @@ class CostModel:
         # the step and memory are those of each device's own layers (an interleaved split is chosen with mean
         # blocks; 1F1B and GPipe splits with the devices' own)
         mixes = self.device_mixes(chunks, pp) or [None] * pp
-        blocks = [self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp, mix)
+        blocks = [self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp, mix, acc)
                   if mix else blk for mix in mixes]
         work = [work_of(i, n) if mix is None else self._own_work(cfg, i, n, blocks[i], ends, mix, dp_group, edp_group,
                                                                  tied if i in (0, last) else 0.0)

@@ -281,8 +281,10 @@ class HeteroCost:
         # assignment and split above weighed mean blocks
         mixes = ([part.cost.range_mix(sum(layers[:s]), n) for s, (part, n) in enumerate(zip(parts, layers))]
                  if len(parts[0].cost.mix) > 1 else [None] * p)
+        # and each stage's backward with its gradient accumulation (the assignment weighed blocks without it)
         blocks = [part.cost.block(cand.tp, cand.mbs, cand.sp, cand.recompute, part.tp_group, part.dt, cand.ep,
-                                  part.ep_group, mix) if mix else part.blk for part, mix in zip(parts, mixes)]
+                                  part.ep_group, mix, part.cost.accumulation_bytes(cand, nmb))
+                  for part, mix in zip(parts, mixes)]
         params = [parts[s].cost.device_params(cand, s, n, mixes[s]) for s, n in enumerate(layers)]
         devices = self.devices(cand, groups)
         tied = m.tied_embeddings and p > 1
