@@ -54,6 +54,10 @@ class Kernels(_Spec):
                              "main_grad.add_(grad)); `autograd`: PyTorch's AccumulateGrad, or FSDP2's unsharded "
                              "accumulator, adding every micro-batch after the first. Gradients reduce-scattered "
                              "each micro-batch accumulate as 1/dp shards, which is neglected.")
+    gather_copy_out: bool = Field(
+        False, description="ZeRO/FSDP: each parameter all-gather is followed, on the compute stream, by a copy out "
+                           "of its flat buffer into the unsharded parameters (FSDP2's split_with_sizes_copy: the "
+                           "gathered bytes read and written once more); false: gathered in place.")
     compile_fuses: list[Fusable] = Field(
         default_factory=list,
         description="Pieces that `--compile` (torch.compile of each block) fuses in addition; empty: the engine "

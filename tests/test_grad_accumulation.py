@@ -10,7 +10,7 @@ import torch
 from torch.profiler import profile
 
 from planner.cost.comm import Group
-from planner.cost.model import CostModel
+from planner.cost.model import CostModel, StateTraffic
 from planner.cost.params import layer_params, tensors_per_block
 from planner.engine import EngineSpec, load_engine
 from planner.loaders import load_cluster
@@ -89,7 +89,7 @@ def test_each_later_backward_pays_the_traffic_of_its_adds():
     acc = cost.accumulation_bytes(cfg, nmb)
     tp_group, dt = Group(tuple(range(8)), 8), cost.dtypes(0, 1)
     plain = cost.block(8, 8, False, "full", tp_group, dt)
-    summed = cost.block(8, 8, False, "full", tp_group, dt, accumulate=acc)
+    summed = cost.block(8, 8, False, "full", tp_group, dt, traffic=StateTraffic(accumulate=acc))
     gpu = cost.gpu
     moved = layer_params(cost.model).per_tp_rank(8) * acc / (gpu.hbm_bandwidth * gpu.efficiency.memory)
     assert summed.backward.compute - plain.backward.compute == pytest.approx(moved, rel=1e-9)

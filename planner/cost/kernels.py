@@ -418,13 +418,13 @@ def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: s
     return BlockWork(fwd, bwd, _recompute_pass(fwd, attn_core_fwd, projections, recompute, m, opts, moe_kernels))
 
 
-def with_accumulation(bwd: Pass, elements: float, tensors: int, bytes_per_element: float) -> Pass:
-    """A backward pass followed by the accumulation of its weight gradients: one elementwise kernel per weight
-    tensor (`tensors` of them, `elements` gradient elements in all, spread evenly), each moving `bytes_per_element` per element
-    (read the fresh gradient, read and write the accumulator)."""
-    out = Pass(list(bwd.kernels), list(bwd.collectives), backward=True)
-    for _ in range(max(tensors, 1)):
-        out.mem(elements * bytes_per_element / max(tensors, 1))
+def with_parameter_traffic(p: Pass, elements: float, kernels: int, bytes_per_element: float) -> Pass:
+    """A pass followed by `kernels` elementwise kernels over the parameters it uses (`elements` in all, spread
+    evenly), each moving `bytes_per_element` per element: the accumulation of its weight gradients (one add per
+    tensor) or the copy of gathered parameters out of their flat buffer."""
+    out = Pass(list(p.kernels), list(p.collectives), backward=p.backward)
+    for _ in range(max(kernels, 1)):
+        out.mem(elements * bytes_per_element / max(kernels, 1))
     return out
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from planner.cost.comm import Group, Network
 from planner.cost.dp_comm import DPComm, stage_dp_comm
 from planner.cost.flops import hardware_flops_per_step, model_flops_per_step
 from planner.cost.kernels import (Dtypes, KernelOptions, block_work, embedding_work, head_work, pass_time,
-                                  with_accumulation)
+                                  with_parameter_traffic)
 from planner.cost.measured import MeasuredCosts
 from planner.cost.memory import (GIB, autocast_weight_bytes, block_activation_bytes, block_backward_transient_bytes,
                                  embedding_activation_bytes, head_activation_bytes, head_transient_bytes,
@@ -83,6 +83,19 @@ class EndsCost:
     emb_bwd: PassCost
     head_fwd: PassCost
     head_bwd: PassCost
+
+
+class StateTraffic(NamedTuple):
+    """Bytes per parameter element one micro-batch moves on the compute stream besides the kernels of its
+    passes: copying all-gathered parameters out of their flat buffer before the forward and (parameters
+    resharded after it) the backward, and accumulating the weight gradients after the backward."""
+
+    gather_forward: float = 0.0
+    gather_backward: float = 0.0
+    accumulate: float = 0.0
+
+
+NO_TRAFFIC = StateTraffic()
 
 
 def _summed(a: Timeline, b: Timeline) -> Timeline:
@@ -252,6 +265,17 @@ class CostModel:
             hit = self._dtypes[key] = Dtypes.of(self.recipe(zero, dp).compute)
         return hit
 
+    def state_traffic(self, cfg: ParallelConfig, nmb: int) -> StateTraffic:
+        """What one micro-batch of `cfg` moves over its parameters on the compute stream (StateTraffic): FSDP2's
+        copy out of each gathered buffer (a read and a write of the gathered dtype) before the forward, and before
+        the backward when ZeRO-3 resharded after the forward; the gradients' accumulation."""
+        recipe = self.recipe(cfg.zero, cfg.dp)
+        gathered = (self.engine.kernels.gather_copy_out and cfg.dp > 1 and cfg.zero >= 1
+                    and cfg.zero >= recipe.weights.sharded_from)
+        copy = 2 * recipe.gather_bytes if gathered else 0.0
+        again = copy if cfg.zero >= 3 and self.engine.overlap.reshard_after_forward else 0.0
+        return StateTraffic(copy, again, self.accumulation_bytes(cfg, nmb))
+
     def accumulation_bytes(self, cfg: ParallelConfig, nmb: int) -> float:
         """Bytes per weight-gradient element one micro-batch's backward moves, on average over the step, to add
         its gradients to their accumulator (engine.kernels.grad_accumulation): the fresh 16-bit (fp32 under
@@ -309,24 +333,39 @@ class CostModel:
         kernels = pass_time(p, self.gpu, dt.matmul, host_per_kernel, gemm_scale=self.opts.gemm_scale)
         return PassCost(kernels, shown, ep_comm * (1.0 - ov.ep_comm_hidden))
 
+    def _with_traffic(self, cost: PassCost, p, traffic: list[tuple[float, int, float]], tp_group: Group, dt: Dtypes,
+                      ep_group: Group | None = None) -> PassCost:
+        """`cost` of pass `p` plus what kernels over its parameters add, each (elements, kernels, bytes per
+        element) of `with_parameter_traffic`: the difference they make to the pass's own priced time."""
+        more = p
+        for elements, kernels, nbytes in traffic:
+            if nbytes:
+                more = with_parameter_traffic(more, elements, kernels, nbytes)
+        if more is p:
+            return cost
+        host = self.host_bwd if p.backward else self.host_fwd
+        extra = (self._pass_cost(more, tp_group, dt, host, ep_group).compute
+                 - self._pass_cost(p, tp_group, dt, host, ep_group).compute)
+        return PassCost(cost.compute + extra, cost.comm, cost.ep)
+
     def block(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group, dt: Dtypes, ep: int = 1,
-              ep_group: Group | None = None, mix: Mix | None = None, accumulate: float = 0.0) -> BlockCost:
+              ep_group: Group | None = None, mix: Mix | None = None, traffic: StateTraffic = NO_TRAFFIC) -> BlockCost:
         """The mean block of the model, or of the layers `mix` counts (one device's: `device_mixes`): each kind of
         layer (dense or MoE, global or windowed attention) weighted by its count; its backward working set is
-        the largest kind's. `accumulate`: bytes per weight-gradient element its backward moves to accumulate
-        them (`accumulation_bytes`; 0: none, a lower bound)."""
+        the largest kind's. `traffic`: what its parameters' gathers and gradients add (`state_traffic`; none: a
+        lower bound)."""
         where = (lambda g: g if self.net.matrix else (g.nodes if g is not None else None))   # noqa: E731
         mix = mix or self.mix
-        key = (tp, mbs, sp, recompute, where(tp_group), dt, ep, where(ep_group), mix, accumulate)
+        key = (tp, mbs, sp, recompute, where(tp_group), dt, ep, where(ep_group), mix, traffic)
         cost = self._blocks.get(key)
         if cost is None:
             kinds = []
             for (moe, win), n in mix:
-                kind_key = key[:-2] + (moe, win, accumulate)
+                kind_key = key[:-2] + (moe, win, traffic)
                 one = self._blocks.get(kind_key)
                 if one is None:
                     one = self._blocks[kind_key] = self._block_kind(tp, mbs, sp, recompute, tp_group, dt, ep,
-                                                                    ep_group, moe, win, accumulate)
+                                                                    ep_group, moe, win, traffic)
                 kinds.append((one, n))
             L = sum(n for _, n in mix)
 
@@ -338,20 +377,21 @@ class CostModel:
         return cost
 
     def _block_kind(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group, dt: Dtypes, ep: int,
-                    ep_group: Group | None, moe: bool, windowed: bool, accumulate: float = 0.0) -> BlockCost:
+                    ep_group: Group | None, moe: bool, windowed: bool, traffic: StateTraffic = NO_TRAFFIC) -> BlockCost:
         w, acts, transient = self._block_work(tp, mbs, sp, recompute, dt, ep, moe, windowed)
         fwd = self._pass_cost(w.forward, tp_group, dt, self.host_fwd, ep_group)
-        bwd = plain_bwd = self._pass_cost(w.backward, tp_group, dt, self.host_bwd, ep_group)
+        bwd = self._pass_cost(w.backward, tp_group, dt, self.host_bwd, ep_group)
         rec = self._pass_cost(w.recompute, tp_group, dt, self.host_fwd, ep_group)
         factors = self.measured.block(tp, mbs, recompute, moe) if self.measured else None
         if factors is not None:   # measured kernels; TP collectives stay on the cluster's links
             fwd, bwd, rec = (PassCost(pc.compute * k, pc.comm, pc.ep) for pc, k in
                              ((fwd, factors.forward), (bwd, factors.backward), (rec, factors.backward)))
-        if accumulate:            # what the gradients' accumulation adds to the backward (a profile times one)
-            summed = with_accumulation(w.backward, layer_params(self.model, moe).per_tp_rank(tp, ep),
-                                       tensors_per_block(self.model, "projections" in self.opts.fused), accumulate)
-            extra = self._pass_cost(summed, tp_group, dt, self.host_bwd, ep_group).compute - plain_bwd.compute
-            bwd = PassCost(bwd.compute + extra, bwd.comm, bwd.ep)
+        if traffic != NO_TRAFFIC:  # added after the factors: a profile times one pass without them
+            params = layer_params(self.model, moe).per_tp_rank(tp, ep)
+            tensors = tensors_per_block(self.model, "projections" in self.opts.fused)
+            fwd = self._with_traffic(fwd, w.forward, [(params, 1, traffic.gather_forward)], tp_group, dt, ep_group)
+            bwd = self._with_traffic(bwd, w.backward, [(params, 1, traffic.gather_backward),
+                                                       (params, tensors, traffic.accumulate)], tp_group, dt, ep_group)
         return BlockCost(fwd, bwd, rec, acts, transient)
 
     def _block_work(self, tp: int, mbs: int, sp: bool, recompute: str, dt: Dtypes, ep: int, moe: bool,
@@ -382,8 +422,12 @@ class CostModel:
             self._kind_acts[key] = hit
         return hit
 
-    def ends(self, tp: int, mbs: int, sp: bool, tp_group: Group, dt: Dtypes) -> EndsCost:
-        key = (tp, mbs, sp, tp_group if self.net.matrix else tp_group.nodes, dt)
+    def ends(self, tp: int, mbs: int, sp: bool, tp_group: Group, dt: Dtypes, copy: float = 0.0,
+             head_shared: bool = False) -> EndsCost:
+        """The embedding's and the head's passes; `copy`: bytes per parameter element their forward moves out of a
+        gathered buffer (StateTraffic.gather_forward: the embedding and the head are gathered once per
+        micro-batch, kept for the backward); `head_shared`: the head is the embedding's tied weight, held once."""
+        key = (tp, mbs, sp, tp_group if self.net.matrix else tp_group.nodes, dt, copy, head_shared)
         cost = self._ends.get(key)
         if cost is None:
             vocab = self.vocab(tp)
@@ -397,6 +441,11 @@ class CostModel:
                     if factors is not None:
                         parts[i] = PassCost(parts[i].compute * factors.forward, parts[i].comm)
                         parts[i + 1] = PassCost(parts[i + 1].compute * factors.backward, parts[i + 1].comm)
+            if copy:
+                m, emb = self.model, vocab * self.model.hidden_size / tp
+                head = final_norm_params(m) + (0.0 if head_shared else emb)
+                parts[0] = self._with_traffic(parts[0], ef, [(emb + position_params(m), 1, copy)], tp_group, dt)
+                parts[2] = self._with_traffic(parts[2], hf, [(head, 1, copy)], tp_group, dt)
             cost = self._ends[key] = EndsCost(*parts)
         return cost
 
@@ -1128,9 +1177,10 @@ class CostModel:
         layout = self.layout(dims, devices)
         tp_group, dp_group = self.group(dims, "tp", devices), self.group(dims, "dp", devices)
         ep_grp, edp_group = self.group(dims, "ep", devices), self.group(dims, "edp", devices)
-        acc = self.accumulation_bytes(cfg, nmb)
-        blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp, accumulate=acc)
-        ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group, dt)
+        traffic = self.state_traffic(cfg, nmb)
+        blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp, traffic=traffic)
+        ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group, dt, traffic.gather_forward,
+                         m.tied_embeddings and cfg.pp == 1)
         pp, last = cfg.pp, cfg.pp - 1
         tied = 0.0
         if m.tied_embeddings and pp > 1:
@@ -1154,7 +1204,7 @@ class CostModel:
             key = (i == 0, i == last, mix)
             w = made_at.get(key)
             if w is None:
-                own = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp, mix, acc)
+                own = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp, mix, traffic)
                 w = made_at[key] = self._own_work(cfg, i, n, own, ends, mix, dp_group, edp_group,
                                                   tied if i in (0, last) else 0.0)
             return w
@@ -1170,7 +1220,7 @@ class CostModel:
         # the step and memory are those of each device's own layers (an interleaved split is chosen with mean
         # blocks; 1F1B and GPipe splits with the devices' own)
         mixes = self.device_mixes(chunks, pp) or [None] * pp
-        blocks = [self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp, mix, acc)
+        blocks = [self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp, mix, traffic)
                   if mix else blk for mix in mixes]
         work = [work_of(i, n) if mix is None else self._own_work(cfg, i, n, blocks[i], ends, mix, dp_group, edp_group,
                                                                  tied if i in (0, last) else 0.0)

@@ -281,14 +281,16 @@ class HeteroCost:
         # assignment and split above weighed mean blocks
         mixes = ([part.cost.range_mix(sum(layers[:s]), n) for s, (part, n) in enumerate(zip(parts, layers))]
                  if len(parts[0].cost.mix) > 1 else [None] * p)
-        # and each stage's backward with its gradient accumulation (the assignment weighed blocks without it)
+        # and with its parameters' gathers and gradients' accumulation (the assignment weighed blocks without them)
+        traffic = [part.cost.state_traffic(cand, nmb) for part in parts]
         blocks = [part.cost.block(cand.tp, cand.mbs, cand.sp, cand.recompute, part.tp_group, part.dt, cand.ep,
-                                  part.ep_group, mix, part.cost.accumulation_bytes(cand, nmb))
-                  for part, mix in zip(parts, mixes)]
+                                  part.ep_group, mix, t) for part, mix, t in zip(parts, mixes, traffic)]
+        ends = [part.cost.ends(cand.tp, cand.mbs, cand.sp, part.tp_group, part.dt, t.gather_forward,
+                               m.tied_embeddings and p == 1) for part, t in zip(parts, traffic)]
         params = [parts[s].cost.device_params(cand, s, n, mixes[s]) for s, n in enumerate(layers)]
         devices = self.devices(cand, groups)
         tied = m.tied_embeddings and p > 1
-        work = [DeviceWork(n, blocks[s], part.ends, part.cost.stage_comm(cand, params[s], n, part.dp_group,
+        work = [DeviceWork(n, blocks[s], ends[s], part.cost.stage_comm(cand, params[s], n, part.dp_group,
                                                                          part.edp_group, mixes[s]),
                            self._tied_sync(cand, devices, part.cost) if tied and s in (0, last) else 0.0,
                            part.cost.optimizer_seconds(cand, params[s], n, mixes[s]))
