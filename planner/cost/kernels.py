@@ -150,6 +150,12 @@ def pass_time(p: Pass, gpu: GPUSpec, dtype: str, host_per_kernel: float = 0.0, c
     two on an asynchronous device (steady-state launch queue), their sum on a synchronous one."""
     device = device_time(p, gpu, dtype, gemm_scale) + comm
     host = len(p.kernels) * host_per_kernel + len(p.collectives) * host_per_collective
+    return launched(device, host, gpu)
+
+
+def launched(device: float, host: float, gpu: GPUSpec) -> float:
+    """Seconds of work taking `device` seconds on the device and `host` seconds to issue: the larger of the two on
+    an asynchronous device, their sum on a synchronous one."""
     return max(device, host) if gpu.async_launch else device + host
 
 
@@ -418,14 +424,12 @@ def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: s
     return BlockWork(fwd, bwd, _recompute_pass(fwd, attn_core_fwd, projections, recompute, m, opts, moe_kernels))
 
 
-def with_parameter_traffic(p: Pass, elements: float, kernels: int, bytes_per_element: float) -> Pass:
-    """A pass followed by `kernels` elementwise kernels over the parameters it uses (`elements` in all, spread
-    evenly), each moving `bytes_per_element` per element: the accumulation of its weight gradients (one add per
-    tensor) or the copy of gathered parameters out of their flat buffer."""
-    out = Pass(list(p.kernels), list(p.collectives), backward=p.backward)
-    for _ in range(max(kernels, 1)):
-        out.mem(elements * bytes_per_element / max(kernels, 1))
-    return out
+def parameter_traffic(elements: float, kernels: int, bytes_per_element: float) -> list[Kernel]:
+    """`kernels` elementwise kernels over `elements` parameters (spread evenly), each moving `bytes_per_element`
+    per element: the accumulation of weight gradients (one add per tensor) or the copy of gathered parameters
+    out of their flat buffer (one kernel)."""
+    n = max(kernels, 1)
+    return [Kernel("mem", bytes=elements * bytes_per_element / n)] * n if bytes_per_element else []
 
 
 def projection_widths(m: ModelSpec, tp: int, fused_projections: bool, moe_layer: bool = False,

@@ -17,8 +17,8 @@ from typing import Callable, NamedTuple
 from planner.cost.comm import Group, Network
 from planner.cost.dp_comm import DPComm, stage_dp_comm
 from planner.cost.flops import hardware_flops_per_step, model_flops_per_step
-from planner.cost.kernels import (Dtypes, KernelOptions, block_work, embedding_work, head_work, pass_time,
-                                  with_parameter_traffic)
+from planner.cost.kernels import (Dtypes, Kernel, KernelOptions, Pass, block_work, device_time, embedding_work,
+                                  head_work, kernel_time, launched, parameter_traffic, pass_time)
 from planner.cost.measured import MeasuredCosts
 from planner.cost.memory import (GIB, autocast_weight_bytes, block_activation_bytes, block_backward_transient_bytes,
                                  embedding_activation_bytes, head_activation_bytes, head_transient_bytes,
@@ -204,6 +204,7 @@ class CostModel:
         self.measured = measured if measured and not measured.mismatch else None
         self._blocks: dict[tuple, BlockCost] = {}
         self._ends: dict[tuple, EndsCost] = {}
+        self._plain_kinds: dict[tuple, tuple[BlockCost, tuple]] = {}
         self._layouts: dict[tuple, Layout] = {}
         self._groups: dict[tuple, Group] = {}
         self._held_cache: dict[tuple, list[int]] = {}
@@ -333,19 +334,17 @@ class CostModel:
         kernels = pass_time(p, self.gpu, dt.matmul, host_per_kernel, gemm_scale=self.opts.gemm_scale)
         return PassCost(kernels, shown, ep_comm * (1.0 - ov.ep_comm_hidden))
 
-    def _with_traffic(self, cost: PassCost, p, traffic: list[tuple[float, int, float]], tp_group: Group, dt: Dtypes,
-                      ep_group: Group | None = None) -> PassCost:
-        """`cost` of pass `p` plus what kernels over its parameters add, each (elements, kernels, bytes per
-        element) of `with_parameter_traffic`: the difference they make to the pass's own priced time."""
-        more = p
-        for elements, kernels, nbytes in traffic:
-            if nbytes:
-                more = with_parameter_traffic(more, elements, kernels, nbytes)
-        if more is p:
+    def _with_traffic(self, cost: PassCost, p: Pass, host_per_kernel: float, dt: Dtypes, added: list[Kernel],
+                      issued: tuple[float, float] | None = None) -> PassCost:
+        """`cost` of pass `p` with the `added` kernels after its own: the time they add to the pass as priced
+        (device against host); `issued`: p's (device, host) seconds when known."""
+        if not added:
             return cost
-        host = self.host_bwd if p.backward else self.host_fwd
-        extra = (self._pass_cost(more, tp_group, dt, host, ep_group).compute
-                 - self._pass_cost(p, tp_group, dt, host, ep_group).compute)
+        device, host = issued or (device_time(p, self.gpu, dt.matmul, self.opts.gemm_scale),
+                                  len(p.kernels) * host_per_kernel)
+        more = sum(kernel_time(k, self.gpu, dt.matmul, self.opts.gemm_scale) for k in added)
+        extra = (launched(device + more, host + len(added) * host_per_kernel, self.gpu)
+                 - launched(device, host, self.gpu))
         return PassCost(cost.compute + extra, cost.comm, cost.ep)
 
     def block(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group, dt: Dtypes, ep: int = 1,
@@ -378,6 +377,29 @@ class CostModel:
 
     def _block_kind(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group, dt: Dtypes, ep: int,
                     ep_group: Group | None, moe: bool, windowed: bool, traffic: StateTraffic = NO_TRAFFIC) -> BlockCost:
+        plain, issued = self._plain_kind(tp, mbs, sp, recompute, tp_group, dt, ep, ep_group, moe, windowed)
+        if traffic == NO_TRAFFIC:
+            return plain
+        # added to the priced passes (after a profile's factors: it times one pass without them)
+        w = self._block_work(tp, mbs, sp, recompute, dt, ep, moe, windowed)[0]
+        params = layer_params(self.model, moe).per_tp_rank(tp, ep)
+        tensors = tensors_per_block(self.model, "projections" in self.opts.fused)
+        fwd = self._with_traffic(plain.forward, w.forward, self.host_fwd, dt,
+                                 parameter_traffic(params, 1, traffic.gather_forward), issued[0])
+        bwd = self._with_traffic(plain.backward, w.backward, self.host_bwd, dt,
+                                 parameter_traffic(params, 1, traffic.gather_backward)
+                                 + parameter_traffic(params, tensors, traffic.accumulate), issued[1])
+        return replace(plain, forward=fwd, backward=bwd)
+
+    def _plain_kind(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group, dt: Dtypes, ep: int,
+                    ep_group: Group | None, moe: bool, windowed: bool) -> tuple[BlockCost, tuple]:
+        """One kind of block without its parameters' traffic, and its forward's and backward's (device, host)
+        seconds (cached)."""
+        where = (lambda g: g if self.net.matrix else (g.nodes if g is not None else None))   # noqa: E731
+        key = (tp, mbs, sp, recompute, where(tp_group), dt, ep, where(ep_group), moe, windowed)
+        hit = self._plain_kinds.get(key)
+        if hit is not None:
+            return hit
         w, acts, transient = self._block_work(tp, mbs, sp, recompute, dt, ep, moe, windowed)
         fwd = self._pass_cost(w.forward, tp_group, dt, self.host_fwd, ep_group)
         bwd = self._pass_cost(w.backward, tp_group, dt, self.host_bwd, ep_group)
@@ -386,13 +408,10 @@ class CostModel:
         if factors is not None:   # measured kernels; TP collectives stay on the cluster's links
             fwd, bwd, rec = (PassCost(pc.compute * k, pc.comm, pc.ep) for pc, k in
                              ((fwd, factors.forward), (bwd, factors.backward), (rec, factors.backward)))
-        if traffic != NO_TRAFFIC:  # added after the factors: a profile times one pass without them
-            params = layer_params(self.model, moe).per_tp_rank(tp, ep)
-            tensors = tensors_per_block(self.model, "projections" in self.opts.fused)
-            fwd = self._with_traffic(fwd, w.forward, [(params, 1, traffic.gather_forward)], tp_group, dt, ep_group)
-            bwd = self._with_traffic(bwd, w.backward, [(params, 1, traffic.gather_backward),
-                                                       (params, tensors, traffic.accumulate)], tp_group, dt, ep_group)
-        return BlockCost(fwd, bwd, rec, acts, transient)
+        issued = tuple((device_time(p, self.gpu, dt.matmul, self.opts.gemm_scale), len(p.kernels) * host)
+                       for p, host in ((w.forward, self.host_fwd), (w.backward, self.host_bwd)))
+        hit = self._plain_kinds[key] = (BlockCost(fwd, bwd, rec, acts, transient), issued)
+        return hit
 
     def _block_work(self, tp: int, mbs: int, sp: bool, recompute: str, dt: Dtypes, ep: int, moe: bool,
                     windowed: bool) -> tuple:
@@ -444,8 +463,9 @@ class CostModel:
             if copy:
                 m, emb = self.model, vocab * self.model.hidden_size / tp
                 head = final_norm_params(m) + (0.0 if head_shared else emb)
-                parts[0] = self._with_traffic(parts[0], ef, [(emb + position_params(m), 1, copy)], tp_group, dt)
-                parts[2] = self._with_traffic(parts[2], hf, [(head, 1, copy)], tp_group, dt)
+                parts[0] = self._with_traffic(parts[0], ef, self.host_fwd, dt,
+                                              parameter_traffic(emb + position_params(m), 1, copy))
+                parts[2] = self._with_traffic(parts[2], hf, self.host_fwd, dt, parameter_traffic(head, 1, copy))
             cost = self._ends[key] = EndsCost(*parts)
         return cost
 
@@ -954,10 +974,11 @@ class CostModel:
         layout, tp_group, dp_group = self.layout(dims), self.group(dims, "tp"), self.group(dims, "dp")
         dt = self.dtypes(cfg.zero, cfg.dp)
         ep_grp = self.group(dims, "ep")
-        blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp)
-        work = self._work(cfg, blk, tp_group, dt)
-        per_cycle, post = self._state_bounds(cfg, order, dp_group)
         nmb = cfg.microbatches(self.training.global_batch)
+        traffic = self.state_traffic(cfg, nmb)
+        blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp, traffic=traffic)
+        work = self._work(cfg, blk, tp_group, dt, traffic.gather_forward)
+        per_cycle, post = self._state_bounds(cfg, order, dp_group)
         p = cfg.pp
         fill = (p - 1) / cfg.vpp if cfg.schedule == "interleaved" else p - 1
         host = self.engine.host
@@ -1010,12 +1031,15 @@ class CostModel:
                 for (moe, win), n in mix) / sum(n for _, n in mix)
         return hit
 
-    def _work(self, cfg: ParallelConfig, blk: BlockCost, tp_group: Group, dt: Dtypes) -> float:
-        """Seconds of all forward and backward work of one micro-batch over the whole model (one TP rank)."""
-        key = (cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group if self.net.matrix else tp_group.nodes, dt, blk)
+    def _work(self, cfg: ParallelConfig, blk: BlockCost, tp_group: Group, dt: Dtypes, copy: float = 0.0) -> float:
+        """Seconds of all forward and backward work of one micro-batch over the whole model (one TP rank); `copy`:
+        the ends' gathered-buffer copy (StateTraffic.gather_forward)."""
+        shared = self.model.tied_embeddings and cfg.pp == 1
+        key = (cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group if self.net.matrix else tp_group.nodes, dt, blk,
+               copy, shared)
         work = self._work_cache.get(key)
         if work is None:
-            ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group, dt)
+            ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group, dt, copy, shared)
             work = self._work_cache[key] = (self.model.num_layers * blk.total + ends.emb_fwd.total
                                             + ends.emb_bwd.total + ends.head_fwd.total + ends.head_bwd.total)
         return work
