@@ -13,6 +13,8 @@ Imports nothing heavy: `runtime` builds its mesh from it on every rank.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from itertools import product
@@ -153,8 +155,10 @@ class ParallelDims:
         first = {0: 0}                       # first rank modulo `modulus` -> one first rank
         for d in (d for d in self._fine_strides if d not in along):
             stride = self._fine_strides[d]
-            first = {(b + i * stride) % modulus: b + i * stride
-                     for b in first.values() for i in range(self.size(d))} | first
+            steps = min(self.size(d), modulus // math.gcd(stride, modulus))   # residues repeat after these
+            for b in list(first.values()):
+                for i in range(1, steps):
+                    first.setdefault((b + i * stride) % modulus, b + i * stride)
         return tuple(tuple(b + m for m in members) for b in sorted(first.values()))
 
     def group(self, dim: str, rank: int = 0) -> tuple[int, ...]:
