@@ -64,6 +64,38 @@ class Kernels(_Spec):
                     "has no --compile.")
 
 
+class HookSeconds(_Spec):
+    """Host seconds of a data-parallel wrapper's hooks around one wrapped block and pass: a fixed part and a part
+    per parameter tensor."""
+
+    forward_s: NonNegativeFloat = Field(description="Before and after the forward (gather, copy-out, reshard).")
+    per_tensor_forward_s: NonNegativeFloat = Field(description="Forward: per parameter tensor of the block.")
+    backward_s: NonNegativeFloat = Field(description="Around the backward (gather, reduce-scatter, copies).")
+    per_tensor_backward_s: NonNegativeFloat = Field(description="Backward: per parameter tensor of the block.")
+
+    def seconds(self, tensors: int) -> tuple[float, float]:
+        """(forward, backward) host seconds for a block of `tensors` parameter tensors."""
+        return (self.forward_s + self.per_tensor_forward_s * tensors,
+                self.backward_s + self.per_tensor_backward_s * tensors)
+
+
+class FsdpHooks(_Spec):
+    """FSDP2's hooks per wrapped block (every block is one unit under data parallelism): `resharded` when the
+    parameters are freed after the forward (ZeRO-3), `kept` when they stay gathered until the backward (ZeRO 1-2),
+    `replicated` for ZeRO 0 when the engine runs it with FSDP2's replicate (none: a DDP-style reducer, whose
+    hooks the per-collective cost covers)."""
+
+    resharded: HookSeconds
+    kept: HookSeconds
+    replicated: HookSeconds | None = None
+
+    def for_stage(self, zero: int, reshard_after_forward: bool) -> HookSeconds | None:
+        """The hooks a block runs at this ZeRO stage."""
+        if zero == 0:
+            return self.replicated
+        return self.resharded if zero >= 3 and reshard_after_forward else self.kept
+
+
 class HostCosts(_Spec):
     """Host (CPU) seconds the engine spends issuing work; the GPU idles when the host falls behind."""
 
@@ -76,6 +108,10 @@ class HostCosts(_Spec):
         description="Per optimizer step: zeroing gradients, gradient-norm and optimizer launches, logging.")
     compiled_kernel_factor: float = Field(
         1.0, gt=0, le=1, description="Host cost per kernel under --compile, as a fraction of eager's.")
+    fsdp_hooks: FsdpHooks | None = Field(
+        None, description="Host seconds of FSDP2's hooks around each wrapped block when dp > 1 (not reduced by "
+                          "--compile: the hooks stay eager); none: the engine's data parallelism adds no per-block "
+                          "host work that the per-collective cost leaves out.")
 
 
 class Recompute(_Spec):

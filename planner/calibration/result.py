@@ -37,6 +37,9 @@ def _loo_error(fit: TargetFit, measured: dict[int, float]) -> float | None:
     return mape([fit.loo[i] for i in keys], [measured[i] for i in keys])
 
 
+SPLIT_ROUNDS = 4    # memory-then-time fits at most, while the pipelined runs' default layer splits still move
+
+
 def calibrate(cluster: ClusterSpec, engine: EngineSpec, runs: Sequence[MeasuredRun],
               compiled: EngineSpec | None = None, only: set[str] | None = None,
               leave_one_out: bool = True) -> CalibrationResult:
@@ -45,8 +48,20 @@ def calibrate(cluster: ClusterSpec, engine: EngineSpec, runs: Sequence[MeasuredR
     pred = Predictor(runs, cluster, engine, compiled)
     every = list(range(len(runs)))
     with_memory = [i for i in every if runs[i].peak_reserved_bytes]
-    memory = fit_target(pred, PEAK_RESERVED, with_memory, {}, only, leave_one_out)
-    pred.freeze_layer_splits(memory.values)
+    # the default layer split of a pipelined run depends on the time parameters and sets its memory: fit memory
+    # and time in turn, each with the splits held where the other's values put them, until the splits settle
+    memory = fit_target(pred, PEAK_RESERVED, with_memory, {}, only, leave_one_out=False)
+    time_values: dict[str, float] = {}
+    for _ in range(SPLIT_ROUNDS):
+        pred.freeze_layer_splits({**memory.values, **time_values})
+        held = list(pred.configs)
+        time_values = fit_target(pred, STEP_TIME, every, memory.values, only, leave_one_out=False).values
+        pred.freeze_layer_splits({**memory.values, **time_values})
+        if pred.configs == held:
+            break
+        memory = fit_target(pred, PEAK_RESERVED, with_memory, time_values, only, leave_one_out=False)
+    if leave_one_out:
+        memory = fit_target(pred, PEAK_RESERVED, with_memory, time_values, only, leave_one_out)
     time = fit_target(pred, STEP_TIME, every, memory.values, only, leave_one_out)
     pred.thaw_layer_splits()      # what the written spec predicts: the split the cost model picks with it
     values = {**memory.values, **time.values}

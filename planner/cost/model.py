@@ -86,13 +86,16 @@ class EndsCost:
 
 
 class StateTraffic(NamedTuple):
-    """Bytes per parameter element one micro-batch moves on the compute stream besides the kernels of its
-    passes: copying all-gathered parameters out of their flat buffer before the forward and (parameters
-    resharded after it) the backward, and accumulating the weight gradients after the backward."""
+    """What the data-parallel wrapper adds to each block's passes in one micro-batch besides their kernels: bytes
+    per parameter element moved on the compute stream (copying all-gathered parameters out of their flat buffer
+    before the forward and, parameters resharded after it, the backward; accumulating the weight gradients after
+    the backward) and host seconds of its hooks per block (forward, backward)."""
 
     gather_forward: float = 0.0
     gather_backward: float = 0.0
     accumulate: float = 0.0
+    hooks_forward_s: float = 0.0
+    hooks_backward_s: float = 0.0
 
 
 NO_TRAFFIC = StateTraffic()
@@ -275,7 +278,16 @@ class CostModel:
                     and cfg.zero >= recipe.weights.sharded_from)
         copy = 2 * recipe.gather_bytes if gathered else 0.0
         again = copy if cfg.zero >= 3 and self.engine.overlap.reshard_after_forward else 0.0
-        return StateTraffic(copy, again, self.accumulation_bytes(cfg, nmb))
+        return StateTraffic(copy, again, self.accumulation_bytes(cfg, nmb), *self.hook_seconds(cfg))
+
+    def hook_seconds(self, cfg: ParallelConfig) -> tuple[float, float]:
+        """Host seconds of the data-parallel wrapper's hooks around one block's (forward, backward) pass
+        (engine.host.fsdp_hooks, per wrapped block; none without data parallelism)."""
+        hooks = self.engine.host.fsdp_hooks
+        stage = hooks.for_stage(cfg.zero, self.engine.overlap.reshard_after_forward) if hooks and cfg.dp > 1 else None
+        if stage is None:
+            return 0.0, 0.0
+        return stage.seconds(tensors_per_block(self.model, "projections" in self.opts.fused))
 
     def accumulation_bytes(self, cfg: ParallelConfig, nmb: int) -> float:
         """Bytes per weight-gradient element one micro-batch's backward moves, on average over the step, to add
@@ -335,15 +347,15 @@ class CostModel:
         return PassCost(kernels, shown, ep_comm * (1.0 - ov.ep_comm_hidden))
 
     def _with_traffic(self, cost: PassCost, p: Pass, host_per_kernel: float, dt: Dtypes, added: list[Kernel],
-                      issued: tuple[float, float] | None = None) -> PassCost:
-        """`cost` of pass `p` with the `added` kernels after its own: the time they add to the pass as priced
-        (device against host); `issued`: p's (device, host) seconds when known."""
-        if not added:
+                      issued: tuple[float, float] | None = None, hooks_s: float = 0.0) -> PassCost:
+        """`cost` of pass `p` with the `added` kernels after its own and `hooks_s` more host seconds: the time they
+        add to the pass as priced (device against host); `issued`: p's (device, host) seconds when known."""
+        if not added and not hooks_s:
             return cost
         device, host = issued or (device_time(p, self.gpu, dt.matmul, self.opts.gemm_scale),
                                   len(p.kernels) * host_per_kernel)
         more = sum(kernel_time(k, self.gpu, dt.matmul, self.opts.gemm_scale) for k in added)
-        extra = (launched(device + more, host + len(added) * host_per_kernel, self.gpu)
+        extra = (launched(device + more, host + len(added) * host_per_kernel + hooks_s, self.gpu)
                  - launched(device, host, self.gpu))
         return PassCost(cost.compute + extra, cost.comm, cost.ep)
 
@@ -385,10 +397,12 @@ class CostModel:
         params = layer_params(self.model, moe).per_tp_rank(tp, ep)
         tensors = tensors_per_block(self.model, "projections" in self.opts.fused)
         fwd = self._with_traffic(plain.forward, w.forward, self.host_fwd, dt,
-                                 parameter_traffic(params, 1, traffic.gather_forward), issued[0])
+                                 parameter_traffic(params, 1, traffic.gather_forward), issued[0],
+                                 traffic.hooks_forward_s)
         bwd = self._with_traffic(plain.backward, w.backward, self.host_bwd, dt,
                                  parameter_traffic(params, 1, traffic.gather_backward)
-                                 + parameter_traffic(params, tensors, traffic.accumulate), issued[1])
+                                 + parameter_traffic(params, tensors, traffic.accumulate), issued[1],
+                                 traffic.hooks_backward_s)
         return replace(plain, forward=fwd, backward=bwd)
 
     def _plain_kind(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group, dt: Dtypes, ep: int,

@@ -1,0 +1,110 @@
+"""FSDP2's host hooks around each wrapped block (engine.host.fsdp_hooks): which hooks FSDP2 runs per block, pass
+and micro-batch (counted with torch.profiler on the runtime's own block, one gloo rank), how many parameter
+tensors they walk (the runtime's block), and that they cost the pass time only where the host sets its pace."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import Counter
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from planner.cost.comm import Group
+from planner.cost.model import CostModel, StateTraffic
+from planner.engine import load_engine
+from planner.loaders import load_cluster
+from planner.specs import ModelSpec, ParallelConfig, TrainingSpec
+
+SMALL = ModelSpec(name="g", num_layers=2, hidden_size=64, num_heads=4, vocab_size=1000,
+                  max_position_embeddings=32, dropout=0.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _cost(model: ModelSpec = SMALL, engine: str = "meshplan", cluster: str = "dgx-h100") -> CostModel:
+    return CostModel(model, load_cluster(cluster), TrainingSpec(global_batch=8, seq_len=16, precision="bf16"),
+                     engine=load_engine(engine))
+
+
+def test_fsdp2_runs_one_set_of_hooks_per_block_pass_and_micro_batch(one_rank):
+    """Two wrapped blocks, two micro-batches: every block's pre/post-forward and pre/post-backward hooks run once
+    per micro-batch; what the engine file prices per block and pass."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.profiler import profile
+
+    from runtime.models import TransformerBlock
+    blocks = torch.nn.Sequential(TransformerBlock(SMALL), TransformerBlock(SMALL))
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=True)
+    fully_shard(blocks)
+    x = torch.randn(2, 16, 64)
+    blocks(x).sum().backward()                      # lazy initialisation outside the count
+    with profile() as prof:
+        for _ in range(2):
+            blocks(x).sum().backward()
+    seen = Counter(e.name for e in prof.events() if e.name.startswith("FSDP::"))
+    for i in (0, 1):
+        for hook in ("pre_forward", "post_forward", "pre_backward", "post_backward_reduce"):
+            assert seen[f"FSDP::{hook} ({i})"] == 2, (hook, i, seen)
+
+
+def test_the_hooks_walk_the_runtimes_parameter_tensors():
+    from runtime.models import TransformerBlock
+    tensors = len(list(TransformerBlock(SMALL).parameters()))
+    hooks = load_engine("meshplan").host.fsdp_hooks.resharded
+    forward, backward = _cost().hook_seconds(ParallelConfig(dp=8, mbs=1, zero=3))
+    assert forward == pytest.approx(hooks.forward_s + hooks.per_tensor_forward_s * tensors, rel=1e-12)
+    assert backward == pytest.approx(hooks.backward_s + hooks.per_tensor_backward_s * tensors, rel=1e-12)
+
+
+@pytest.mark.parametrize("engine, cfg, wrapper", [
+    ("meshplan", ParallelConfig(dp=8, mbs=1, zero=3), "resharded"),
+    ("meshplan", ParallelConfig(dp=8, mbs=1, zero=2), "kept"),
+    ("meshplan", ParallelConfig(dp=8, mbs=1, zero=1), "kept"),
+    ("meshplan", ParallelConfig(dp=8, mbs=1, zero=0), "replicated"),   # runtime: replicate_with_fsdp
+    ("torchtitan", ParallelConfig(dp=8, mbs=1, zero=0), None),          # DDP's C++ reducer
+    ("meshplan", ParallelConfig(tp=8, dp=1, mbs=1, zero=3), None),      # nothing wrapped without dp
+    ("megatron", ParallelConfig(dp=8, mbs=1, zero=1), None),
+])
+def test_which_hooks_run(engine, cfg, wrapper):
+    hooks = load_engine(engine).host.fsdp_hooks
+    got = _cost(engine=engine).hook_seconds(cfg)
+    if wrapper is None:
+        assert got == (0.0, 0.0)
+    else:
+        assert got == getattr(hooks, wrapper).seconds(16)       # SMALL's block: 16 parameter tensors
+
+
+def test_hooks_cost_the_pass_only_where_the_host_sets_its_pace():
+    """On an asynchronous GPU a pass takes the longer of its device and host time: the hooks' seconds all show on
+    a launch-bound block (a tiny one) and none on a block whose device time exceeds its host time by more."""
+    hooks = StateTraffic(hooks_forward_s=300e-6, hooks_backward_s=500e-6)
+    tiny = _cost()
+    tp_group, dt = Group((0,), 8), tiny.dtypes(3, 8)
+    plain = tiny.block(1, 1, False, "none", tp_group, dt)
+    hooked = tiny.block(1, 1, False, "none", tp_group, dt, traffic=hooks)
+    assert hooked.forward.compute - plain.forward.compute == pytest.approx(300e-6, rel=1e-9)
+    assert hooked.backward.compute - plain.backward.compute == pytest.approx(500e-6, rel=1e-9)
+    big = _cost(ModelSpec(name="b", num_layers=2, hidden_size=8192, num_heads=64, vocab_size=1000,
+                          max_position_embeddings=4096, dropout=0.0))
+    wide = CostModel(big.model, big.cluster, TrainingSpec(global_batch=8, seq_len=4096, precision="bf16"),
+                     engine=load_engine("meshplan"))
+    plain = wide.block(1, 4, False, "none", tp_group, dt)
+    hooked = wide.block(1, 4, False, "none", tp_group, dt, traffic=hooks)
+    assert hooked.forward.compute == plain.forward.compute
+    assert hooked.backward.compute == plain.backward.compute
