@@ -10,8 +10,8 @@ exits 1. With --job-dir a failing rank first writes job-dir/errors/rank<R>.json 
 kind "input", "crash", or "peer" for a collective that failed because another rank went away), written to a
 temporary file, fsynced and renamed, before anything else can happen to the process; then it leaves at once
 (os._exit), without tearing down a process group whose peers may be blocked, so that no teardown abort can
-replace its report. `meshplan run` reads these files to say which rank failed first and why. Each rank dies
-with torchrun (runtime.process).
+replace its report. `meshplan run` reads these files to say which rank failed first and why. A rank that
+succeeded leaves the same way, after a last barrier. Each rank dies with torchrun (runtime.process).
 
 Progress: with --progress-protocol rank 0 prints one line per step, `@meshplan-progress {json}`, that
 `meshplan run` turns into a progress bar; otherwise it prints plain lines.
@@ -327,8 +327,7 @@ def train(args: argparse.Namespace) -> int:
 
             from runtime.report import render_report
             render_report(Console(highlight=False), report)
-    dist.barrier()
-    dist.destroy_process_group()     # on success only: after a failure main() leaves without any teardown
+    dist.barrier()                   # every rank is done and the report is written: leave without any teardown
     return 0
 
 
@@ -395,8 +394,9 @@ def _is_peer_failure(exc: BaseException) -> bool:
 
 
 def _leave(code: int) -> None:
-    """Exit now: flush what was printed and skip the interpreter's teardown (destructors of process groups
-    whose peers are gone can abort the process)."""
+    """Exit now: flush what was printed and skip the interpreter's teardown. After a failure, destructors of
+    process groups whose peers are gone can abort the process; after success too, gloo's teardown now and then
+    aborts a rank ("terminate called without an active exception", seen in CI after an expert-parallel run)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
                      message)
         traceback.print_exc()
         _leave(1)
-    sys.exit(rc)
+    _leave(rc)
 
 
 if __name__ == "__main__":

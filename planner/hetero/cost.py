@@ -127,31 +127,42 @@ class HeteroCost:
         return hit
 
     def block_seconds(self, cand: Candidate, k: int) -> float:
-        """One block's forward, backward and recompute on group k, one micro-batch (seconds). The TP group is
-        inside a node whatever dp is, and the dtypes depend on dp only through dp > 1."""
+        """One block's forward, backward and recompute on group k, one micro-batch (seconds), with its parameters'
+        gathers, gradients' accumulation and wrapper hooks as the estimate prices them (state_traffic). The TP
+        group is inside a node whatever dp is, and the dtypes depend on dp only through dp > 1."""
+        traffic = self._traffic(cand, k)
         if cand.ep > 1:           # the all-to-alls depend on where the EP group sits
-            return self._on_group(cand, k).blk.total
-        key = (cand.tp, cand.mbs, cand.sp, cand.recompute, cand.zero, cand.dp > 1, k)
+            part = self._on_group(cand, k)
+            return part.cost.block(cand.tp, cand.mbs, cand.sp, cand.recompute, part.tp_group, part.dt, cand.ep,
+                                   part.ep_group, traffic=traffic).total
+        key = (cand.tp, cand.mbs, cand.sp, cand.recompute, cand.zero, cand.dp > 1, k, traffic)
         hit = self._block_seconds.get(key)
         if hit is None:
             cost = self.costs[k]
             inside, alone = Group(tuple(range(cand.tp)), 1), Group((0,), 1)   # alone: no expert parallelism, the
             # one-rank EP group the homogeneous model passes too, so both searches share one cached block
             hit = self._block_seconds[key] = cost.block(cand.tp, cand.mbs, cand.sp, cand.recompute, inside,
-                                                        cost.dtypes(cand.zero, cand.dp), 1, alone).total
+                                                        cost.dtypes(cand.zero, cand.dp), 1, alone,
+                                                        traffic=traffic).total
         return hit
+
+    def _traffic(self, cand: Candidate, k: int):
+        """What the data-parallel wrapper adds to each block of `cand` on group k (CostModel.state_traffic)."""
+        return self.costs[k].state_traffic(cand, cand.microbatches(self.training.global_batch))
 
     def end_seconds(self, cand: Candidate, groups: list[int]) -> tuple[dict[int, float], dict[int, float]]:
         """({group: embedding forward + backward}, {group: head and loss forward + backward}), seconds per
-        micro-batch (the TP group inside a node)."""
+        micro-batch (the TP group inside a node), the gathered parameters' copy included."""
         first, last = {}, {}
+        shared = self.model.tied_embeddings and cand.pp == 1
         for k in groups:
-            key = (cand.tp, cand.mbs, cand.sp, cand.zero, cand.dp > 1, k)
+            copy = self._traffic(cand, k).gather_forward
+            key = (cand.tp, cand.mbs, cand.sp, cand.zero, cand.dp > 1, k, copy, shared)
             hit = self._end_seconds.get(key)
             if hit is None:
                 cost = self.costs[k]
                 ends = cost.ends(cand.tp, cand.mbs, cand.sp, Group(tuple(range(cand.tp)), 1),
-                                 cost.dtypes(cand.zero, cand.dp))
+                                 cost.dtypes(cand.zero, cand.dp), copy, shared)
                 hit = self._end_seconds[key] = (ends.emb_fwd.total + ends.emb_bwd.total,
                                                 ends.head_fwd.total + ends.head_bwd.total)
             first[k], last[k] = hit
@@ -281,7 +292,7 @@ class HeteroCost:
         # assignment and split above weighed mean blocks
         mixes = ([part.cost.range_mix(sum(layers[:s]), n) for s, (part, n) in enumerate(zip(parts, layers))]
                  if len(parts[0].cost.mix) > 1 else [None] * p)
-        # and with its parameters' gathers and gradients' accumulation (the assignment weighed blocks without them)
+        # and with its parameters' gathers, gradients' accumulation and hooks (as the assignment weighed them)
         traffic = [part.cost.state_traffic(cand, nmb) for part in parts]
         blocks = [part.cost.block(cand.tp, cand.mbs, cand.sp, cand.recompute, part.tp_group, part.dt, cand.ep,
                                   part.ep_group, mix, t) for part, mix, t in zip(parts, mixes, traffic)]
