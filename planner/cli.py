@@ -188,7 +188,9 @@ def estimate(
 ):
     """Predict step time, MFU and memory per GPU of ONE parallel configuration.
 
-    Example: meshplan estimate -m gpt3-175b -c dgx-a100-80gb --nodes 128 -b 1536 --tp 8 --pp 16 --recompute full
+    Example: meshplan estimate -m gpt3-175b -c dgx-a100-80gb --nodes 128 -b 1536 --tp 8 --pp 16 --recompute full --engine megatron
+
+    (Under the default meshplan engine the same configuration does not fit: torch's pipelining keeps a receive buffer per micro-batch.)
     """
     from planner.loaders import parse_spec
     from planner.specs import ParallelConfig

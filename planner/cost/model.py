@@ -1286,6 +1286,21 @@ class CostModel:
         return DeviceWork(layers, blk, ends, self.stage_comm(cfg, params, layers, dp_group, edp_group, mix), tied,
                           self.optimizer_seconds(cfg, params, layers, mix))
 
+    def launch_ratio(self, cfg: ParallelConfig) -> float:
+        """Host seconds to issue the kernels of the model's blocks (forward, backward, recomputation; one
+        micro-batch) over the GPU's seconds to run them: above 1 the blocks are host-launch-bound (0 on a
+        synchronous device, and with a profile's measured blocks, whose times hold both)."""
+        if not self.gpu.async_launch or self.measured is not None:
+            return 0.0
+        dt, device, host = self.dtypes(cfg.zero, cfg.dp), 0.0, 0.0
+        for (moe, windowed), n in self.mix:
+            w = self._block_work(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, dt, cfg.ep, moe, windowed)[0]
+            for p, per_kernel in ((w.forward, self.host_fwd), (w.backward, self.host_bwd),
+                                  (w.recompute, self.host_fwd)):
+                device += n * device_time(p, self.gpu, dt.matmul, self.opts.gemm_scale)
+                host += n * len(p.kernels) * per_kernel
+        return host / device if device > 0 else 0.0
+
     def sources_for(self, cfg: ParallelConfig) -> dict[str, str]:
         """`sources` with where this configuration's block numbers came from."""
         out = dict(self.sources)
@@ -1341,7 +1356,7 @@ class CostModel:
             tflops_per_gpu=model_flops / (step * gpus) / 1e12,
             hardware_tflops_per_gpu=hw_flops / (step * gpus) / 1e12,
             peak_memory_bytes=fullest.total, peak_reserved_bytes=fullest.reserved, critical_stage=core.crit,
-            binding=_binding(time, step, fullest, budget, core.feasible),
+            binding=_binding(time, step, fullest, budget, core.feasible, self.launch_ratio(cfg)),
             memory=MemoryBreakdown(capacity_bytes=gpu.memory_bytes, usable_bytes=round(usable),
                                    headroom=self.memory_headroom, budget_bytes=round(budget), stages=stages),
             time=time, sources=self.sources_for(cfg))
@@ -1353,8 +1368,10 @@ class CostModel:
                           model=self.model_summary(), config=resolved, predicted=predicted)
 
 
-def _binding(time: TimeBreakdown, step: float, fullest: StageMemory, budget: float, feasible: bool) -> str:
-    """One line: the largest shares of the step and how full the fullest GPU is."""
+def _binding(time: TimeBreakdown, step: float, fullest: StageMemory, budget: float, feasible: bool,
+             launch_ratio: float = 0.0) -> str:
+    """One line: the largest shares of the step and how full the fullest GPU is. `launch_ratio`
+    (CostModel.launch_ratio) above 1 names blocks whose kernels the host issues slower than the GPU runs them."""
     shares = sorted(time.model_dump().items(), key=lambda kv: -kv[1])
     top = ", ".join(f"{k} {v / step:.0%}" for k, v in shares[:3] if v > 0)
     mem = (f"stage {fullest.stage} memory {fullest.reserved / GIB:.1f} of a {budget / GIB:.1f} GiB budget "
@@ -1366,4 +1383,6 @@ def _binding(time: TimeBreakdown, step: float, fullest: StageMemory, budget: flo
             "dp_comm_exposed": "DP-communication-bound", "optimizer": "optimizer-bound",
             "ep_comm": "EP-all-to-all-bound",
             "host": "host-bound"}[shares[0][0]]
+    if shares[0][0] in ("compute", "recompute") and launch_ratio > 1.0:
+        kind = f"host-launch-bound (issuing the blocks' kernels takes the host {launch_ratio:.1f}x the GPU's time)"
     return f"{kind} ({top}); {mem}" + (" (tight)" if fullest.reserved > 0.95 * budget else "")
