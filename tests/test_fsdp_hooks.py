@@ -108,3 +108,47 @@ def test_hooks_cost_the_pass_only_where_the_host_sets_its_pace():
     hooked = wide.block(1, 4, False, "none", tp_group, dt, traffic=hooks)
     assert hooked.forward.compute == plain.forward.compute
     assert hooked.backward.compute == plain.backward.compute
+
+
+def _end_tensors(model: ModelSpec, first: bool, last: bool) -> int:
+    """Parameter tensors a runtime chunk holds outside its blocks (what its own FSDP2 unit walks)."""
+    from runtime.models import ModelChunk
+    chunk = ModelChunk(model, [0], first=first, last=last)
+    in_blocks = {id(p) for p in chunk.layers.parameters()}
+    return sum(1 for p in chunk.parameters() if id(p) not in in_blocks)
+
+
+@pytest.mark.parametrize("model", [SMALL, SMALL.model_copy(update={"tied_embeddings": False})])
+def test_the_root_units_hooks_walk_each_stages_own_tensors(model):
+    """The unit that wraps a chunk (runtime/parallelize.py: kept gathered) walks the chunk's own tensors: the
+    embedding's, the final norm's and the head's (counted on the runtime's chunks), priced once per micro-batch
+    with the embedding without pipelining, and on each end's stage with it."""
+    kept = load_engine("meshplan").host.fsdp_hooks.kept
+    cost = _cost(model)
+    whole = cost.root_hook_seconds(ParallelConfig(dp=8, mbs=1, zero=3))
+    assert whole == (*kept.seconds(_end_tensors(model, True, True)), 0.0, 0.0)
+    piped = cost.root_hook_seconds(ParallelConfig(pp=2, dp=4, mbs=1, zero=3))
+    assert piped == (*kept.seconds(_end_tensors(model, True, False)), *kept.seconds(_end_tensors(model, False, True)))
+    assert cost.root_hook_seconds(ParallelConfig(tp=8, mbs=1, zero=3)) == (0.0, 0.0, 0.0, 0.0)
+
+
+def test_the_root_unit_runs_its_hooks_once_per_micro_batch(one_rank):
+    """The chunk's own unit, around two wrapped blocks: its forward and backward hooks run once per micro-batch,
+    as each block's do (what root_hook_seconds prices)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.profiler import profile
+
+    from runtime.models import ModelChunk
+    chunk = ModelChunk(SMALL, [0, 1], first=True, last=True)
+    for block in chunk.layers.values():
+        fully_shard(block, reshard_after_forward=True)
+    fully_shard(chunk, reshard_after_forward=False)
+    x = torch.randint(0, SMALL.vocab_size, (2, 16))
+    chunk(x).float().sum().backward()               # lazy initialisation outside the count
+    with profile() as prof:
+        for _ in range(2):
+            chunk(x).float().sum().backward()
+    seen = Counter(e.name for e in prof.events() if e.name.startswith("FSDP::"))
+    for hook in ("pre_forward", "post_forward", "pre_backward", "post_backward_reduce"):
+        assert seen[f"FSDP::{hook}"] == 2, (hook, seen)                 # the chunk's own unit
+        assert seen[f"FSDP::{hook} (layers.0)"] == seen[f"FSDP::{hook} (layers.1)"] == 2, (hook, seen)

@@ -89,13 +89,15 @@ class StateTraffic(NamedTuple):
     """What the data-parallel wrapper adds to each block's passes in one micro-batch besides their kernels: bytes
     per parameter element moved on the compute stream (copying all-gathered parameters out of their flat buffer
     before the forward and, parameters resharded after it, the backward; accumulating the weight gradients after
-    the backward) and host seconds of its hooks per block (forward, backward)."""
+    the backward) and host seconds of its hooks per block (forward, backward) and of the unit that wraps the
+    embedding and the head (`root_hooks_s`: embedding forward, embedding backward, head forward, head backward)."""
 
     gather_forward: float = 0.0
     gather_backward: float = 0.0
     accumulate: float = 0.0
     hooks_forward_s: float = 0.0
     hooks_backward_s: float = 0.0
+    root_hooks_s: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
 
 
 NO_TRAFFIC = StateTraffic()
@@ -278,7 +280,8 @@ class CostModel:
                     and cfg.zero >= recipe.weights.sharded_from)
         copy = 2 * recipe.gather_bytes if gathered else 0.0
         again = copy if cfg.zero >= 3 and self.engine.overlap.reshard_after_forward else 0.0
-        return StateTraffic(copy, again, self.accumulation_bytes(cfg, nmb), *self.hook_seconds(cfg))
+        return StateTraffic(copy, again, self.accumulation_bytes(cfg, nmb), *self.hook_seconds(cfg),
+                            self.root_hook_seconds(cfg))
 
     def hook_seconds(self, cfg: ParallelConfig) -> tuple[float, float]:
         """Host seconds of the data-parallel wrapper's hooks around one block's (forward, backward) pass
@@ -288,6 +291,22 @@ class CostModel:
         if stage is None:
             return 0.0, 0.0
         return stage.seconds(tensors_per_block(self.model, "projections" in self.opts.fused))
+
+    def root_hook_seconds(self, cfg: ParallelConfig) -> tuple[float, float, float, float]:
+        """Host seconds of the hooks of the unit wrapping a pipeline stage's own parameters (the embedding, the
+        final norm and the head; kept gathered, as runtime/parallelize.py wraps each stage's chunk) per micro-batch:
+        (embedding forward, embedding backward, head forward, head backward). One unit holds both ends without
+        pipelining (its hooks priced with the embedding's passes); a stage without end parameters has none."""
+        hooks = self.engine.host.fsdp_hooks
+        unit = hooks.for_stage(cfg.zero, reshard_after_forward=False) if hooks and cfg.dp > 1 else None
+        if unit is None:
+            return 0.0, 0.0, 0.0, 0.0
+        m = self.model
+        embedding = 1 + (1 if position_params(m) else 0)
+        head = (2 if m.norm == "layernorm" and m.bias else 1) + (0 if m.tied_embeddings and cfg.pp == 1 else 1)
+        if cfg.pp == 1:
+            return (*unit.seconds(embedding + head), 0.0, 0.0)
+        return (*unit.seconds(embedding), *unit.seconds(head))
 
     def accumulation_bytes(self, cfg: ParallelConfig, nmb: int) -> float:
         """Bytes per weight-gradient element one micro-batch's backward moves, on average over the step, to add
@@ -456,11 +475,13 @@ class CostModel:
         return hit
 
     def ends(self, tp: int, mbs: int, sp: bool, tp_group: Group, dt: Dtypes, copy: float = 0.0,
-             head_shared: bool = False) -> EndsCost:
+             head_shared: bool = False, root_hooks: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+             ) -> EndsCost:
         """The embedding's and the head's passes; `copy`: bytes per parameter element their forward moves out of a
         gathered buffer (StateTraffic.gather_forward: the embedding and the head are gathered once per
-        micro-batch, kept for the backward); `head_shared`: the head is the embedding's tied weight, held once."""
-        key = (tp, mbs, sp, tp_group if self.net.matrix else tp_group.nodes, dt, copy, head_shared)
+        micro-batch, kept for the backward); `head_shared`: the head is the embedding's tied weight, held once;
+        `root_hooks`: host seconds of their wrapper's hooks per pass (StateTraffic.root_hooks_s)."""
+        key = (tp, mbs, sp, tp_group if self.net.matrix else tp_group.nodes, dt, copy, head_shared, root_hooks)
         cost = self._ends.get(key)
         if cost is None:
             vocab = self.vocab(tp)
@@ -474,12 +495,15 @@ class CostModel:
                     if factors is not None:
                         parts[i] = PassCost(parts[i].compute * factors.forward, parts[i].comm)
                         parts[i + 1] = PassCost(parts[i + 1].compute * factors.backward, parts[i + 1].comm)
+            added: dict[int, list[Kernel]] = {}
             if copy:
                 m, emb = self.model, vocab * self.model.hidden_size / tp
                 head = final_norm_params(m) + (0.0 if head_shared else emb)
-                parts[0] = self._with_traffic(parts[0], ef, self.host_fwd, dt,
-                                              parameter_traffic(emb + position_params(m), 1, copy))
-                parts[2] = self._with_traffic(parts[2], hf, self.host_fwd, dt, parameter_traffic(head, 1, copy))
+                added = {0: parameter_traffic(emb + position_params(m), 1, copy), 2: parameter_traffic(head, 1, copy)}
+            for i, p in enumerate((ef, eb, hf, hb)):
+                if added.get(i) or root_hooks[i]:
+                    parts[i] = self._with_traffic(parts[i], p, self.host_bwd if p.backward else self.host_fwd, dt,
+                                                  added.get(i, []), hooks_s=root_hooks[i])
             cost = self._ends[key] = EndsCost(*parts)
         return cost
 
@@ -991,7 +1015,7 @@ class CostModel:
         nmb = cfg.microbatches(self.training.global_batch)
         traffic = self.state_traffic(cfg, nmb)
         blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp, traffic=traffic)
-        work = self._work(cfg, blk, tp_group, dt, traffic.gather_forward)
+        work = self._work(cfg, blk, tp_group, dt, traffic)
         per_cycle, post = self._state_bounds(cfg, order, dp_group)
         p = cfg.pp
         fill = (p - 1) / cfg.vpp if cfg.schedule == "interleaved" else p - 1
@@ -1045,15 +1069,17 @@ class CostModel:
                 for (moe, win), n in mix) / sum(n for _, n in mix)
         return hit
 
-    def _work(self, cfg: ParallelConfig, blk: BlockCost, tp_group: Group, dt: Dtypes, copy: float = 0.0) -> float:
-        """Seconds of all forward and backward work of one micro-batch over the whole model (one TP rank); `copy`:
-        the ends' gathered-buffer copy (StateTraffic.gather_forward)."""
+    def _work(self, cfg: ParallelConfig, blk: BlockCost, tp_group: Group, dt: Dtypes,
+              traffic: StateTraffic = NO_TRAFFIC) -> float:
+        """Seconds of all forward and backward work of one micro-batch over the whole model (one TP rank);
+        `traffic`: what the ends' gathered-buffer copy and wrapper hooks add (StateTraffic)."""
         shared = self.model.tied_embeddings and cfg.pp == 1
+        copy, root = traffic.gather_forward, traffic.root_hooks_s
         key = (cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group if self.net.matrix else tp_group.nodes, dt, blk,
-               copy, shared)
+               copy, shared, root)
         work = self._work_cache.get(key)
         if work is None:
-            ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group, dt, copy, shared)
+            ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group, dt, copy, shared, root)
             work = self._work_cache[key] = (self.model.num_layers * blk.total + ends.emb_fwd.total
                                             + ends.emb_bwd.total + ends.head_fwd.total + ends.head_bwd.total)
         return work
@@ -1218,7 +1244,7 @@ class CostModel:
         traffic = self.state_traffic(cfg, nmb)
         blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp, traffic=traffic)
         ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group, dt, traffic.gather_forward,
-                         m.tied_embeddings and cfg.pp == 1)
+                         m.tied_embeddings and cfg.pp == 1, traffic.root_hooks_s)
         pp, last = cfg.pp, cfg.pp - 1
         tied = 0.0
         if m.tied_embeddings and pp > 1:

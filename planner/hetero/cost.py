@@ -152,17 +152,18 @@ class HeteroCost:
 
     def end_seconds(self, cand: Candidate, groups: list[int]) -> tuple[dict[int, float], dict[int, float]]:
         """({group: embedding forward + backward}, {group: head and loss forward + backward}), seconds per
-        micro-batch (the TP group inside a node), the gathered parameters' copy included."""
+        micro-batch (the TP group inside a node), the gathered parameters' copy and their wrapper's hooks included."""
         first, last = {}, {}
         shared = self.model.tied_embeddings and cand.pp == 1
         for k in groups:
-            copy = self._traffic(cand, k).gather_forward
-            key = (cand.tp, cand.mbs, cand.sp, cand.zero, cand.dp > 1, k, copy, shared)
+            traffic = self._traffic(cand, k)
+            copy, root = traffic.gather_forward, traffic.root_hooks_s
+            key = (cand.tp, cand.mbs, cand.sp, cand.zero, cand.dp > 1, k, copy, shared, root)
             hit = self._end_seconds.get(key)
             if hit is None:
                 cost = self.costs[k]
                 ends = cost.ends(cand.tp, cand.mbs, cand.sp, Group(tuple(range(cand.tp)), 1),
-                                 cost.dtypes(cand.zero, cand.dp), copy, shared)
+                                 cost.dtypes(cand.zero, cand.dp), copy, shared, root)
                 hit = self._end_seconds[key] = (ends.emb_fwd.total + ends.emb_bwd.total,
                                                 ends.head_fwd.total + ends.head_bwd.total)
             first[k], last[k] = hit
@@ -297,7 +298,7 @@ class HeteroCost:
         blocks = [part.cost.block(cand.tp, cand.mbs, cand.sp, cand.recompute, part.tp_group, part.dt, cand.ep,
                                   part.ep_group, mix, t) for part, mix, t in zip(parts, mixes, traffic)]
         ends = [part.cost.ends(cand.tp, cand.mbs, cand.sp, part.tp_group, part.dt, t.gather_forward,
-                               m.tied_embeddings and p == 1) for part, t in zip(parts, traffic)]
+                               m.tied_embeddings and p == 1, t.root_hooks_s) for part, t in zip(parts, traffic)]
         params = [parts[s].cost.device_params(cand, s, n, mixes[s]) for s, n in enumerate(layers)]
         devices = self.devices(cand, groups)
         tied = m.tied_embeddings and p > 1
