@@ -25,7 +25,7 @@ from planner.cost.memory import (GIB, autocast_weight_bytes, block_activation_by
                                  in_flight_microbatches, interleaved_in_flight_chunks, state_bytes)
 from planner.cost.moe import add_comm, imbalance
 from planner.cost.params import (LayerParams, final_norm_params, layer_mix, layer_params, mean_layer_params,
-                                 padded_vocab_size, position_params, tensors_per_block, total_params)
+                                 norm_tensors, padded_vocab_size, position_params, tensors_per_block, total_params)
 from planner.cost.pipeline import p2p_on_path
 from planner.cost.stage_work import StageWork
 from planner.cost.step import DeviceWork, device_times, step_times
@@ -303,7 +303,7 @@ class CostModel:
             return 0.0, 0.0, 0.0, 0.0
         m = self.model
         embedding = 1 + (1 if position_params(m) else 0)
-        head = (2 if m.norm == "layernorm" and m.bias else 1) + (0 if m.tied_embeddings and cfg.pp == 1 else 1)
+        head = norm_tensors(m) + (0 if m.tied_embeddings and cfg.pp == 1 else 1)
         if cfg.pp == 1:
             return (*unit.seconds(embedding + head), 0.0, 0.0)
         return (*unit.seconds(embedding), *unit.seconds(head))

@@ -115,6 +115,11 @@ def position_params(m: ModelSpec) -> int:
     return m.max_position_embeddings * m.hidden_size if m.position_embedding == "learned" else 0
 
 
+def norm_tensors(m: ModelSpec) -> int:
+    """Parameter tensors of one norm: a scale, and a bias for a LayerNorm with biases."""
+    return 2 if m.norm == "layernorm" and m.bias else 1
+
+
 def final_norm_params(m: ModelSpec) -> int:
     return 2 * m.hidden_size if m.norm == "layernorm" and m.bias else m.hidden_size
 
@@ -147,7 +152,7 @@ def tensors_per_block(m: ModelSpec, fused_projections: bool) -> int:
     matrices = (1 if fused_projections else 3) + 1 + (1 if fused_projections or not swiglu else 2) + 1
     qkv_biases = ((1 if fused_projections else 3) if m.has_qkv_bias else 0)
     other_biases = (1 + (1 if fused_projections or not swiglu else 2) + 1) if m.bias else 0
-    norms = 2 * (2 if m.norm == "layernorm" and m.bias else 1)
+    norms = 2 * norm_tensors(m)
     if m.mla is not None:             # latent attention's matrices and norms instead of q/k/v/o's
         from planner.cost.mla import attention_tensors
         matrices += attention_tensors(m) - (2 if fused_projections else 4)
