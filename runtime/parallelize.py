@@ -274,6 +274,11 @@ class TiedEmbeddingSync:
     def __call__(self) -> None:
         if self.group is None or self.param is None:
             return
+        from torch.distributed.tensor import DTensor
         grad = self.param.grad
-        local = grad.to_local() if hasattr(grad, "to_local") else grad
+        if isinstance(grad, DTensor) and grad.placements != self.param.placements:
+            # without a data-parallel wrapper the vocabulary-sharded embedding's backward leaves a replicated
+            # gradient: shard it as the weight (a local slice), so both ends reduce the same rows
+            grad = self.param.grad = grad.redistribute(grad.device_mesh, self.param.placements)
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
         dist.all_reduce(local, group=self.group)

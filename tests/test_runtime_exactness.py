@@ -72,6 +72,9 @@ EIGHT_PROCESS = [
      "optimizer": "sgd", "lr": 0.1,
      "config": {"tp": 2, "pp": 2, "dp": 2, "zero": 2, "schedule": "gpipe", "recompute": "selective",
                 "layers_per_stage": [3, 1]}},
+    # tied ends on two stages without data parallelism: the embedding's gradient comes back replicated while its
+    # weight is vocabulary-sharded; both ends must sum the same rows
+    {"name": "tp4-pp2-tied", "config": {"tp": 4, "pp": 2}},
 ]
 
 
