@@ -14,8 +14,10 @@ import torch.distributed as dist
 
 from planner.cost.comm import Group
 from planner.cost.model import CostModel, StateTraffic
+from planner.cost.params import EXPERT_UNIT_TENSORS, tensors_per_block
 from planner.engine import load_engine
 from planner.loaders import load_cluster
+from planner.presets import PRESETS
 from planner.specs import ModelSpec, ParallelConfig, TrainingSpec
 
 SMALL = ModelSpec(name="g", num_layers=2, hidden_size=64, num_heads=4, vocab_size=1000,
@@ -152,3 +154,58 @@ def test_the_root_unit_runs_its_hooks_once_per_micro_batch(one_rank):
     for hook in ("pre_forward", "post_forward", "pre_backward", "post_backward_reduce"):
         assert seen[f"FSDP::{hook}"] == 2, (hook, seen)                 # the chunk's own unit
         assert seen[f"FSDP::{hook} (layers.0)"] == seen[f"FSDP::{hook} (layers.1)"] == 2, (hook, seen)
+
+
+MOE = ModelSpec(**{**PRESETS["moe-tiny"].model_dump(), "name": "m"})
+
+
+def test_an_moe_blocks_hooks_walk_its_router_experts_and_shared_expert():
+    """An MoE block of the runtime (moe-tiny's layer 1: router, stacked routed experts, a shared expert) has as many
+    parameter tensors as the block the hooks price; under expert parallelism the routed experts are wrapped apart
+    (runtime/parallelize.py), so the block's unit walks the rest and the experts' unit their own three."""
+    from runtime.models import TransformerBlock
+    block = TransformerBlock(MOE, layer_id=1)
+    experts = {id(p) for p in block.mlp.experts.parameters()}
+    assert tensors_per_block(MOE, False, moe_layer=True) == len(list(block.parameters()))
+    assert tensors_per_block(MOE, False, moe_layer=True, experts_apart=True) == sum(
+        1 for p in block.parameters() if id(p) not in experts)
+    assert EXPERT_UNIT_TENSORS == len(experts)
+    dense = TransformerBlock(MOE, layer_id=0)
+    assert tensors_per_block(MOE, False) == len(list(dense.parameters()))
+
+
+@pytest.mark.parametrize("cfg, apart", [(ParallelConfig(dp=8, ep=2, mbs=1, zero=3), True),
+                                        (ParallelConfig(dp=8, ep=1, mbs=1, zero=3), False)])
+def test_moe_blocks_price_the_expert_unit_under_expert_parallelism(cfg, apart):
+    hooks = load_engine("meshplan").host.fsdp_hooks.resharded
+    cost = _cost(MOE)
+    got = cost.hook_seconds(cfg, moe_layer=True)
+    if apart:
+        block, experts = hooks.seconds(tensors_per_block(MOE, False, True, True)), hooks.seconds(EXPERT_UNIT_TENSORS)
+        assert got == pytest.approx((block[0] + experts[0], block[1] + experts[1]), rel=1e-12)
+    else:
+        assert got == pytest.approx(hooks.seconds(tensors_per_block(MOE, False, True)), rel=1e-12)
+    assert cost.state_traffic(cfg, 2).moe_hooks_s == got
+    assert cost.hook_seconds(cfg) == hooks.seconds(tensors_per_block(MOE, False))     # the dense layer 0
+
+
+def test_the_runtimes_expert_unit_runs_its_own_hooks(one_rank):
+    """runtime/parallelize.py under expert parallelism: the routed experts of each MoE block run a set of FSDP2
+    hooks of their own per pass, besides their block's (one rank: a mesh of one for dp and edp)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.profiler import profile
+
+    from runtime.models import ModelChunk
+    from runtime.parallelize import apply_data_parallel
+    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "edp"))
+    chunk = ModelChunk(MOE, [0, 1], first=True, last=True)
+    apply_data_parallel(chunk, mesh["dp"], 3, expert_mesh=mesh["edp"])
+    x = torch.randint(0, MOE.vocab_size, (2, 16))
+    chunk(x).float().sum().backward()               # lazy initialisation outside the count
+    with profile() as prof:
+        chunk(x).float().sum().backward()
+    seen = Counter(e.name for e in prof.events() if e.name.startswith("FSDP::"))
+    for hook in ("pre_forward", "post_forward", "pre_backward", "post_backward_reduce"):
+        assert seen[f"FSDP::{hook} (layers.1.mlp.experts)"] == 1, (hook, seen)
+        assert seen[f"FSDP::{hook} (layers.1)"] == seen[f"FSDP::{hook} (layers.0)"] == 1, (hook, seen)
+        assert not any("layers.0.mlp" in name for name in seen), seen                # the dense layer 0

@@ -24,8 +24,9 @@ from planner.cost.memory import (GIB, autocast_weight_bytes, block_activation_by
                                  embedding_activation_bytes, head_activation_bytes, head_transient_bytes,
                                  in_flight_microbatches, interleaved_in_flight_chunks, state_bytes)
 from planner.cost.moe import add_comm, imbalance
-from planner.cost.params import (LayerParams, final_norm_params, layer_mix, layer_params, mean_layer_params,
-                                 norm_tensors, padded_vocab_size, position_params, tensors_per_block, total_params)
+from planner.cost.params import (EXPERT_UNIT_TENSORS, LayerParams, final_norm_params, layer_mix, layer_params,
+                                 mean_layer_params, norm_tensors, padded_vocab_size, position_params,
+                                 tensors_per_block, total_params)
 from planner.cost.pipeline import p2p_on_path
 from planner.cost.stage_work import StageWork
 from planner.cost.step import DeviceWork, device_times, step_times
@@ -89,8 +90,9 @@ class StateTraffic(NamedTuple):
     """What the data-parallel wrapper adds to each block's passes in one micro-batch besides their kernels: bytes
     per parameter element moved on the compute stream (copying all-gathered parameters out of their flat buffer
     before the forward and, parameters resharded after it, the backward; accumulating the weight gradients after
-    the backward) and host seconds of its hooks per block (forward, backward) and of the unit that wraps the
-    embedding and the head (`root_hooks_s`: embedding forward, embedding backward, head forward, head backward)."""
+    the backward; copying them into the reduction's buffer, `reduce_copy`) and host seconds of its hooks per block (forward, backward; `moe_hooks_s` for an MoE block, with
+    its routed experts' own unit under expert parallelism) and of the unit that wraps the embedding and the head
+    (`root_hooks_s`: embedding forward, embedding backward, head forward, head backward)."""
 
     gather_forward: float = 0.0
     gather_backward: float = 0.0
@@ -98,6 +100,8 @@ class StateTraffic(NamedTuple):
     hooks_forward_s: float = 0.0
     hooks_backward_s: float = 0.0
     root_hooks_s: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    moe_hooks_s: tuple[float, float] = (0.0, 0.0)
+    reduce_copy: float = 0.0
 
 
 NO_TRAFFIC = StateTraffic()
@@ -280,17 +284,24 @@ class CostModel:
                     and cfg.zero >= recipe.weights.sharded_from)
         copy = 2 * recipe.gather_bytes if gathered else 0.0
         again = copy if cfg.zero >= 3 and self.engine.overlap.reshard_after_forward else 0.0
+        moe = self.hook_seconds(cfg, moe_layer=True) if self.model.moe is not None else (0.0, 0.0)
         return StateTraffic(copy, again, self.accumulation_bytes(cfg, nmb), *self.hook_seconds(cfg),
-                            self.root_hook_seconds(cfg))
+                            self.root_hook_seconds(cfg), moe, self.reduce_copy_bytes(cfg, nmb))
 
-    def hook_seconds(self, cfg: ParallelConfig) -> tuple[float, float]:
+    def hook_seconds(self, cfg: ParallelConfig, moe_layer: bool = False) -> tuple[float, float]:
         """Host seconds of the data-parallel wrapper's hooks around one block's (forward, backward) pass
-        (engine.host.fsdp_hooks, per wrapped block; none without data parallelism)."""
+        (engine.host.fsdp_hooks, per wrapped block; none without data parallelism). Under expert parallelism an
+        MoE block's routed experts are a unit of their own (runtime/parallelize.py), whose hooks run too."""
         hooks = self.engine.host.fsdp_hooks
         stage = hooks.for_stage(cfg.zero, self.engine.overlap.reshard_after_forward) if hooks and cfg.dp > 1 else None
         if stage is None:
             return 0.0, 0.0
-        return stage.seconds(tensors_per_block(self.model, "projections" in self.opts.fused))
+        apart = moe_layer and cfg.ep > 1
+        block = stage.seconds(tensors_per_block(self.model, "projections" in self.opts.fused, moe_layer, apart))
+        if not apart:
+            return block
+        experts = stage.seconds(EXPERT_UNIT_TENSORS)
+        return block[0] + experts[0], block[1] + experts[1]
 
     def root_hook_seconds(self, cfg: ParallelConfig) -> tuple[float, float, float, float]:
         """Host seconds of the hooks of the unit wrapping a pipeline stage's own parameters (the embedding, the
@@ -325,6 +336,20 @@ class CostModel:
         accumulator = (recipe.accumulated_grads_bytes or recipe.grads.bytes) if sharded else recipe.grads.bytes
         share = 1.0 if mode == "hook" else (nmb - 1) / nmb
         return (dt.residual + 2 * accumulator) * share      # the fresh gradient: the parameters' compute dtype
+
+    def reduce_copy_bytes(self, cfg: ParallelConfig, nmb: int) -> float:
+        """Bytes per weight-gradient element one micro-batch's backward moves, on average over the step, copying
+        the gradients into the flat buffer they are reduced from (engine.kernels.reduce_copy_in: FSDP2's chunk_cat,
+        torch _fsdp_collectives.foreach_reduce): the gradient read (the fresh one when every micro-batch reduces,
+        ZeRO-2/3 as dp_comm.py times it; else the accumulator, once per step) and the reduction's dtype written."""
+        if not (self.engine.kernels.reduce_copy_in and cfg.dp > 1):
+            return 0.0
+        recipe, dt = self.recipe(cfg.zero, cfg.dp), self.dtypes(cfg.zero, cfg.dp)
+        defers = cfg.pp > 1 and self.engine.overlap.grad_sync_under_pipeline == "last_microbatch"
+        if (cfg.zero >= 2 and not defers) or nmb == 1:
+            return dt.residual + recipe.reduce_bytes          # every micro-batch: its own fresh gradient
+        accumulator = recipe.accumulated_grads_bytes or recipe.grads.bytes
+        return (accumulator + recipe.reduce_bytes) / nmb
 
     def vocab(self, tp: int) -> int:
         """The vocabulary the engine allocates at this TP degree (padded)."""
@@ -414,14 +439,14 @@ class CostModel:
         # added to the priced passes (after a profile's factors: it times one pass without them)
         w = self._block_work(tp, mbs, sp, recompute, dt, ep, moe, windowed)[0]
         params = layer_params(self.model, moe).per_tp_rank(tp, ep)
-        tensors = tensors_per_block(self.model, "projections" in self.opts.fused)
+        tensors = tensors_per_block(self.model, "projections" in self.opts.fused, moe)
+        hooks = traffic.moe_hooks_s if moe else (traffic.hooks_forward_s, traffic.hooks_backward_s)
         fwd = self._with_traffic(plain.forward, w.forward, self.host_fwd, dt,
-                                 parameter_traffic(params, 1, traffic.gather_forward), issued[0],
-                                 traffic.hooks_forward_s)
+                                 parameter_traffic(params, 1, traffic.gather_forward), issued[0], hooks[0])
         bwd = self._with_traffic(plain.backward, w.backward, self.host_bwd, dt,
                                  parameter_traffic(params, 1, traffic.gather_backward)
-                                 + parameter_traffic(params, tensors, traffic.accumulate), issued[1],
-                                 traffic.hooks_backward_s)
+                                 + parameter_traffic(params, tensors, traffic.accumulate)
+                                 + parameter_traffic(params, 1, traffic.reduce_copy), issued[1], hooks[1])
         return replace(plain, forward=fwd, backward=bwd)
 
     def _plain_kind(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group, dt: Dtypes, ep: int,
@@ -474,14 +499,16 @@ class CostModel:
             self._kind_acts[key] = hit
         return hit
 
-    def ends(self, tp: int, mbs: int, sp: bool, tp_group: Group, dt: Dtypes, copy: float = 0.0,
-             head_shared: bool = False, root_hooks: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
-             ) -> EndsCost:
-        """The embedding's and the head's passes; `copy`: bytes per parameter element their forward moves out of a
-        gathered buffer (StateTraffic.gather_forward: the embedding and the head are gathered once per
-        micro-batch, kept for the backward); `head_shared`: the head is the embedding's tied weight, held once;
-        `root_hooks`: host seconds of their wrapper's hooks per pass (StateTraffic.root_hooks_s)."""
-        key = (tp, mbs, sp, tp_group if self.net.matrix else tp_group.nodes, dt, copy, head_shared, root_hooks)
+    def ends(self, tp: int, mbs: int, sp: bool, tp_group: Group, dt: Dtypes, head_shared: bool = False,
+             traffic: StateTraffic = NO_TRAFFIC) -> EndsCost:
+        """The embedding's and the head's passes; `head_shared`: the head is the embedding's tied weight, held once;
+        `traffic` (StateTraffic): the bytes per parameter element their forward copies out of a gathered buffer
+        (gather_forward: the embedding and the head are gathered once per micro-batch, kept for the backward), their
+        backward copies into the reduction's buffer (reduce_copy), and their wrapper's hooks per pass
+        (root_hooks_s)."""
+        copy, root_hooks, reduce_copy = traffic.gather_forward, traffic.root_hooks_s, traffic.reduce_copy
+        key = (tp, mbs, sp, tp_group if self.net.matrix else tp_group.nodes, dt, copy, head_shared, root_hooks,
+               reduce_copy)
         cost = self._ends.get(key)
         if cost is None:
             vocab = self.vocab(tp)
@@ -495,15 +522,14 @@ class CostModel:
                     if factors is not None:
                         parts[i] = PassCost(parts[i].compute * factors.forward, parts[i].comm)
                         parts[i + 1] = PassCost(parts[i + 1].compute * factors.backward, parts[i + 1].comm)
-            added: dict[int, list[Kernel]] = {}
-            if copy:
-                m, emb = self.model, vocab * self.model.hidden_size / tp
-                head = final_norm_params(m) + (0.0 if head_shared else emb)
-                added = {0: parameter_traffic(emb + position_params(m), 1, copy), 2: parameter_traffic(head, 1, copy)}
+            m, emb = self.model, vocab * self.model.hidden_size / tp
+            first, head = emb + position_params(m), final_norm_params(m) + (0.0 if head_shared else emb)
+            added = {0: parameter_traffic(first, 1, copy), 1: parameter_traffic(first, 1, reduce_copy),
+                     2: parameter_traffic(head, 1, copy), 3: parameter_traffic(head, 1, reduce_copy)}
             for i, p in enumerate((ef, eb, hf, hb)):
-                if added.get(i) or root_hooks[i]:
+                if added[i] or root_hooks[i]:
                     parts[i] = self._with_traffic(parts[i], p, self.host_bwd if p.backward else self.host_fwd, dt,
-                                                  added.get(i, []), hooks_s=root_hooks[i])
+                                                  added[i], hooks_s=root_hooks[i])
             cost = self._ends[key] = EndsCost(*parts)
         return cost
 
@@ -1074,12 +1100,12 @@ class CostModel:
         """Seconds of all forward and backward work of one micro-batch over the whole model (one TP rank);
         `traffic`: what the ends' gathered-buffer copy and wrapper hooks add (StateTraffic)."""
         shared = self.model.tied_embeddings and cfg.pp == 1
-        copy, root = traffic.gather_forward, traffic.root_hooks_s
+        ends_traffic = (traffic.gather_forward, traffic.root_hooks_s, traffic.reduce_copy)
         key = (cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group if self.net.matrix else tp_group.nodes, dt, blk,
-               copy, shared, root)
+               shared, ends_traffic)
         work = self._work_cache.get(key)
         if work is None:
-            ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group, dt, copy, shared, root)
+            ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group, dt, shared, traffic)
             work = self._work_cache[key] = (self.model.num_layers * blk.total + ends.emb_fwd.total
                                             + ends.emb_bwd.total + ends.head_fwd.total + ends.head_bwd.total)
         return work
@@ -1243,8 +1269,7 @@ class CostModel:
         ep_grp, edp_group = self.group(dims, "ep", devices), self.group(dims, "edp", devices)
         traffic = self.state_traffic(cfg, nmb)
         blk = self.block(cfg.tp, cfg.mbs, cfg.sp, cfg.recompute, tp_group, dt, cfg.ep, ep_grp, traffic=traffic)
-        ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group, dt, traffic.gather_forward,
-                         m.tied_embeddings and cfg.pp == 1, traffic.root_hooks_s)
+        ends = self.ends(cfg.tp, cfg.mbs, cfg.sp, tp_group, dt, m.tied_embeddings and cfg.pp == 1, traffic)
         pp, last = cfg.pp, cfg.pp - 1
         tied = 0.0
         if m.tied_embeddings and pp > 1:

@@ -145,16 +145,26 @@ def active_params(m: ModelSpec) -> int:
     return total_params(m) - round(routed * (1 - m.moe.top_k / m.moe.num_experts))
 
 
-def tensors_per_block(m: ModelSpec, fused_projections: bool) -> int:
+def tensors_per_block(m: ModelSpec, fused_projections: bool, moe_layer: bool = False,
+                      experts_apart: bool = False) -> int:
     """Parameter tensors of one block: the weight matrices (q/k/v and gate/up one each when fused), their
-    biases, the two norms' scales and biases."""
+    biases, the two norms' scales and biases. An MoE block (`moe_layer`) has, for its MLP, the router, the routed
+    experts' stacked gate, up and down (not counted when `experts_apart`: wrapped as a unit of their own,
+    EXPERT_UNIT_TENSORS) and the shared experts' gate, up and down (one module of their total width)."""
     swiglu = m.mlp != "gelu"
-    matrices = (1 if fused_projections else 3) + 1 + (1 if fused_projections or not swiglu else 2) + 1
+    attention = (1 if fused_projections else 3) + 1
+    mlp = (1 if fused_projections or not swiglu else 2) + 1
     qkv_biases = ((1 if fused_projections else 3) if m.has_qkv_bias else 0)
-    other_biases = (1 + (1 if fused_projections or not swiglu else 2) + 1) if m.bias else 0
+    other_biases = (1 + mlp) if m.bias else 0
     norms = 2 * norm_tensors(m)
     if m.mla is not None:             # latent attention's matrices and norms instead of q/k/v/o's
         from planner.cost.mla import attention_tensors
-        matrices += attention_tensors(m) - (2 if fused_projections else 4)
+        attention = attention_tensors(m)
         qkv_biases = 0
-    return matrices + qkv_biases + other_biases + norms
+    if moe_layer and m.moe is not None:
+        mlp = 1 + (0 if experts_apart else EXPERT_UNIT_TENSORS) + (3 if m.moe.shared_width else 0)
+        other_biases = 1 if m.bias else 0
+    return attention + mlp + qkv_biases + other_biases + norms
+
+
+EXPERT_UNIT_TENSORS = 3   # the routed experts of an MoE block: gate, up and down, each stacked over the experts
