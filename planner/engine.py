@@ -58,6 +58,11 @@ class Kernels(_Spec):
         False, description="ZeRO/FSDP: each parameter all-gather is followed, on the compute stream, by a copy out "
                            "of its flat buffer into the unsharded parameters (FSDP2's split_with_sizes_copy: the "
                            "gathered bytes read and written once more); false: gathered in place.")
+    reduce_copy_in: bool = Field(
+        False, description="Data parallelism: before each gradient reduction the wrapper copies the block's "
+                           "gradients, on the compute stream, into one flat buffer of the reduction's dtype "
+                           "(FSDP2's chunk_cat copy-in: the gradients read, the buffer written); false: reduced "
+                           "from buffers the gradients were written into (Megatron's grad buffer).")
     compile_fuses: list[Fusable] = Field(
         default_factory=list,
         description="Pieces that `--compile` (torch.compile of each block) fuses in addition; empty: the engine "

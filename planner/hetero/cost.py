@@ -157,13 +157,13 @@ class HeteroCost:
         shared = self.model.tied_embeddings and cand.pp == 1
         for k in groups:
             traffic = self._traffic(cand, k)
-            copy, root = traffic.gather_forward, traffic.root_hooks_s
-            key = (cand.tp, cand.mbs, cand.sp, cand.zero, cand.dp > 1, k, copy, shared, root)
+            key = (cand.tp, cand.mbs, cand.sp, cand.zero, cand.dp > 1, k, shared, traffic.gather_forward,
+                   traffic.root_hooks_s, traffic.reduce_copy)
             hit = self._end_seconds.get(key)
             if hit is None:
                 cost = self.costs[k]
                 ends = cost.ends(cand.tp, cand.mbs, cand.sp, Group(tuple(range(cand.tp)), 1),
-                                 cost.dtypes(cand.zero, cand.dp), copy, shared, root)
+                                 cost.dtypes(cand.zero, cand.dp), shared, traffic)
                 hit = self._end_seconds[key] = (ends.emb_fwd.total + ends.emb_bwd.total,
                                                 ends.head_fwd.total + ends.head_bwd.total)
             first[k], last[k] = hit
@@ -297,8 +297,8 @@ class HeteroCost:
         traffic = [part.cost.state_traffic(cand, nmb) for part in parts]
         blocks = [part.cost.block(cand.tp, cand.mbs, cand.sp, cand.recompute, part.tp_group, part.dt, cand.ep,
                                   part.ep_group, mix, t) for part, mix, t in zip(parts, mixes, traffic)]
-        ends = [part.cost.ends(cand.tp, cand.mbs, cand.sp, part.tp_group, part.dt, t.gather_forward,
-                               m.tied_embeddings and p == 1, t.root_hooks_s) for part, t in zip(parts, traffic)]
+        ends = [part.cost.ends(cand.tp, cand.mbs, cand.sp, part.tp_group, part.dt, m.tied_embeddings and p == 1, t)
+                for part, t in zip(parts, traffic)]
         params = [parts[s].cost.device_params(cand, s, n, mixes[s]) for s, n in enumerate(layers)]
         devices = self.devices(cand, groups)
         tied = m.tied_embeddings and p > 1
