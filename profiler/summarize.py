@@ -98,6 +98,7 @@ def fit_device(devs: list[dict]) -> tuple[dict, dict]:
         },
         "runtime_reserved_bytes": int(max(d["runtime_reserved_bytes"] for d in devs)),
         "allocator_margin": 0.05 if first["type"] == "cuda" else 0.0,
+        "async_launch": first["type"] == "cuda",      # a CPU runs the ops it issues: host and op times add
     }
     details = {"gemm_rate": fit.rate, "gemm_tile": fit.tile, "gemm_fit_rms_log_error": fit.rms_log_error,
                "gemm_points": fit.points, "copy_bandwidth": copy_bw, "elementwise_bandwidth": elem_bw,

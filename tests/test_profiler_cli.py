@@ -96,6 +96,8 @@ def test_four_process_cluster_profile_is_a_valid_measured_cluster(cluster4):
     raw = json.loads(cluster4.with_name("raw.json").read_text())
     assert len(raw["links"]) == 3                  # 4 ranks: a tournament of 3 parallel rounds
     assert all(len(r) == 4 for r in raw["links"].values())   # 2 pairs x 2 directions each round
+    (gpu,) = load_cluster(str(cluster4)).gpu_types.values()
+    assert gpu.async_launch is False               # CPU processes run their own ops: host and op times add
 
 
 def test_estimate_reads_the_measured_cluster_and_predicts_differently(cluster4, capsys):
