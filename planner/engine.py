@@ -101,6 +101,22 @@ class FsdpHooks(_Spec):
         return self.resharded if zero >= 3 and reshard_after_forward else self.kept
 
 
+class TpHostSeconds(_Spec):
+    """Host seconds DTensor tensor parallelism adds to one block's pass (scripts/measure_tp_host.py): per sharded
+    projection (its input and output converted, the op dispatched through sharding propagation) and, with sequence
+    parallelism, per block (the norms' and the attention's and MLP's input conversions)."""
+
+    per_projection_forward_s: NonNegativeFloat
+    per_projection_backward_s: NonNegativeFloat
+    sp_forward_s: NonNegativeFloat = 0.0
+    sp_backward_s: NonNegativeFloat = 0.0
+
+    def seconds(self, projections: int, sp: bool) -> tuple[float, float]:
+        """(forward, backward) host seconds of a block with `projections` sharded projections."""
+        return (self.per_projection_forward_s * projections + (self.sp_forward_s if sp else 0.0),
+                self.per_projection_backward_s * projections + (self.sp_backward_s if sp else 0.0))
+
+
 class HostCosts(_Spec):
     """Host (CPU) seconds the engine spends issuing work; the GPU idles when the host falls behind."""
 
@@ -117,6 +133,10 @@ class HostCosts(_Spec):
         None, description="Host seconds of FSDP2's hooks around each wrapped block when dp > 1 (not reduced by "
                           "--compile: the hooks stay eager); none: the engine's data parallelism adds no per-block "
                           "host work that the per-collective cost leaves out.")
+    tp_dtensor: TpHostSeconds | None = Field(
+        None, description="Host seconds of DTensor tensor parallelism per block and pass when tp > 1 (times "
+                          "compiled_kernel_factor under --compile, which traces the DTensor ops into each block's "
+                          "graph); none: the engine's tensor parallelism is plain autograd functions (Megatron-LM).")
 
 
 class Recompute(_Spec):
@@ -282,6 +302,14 @@ class EngineSpec(_Spec):
         """(forward, backward) host seconds per kernel."""
         k = self.host.compiled_kernel_factor if self.compile else 1.0
         return self.host.per_kernel_s * k, self.host.per_backward_kernel_s * k
+
+    def tp_host_seconds(self, projections: int, sp: bool) -> tuple[float, float]:
+        """(forward, backward) host seconds DTensor tensor parallelism adds to a block (host.tp_dtensor)."""
+        if self.host.tp_dtensor is None:
+            return 0.0, 0.0
+        k = self.host.compiled_kernel_factor if self.compile else 1.0
+        forward, backward = self.host.tp_dtensor.seconds(projections, sp)
+        return forward * k, backward * k
 
     def recipe(self, precision: str, zero: int, dp: int) -> MemoryRecipe:
         """The memory recipe `precision` runs with at this ZeRO stage and data-parallel degree."""

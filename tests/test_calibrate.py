@@ -106,7 +106,7 @@ def test_recovers_the_parameters_the_runs_were_made_with(calibrated):
     for path, value in after.items():
         if path not in TRUTH:
             assert value == pytest.approx(get_param(base, path, ENGINE), rel=5e-3, abs=1e-9), path
-    assert rec["error_before_pct"] > 5 and rec["error_after_pct"] < 0.05 and rec["loo_error_pct"] < 0.1
+    assert rec["error_before_pct"] > 3 and rec["error_after_pct"] < 0.05 and rec["loo_error_pct"] < 0.1
     assert rec["memory_error_before_pct"] > 5 and rec["memory_error_after_pct"] < 0.05
     assert rec["memory_loo_error_pct"] < 0.1
     assert rec["engine"] == "meshplan" and len(rec["runs"]) == len(SINGLE_NODE)
@@ -246,7 +246,7 @@ def test_exactly_determined_fits_skip_leave_one_out_and_force_overwrites(tmp_pat
     truth = with_params(load_cluster("dgx-h100"), {"gpu.efficiency.gemm_max": 0.7, "engine.host.per_kernel_s": 2e-5},
                         "meshplan")
     runs = write_jsonl(tmp_path / "runs.jsonl", [record(truth, m, 1, g, b, s, c, memory=False)
-                                                 for m, g, b, s, c in (SINGLE_NODE[8], SINGLE_NODE[15])])
+                                                 for m, g, b, s, c in (SINGLE_NODE[0], SINGLE_NODE[15])])
     out = tmp_path / "c.json"
     out.write_text("{}")
     argv = ["calibrate", "-c", "dgx-h100", "--runs", runs, "-o", out, "--fit",

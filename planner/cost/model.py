@@ -26,7 +26,7 @@ from planner.cost.memory import (GIB, autocast_weight_bytes, block_activation_by
 from planner.cost.moe import add_comm, imbalance
 from planner.cost.params import (EXPERT_UNIT_TENSORS, LayerParams, final_norm_params, layer_mix, layer_params,
                                  mean_layer_params, norm_tensors, padded_vocab_size, position_params,
-                                 tensors_per_block, total_params)
+                                 sharded_projections, tensors_per_block, total_params)
 from planner.cost.pipeline import p2p_on_path
 from planner.cost.stage_work import StageWork
 from planner.cost.step import DeviceWork, device_times, step_times
@@ -434,20 +434,26 @@ class CostModel:
     def _block_kind(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group, dt: Dtypes, ep: int,
                     ep_group: Group | None, moe: bool, windowed: bool, traffic: StateTraffic = NO_TRAFFIC) -> BlockCost:
         plain, issued = self._plain_kind(tp, mbs, sp, recompute, tp_group, dt, ep, ep_group, moe, windowed)
-        if traffic == NO_TRAFFIC:
+        tp_host = (self.engine.tp_host_seconds(sharded_projections(self.model, "projections" in self.opts.fused, moe),
+                                               sp) if tp > 1 else (0.0, 0.0))
+        if traffic == NO_TRAFFIC and not any(tp_host):
             return plain
         # added to the priced passes (after a profile's factors: it times one pass without them)
         w = self._block_work(tp, mbs, sp, recompute, dt, ep, moe, windowed)[0]
         params = layer_params(self.model, moe).per_tp_rank(tp, ep)
         tensors = tensors_per_block(self.model, "projections" in self.opts.fused, moe)
         hooks = traffic.moe_hooks_s if moe else (traffic.hooks_forward_s, traffic.hooks_backward_s)
+        hooks = (hooks[0] + tp_host[0], hooks[1] + tp_host[1])
         fwd = self._with_traffic(plain.forward, w.forward, self.host_fwd, dt,
                                  parameter_traffic(params, 1, traffic.gather_forward), issued[0], hooks[0])
         bwd = self._with_traffic(plain.backward, w.backward, self.host_bwd, dt,
                                  parameter_traffic(params, 1, traffic.gather_backward)
                                  + parameter_traffic(params, tensors, traffic.accumulate)
                                  + parameter_traffic(params, 1, traffic.reduce_copy), issued[1], hooks[1])
-        return replace(plain, forward=fwd, backward=bwd)
+        rec = plain.recompute        # full recomputation runs the forward's sharded projections again
+        if recompute == "full" and tp_host[0]:
+            rec = self._with_traffic(rec, w.recompute, self.host_fwd, dt, [], hooks_s=tp_host[0])
+        return replace(plain, forward=fwd, backward=bwd, recompute=rec)
 
     def _plain_kind(self, tp: int, mbs: int, sp: bool, recompute: str, tp_group: Group, dt: Dtypes, ep: int,
                     ep_group: Group | None, moe: bool, windowed: bool) -> tuple[BlockCost, tuple]:

@@ -168,3 +168,19 @@ def tensors_per_block(m: ModelSpec, fused_projections: bool, moe_layer: bool = F
 
 
 EXPERT_UNIT_TENSORS = 3   # the routed experts of an MoE block: gate, up and down, each stacked over the experts
+
+
+def sharded_projections(m: ModelSpec, fused_projections: bool, moe_layer: bool = False) -> int:
+    """Projections of one block that tensor parallelism runs as DTensor ops (ColwiseParallel / RowwiseParallel in
+    runtime/parallelize.py): q/k/v (one when fused) and the output; the MLP's (gate/up one when fused) and down; in an
+    MoE block only the shared experts' gate, up and down (the routed experts compute on their local shards)."""
+    swiglu = m.mlp != "gelu"
+    attention = (2 if fused_projections else 4) if m.mla is None else _mla_projections(m)
+    if moe_layer and m.moe is not None:
+        return attention + (3 if m.moe.shared_width else 0)
+    return attention + ((2 if fused_projections else 3) if swiglu else 2)
+
+
+def _mla_projections(m: ModelSpec) -> int:
+    """Latent attention's weight matrices (q down and up, or q; kv down, kv up; output)."""
+    return 5 if m.mla.q_lora_rank else 4
