@@ -20,6 +20,9 @@ TRAINING = TrainingSpec(global_batch=64, seq_len=2048, precision="bf16")
 
 
 ENGINE = load_engine("meshplan")
+# DTensor's host seconds under TP are added to a measured block (`profile model` times plain shards): left out
+# where a test checks the replacement itself (tests/test_tp_host.py prices them)
+NO_DTENSOR = ENGINE.model_copy(update={"host": ENGINE.host.model_copy(update={"tp_dtensor": None})})
 BF16 = Dtypes.of("bf16")
 
 
@@ -50,7 +53,7 @@ def profile(scale_time: float, scale_bytes: float, points=((1, 1), (2, 1), (1, 2
 
 
 def test_measured_point_replaces_the_analytical_one():
-    cost = CostModel(MODEL, CLUSTER, TRAINING, profile(1.5, 1.2), "p.json")
+    cost = CostModel(MODEL, CLUSTER, TRAINING, profile(1.5, 1.2), "p.json", engine=NO_DTENSOR)
     tp_group = cost.group(ParallelDims(tp=2, dp=4), "tp")
     blk = cost.block(2, 1, False, "none", tp_group, BF16)
     f, b, a = analytical(2, 1)
@@ -59,13 +62,13 @@ def test_measured_point_replaces_the_analytical_one():
     assert blk.activation_bytes == pytest.approx(1.2 * a, rel=1e-6)
     pred = cost.evaluate(ParallelConfig(tp=2, dp=4))
     assert pred.predicted.sources["layer times and activation bytes"] == "measured (p.json): measured"
-    plain = CostModel(MODEL, CLUSTER, TRAINING).evaluate(ParallelConfig(tp=2, dp=4))
+    plain = CostModel(MODEL, CLUSTER, TRAINING, engine=NO_DTENSOR).evaluate(ParallelConfig(tp=2, dp=4))
     assert pred.predicted.step_time_s > 1.2 * plain.predicted.step_time_s
     assert pred.predicted.peak_memory_bytes > plain.predicted.peak_memory_bytes
 
 
 def test_unmeasured_shapes_are_interpolated_and_recompute_falls_back():
-    cost = CostModel(MODEL, CLUSTER, TRAINING, profile(2.0, 1.0), "p.json")
+    cost = CostModel(MODEL, CLUSTER, TRAINING, profile(2.0, 1.0), "p.json", engine=NO_DTENSOR)
     tp_group = cost.group(ParallelDims(tp=4, dp=2), "tp")
     blk = cost.block(4, 2, False, "full", tp_group, BF16)
     f, b, _ = analytical(4, 2, "full")

@@ -25,7 +25,8 @@ NODES = 12
 
 def _cost(engine: str, layers: int = 12, hidden: int = 2048, tied: bool = False, memory_gib: float | None = None,
           batch: int = 96, accumulation: str | None = None) -> CostModel:
-    """`accumulation`: the engine's kernels.grad_accumulation replaced (default: the engine's own)."""
+    """`accumulation`: the engine's kernels.grad_accumulation replaced, and its gradients' copy into the reduction's
+    buffer left out (default: the engine's own kernels)."""
     model = ModelSpec(num_layers=layers, hidden_size=hidden, num_heads=16, vocab_size=50304,
                       max_position_embeddings=2048, tied_embeddings=tied)
     cluster = load_cluster("dgx-a100-80gb", nodes=NODES)
@@ -34,7 +35,8 @@ def _cost(engine: str, layers: int = 12, hidden: int = 2048, tied: bool = False,
         cluster = cluster.model_copy(update={"gpu_types": {cluster.nodes.gpu_type: gpu}})
     spec = load_engine(engine)
     if accumulation is not None:
-        spec = spec.model_copy(update={"kernels": spec.kernels.model_copy(update={"grad_accumulation": accumulation})})
+        spec = spec.model_copy(update={"kernels": spec.kernels.model_copy(
+            update={"grad_accumulation": accumulation, "reduce_copy_in": False})})
     return CostModel(model, cluster, TrainingSpec(global_batch=batch, seq_len=2048, precision="bf16"), engine=spec)
 
 
@@ -98,8 +100,8 @@ def test_split_under_memory_is_the_brute_force_optimum(engine, tp, pp, recompute
     ("meshplan", 0, 2, False, [7, 5], [4, 8])])                 # the embedding's gradients come last: -0.5%
 def test_the_time_only_split_was_slower(engine, zero, pp, tied, old, new):
     """The split that balances compute alone leaves more DP communication exposed than the chosen one
-    (gradients accumulated in the weight-gradient GEMMs, so that the blocks weigh what they weighed when these
-    cases were chosen)."""
+    (gradients accumulated in the weight-gradient GEMMs and reduced in place, so that the blocks weigh what they
+    weighed when these cases were chosen)."""
     cost = _cost(engine, tied=tied, accumulation="fused")
     cfg = _config(cost, pp, zero)
     assert _time_only_split(cost, cfg) == old
