@@ -5,7 +5,8 @@
 #
 #   1. profile model: one Llama-3-8B block at tp 1, 2, 4, 8 and micro-batch 1, 2 (seq 4096, bf16);
 #   2. profile cluster on this device (GEMM curve, copy bandwidth, kernel overhead, flash attention), and the
-#      host seconds of FSDP2's hooks per block (scripts/measure_fsdp_host.py --device cuda);
+#      host seconds of FSDP2's hooks per block (scripts/measure_fsdp_host.py --device cuda) and of DTensor TP
+#      per block on the host's CPU (scripts/measure_tp_host.py);
 #   3. 20-step `meshplan run`s of llama3.2-1b and gpt3-1.3b on one GPU, eager and with --compile, each
 #      against the plan's prediction (step time, tokens/s, peak allocated and reserved memory).
 # Afterwards: fold $OUT/cluster.json's efficiencies into cluster_specs/hgx-h200.yaml (with this script named
@@ -34,6 +35,10 @@ timeout 120 $M profile cluster --nproc 1 -o "$OUT/cluster.json" --force 2>&1 | t
 log "2b. FSDP2 hooks' host seconds per block on this GPU host (engine files' host.fsdp_hooks)"
 timeout 90 .venv/bin/python scripts/measure_fsdp_host.py --device cuda --repeats 3 2>&1 | grep -v Warn \
     | tee "$OUT/fsdp_hooks.txt" | tee -a "$OUT/gpu_check.log"
+
+log "2c. DTensor tensor parallelism's host seconds per block on this GPU host's CPU (engine files' host.tp_dtensor)"
+timeout 90 .venv/bin/python scripts/measure_tp_host.py --repeats 3 2>&1 | grep -v Warn \
+    | tee "$OUT/tp_dtensor.txt" | tee -a "$OUT/gpu_check.log"
 
 log "3. meshplan run, eager and compiled"
 for model in llama3.2-1b gpt3-1.3b; do
