@@ -4,13 +4,10 @@ tensors they walk (the runtime's block), and that they cost the pass time only w
 
 from __future__ import annotations
 
-import os
-import socket
 from collections import Counter
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from planner.cost.comm import Group
 from planner.cost.model import CostModel, StateTraffic
@@ -19,23 +16,16 @@ from planner.engine import load_engine
 from planner.loaders import load_cluster
 from planner.presets import PRESETS
 from planner.specs import ModelSpec, ParallelConfig, TrainingSpec
+from tests.gloo_helpers import single_gloo_rank
 
 SMALL = ModelSpec(name="g", num_layers=2, hidden_size=64, num_heads=4, vocab_size=1000,
                   max_position_embeddings=32, dropout=0.0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def one_rank():
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    with single_gloo_rank():
+        yield
 
 
 def _cost(model: ModelSpec = SMALL, engine: str = "meshplan", cluster: str = "dgx-h100") -> CostModel:

@@ -7,7 +7,6 @@ recorded with their dtypes on the same two processes."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from planner.cost.params import layer_params
 from planner.engine import load_engine
 from planner.loaders import load_cluster
 from planner.specs import ModelSpec, ParallelConfig, TrainingSpec
+from tests.gloo_helpers import free_port
 
 SMALL = ModelSpec(name="g", num_layers=2, hidden_size=64, num_heads=4, vocab_size=1000,
                   max_position_embeddings=32, dropout=0.0)
@@ -56,12 +56,6 @@ def _worker(rank: int, port: int, out: str) -> None:
     os._exit(0)          # as runtime/train.py leaves: gloo's teardown now and then aborts a rank
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cost(engine: str = "meshplan") -> CostModel:
     model = ModelSpec(name="g", num_layers=8, hidden_size=4096, num_heads=32, vocab_size=51200,
                       max_position_embeddings=2048, dropout=0.0)
@@ -71,7 +65,7 @@ def _cost(engine: str = "meshplan") -> CostModel:
 
 def test_fsdp2_copies_each_gathered_block_out_once_per_gather(tmp_path):
     out = tmp_path / "counts.json"
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=2)
     counts = {int(k): v for k, v in json.loads(out.read_text()).items()}
     cost = _cost()
     for zero, seen in counts.items():
@@ -153,7 +147,7 @@ def test_fsdp2_copies_the_gradients_into_the_reduction_buffer_once_per_reduction
     of the fp32 accumulator (read 4, written 4 bytes per element, once per step: 4 per micro-batch on average),
     ZeRO-2/3 one copy of each micro-batch's fresh bf16 gradient (read 2, written 4: 6 per micro-batch)."""
     out = tmp_path / "counts.json"
-    mp.spawn(_reduce_worker, args=(_free_port(), str(out)), nprocs=2)
+    mp.spawn(_reduce_worker, args=(free_port(), str(out)), nprocs=2)
     counts = {int(k): v for k, v in json.loads(out.read_text()).items()}
     size = {"torch.bfloat16": 2, "torch.float32": 4}
     cost = _cost()

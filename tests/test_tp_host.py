@@ -5,12 +5,8 @@ forward again, and not at tp 1 or for Megatron's plain autograd TP."""
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from planner.cost.comm import Group
 from planner.cost.model import CostModel
@@ -19,20 +15,13 @@ from planner.engine import load_engine
 from planner.loaders import load_cluster
 from planner.presets import PRESETS
 from planner.specs import TrainingSpec
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.gloo_helpers import single_gloo_rank
 
 
 @pytest.fixture(scope="module")
 def one_rank():
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+    with single_gloo_rank():
+        yield
 
 
 @pytest.mark.parametrize("name, layer, sp", [("gpt-tiny", 0, False), ("llama-tiny", 0, True),
