@@ -1,5 +1,6 @@
 """What one device can do: GEMM throughput by shape and dtype, memory copy and elementwise bandwidth,
-the per-kernel overhead, fused attention throughput, memory capacity.
+the per-kernel overhead, fused attention throughput, memory capacity, and its host's cost of issuing eager
+PyTorch's kernels (profiler/host.py).
 
 Every process of a run measures its own device at the same time as the others, so on a CPU shared by
 several processes each one sees its share, as it would in training. Results are plain dicts (JSON-ready);
@@ -159,6 +160,10 @@ def measure_device(device: torch.device, local_world_size: int, sync: Callable[[
         sync()
     info["attention"] = (measure_attention(device, "bf16", 4, 32, 4096, 128) if cuda
                          else measure_attention(device, "fp32", 1, 4, 256, 32, min_rep_s=max(rep_s, 0.02)))
+    if sync is not None:
+        sync()
+    from profiler.host import measure_host   # here: profiler.host imports this module
+    info["host_issue"] = measure_host(device, info["memory"]["kernel_overhead_s"])
     info["main_dtype"] = main_dtype(device)
     info["shared_cpu"] = shared
     if cuda:

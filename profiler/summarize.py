@@ -16,6 +16,9 @@ Choices (see docs/profiler.md):
   node there are no inter-node pairs: inter_node is a copy of intra_node and the description says so.
   nics_per_node is set to the devices per node, so inter_node.bandwidth is one device's share of the
   node's network as measured with all pairs of a round busy.
+* Host: the seconds per forward and backward kernel of eager PyTorch (profiler/host.py), medians over the
+  ranks, go to `engine_overrides` of the engines that run eager PyTorch (HOST_ENGINES), replacing the engine
+  files' figures of another host.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from planner.cost.kernels import shape_efficiency
 from planner.specs import ClusterSpec
 from profiler.fit import bus_bandwidth, fit_alpha_beta, fit_gemm, overlap_slowdown
 
+HOST_ENGINES = ("meshplan", "torchtitan")   # eager PyTorch, the runtime's stack: the measured host figures apply
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster_specs"
 
 
@@ -129,6 +133,17 @@ def _median_link(bw, lat, pairs) -> tuple[float, float] | None:
     return (statistics.median(bw[i][j] for i, j in pairs), statistics.median(lat[i][j] for i, j in pairs))
 
 
+def host_overrides(devices: list[dict]) -> dict[str, dict[str, float]]:
+    """The eager engines' host seconds per kernel on this cluster (profiler/host.py), the median over the ranks
+    (none when the raw profile predates that measurement)."""
+    issue = [d["host_issue"] for d in devices if "host_issue" in d]
+    if not issue:
+        return {}
+    values = {f"host.{key}": float(statistics.median(i[key] for i in issue))
+              for key in ("per_kernel_s", "per_backward_kernel_s")}
+    return {engine: dict(values) for engine in HOST_ENGINES}
+
+
 def summarize(raw: dict, name: str | None = None) -> tuple[ClusterSpec, dict]:
     """The ClusterSpec of a complete raw profile (see profiler.io for the raw layout), and the details of
     each device type's fit (asymptotic GEMM rate, tile, fit error, bandwidths) for the run's summary."""
@@ -207,5 +222,6 @@ def summarize(raw: dict, name: str | None = None) -> tuple[ClusterSpec, dict]:
         "link_matrix": {"world_size": world, "bandwidth": bw, "latency": lat},
         "collectives": colls,
         "measured": True,
+        "engine_overrides": host_overrides(devices),
     }
     return ClusterSpec.model_validate(spec), details

@@ -98,6 +98,11 @@ def test_four_process_cluster_profile_is_a_valid_measured_cluster(cluster4):
     assert all(len(r) == 4 for r in raw["links"].values())   # 2 pairs x 2 directions each round
     (gpu,) = load_cluster(str(cluster4)).gpu_types.values()
     assert gpu.async_launch is False               # CPU processes run their own ops: host and op times add
+    # the host's seconds per eager kernel, measured on the runtime's blocks: a few microseconds, under H200's host
+    host = load_cluster(str(cluster4)).engine_overrides["meshplan"]
+    assert 0 < host["host.per_kernel_s"] < 1e-3 and 0 < host["host.per_backward_kernel_s"] < 1e-3
+    blocks = raw["devices"]["0"]["host_issue"]["blocks"]
+    assert blocks["llama-tiny"]["forward_kernels"] > blocks["gpt-tiny"]["forward_kernels"]   # eager RMSNorm, RoPE
 
 
 def test_estimate_reads_the_measured_cluster_and_predicts_differently(cluster4, capsys):

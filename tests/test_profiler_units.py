@@ -9,15 +9,18 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 
 from planner.cost.comm import Network, ring_time
 from planner.cost.kernels import shape_efficiency
 from planner.cost.dp_comm import exposed as _exposed
+from planner.engine import engine_on, load_engine
 from planner.errors import InputError
 from planner.specs import ClusterSpec
 from profiler.collectives import partition, partitions
 from profiler.fit import bus_bandwidth, consistent, fit_alpha_beta, fit_gemm, overlap_slowdown
+from profiler.host import fit_per_kernel
 from profiler.io import check_output, load_raw, new_raw, partial_path, save_raw
 from profiler.links import round_robin
 from profiler.summarize import summarize
@@ -141,6 +144,28 @@ def test_summary_is_a_cluster_spec_with_the_generating_parameters():
     assert "single node" in spec.description and spec.inter_node == spec.intra_node
     ar4 = [c for c in spec.collectives if c.op == "all_reduce" and c.group_size == 4]
     assert ar4 and ar4[0].bus_bandwidth == pytest.approx(bus_bandwidth("all_reduce", 4, 1 << 20, ar4[0].time_s))
+
+
+def test_summary_puts_the_measured_host_cost_per_kernel_into_the_eager_engines():
+    raw = _synthetic_raw(1, 4)
+    assert summarize(raw)[0].engine_overrides == {}        # a raw profile from before the host was measured
+    for r, per in zip(range(4), (10e-6, 12e-6, 30e-6, 11e-6)):
+        raw["devices"][str(r)]["host_issue"] = {"per_kernel_s": per, "per_backward_kernel_s": per / 2, "blocks": {}}
+    spec, _ = summarize(raw)
+    expect = {"host.per_kernel_s": 11.5e-6, "host.per_backward_kernel_s": 5.75e-6}   # medians over the ranks
+    assert set(spec.engine_overrides) == {"meshplan", "torchtitan"}
+    for engine in ("meshplan", "torchtitan"):
+        assert spec.engine_overrides[engine] == pytest.approx(expect)
+        host = engine_on(load_engine(engine), spec).host
+        assert (host.per_kernel_s, host.per_backward_kernel_s) == pytest.approx((11.5e-6, 5.75e-6))
+    assert "megatron" not in spec.engine_overrides       # fused engines keep their own figures
+
+
+def test_host_cost_per_kernel_is_the_least_squares_slope_less_the_op_time():
+    rows = [(180e-6, 12), (405e-6, 34), (60e-6, 5)]
+    slope = np.linalg.lstsq(np.array([[n] for _, n in rows], float), np.array([t for t, _ in rows]), rcond=None)[0][0]
+    assert fit_per_kernel(rows, 1e-6) == pytest.approx(slope - 1e-6, rel=1e-12)
+    assert fit_per_kernel(rows, 1.0) == 0.0                # never negative
 
 
 def test_summary_separates_intra_and_inter_node_links():

@@ -8,8 +8,11 @@ Step time and reserved memory are fitted separately: no parameter moves both.
 Choosing the parameters (`choose`): a candidate (planner/calibration/parameters.py) is dropped when the runs
 cannot exercise it (a structural reason: one node, no collective, ...), when halving or doubling it moves no
 run's prediction by EXERCISED, or when its effect on the runs is, to within SEPARABLE, a combination of the
-effects of the parameters chosen before it (Gram-Schmidt over the vectors of log-prediction changes, in the
-candidates' order, most physical first). Runs fewer than the parameters they exercise are an error.
+effects of the parameters chosen before it. The order is that of orthogonal matching pursuit over the vectors of
+log-prediction changes: next comes the parameter whose effect, less what those chosen explain, lines up best with
+the misfit still unexplained; so of two parameters with nearly the same effect, the one that explains the
+measurements is fitted (ties keep the candidates' order, most physical first). The choice sees every run, also
+the one a leave-one-out refit leaves out. Runs fewer than the parameters they exercise are an error.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from planner.specs import ClusterSpec
 STEP_TIME, PEAK_RESERVED = "step_time", "peak_reserved"
 EXERCISED = 0.02    # halving or doubling a parameter must move some run's prediction by 2% or more
 SEPARABLE = 0.5     # share (norm) of a parameter's effect not explained by those chosen before it
+EXPLAINED = 1e-3    # root-mean-square log misfit below which the choice no longer follows the misfit
 DIFF_STEP = 1e-4    # forward-difference step of the Jacobian, relative to the parameter's value
 SIGNIFICANT = 6     # digits the fitted values are written with
 # least squares stops when a step lowers the cost by less than COST_TOLERANCE of it (the cost model has kinks, where
@@ -153,15 +157,27 @@ def choose(pred: Predictor, target: str, indices: Sequence[int], base: dict[str,
         raise InputError(f"{len(indices)} {runs_word} cannot fit the {len(effects)} parameters they exercise "
                          f"({', '.join(effects)}): give at least {len(effects)} such runs, or name fewer with --fit",
                          field="--runs")
-    basis: list[np.ndarray] = []          # orthonormal: the effects of the parameters chosen so far
+    # orthogonal matching pursuit: next comes the parameter whose own effect (what the parameters chosen so far
+    # do not explain) best explains the misfit still left, log(predicted / measured) at `base`
+    misfit = np.log(pred.predict(base, indices)[pick] / pred.measured(target, indices))
+    own = dict(effects)                    # each parameter's effect less its projection on those chosen
     left: dict[str, float] = {}            # not separable: the share of its effect that is its own
-    for path, effect in effects.items():   # in CANDIDATES order, most physical first
-        own = effect - sum((q @ effect) * q for q in basis)
-        ratio = float(np.linalg.norm(own) / np.linalg.norm(effect))
-        if ratio < SEPARABLE:
-            left[path] = ratio
-            continue
-        basis.append(own / np.linalg.norm(own))
+    while own:
+        separable = {p: v for p, v in own.items()
+                     if np.linalg.norm(v) >= SEPARABLE * np.linalg.norm(effects[p])}
+        left.update({p: float(np.linalg.norm(own.pop(p)) / np.linalg.norm(effects[p]))
+                     for p in list(own) if p not in separable})
+        if not separable:
+            break
+        if np.linalg.norm(misfit) < EXPLAINED * np.sqrt(len(misfit)):
+            misfit = np.zeros_like(misfit)   # explained: the rest keep the candidates' order
+        path = max(separable, key=lambda p: abs(float(separable[p] @ misfit)) / np.linalg.norm(separable[p]))
+        rest = own.pop(path)
+        ratio = float(np.linalg.norm(rest) / np.linalg.norm(effects[path]))
+        q = rest / np.linalg.norm(rest)     # the new direction, orthogonal to those chosen before
+        own = {p: v - (q @ v) * q for p, v in own.items()}
+        misfit = misfit - (q @ misfit) * q
+        effect = effects[path]
         worst = int(np.argmax(np.abs(effect)))
         lower, upper = BY_PATH[path].bounds(starts[path])
         sel.chosen.append(Choice(path, starts[path], lower, upper,

@@ -1,0 +1,87 @@
+"""The host's cost of issuing eager PyTorch's kernels, measured on the runtime's own blocks.
+
+Eager PyTorch spends host time on every op it runs: Python, the module call, the dispatcher, autograd's graph
+and, on a GPU, the launch. Where the host sets a pass's pace (small blocks, short micro-batches, and always on a
+CPU, which runs the ops it issues) that time is the step. The engine files carry a figure fitted on one H200
+host (cluster_specs/engines/meshplan.yaml, `host`); this measures the figure of the host at hand.
+
+The runtime's gpt-tiny and llama-tiny blocks run on a handful of tokens, so that every op takes the device less
+time than the host takes to issue it. The seconds of a forward and of a backward per block, divided by the
+kernels the cost model counts for that block (planner/cost/kernels.py, `block_work`), are the host seconds per
+forward and per backward kernel, fitted through the origin over the two blocks. On a device that runs its own
+ops (a CPU) each op's own shortest time, `kernel_overhead_s`, is taken off: the cost model adds it to the host's.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from profiler.devices import DTYPES, main_dtype
+
+BLOCKS = ("gpt-tiny", "llama-tiny")   # presets whose blocks the runtime builds (runtime/models.py)
+TOKENS, LAYERS, STEPS, WARMUP = 8, 8, 20, 5
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def block_pass_seconds(name: str, device: torch.device) -> tuple[float, float]:
+    """Median (forward, backward) seconds per block of a chunk of LAYERS blocks of preset `name` on TOKENS tokens:
+    the forward as long as the host takes to issue it, the backward until the device is done."""
+    from planner.presets import PRESETS
+    from runtime.models import ModelChunk
+    spec = PRESETS[name].model_copy(update={"num_layers": LAYERS})
+    torch.manual_seed(0)
+    dtype = DTYPES[main_dtype(device)]
+    chunk = ModelChunk(spec, list(range(LAYERS)), first=False, last=False).to(device=device, dtype=dtype)
+    x = torch.randn(1, TOKENS, spec.hidden_size, device=device, dtype=dtype, requires_grad=True)
+    fwd, bwd = [], []
+    for i in range(STEPS + WARMUP):
+        _sync(device)
+        t0 = time.perf_counter()
+        y = chunk(x)
+        t1 = time.perf_counter()
+        y.float().sum().backward()
+        _sync(device)
+        t2 = time.perf_counter()
+        if i >= WARMUP:
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+    return statistics.median(fwd) / LAYERS, statistics.median(bwd) / LAYERS
+
+
+def kernels_per_block(name: str, device: torch.device) -> tuple[int, int]:
+    """(forward, backward) kernels the cost model counts for one block of preset `name` under the meshplan engine."""
+    from planner.cost.kernels import Dtypes, KernelOptions, block_work
+    from planner.engine import load_engine
+    from planner.presets import PRESETS
+    work = block_work(PRESETS[name], 1, TOKENS, 1, False, "none", Dtypes.of(main_dtype(device)),
+                      KernelOptions.of(load_engine("meshplan")))
+    return len(work.forward.kernels), len(work.backward.kernels)
+
+
+def fit_per_kernel(rows: list[tuple[float, int]], overhead_s: float) -> float:
+    """Seconds per kernel through the origin over (seconds per block, kernels per block), less `overhead_s`."""
+    per = sum(t * n for t, n in rows) / sum(n * n for _, n in rows)
+    return max(0.0, per - overhead_s)
+
+
+def measure_host(device: torch.device, kernel_overhead_s: float) -> dict:
+    """Host seconds per forward and per backward kernel of eager PyTorch on this host and device, with the
+    measured blocks. `kernel_overhead_s`: the device's shortest op, taken off where the device runs its own ops."""
+    own_ops = device.type != "cuda"
+    blocks, fwd_rows, bwd_rows = {}, [], []
+    for name in BLOCKS:
+        f, b = block_pass_seconds(name, device)
+        nf, nb = kernels_per_block(name, device)
+        blocks[name] = {"forward_s": f, "backward_s": b, "forward_kernels": nf, "backward_kernels": nb}
+        fwd_rows.append((f, nf))
+        bwd_rows.append((b, nb))
+    overhead = kernel_overhead_s if own_ops else 0.0
+    return {"per_kernel_s": fit_per_kernel(fwd_rows, overhead),
+            "per_backward_kernel_s": fit_per_kernel(bwd_rows, overhead), "blocks": blocks}
