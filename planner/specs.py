@@ -224,6 +224,10 @@ class EfficiencyModel(_Spec):
     attention_tile: float = Field(
         0.0, ge=0, description="Fused attention runs at flash_attention * n / (n + attention_tile), n its thread "
                                "blocks (batch x local heads x seq/128): few heads per GPU leave SMs idle.")
+    attention_head_dim: float = Field(
+        0.0, ge=0, description="Fused attention also runs at d / (d + attention_head_dim), d its head dimension: the "
+                               "softmax's work per score (exponent, max, sum) against the 4d FLOPs of its two "
+                               "matmuls; 0 where not measured.")
     gemm_backward: float = Field(
         1.0, gt=0, le=1, description="The backward's GEMMs (dX = dY W^T, dW = X^T dY, transposed operands) run at "
                                      "this fraction of the forward GEMM rate of the same shape.")

@@ -158,8 +158,12 @@ def measure_device(device: torch.device, local_world_size: int, sync: Callable[[
                                     min_rep_s=max(rep_s, 0.02))
     if sync is not None:
         sync()
-    info["attention"] = (measure_attention(device, "bf16", 4, 32, 4096, 128) if cuda
-                         else measure_attention(device, "fp32", 1, 4, 256, 32, min_rep_s=max(rep_s, 0.02)))
+    # attention at two head dimensions of the same thread blocks: the rate's dependence on d (summarize.py)
+    for key, d in (("attention", 128 if cuda else 64), ("attention_narrow", 64 if cuda else 16)):
+        if sync is not None:
+            sync()
+        info[key] = (measure_attention(device, "bf16", 4, 32, 4096, d) if cuda
+                     else measure_attention(device, "fp32", 1, 4, 256, d, min_rep_s=max(rep_s, 0.02)))
     if sync is not None:
         sync()
     from profiler.host import measure_host   # here: profiler.host imports this module

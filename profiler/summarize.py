@@ -54,6 +54,22 @@ def _slug(name: str) -> str:
     return out.strip("-") or "device"
 
 
+def attention_fit(devs: list[dict]) -> tuple[float, float]:
+    """(R, d0) of fused attention's rate R * d / (d + d0) (FLOP/s; d the head dimension) from the median rates at
+    the two head dimensions measured (one: d0 = 0, R the measured rate). Two points fix both:
+    d0 = (r1 - r2) / (r2 / d2 - r1 / d1), r_i the rate at d_i."""
+    def rate(key: str) -> float:
+        return statistics.median(d[key]["flops"] / d[key]["time_s"] for d in devs)
+    r1, d1 = rate("attention"), devs[0]["attention"]["shape"][3]
+    if "attention_narrow" not in devs[0]:
+        return r1, 0.0
+    r2, d2 = rate("attention_narrow"), devs[0]["attention_narrow"]["shape"][3]
+    if d2 >= d1 or not r1 * d2 / d1 < r2 < r1:   # no slower at narrower heads, or slower than d itself: no fit
+        return r1, 0.0
+    d0 = (r1 - r2) / (r2 / d2 - r1 / d1)
+    return r1 * (d1 + d0) / d1, d0
+
+
 def fit_device(devs: list[dict]) -> tuple[dict, dict]:
     """A GPUSpec dict from the measurements of the ranks with one device name, and the fit's details."""
     first = devs[0]
@@ -86,7 +102,7 @@ def fit_device(devs: list[dict]) -> tuple[dict, dict]:
     if "fp32" not in peaks:
         peaks["fp32"] = peaks[main]
     att = [d["attention"] for d in devs]
-    att_rate = statistics.median(a["flops"] / a["time_s"] for a in att)
+    att_rate, head_dim = attention_fit(devs)
     att_peak = peaks.get(att[0]["dtype"], peaks["fp32"])
     gpu = {
         "name": first["name"],
@@ -97,6 +113,7 @@ def fit_device(devs: list[dict]) -> tuple[dict, dict]:
             "gemm_max": float(gemm_max),
             "gemm_tile": float(fit.tile),
             "flash_attention": float(min(1.0, max(1e-3, att_rate / att_peak))),
+            "attention_head_dim": float(head_dim),
             "memory": float(min(1.0, max(1e-3, elem_bw / hbm))),
             "kernel_overhead_s": float(overhead),
         },

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from planner.cost.comm import Network, ring_time
-from planner.cost.kernels import shape_efficiency
+from planner.cost.kernels import Kernel, kernel_time, shape_efficiency
 from planner.cost.dp_comm import exposed as _exposed
 from planner.engine import engine_on, load_engine
 from planner.errors import InputError
@@ -144,6 +144,26 @@ def test_summary_is_a_cluster_spec_with_the_generating_parameters():
     assert "single node" in spec.description and spec.inter_node == spec.intra_node
     ar4 = [c for c in spec.collectives if c.op == "all_reduce" and c.group_size == 4]
     assert ar4 and ar4[0].bus_bandwidth == pytest.approx(bus_bandwidth("all_reduce", 4, 1 << 20, ar4[0].time_s))
+
+
+def test_summary_fits_attention_rate_and_head_dimension_from_two_widths():
+    raw = _synthetic_raw(1, 2)
+    rate, d0 = 4e9, 24.0          # FLOP/s at wide heads, and the head dimension of half that rate
+    for r in range(2):
+        for key, d in (("attention", 64), ("attention_narrow", 16)):
+            flops = 0.5 * 4 * 256 * 256 * 4 * d * 3.5
+            raw["devices"][str(r)][key] = {"dtype": "fp32", "shape": [1, 4, 256, d], "flops": flops,
+                                           "time_s": flops / (rate * d / (d + d0))}
+    eff = summarize(raw)[0].gpu
+    assert eff.efficiency.attention_head_dim == pytest.approx(d0, rel=1e-9)
+    assert eff.peak_flops["fp32"] * eff.efficiency.flash_attention == pytest.approx(rate, rel=1e-9)
+    # the cost model charges a fused attention of either width the seconds measured for it
+    for key in ("attention", "attention_narrow"):
+        m = raw["devices"]["0"][key]
+        kernel = Kernel("attn", m["flops"], 0.0, (4 * 256 / 128, m["shape"][3], 1.0))
+        assert kernel_time(kernel, eff, "fp32") == pytest.approx(m["time_s"], rel=1e-9)
+    # a raw profile with one width (before this measurement) leaves the head dimension out
+    assert summarize(_synthetic_raw(1, 2))[0].gpu.efficiency.attention_head_dim == 0.0
 
 
 def test_summary_puts_the_measured_host_cost_per_kernel_into_the_eager_engines():

@@ -12,7 +12,8 @@ effects of the parameters chosen before it. The order is that of orthogonal matc
 log-prediction changes: next comes the parameter whose effect, less what those chosen explain, lines up best with
 the misfit still unexplained; so of two parameters with nearly the same effect, the one that explains the
 measurements is fitted (ties keep the candidates' order, most physical first). The choice sees every run, also
-the one a leave-one-out refit leaves out. Runs fewer than the parameters they exercise are an error.
+the one a leave-one-out refit leaves out. When the choice takes as many parameters as there are runs and others
+are left, the runs cannot tell them apart: that is an error naming how many runs the exercised parameters need.
 """
 
 from __future__ import annotations
@@ -152,11 +153,6 @@ def choose(pred: Predictor, target: str, indices: Sequence[int], base: dict[str,
                                            f"(at most {moved:.1%})"))
             continue
         effects[cand.path], starts[cand.path] = effect, start
-    if len(effects) > len(indices):
-        runs_word = "runs" if target == STEP_TIME else "runs with peak_reserved_bytes"
-        raise InputError(f"{len(indices)} {runs_word} cannot fit the {len(effects)} parameters they exercise "
-                         f"({', '.join(effects)}): give at least {len(effects)} such runs, or name fewer with --fit",
-                         field="--runs")
     # orthogonal matching pursuit: next comes the parameter whose own effect (what the parameters chosen so far
     # do not explain) best explains the misfit still left, log(predicted / measured) at `base`
     misfit = np.log(pred.predict(base, indices)[pick] / pred.measured(target, indices))
@@ -183,6 +179,11 @@ def choose(pred: Predictor, target: str, indices: Sequence[int], base: dict[str,
         sel.chosen.append(Choice(path, starts[path], lower, upper,
                                  f"moves {runs[worst].label}'s {what} by {abs(effect[worst]):.0%} when halved or "
                                  f"doubled" + (f"; {ratio:.0%} of its effect is its own" if ratio < 0.995 else "")))
+    if left and len(sel.chosen) >= len(indices):   # as many parameters as runs: the runs can tell no more apart
+        runs_word = "runs" if target == STEP_TIME else "runs with peak_reserved_bytes"
+        raise InputError(f"{len(indices)} {runs_word} cannot fit the {len(effects)} parameters they exercise "
+                         f"({', '.join(effects)}): give at least {len(effects)} such runs, or name fewer with --fit",
+                         field="--runs")
     for path, ratio in left.items():
         effect = effects[path]
         corr = {c.path: abs(float(effects[c.path] @ effect)) / (np.linalg.norm(effects[c.path])

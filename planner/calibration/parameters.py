@@ -143,6 +143,8 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("gpu.efficiency.gemm_backward", "backward GEMMs' rate as a share of the forward's", 0.3, 1.0),
     Candidate("gpu.efficiency.attention_tile", "fused attention's thread blocks at which it runs at half rate",
               0.0, 20000.0, condition=needs_flash),
+    Candidate("gpu.efficiency.attention_head_dim", "head dimension at which fused attention runs at half rate",
+              0.0, 512.0, condition=needs_flash),
     Candidate("gpu.efficiency.kernel_overhead_s", "shortest time a kernel takes on the device, seconds",
               0.0, 1e-4, relative_upper=True),
     # reserved memory

@@ -27,7 +27,8 @@ class Kernel:
     kind: Literal["gemm", "attn", "mem"]
     flops: float = 0.0           # FLOP executed (hardware, not model, FLOPs)
     bytes: float = 0.0           # bytes read and written in device memory
-    shape: tuple[float, float, float] = (0.0, 0.0, 0.0)   # (M, N, K) of one GEMM of a batch
+    shape: tuple[float, float, float] = (0.0, 0.0, 0.0)   # (M, N, K) of one GEMM of a batch; attention: (thread
+    #                                                       blocks, head dimension, 1)
     backward: bool = False       # a backward GEMM (transposed operands)
 
 
@@ -121,8 +122,9 @@ def kernel_time(k: Kernel, gpu: GPUSpec, dtype: str, gemm_scale: float = 1.0) ->
     if k.kind == "mem":
         compute = 0.0
     elif k.kind == "attn":
-        blocks = k.shape[0]
-        compute = k.flops / (gpu.peak(dtype) * eff.flash_attention * blocks / (blocks + eff.attention_tile))
+        blocks, head_dim = k.shape[0], k.shape[1]
+        compute = k.flops / (gpu.peak(dtype) * eff.flash_attention * blocks / (blocks + eff.attention_tile)
+                             * head_dim / (head_dim + eff.attention_head_dim))
     else:
         rate = (eff.gemm_max * gemm_scale * shape_efficiency(k.shape, eff.gemm_tile)
                 * (eff.gemm_backward if k.backward else 1.0))
@@ -364,7 +366,7 @@ def block_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, recompute: s
         if m.attention == "flash":
             attn_core_fwd.kernels.append(Kernel("attn", 4 * mbs * seq * keys * q_out,
                                                 (2 * q_out + 2 * kv_out) * tokens * e + 4 * heads * tokens,
-                                                (mbs * heads * seq / 128, 1.0, 1.0)))
+                                                (mbs * heads * seq / 128, d, 1.0)))
         else:
             eager_attention_core(attn_core_fwd, mbs, heads, seq, d, d, e, opts, dropout)
     fwd.extend(attn_core_fwd)

@@ -92,7 +92,7 @@ def attention_work(fwd: Pass, bwd: Pass, core: Pass, linear, m: ModelSpec, mbs: 
     if m.attention == "flash":
         core.kernels.append(Kernel("attn", 2 * mbs * seq * keys * heads * (qk + v),
                                    (2 * qk + 2 * v) * heads * tokens * e + 4 * heads * tokens,
-                                   (mbs * heads * seq / 128, 1.0, 1.0)))
+                                   (mbs * heads * seq / 128, (qk + v) / 2, 1.0)))
     else:
         eager_attention_core(core, mbs, heads, seq, qk, v, e, opts, m.dropout > 0)
 
