@@ -185,6 +185,11 @@ class Overlap(_Spec):
                                      "--overlap-moe-expert-parallel-comm; off by default in every engine).")
     pp_p2p: Literal["overlapped", "exposed"] = Field(
         description="Pipeline sends and receives: asynchronous beside compute, or blocking the stage.")
+    dp_on_side_stream: list[int] = Field(
+        default_factory=list,
+        description="ZeRO stages whose data-parallel collectives the engine overlaps only by issuing them, "
+                    "synchronously, on a side stream (FSDP2 and its replicate: dist.all_reduce / all_gather without "
+                    "async_op). A device without streams (a CPU: async_launch false) runs them in line, all exposed.")
 
 
 class StateTerm(_Spec):

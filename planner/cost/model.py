@@ -834,7 +834,7 @@ class CostModel:
             hit = seen.get(key)
             if hit is None:
                 w = work(i, n)
-                hit = seen[key] = (device_times(w, i == 0, i == last, self.cluster.overlap_slowdown,
+                hit = seen[key] = (device_times(w, i == 0, i == last, self.dp_overlap_slowdown(cfg.zero),
                                                 host.per_microbatch_s, ov.gather_window), w.optimizer)
             return hit
 
@@ -865,7 +865,7 @@ class CostModel:
                 hit = seen_at.get(key)
                 if hit is None:
                     w = work_at(i, first, n)
-                    hit = seen_at[key] = (device_times(w, i == 0, i == last, self.cluster.overlap_slowdown,
+                    hit = seen_at[key] = (device_times(w, i == 0, i == last, self.dp_overlap_slowdown(cfg.zero),
                                                        host.per_microbatch_s, ov.gather_window), w.optimizer)
                 return hit
 
@@ -1124,7 +1124,7 @@ class CostModel:
         if hit is None:
             params = self._total_params_per_tp_rank(cfg) / cfg.pp
             recipe = self.recipe(cfg.zero, cfg.dp)
-            kappa = self.cluster.overlap_slowdown
+            kappa = self.dp_overlap_slowdown(cfg.zero)
             rails = self.engine.overlap.zero3_rails if cfg.zero >= 3 else 0
             one_call = lambda op, nbytes: self.net.collective(op, nbytes, dp_group, rails)   # noqa: E731
             comm = stage_dp_comm(self.engine, recipe, cfg.zero, cfg.dp, cfg.pp, params, 0, one_call)
@@ -1320,7 +1320,7 @@ class CostModel:
         work = [work_of(i, n) if mix is None else self._own_work(cfg, i, n, blocks[i], ends, mix, dp_group, edp_group,
                                                                  tied if i in (0, last) else 0.0)
                 for i, (n, mix) in enumerate(zip(layers, mixes))]
-        st = step_times(cfg.schedule, cfg.vpp, nmb, work, hops or 0.0, self.cluster.overlap_slowdown,
+        st = step_times(cfg.schedule, cfg.vpp, nmb, work, hops or 0.0, self.dp_overlap_slowdown(cfg.zero),
                         host.per_microbatch_s, host.per_step_s, blocking, self.engine.overlap.gather_window)
 
         # --- memory
@@ -1342,6 +1342,13 @@ class CostModel:
         params = self.device_params(cfg, device, layers, mix)
         return DeviceWork(layers, blk, ends, self.stage_comm(cfg, params, layers, dp_group, edp_group, mix), tied,
                           self.optimizer_seconds(cfg, params, layers, mix))
+
+    def dp_overlap_slowdown(self, zero: int) -> float:
+        """Share of overlapped data-parallel communication time still lost to compute: the cluster's, or all of it
+        (1) where the engine overlaps at this ZeRO stage only through a side stream the device does not have."""
+        if not self.gpu.async_launch and zero in self.engine.overlap.dp_on_side_stream:
+            return 1.0
+        return self.cluster.overlap_slowdown
 
     def launch_ratio(self, cfg: ParallelConfig) -> float:
         """Host seconds to issue the kernels of the model's blocks (forward, backward, recomputation; one

@@ -309,7 +309,8 @@ class HeteroCost:
                 for s, (part, n) in enumerate(zip(parts, layers))]
         blocking = self.engine.overlap.pp_p2p == "exposed"
         hops = [self.hop_seconds(cand, devices, s) + self.costs[0].host_coll for s in range(p - 1)]
-        times = step_times(cand.schedule, 1, nmb, work, hops if p > 1 else 0.0, self.cluster.overlap_slowdown,
+        kappa = max(part.cost.dp_overlap_slowdown(cand.zero) for part in parts)   # 1 on a device without streams
+        times = step_times(cand.schedule, 1, nmb, work, hops if p > 1 else 0.0, kappa,
                            host.per_microbatch_s, host.per_step_s, blocking, self.engine.overlap.gather_window)
         p2p = max(hops, default=0.0)
 
