@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from planner.cost.comm import Group, Network, ring_time
+from planner.cost.comm import Group, Network, _fit_affine, ring_time
 from planner.loaders import load_cluster
 from planner.specs import CollectiveMeasurement
 
@@ -67,3 +67,18 @@ def test_ring_across_nodes_pays_each_hops_latency_and_the_rails_it_uses():
         assert net.collective(op, size, group) == pytest.approx(hops + 31 / 32 * size / every)
         assert net.collective(op, size, group, rails=1) == pytest.approx(hops + 31 / 32 * size / nic)
         assert net.collective(op, size, group, rails=2) == pytest.approx(hops + 31 / 32 * size / (2 * nic))
+
+
+def test_measured_collectives_fit_latency_and_bandwidth_on_relative_error():
+    """nccl-tests-like sizes over five orders of magnitude: exact points give the generating alpha and beta back;
+    with +-10% noise the small message, all latency, is still priced within the noise (a fit of absolute error
+    hands the latency to the largest message's residual)."""
+    alpha, beta = 30e-6, 1 / 200e9
+    sizes = [1 << 16, 1 << 20, 1 << 24, 1 << 28, 1 << 30]
+    a, b = _fit_affine([(m, alpha + m * beta) for m in sizes])
+    assert (a, b) == pytest.approx((alpha, beta), rel=1e-9)
+    noisy = [(m, (alpha + m * beta) * f) for m, f in zip(sizes, (1.1, 0.9, 1.1, 0.9, 1.1))]
+    a, b = _fit_affine(noisy)
+    small = sizes[0]
+    assert a + small * b == pytest.approx(alpha + small * beta, rel=0.12)
+    assert b == pytest.approx(beta, rel=0.12)

@@ -142,7 +142,7 @@ class Network:
 
 class _CollectiveTable:
     """Measured collective times (`meshplan profile cluster`), fitted per (op, group size, contiguity) to
-    t = a + M * b by least squares over the measured message sizes. A group size that was not measured
+    t = a + M * b by least squares of the relative error over the measured message sizes. A group size that was not measured
     scales the nearest measured one by the ring's step counts: a by (n-1), b by (n-1)/n."""
 
     def __init__(self, rows):
@@ -169,14 +169,14 @@ class _CollectiveTable:
 
 
 def _fit_affine(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """(a, b) >= 0 of t = a + M b through the points (one point: all of it bandwidth)."""
+    """(a, b) >= 0 of t = a + M b through the points (one point: all of it bandwidth), least squares on the
+    relative error, so that a small message's latency weighs as much as a large one's bandwidth (scipy's NNLS on
+    rows (1/t, M/t) against 1)."""
     if len(points) == 1:
         size, t = points[0]
         return 0.0, t / size
-    n = len(points)
-    mx = sum(p[0] for p in points) / n
-    my = sum(p[1] for p in points) / n
-    var = sum((p[0] - mx) ** 2 for p in points)
-    b = max(0.0, sum((p[0] - mx) * (p[1] - my) for p in points) / var) if var > 0 else 0.0
-    a = max(0.0, my - b * mx)
-    return a, b
+    from scipy.optimize import nnls   # here: only measured clusters need it
+    rows = [(1.0 / t, m / t) for m, t in points]
+    scale = max(m for m, _ in points)   # M in units of the largest message, for a well-conditioned solve
+    (a, b_scaled), _ = nnls([[r0, r1 / scale] for r0, r1 in rows], [1.0] * len(rows))
+    return float(a), float(b_scaled / scale)
