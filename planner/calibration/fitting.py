@@ -6,8 +6,8 @@ reflective least squares within the physical bounds), so every run weighs the sa
 Step time and reserved memory are fitted separately: no parameter moves both.
 
 Choosing the parameters (`choose`): a candidate (planner/calibration/parameters.py) is dropped when the runs
-cannot exercise it (a structural reason: one node, no collective, ...), when halving or doubling it moves no
-run's prediction by EXERCISED, or when its effect on the runs is, to within SEPARABLE, a combination of the
+cannot exercise it (a structural reason: one node, no collective, ...), when dividing or multiplying it by PROBE
+moves no run's prediction by EXERCISED, or when its effect on the runs is, to within SEPARABLE, a combination of the
 effects of the parameters chosen before it. The order is that of orthogonal matching pursuit over the vectors of
 log-prediction changes: next comes the parameter whose effect, less what those chosen explain, lines up best with
 the misfit still unexplained; so of two parameters with nearly the same effect, the one that explains the
@@ -32,7 +32,9 @@ from planner.errors import InputError
 from planner.specs import ClusterSpec
 
 STEP_TIME, PEAK_RESERVED = "step_time", "peak_reserved"
-EXERCISED = 0.02    # halving or doubling a parameter must move some run's prediction by 2% or more
+EXERCISED = 0.02    # dividing or multiplying a parameter by PROBE must move some run's prediction by 2% or more
+PROBE = 4.0         # far enough that a parameter well off its start (a host cost 10x) still shows
+NEAR = 2.0          # the probes whose log-prediction change is the direction of a parameter's effect
 SEPARABLE = 0.5     # share (norm) of a parameter's effect not explained by those chosen before it
 EXPLAINED = 1e-3    # root-mean-square log misfit below which the choice no longer follows the misfit
 DIFF_STEP = 1e-4    # forward-difference step of the Jacobian, relative to the parameter's value
@@ -114,12 +116,12 @@ class Selection:
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, why not)
 
 
-def _probes(cand: Candidate, start: float) -> tuple[float, float]:
-    """The values a parameter is probed at: half and double its value within its bounds (the lowest tenth of
-    its range when it is 0)."""
+def _probes(cand: Candidate, start: float, factor: float) -> tuple[float, float]:
+    """The values a parameter is probed at: its value divided and multiplied by `factor`, within its bounds (the
+    lowest tenth of its range when it is 0)."""
     lower, upper = cand.bounds(start)
     if start > 0:
-        return max(lower, start / 2), min(upper, 2 * start)
+        return max(lower, start / factor), min(upper, factor * start)
     return lower, lower + (upper - lower) / 10
 
 
@@ -143,14 +145,17 @@ def choose(pred: Predictor, target: str, indices: Sequence[int], base: dict[str,
             sel.skipped.append((cand.path, reason))
             continue
         start = get_param(cluster, cand.path, pred.engine)
-        lo, hi = _probes(cand, start)
-        low = pred.predict({**base, cand.path: lo}, indices)[pick]
-        high = pred.predict({**base, cand.path: hi}, indices)[pick]
-        effect = np.log(high / low)
-        moved = float(np.max(np.abs(effect)))
+        # whether the runs feel it at all: far probes; the direction of its effect: near ones (where the
+        # cost model is close to linear in the log of the parameter)
+        far = [pred.predict({**base, cand.path: v}, indices)[pick] for v in _probes(cand, start, PROBE)]
+        moved = float(np.max(np.abs(np.log(far[1] / far[0]))))
+        near = [pred.predict({**base, cand.path: v}, indices)[pick] for v in _probes(cand, start, NEAR)]
+        effect = np.log(near[1] / near[0])
+        if not np.any(effect):          # flat near its value (a kink, a bound): the far probes' direction
+            effect = np.log(far[1] / far[0])
         if moved < EXERCISED:
-            sel.skipped.append((cand.path, f"halving or doubling it moves no run's {what} by {EXERCISED:.0%} "
-                                           f"(at most {moved:.1%})"))
+            sel.skipped.append((cand.path, f"dividing or multiplying it by {PROBE:g} moves no run's {what} by "
+                                           f"{EXERCISED:.0%} (at most {moved:.1%})"))
             continue
         effects[cand.path], starts[cand.path] = effect, start
     # orthogonal matching pursuit: next comes the parameter whose own effect (what the parameters chosen so far
@@ -178,7 +183,8 @@ def choose(pred: Predictor, target: str, indices: Sequence[int], base: dict[str,
         lower, upper = BY_PATH[path].bounds(starts[path])
         sel.chosen.append(Choice(path, starts[path], lower, upper,
                                  f"moves {runs[worst].label}'s {what} by {abs(effect[worst]):.0%} when halved or "
-                                 f"doubled" + (f"; {ratio:.0%} of its effect is its own" if ratio < 0.995 else "")))
+                                 f"doubled"
+                                 + (f"; {ratio:.0%} of its effect is its own" if ratio < 0.995 else "")))
     if left and len(sel.chosen) >= len(indices):   # as many parameters as runs: the runs can tell no more apart
         runs_word = "runs" if target == STEP_TIME else "runs with peak_reserved_bytes"
         raise InputError(f"{len(indices)} {runs_word} cannot fit the {len(effects)} parameters they exercise "
@@ -274,6 +280,17 @@ class TargetFit:
     loo_note: str = ""
 
 
+def _fit(pred: Predictor, target: str, indices: list[int], sel: Selection,
+         base: dict[str, float]) -> tuple["_Problem", np.ndarray]:
+    """The problem of the chosen parameters and its least-squares point from their starts."""
+    prob = _Problem(pred, target, sel.chosen, base)
+    return prob, prob.solve(indices, np.array([c.start for c in sel.chosen]) / prob.scale)
+
+
+def _cost(prob: "_Problem", u: np.ndarray, indices: list[int]) -> float:
+    return float(np.sum(prob.residuals(u, indices) ** 2))
+
+
 def fit_target(pred: Predictor, target: str, indices: list[int], base: dict[str, float],
                only: set[str] | None = None, leave_one_out: bool = True) -> TargetFit:
     """Choose, fit and cross-check the parameters of `target` on runs `indices` (others held at `base`)."""
@@ -281,8 +298,18 @@ def fit_target(pred: Predictor, target: str, indices: list[int], base: dict[str,
     out = TargetFit(target, list(indices), sel, {})
     if not sel.chosen:
         return out
-    prob = _Problem(pred, target, sel.chosen, base)
-    best = prob.solve(indices, np.array([c.start for c in sel.chosen]) / prob.scale)
+    prob, best = _fit(pred, target, indices, sel, base)
+    # the choice again at the fitted point, where the probes see the runs as the fit does: its parameters,
+    # fitted from the same start, replace the first ones when they fit the runs better
+    again = choose(pred, target, indices, prob.values(best), only)
+    if {c.path for c in again.chosen} != {c.path for c in sel.chosen} and again.chosen:
+        starts = {c.path: (c.start, c.lower, c.upper) for c in sel.chosen}
+        again.chosen = [Choice(c.path, *starts.get(c.path, (c.start, c.lower, c.upper)), c.reason)
+                        for c in again.chosen]
+        prob2, best2 = _fit(pred, target, indices, again, base)
+        if _cost(prob2, best2, indices) < _cost(prob, best, indices):
+            sel, prob, best = again, prob2, best2
+            out.selection = sel
     out.values = _rounded(prob.values(best), sel.chosen)
     if not leave_one_out:
         return out
