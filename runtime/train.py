@@ -215,13 +215,7 @@ def run_plan(plan, args: argparse.Namespace, rank: int, device, resume_from=None
     denom = cfg.num_microbatches * cfg.dp
     faults = faults or {}
     save_failures: list[dict] = []
-    _prof = None
-    if os.environ.get("MESHPLAN_TRACE"):
-        _prof = torch.profiler.profile(schedule=torch.profiler.schedule(wait=3, warmup=1, active=4))
-        _prof.start()
     for step in range(first_step, args.steps + 1):
-        if _prof is not None:
-            _prof.step()
         fault = faults.get(step)
         if fault == "raise":
             raise RuntimeError(f"injected fault on rank {rank} at step {step} ({FAULT_ENV})")
@@ -244,11 +238,6 @@ def run_plan(plan, args: argparse.Namespace, rank: int, device, resume_from=None
         total = torch.tensor([contrib], dtype=torch.float64, device=device)
         dist.all_reduce(total)
         dt = timer.stop()
-        if _prof is not None and step == first_step + 8:
-            _prof.stop()
-            open(os.environ["MESHPLAN_TRACE"] + f".{rank}.txt", "w").write(
-                _prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
-            _prof = None
         loss = total.item() / denom / scale
         losses.append(loss)
         if on_step is not None:
