@@ -12,7 +12,9 @@ effects of the parameters chosen before it. The order is that of orthogonal matc
 log-prediction changes: next comes the parameter whose effect, less what those chosen explain, lines up best with
 the misfit still unexplained; so of two parameters with nearly the same effect, the one that explains the
 measurements is fitted (ties keep the candidates' order, most physical first). The choice sees every run, also
-the one a leave-one-out refit leaves out. When the choice takes as many parameters as there are runs and others
+the one a leave-one-out refit leaves out. Once fitted, the choice is made again at the fitted point (where the
+probes see the runs as the fit does); its parameters, fitted from the same start, replace the first ones when they
+fit the runs better. When the choice takes as many parameters as there are runs and others
 are left, the runs cannot tell them apart: that is an error naming how many runs the exercised parameters need.
 """
 
@@ -301,7 +303,10 @@ def fit_target(pred: Predictor, target: str, indices: list[int], base: dict[str,
     prob, best = _fit(pred, target, indices, sel, base)
     # the choice again at the fitted point, where the probes see the runs as the fit does: its parameters,
     # fitted from the same start, replace the first ones when they fit the runs better
-    again = choose(pred, target, indices, prob.values(best), only)
+    try:
+        again = choose(pred, target, indices, prob.values(best), only)
+    except InputError:       # too many parameters felt there for these runs: the first choice stands
+        again = sel
     if {c.path for c in again.chosen} != {c.path for c in sel.chosen} and again.chosen:
         starts = {c.path: (c.start, c.lower, c.upper) for c in sel.chosen}
         again.chosen = [Choice(c.path, *starts.get(c.path, (c.start, c.lower, c.upper)), c.reason)
