@@ -30,18 +30,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def block_pass_seconds(name: str, device: torch.device) -> tuple[float, float]:
+def block_pass_seconds(name: str, device: torch.device, prepare=None, steps: int = STEPS,
+                       warmup: int = WARMUP) -> tuple[float, float]:
     """Median (forward, backward) seconds per block of a chunk of LAYERS blocks of preset `name` on TOKENS tokens:
-    the forward as long as the host takes to issue it, the backward until the device is done."""
+    the forward as long as the host takes to issue it, the backward until the device is done. `prepare(chunk)`
+    parallelises the chunk first (scripts/measure_tp_host.py: DTensor TP)."""
     from planner.presets import PRESETS
     from runtime.models import ModelChunk
     spec = PRESETS[name].model_copy(update={"num_layers": LAYERS})
     torch.manual_seed(0)
     dtype = DTYPES[main_dtype(device)]
     chunk = ModelChunk(spec, list(range(LAYERS)), first=False, last=False).to(device=device, dtype=dtype)
+    if prepare is not None:
+        prepare(chunk)
     x = torch.randn(1, TOKENS, spec.hidden_size, device=device, dtype=dtype, requires_grad=True)
     fwd, bwd = [], []
-    for i in range(STEPS + WARMUP):
+    for i in range(steps + warmup):
         _sync(device)
         t0 = time.perf_counter()
         y = chunk(x)
@@ -49,7 +53,7 @@ def block_pass_seconds(name: str, device: torch.device) -> tuple[float, float]:
         y.float().sum().backward()
         _sync(device)
         t2 = time.perf_counter()
-        if i >= WARMUP:
+        if i >= warmup:
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
     return statistics.median(fwd) / LAYERS, statistics.median(bwd) / LAYERS

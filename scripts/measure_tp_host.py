@@ -23,12 +23,11 @@ import argparse
 import os
 import socket
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
 
-STEPS, WARMUP, LAYERS = 30, 10, 8
+STEPS, WARMUP = 30, 10
 
 
 def _free_port() -> int:
@@ -38,28 +37,14 @@ def _free_port() -> int:
 
 
 def pass_seconds(name: str, tp: bool, sp: bool) -> tuple[float, float]:
-    """Median (forward, backward) seconds per block of a chunk of LAYERS blocks of preset `name`, on 8 tokens."""
-    from planner.presets import PRESETS
-    from runtime.models import ModelChunk
+    """Median (forward, backward) seconds per block of a chunk of blocks of preset `name`, on 8 tokens."""
+    from profiler.host import block_pass_seconds
     from runtime.parallelize import apply_tensor_parallel
     from torch.distributed.device_mesh import init_device_mesh
-    spec = PRESETS[name].model_copy(update={"num_layers": LAYERS})
-    torch.manual_seed(0)
-    chunk = ModelChunk(spec, list(range(LAYERS)), first=False, last=False)
-    if tp:
+
+    def parallelise(chunk) -> None:
         apply_tensor_parallel(chunk, init_device_mesh("cpu", (1,)), sp, loss_parallel=False)
-    x = torch.randn(1, 8, spec.hidden_size, requires_grad=True)
-    fwd, bwd = [], []
-    for i in range(STEPS + WARMUP):
-        t0 = time.perf_counter()
-        y = chunk(x)
-        t1 = time.perf_counter()
-        y.sum().backward()
-        t2 = time.perf_counter()
-        if i >= WARMUP:
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-    return statistics.median(fwd) / LAYERS, statistics.median(bwd) / LAYERS
+    return block_pass_seconds(name, torch.device("cpu"), parallelise if tp else None, steps=STEPS, warmup=WARMUP)
 
 
 def projections(name: str) -> int:
