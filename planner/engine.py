@@ -127,6 +127,12 @@ class HostCosts(_Spec):
         description="Per micro-batch and pipeline stage: schedule, data loading and loss bookkeeping.")
     per_step_s: NonNegativeFloat = Field(
         description="Per optimizer step: zeroing gradients, gradient-norm and optimizer launches, logging.")
+    optimizer_per_tensor_s: NonNegativeFloat = Field(
+        0.0, description="Optimizer step, per plain parameter tensor: torch.optim's per-tensor loop (a CPU) or its "
+                         "foreach kernels' list handling (CUDA); 0: one fused launch over flat buffers.")
+    optimizer_per_dtensor_s: NonNegativeFloat = Field(
+        0.0, description="The same per DTensor parameter (FSDP2-sharded or tensor-parallel), whose every op goes "
+                         "through DTensor's dispatch.")
     compiled_kernel_factor: float = Field(
         1.0, gt=0, le=1, description="Host cost per kernel under --compile, as a fraction of eager's.")
     fsdp_hooks: FsdpHooks | None = Field(

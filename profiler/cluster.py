@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p2p-sizes", default=None, help="Point-to-point message sizes, >= 3 (default by device).")
     p.add_argument("--collective-sizes", default=None, help="Collective message sizes (default by device).")
     p.add_argument("--reps", type=int, default=5, help="Timed repetitions per measurement (the median is kept; point-to-point "
-                        "links keep the minimum of twice as many).")
+                        "links keep the minimum of twice as many, collectives the median of three times as many).")
     p.add_argument("--timeout", type=float, default=300.0, help="Seconds one step may take on one rank.")
     p.add_argument("--collective-timeout", type=float, default=120.0,
                    help="Seconds one collective or transfer may block before it fails.")
@@ -98,13 +98,20 @@ def _inject(rank: int, label: str) -> None:
     raise RuntimeError(f"injected failure ({INJECT_ENV})")
 
 
+# Collectives are timed over this many times --reps: a collective waits for the slowest rank's arrival, and where
+# processes share cores (gloo's threads beside the ranks') one call in four or more waits a scheduler time slice.
+# On a 2-core VM, gloo at 64 KB-4 MB: p25 0.2-3.5 ms, p75 0.4-5.4 ms (30 calls each); medians of 5 calls of one
+# machine differed 4x between two profiles (reduce-scatter of 1 MB: 0.9 and 3.8 ms).
+COLLECTIVE_REPS = 3
+
+
 def estimate_seconds(world: int, cuda: bool, p2p: list[int], coll: list[int], reps: int) -> float:
     """A rough duration of the run from nominal link speeds (CPU/gloo: 1 GB/s, 0.5 ms; CUDA: 10 GB/s,
     20 us), for the estimate printed before it starts."""
     from profiler.collectives import partitions
     from profiler.links import round_robin
     bw, lat = (10e9, 20e-6) if cuda else (1e9, 0.5e-3)
-    per = reps + 3
+    per = COLLECTIVE_REPS * reps + 3
     device = 25.0 if cuda else 3.0
     link_round = sum(2 * (2 * reps + 2) * (2 * lat + m / bw) * (3 if m <= 1 << 16 else 1) for m in p2p)
     links = len(round_robin(world)) * (link_round + 0.1)
@@ -247,7 +254,7 @@ def run_step(kind: str, arg, rank: int, world: int, local_world: int, device, co
         from profiler.collectives import measure_partition, partition
         g, contiguous = arg
         mine, _groups = dist.new_subgroups_by_enumeration(partition(world, g, contiguous))
-        return measure_partition(mine, g, config["collective_sizes"], device, reps)
+        return measure_partition(mine, g, config["collective_sizes"], device, COLLECTIVE_REPS * reps)
     if kind == "overlap":
         from profiler.devices import main_dtype
         from profiler.overlap import measure_overlap

@@ -23,6 +23,7 @@ from profiler.devices import DTYPES, main_dtype
 
 BLOCKS = ("gpt-tiny", "llama-tiny")   # presets whose blocks the runtime builds (runtime/models.py)
 TOKENS, LAYERS, STEPS, WARMUP = 8, 8, 20, 5
+OPTIMIZER_TENSORS, OPTIMIZER_ELEMENTS = (16, 64), 64   # tensors of the two timed optimizer steps; elements each
 
 
 def _sync(device: torch.device) -> None:
@@ -75,9 +76,57 @@ def fit_per_kernel(rows: list[tuple[float, int]], overhead_s: float) -> float:
     return max(0.0, per - overhead_s)
 
 
+def optimizer_step_seconds(device: torch.device, tensors: int, dtensor: bool, steps: int = STEPS,
+                           warmup: int = WARMUP) -> float:
+    """Median seconds of the runtime's AdamW step (runtime/train.py `make_optimizer`) over `tensors` parameter
+    tensors of OPTIMIZER_ELEMENTS each: plain tensors, or DTensors sharded over the default group's ranks (as
+    FSDP2 holds them; elementwise steps need no communication)."""
+    from runtime.train import make_optimizer
+    dtype = DTYPES[main_dtype(device)] if device.type == "cuda" else torch.float32
+    if dtensor:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor, Shard
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        wrap = lambda t: DTensor.from_local(t, mesh, [Shard(0)], run_check=False)   # noqa: E731
+    else:
+        wrap = lambda t: t                                                          # noqa: E731
+    params = []
+    for _ in range(tensors):
+        p = torch.nn.Parameter(wrap(torch.randn(OPTIMIZER_ELEMENTS, device=device, dtype=dtype)))
+        p.grad = wrap(torch.randn(OPTIMIZER_ELEMENTS, device=device, dtype=dtype))
+        params.append(p)
+    opt = make_optimizer(params, "adamw", 1e-4)
+    times = []
+    for i in range(steps + warmup):
+        _sync(device)
+        t0 = time.perf_counter()
+        opt.step()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_optimizer_host(device: torch.device) -> dict:
+    """Host seconds of the optimizer step per plain and per DTensor parameter tensor: the slope of the step's
+    time between OPTIMIZER_TENSORS[0] and [1] tiny tensors (their arithmetic is negligible; what stays is the
+    per-tensor loop on a CPU, the foreach kernels' list handling on CUDA, and DTensor's dispatch). DTensor
+    parameters need the process group of `meshplan profile cluster` (absent: only the plain figure)."""
+    import torch.distributed as dist
+    few, many = OPTIMIZER_TENSORS
+    out = {}
+    for key, dtensor in (("optimizer_per_tensor_s", False), ("optimizer_per_dtensor_s", True)):
+        if dtensor and not dist.is_initialized():
+            continue
+        t_few, t_many = (optimizer_step_seconds(device, n, dtensor) for n in (few, many))
+        out[key] = max(0.0, (t_many - t_few) / (many - few))
+    return out
+
+
 def measure_host(device: torch.device, kernel_overhead_s: float) -> dict:
     """Host seconds per forward and per backward kernel of eager PyTorch on this host and device, with the
-    measured blocks. `kernel_overhead_s`: the device's shortest op, taken off where the device runs its own ops."""
+    measured blocks, and of the optimizer step per parameter tensor (`measure_optimizer_host`). `kernel_overhead_s`: the device's shortest op, taken off where the device runs its own ops."""
     own_ops = device.type != "cuda"
     blocks, fwd_rows, bwd_rows = {}, [], []
     for name in BLOCKS:
@@ -88,4 +137,5 @@ def measure_host(device: torch.device, kernel_overhead_s: float) -> dict:
         bwd_rows.append((b, nb))
     overhead = kernel_overhead_s if own_ops else 0.0
     return {"per_kernel_s": fit_per_kernel(fwd_rows, overhead),
-            "per_backward_kernel_s": fit_per_kernel(bwd_rows, overhead), "blocks": blocks}
+            "per_backward_kernel_s": fit_per_kernel(bwd_rows, overhead), **measure_optimizer_host(device),
+            "blocks": blocks}

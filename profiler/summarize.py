@@ -16,8 +16,8 @@ Choices (see docs/profiler.md):
   node there are no inter-node pairs: inter_node is a copy of intra_node and the description says so.
   nics_per_node is set to the devices per node, so inter_node.bandwidth is one device's share of the
   node's network as measured with all pairs of a round busy.
-* Host: the seconds per forward and backward kernel of eager PyTorch (profiler/host.py), medians over the
-  ranks, go to `engine_overrides` of the engines that run eager PyTorch (HOST_ENGINES), replacing the engine
+* Host: the seconds per forward and backward kernel of eager PyTorch and of the optimizer step per plain and
+  per DTensor parameter tensor (profiler/host.py), medians over the ranks, go to `engine_overrides` of the engines that run eager PyTorch (HOST_ENGINES), replacing the engine
   files' figures of another host.
 """
 
@@ -32,6 +32,7 @@ from planner.cost.kernels import shape_efficiency
 from planner.specs import ClusterSpec
 from profiler.fit import bus_bandwidth, fit_alpha_beta, fit_gemm, overlap_slowdown
 
+HOST_FIGURES = ("per_kernel_s", "per_backward_kernel_s", "optimizer_per_tensor_s", "optimizer_per_dtensor_s")
 HOST_ENGINES = ("meshplan", "torchtitan")   # eager PyTorch, the runtime's stack: the measured host figures apply
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster_specs"
 
@@ -157,7 +158,7 @@ def host_overrides(devices: list[dict]) -> dict[str, dict[str, float]]:
     if not issue:
         return {}
     values = {f"host.{key}": float(statistics.median(i[key] for i in issue))
-              for key in ("per_kernel_s", "per_backward_kernel_s")}
+              for key in HOST_FIGURES if all(key in i for i in issue)}
     return {engine: dict(values) for engine in HOST_ENGINES}
 
 

@@ -171,13 +171,18 @@ def test_summary_puts_the_measured_host_cost_per_kernel_into_the_eager_engines()
     assert summarize(raw)[0].engine_overrides == {}        # a raw profile from before the host was measured
     for r, per in zip(range(4), (10e-6, 12e-6, 30e-6, 11e-6)):
         raw["devices"][str(r)]["host_issue"] = {"per_kernel_s": per, "per_backward_kernel_s": per / 2, "blocks": {}}
+    assert set(summarize(raw)[0].engine_overrides["meshplan"]) == {"host.per_kernel_s", "host.per_backward_kernel_s"}
+    for r, per in zip(range(4), (20e-6, 24e-6, 60e-6, 22e-6)):      # and the optimizer's, per parameter tensor
+        raw["devices"][str(r)]["host_issue"].update(optimizer_per_tensor_s=per, optimizer_per_dtensor_s=6 * per)
     spec, _ = summarize(raw)
-    expect = {"host.per_kernel_s": 11.5e-6, "host.per_backward_kernel_s": 5.75e-6}   # medians over the ranks
+    expect = {"host.per_kernel_s": 11.5e-6, "host.per_backward_kernel_s": 5.75e-6,   # medians over the ranks
+              "host.optimizer_per_tensor_s": 23e-6, "host.optimizer_per_dtensor_s": 138e-6}
     assert set(spec.engine_overrides) == {"meshplan", "torchtitan"}
     for engine in ("meshplan", "torchtitan"):
         assert spec.engine_overrides[engine] == pytest.approx(expect)
         host = engine_on(load_engine(engine), spec).host
         assert (host.per_kernel_s, host.per_backward_kernel_s) == pytest.approx((11.5e-6, 5.75e-6))
+        assert (host.optimizer_per_tensor_s, host.optimizer_per_dtensor_s) == pytest.approx((23e-6, 138e-6))
     assert "megatron" not in spec.engine_overrides       # fused engines keep their own figures
 
 

@@ -1139,6 +1139,7 @@ class CostModel:
                                                     expert_call))
                 eshare = edp if cfg.zero >= erecipe.moments_sharded_from else 1
                 opt += experts / eshare * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
+            opt = launched(opt, self.optimizer_host_seconds(cfg, self.model.num_layers / cfg.pp), self.gpu)
             per_cycle = kappa * (comm.fwd_each + comm.bwd_each) + comm.fwd_blocking + comm.bwd_blocking
             once = kappa * (comm.first_fwd + comm.last_bwd) + comm.after + opt
             hit = self._state_bounds_cache[key] = (per_cycle, once)
@@ -1255,12 +1256,57 @@ class CostModel:
                                                cfg.dp // cfg.ep))
         return comm
 
-    def optimizer_seconds(self, cfg: ParallelConfig, params: float, layers: int, mix: Mix | None = None) -> float:
-        """One device's optimizer step over its `params` and its `layers` blocks' experts, as sharded."""
+    def optimizer_seconds(self, cfg: ParallelConfig, params: float, layers: int, mix: Mix | None = None,
+                          device: int | None = None) -> float:
+        """One device's optimizer step over its `params` and its `layers` blocks' experts, as sharded: their
+        arithmetic, against the host's time to issue it per parameter tensor (`optimizer_host_seconds`) for
+        pipeline device `device` (None: the mean device)."""
         sharded = cfg.zero >= self.recipe(cfg.zero, cfg.dp).moments_sharded_from
-        return (params / (cfg.dp if sharded else 1)
-                + self.expert_params(cfg, layers, mix) / (cfg.dp // cfg.ep if sharded else 1)
-                ) * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
+        arithmetic = (params / (cfg.dp if sharded else 1)
+                      + self.expert_params(cfg, layers, mix) / (cfg.dp // cfg.ep if sharded else 1)
+                      ) * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
+        return launched(arithmetic, self.optimizer_host_seconds(cfg, layers, mix, device), self.gpu)
+
+    def dtensor_parameters(self, cfg: ParallelConfig) -> bool:
+        """Whether the engine's data parallelism holds this configuration's parameters as DTensors: FSDP2 wraps
+        the blocks at this ZeRO stage (engine.host.fsdp_hooks)."""
+        hooks = self.engine.host.fsdp_hooks
+        return cfg.dp > 1 and hooks is not None and \
+            hooks.for_stage(cfg.zero, self.engine.overlap.reshard_after_forward) is not None
+
+    def optimizer_tensors(self, cfg: ParallelConfig, layers: float, mix: Mix | None = None,
+                          device: int | None = None) -> tuple[float, float]:
+        """(plain, DTensor) parameter tensors of `layers` blocks and of pipeline device `device`'s ends (None: the
+        mean device) as the engine holds them: all DTensors under FSDP2, the sharded ones under DTensor tensor
+        parallelism (the norms and learned positions stay plain without sequence parallelism,
+        runtime/parallelize.py), all plain otherwise."""
+        m, fused = self.model, "projections" in self.opts.fused
+        kinds = mix or self.mix
+        blocks = sum(tensors_per_block(m, fused, moe) * n for (moe, _), n in kinds) / sum(n for _, n in kinds)
+        embedding = 1 + (1 if position_params(m) else 0)
+        head = norm_tensors(m) + (0 if m.tied_embeddings and cfg.pp == 1 else 1)
+        if device is None:
+            first, last = 1 / cfg.pp, 1 / cfg.pp
+        else:
+            first, last = float(device == 0), float(device == cfg.pp - 1)
+        tensors = layers * blocks + embedding * first + head * last
+        if self.dtensor_parameters(cfg):
+            return 0.0, tensors
+        if cfg.tp > 1 and self.engine.host.tp_dtensor is not None:
+            plain = (first if position_params(m) else 0.0) + \
+                (0.0 if cfg.sp else (2 * layers + last) * norm_tensors(m))
+            return plain, tensors - plain
+        return tensors, 0.0
+
+    def optimizer_host_seconds(self, cfg: ParallelConfig, layers: float, mix: Mix | None = None,
+                               device: int | None = None) -> float:
+        """Host seconds of the optimizer step over `optimizer_tensors`, engine.host.optimizer_per_tensor_s per
+        plain tensor and optimizer_per_dtensor_s per DTensor."""
+        host = self.engine.host
+        if not (host.optimizer_per_tensor_s or host.optimizer_per_dtensor_s):
+            return 0.0
+        plain, dtensor = self.optimizer_tensors(cfg, layers, mix, device)
+        return plain * host.optimizer_per_tensor_s + dtensor * host.optimizer_per_dtensor_s
 
     def evaluate_core(self, cfg: ParallelConfig, order: tuple[str, str, str] = DEFAULT_ORDER,
                       devices: tuple[int, ...] | None = None) -> Core:
@@ -1290,7 +1336,8 @@ class CostModel:
             if w is None:
                 params = self.device_params(cfg, i, n)
                 w = made[key] = DeviceWork(n, blk, ends, self.stage_comm(cfg, params, n, dp_group, edp_group),
-                                           tied if i in (0, last) else 0.0, self.optimizer_seconds(cfg, params, n))
+                                           tied if i in (0, last) else 0.0, self.optimizer_seconds(cfg, params, n,
+                                                                                                    device=i))
             return w
 
         def work_at(i: int, first: int, n: int) -> DeviceWork:
@@ -1341,7 +1388,7 @@ class CostModel:
         """Device `device` holding `layers` blocks of the kinds `mix` counts, `blk` their mean block."""
         params = self.device_params(cfg, device, layers, mix)
         return DeviceWork(layers, blk, ends, self.stage_comm(cfg, params, layers, dp_group, edp_group, mix), tied,
-                          self.optimizer_seconds(cfg, params, layers, mix))
+                          self.optimizer_seconds(cfg, params, layers, mix, device))
 
     def dp_overlap_slowdown(self, zero: int) -> float:
         """Share of overlapped data-parallel communication time still lost to compute: the cluster's, or all of it

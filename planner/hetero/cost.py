@@ -305,7 +305,7 @@ class HeteroCost:
         work = [DeviceWork(n, blocks[s], ends[s], part.cost.stage_comm(cand, params[s], n, part.dp_group,
                                                                          part.edp_group, mixes[s]),
                            self._tied_sync(cand, devices, part.cost) if tied and s in (0, last) else 0.0,
-                           part.cost.optimizer_seconds(cand, params[s], n, mixes[s]))
+                           part.cost.optimizer_seconds(cand, params[s], n, mixes[s], device=s))
                 for s, (part, n) in enumerate(zip(parts, layers))]
         blocking = self.engine.overlap.pp_p2p == "exposed"
         hops = [self.hop_seconds(cand, devices, s) + self.costs[0].host_coll for s in range(p - 1)]
