@@ -172,6 +172,13 @@ def calibrate_command(
     eng = load_engine(engine)
     measured = read_runs(paths, spec, eng)
     compiled = load_engine(engine, compile=True) if any(r.compile for r in measured) else None
-    result = calibrate(spec, eng, measured, compiled, only)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from planner.cli import stderr
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
+                  TimeElapsedColumn(), console=stderr.get(), transient=True) as bar:
+        task = bar.add_task("fitting", total=None)
+        result = calibrate(spec, eng, measured, compiled, only, on_fold=lambda what, done, total: bar.update(
+            task, description=f"{what}: each run left out", completed=done, total=total))
     write_output(output, cluster_text(result.cluster, str(output)))
     render(stdout.get(), result.record, result.notes, output, engine)

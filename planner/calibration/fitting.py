@@ -11,8 +11,9 @@ moves no run's prediction by EXERCISED, or when its effect on the runs is, to wi
 effects of the parameters chosen before it. The order is that of orthogonal matching pursuit over the vectors of
 log-prediction changes: next comes the parameter whose effect, less what those chosen explain, lines up best with
 the misfit still unexplained; so of two parameters with nearly the same effect, the one that explains the
-measurements is fitted (ties keep the candidates' order, most physical first). The choice sees every run, also
-the one a leave-one-out refit leaves out. Once fitted, the choice is made again at the fitted point (where the
+measurements is fitted (ties keep the candidates' order, most physical first). The leave-one-out check makes
+the choice again without the run it predicts: a choice the full fit made (first or second) refits the full fit's
+parameters from its point, another is fitted as a whole (second choice included). Once fitted, the choice is made again at the fitted point (where the
 probes see the runs as the fit does); its parameters, fitted from the same start, replace the first ones when they
 fit the runs better. When the choice takes as many parameters as there are runs and others
 are left, the runs cannot tell them apart: that is an error naming how many runs the exercised parameters need.
@@ -21,7 +22,7 @@ are left, the runs cannot tell them apart: that is an error naming how many runs
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -62,6 +63,7 @@ class Predictor:
                       for r in self.runs]
         self.evaluated = 0   # run predictions made, for the benchmark
         self.configs = [r.config for r in self.runs]   # as predicted: the layer split may be held (below)
+        self._seen: dict[tuple, tuple[float, float]] = {}   # (values, run index) -> (step, reserved)
 
     def freeze_layer_splits(self, values: dict[str, float]) -> None:
         """Hold the layer split of pipelined runs without one at what the cost model picks with `values`: the
@@ -73,27 +75,36 @@ class Predictor:
                                  engine=self.engines[run.compile])
                 chunks = cost.evaluate_core(run.config, run.order, run.devices).chunks
                 self.configs[i] = run.config.model_copy(update={"layers_per_stage": list(chunks)})
+        self._seen.clear()
 
     def thaw_layer_splits(self) -> None:
         self.configs = [r.config for r in self.runs]
+        self._seen.clear()
 
     def cluster_with(self, values: dict[str, float]) -> ClusterSpec:
         return with_params(self.cluster, values, self.engine.name) if values else self.cluster
 
     def predict(self, values: dict[str, float], indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(step seconds, peak reserved bytes) of runs `indices` with the parameters `values`."""
-        cluster = self.cluster_with(values)
+        """(step seconds, peak reserved bytes) of runs `indices` with the parameters `values` (each run's
+        prediction at a point kept: the choice probes the same points for every leave-one-out fold)."""
+        point = tuple(sorted(values.items()))
+        cluster = None
         models: dict[int, CostModel] = {}
         steps, reserved = np.empty(len(indices)), np.empty(len(indices))
         for j, i in enumerate(indices):
+            seen = self._seen.get((point, i))
+            if seen is not None:
+                steps[j], reserved[j] = seen
+                continue
+            cluster = cluster or self.cluster_with(values)
             run = self.runs[i]
             cost = models.get(self.group[i])
             if cost is None:
                 cost = models[self.group[i]] = CostModel(run.model, cluster.resized(run.nodes, run.gpus_per_node),
                                                          run.training, engine=self.engines[run.compile])
             core = cost.evaluate_core(self.configs[i], run.order, run.devices)
-            steps[j], reserved[j] = core.step, core.peak_reserved
-        self.evaluated += len(indices)
+            steps[j], reserved[j] = self._seen[(point, i)] = core.step, core.peak_reserved
+            self.evaluated += 1
         return steps, reserved
 
     def measured(self, target: str, indices: Sequence[int]) -> np.ndarray:
@@ -282,11 +293,13 @@ class TargetFit:
     loo_note: str = ""
 
 
-def _fit(pred: Predictor, target: str, indices: list[int], sel: Selection,
-         base: dict[str, float]) -> tuple["_Problem", np.ndarray]:
-    """The problem of the chosen parameters and its least-squares point from their starts."""
+def _fit(pred: Predictor, target: str, indices: list[int], sel: Selection, base: dict[str, float],
+         near: dict[str, float] | None = None) -> tuple["_Problem", np.ndarray]:
+    """The problem of the chosen parameters and its least-squares point from their starts, or from the values
+    `near` gives (a leave-one-out fold starts at the full fit: the same optimum, in fewer steps)."""
     prob = _Problem(pred, target, sel.chosen, base)
-    return prob, prob.solve(indices, np.array([c.start for c in sel.chosen]) / prob.scale)
+    near = near or {}
+    return prob, prob.solve(indices, np.array([near.get(c.path, c.start) for c in sel.chosen]) / prob.scale)
 
 
 def _cost(prob: "_Problem", u: np.ndarray, indices: list[int]) -> float:
@@ -294,24 +307,30 @@ def _cost(prob: "_Problem", u: np.ndarray, indices: list[int]) -> float:
 
 
 def fit_target(pred: Predictor, target: str, indices: list[int], base: dict[str, float],
-               only: set[str] | None = None, leave_one_out: bool = True) -> TargetFit:
-    """Choose, fit and cross-check the parameters of `target` on runs `indices` (others held at `base`)."""
+               only: set[str] | None = None, leave_one_out: bool = True,
+               near: dict[str, float] | None = None, again_at: dict[str, float] | None = None,
+               on_fold: Callable[[int, int], None] | None = None) -> TargetFit:
+    """Choose, fit and cross-check the parameters of `target` on runs `indices` (others held at `base`). A
+    leave-one-out fold starts its fits from the full fit's values (`near`) and makes its second choice at the full
+    fit's first fitted point (`again_at`), next to its own, where the full fit's probes were already made.
+    `on_fold(done, total)` follows the leave-one-out folds."""
     sel = choose(pred, target, indices, base, only)
     out = TargetFit(target, list(indices), sel, {})
     if not sel.chosen:
         return out
-    prob, best = _fit(pred, target, indices, sel, base)
+    prob, best = _fit(pred, target, indices, sel, base, near)
+    first, first_point = sel, prob.values(best)
     # the choice again at the fitted point, where the probes see the runs as the fit does: its parameters,
     # fitted from the same start, replace the first ones when they fit the runs better
     try:
-        again = choose(pred, target, indices, prob.values(best), only)
+        again = choose(pred, target, indices, again_at or first_point, only)
     except InputError:       # too many parameters felt there for these runs: the first choice stands
         again = sel
     if {c.path for c in again.chosen} != {c.path for c in sel.chosen} and again.chosen:
         starts = {c.path: (c.start, c.lower, c.upper) for c in sel.chosen}
         again.chosen = [Choice(c.path, *starts.get(c.path, (c.start, c.lower, c.upper)), c.reason)
                         for c in again.chosen]
-        prob2, best2 = _fit(pred, target, indices, again, base)
+        prob2, best2 = _fit(pred, target, indices, again, base, near)
         if _cost(prob2, best2, indices) < _cost(prob, best, indices):
             sel, prob, best = again, prob2, best2
             out.selection = sel
@@ -322,7 +341,25 @@ def fit_target(pred: Predictor, target: str, indices: list[int], base: dict[str,
         out.loo_note = (f"leave-one-out needs at least {len(sel.chosen) + 1} runs for {len(sel.chosen)} "
                         f"parameters")
         return out
-    for i in indices:     # each refit starts at the full fit, whose Jacobian rows it reuses
-        u = prob.solve([j for j in indices if j != i], best)
-        out.loo[i] = float(prob.predicted(u, [i])[0])
+    pick = 0 if target == STEP_TIME else 1
+    known = ({c.path for c in first.chosen}, {c.path for c in sel.chosen})   # the full fit's choices
+    for k, i in enumerate(indices):     # the choice made again without run i, then the fit of what it chose
+        if on_fold is not None:
+            on_fold(k, len(indices))
+        rest = [j for j in indices if j != i]
+        try:
+            fold_first = choose(pred, target, rest, base, only)
+        except InputError:   # without run i the runs cannot tell the parameters apart: no prediction
+            out.loo_note = f"leave-one-out: without {pred.runs[i].label} the other runs fit no choice"
+            out.loo = {}
+            return out
+        if {c.path for c in fold_first.chosen} in known:
+            # a choice the full fit made: the same fit without run i, refitted from the full fit's point (whose
+            # Jacobian rows it reuses)
+            u = prob.solve(rest, best)
+            out.loo[i] = float(prob.predicted(u, [i])[0])
+        else:
+            fold = fit_target(pred, target, rest, base, only, leave_one_out=False, near=prob.values(best),
+                              again_at=first_point)
+            out.loo[i] = float(pred.predict({**base, **fold.values}, [i])[pick][0])
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -42,9 +42,14 @@ SPLIT_ROUNDS = 4    # memory-then-time fits at most, while the pipelined runs' d
 
 def calibrate(cluster: ClusterSpec, engine: EngineSpec, runs: Sequence[MeasuredRun],
               compiled: EngineSpec | None = None, only: set[str] | None = None,
-              leave_one_out: bool = True) -> CalibrationResult:
+              leave_one_out: bool = True,
+              on_fold: Callable[[str, int, int], None] | None = None) -> CalibrationResult:
     """Fit the parameters the runs identify (planner/calibration/fitting.py) of `cluster` and `engine`
-    (`compiled`: the engine under --compile, for runs that were compiled; `only`: consider these paths only)."""
+    (`compiled`: the engine under --compile, for runs that were compiled; `only`: consider these paths only;
+    `on_fold(what, done, total)`: the leave-one-out folds of the memory fit, then of the step-time fit)."""
+    def follow(what: str):
+        return (lambda done, total: on_fold(what, done, total)) if on_fold else None
+
     pred = Predictor(runs, cluster, engine, compiled)
     every = list(range(len(runs)))
     with_memory = [i for i in every if runs[i].peak_reserved_bytes]
@@ -61,8 +66,9 @@ def calibrate(cluster: ClusterSpec, engine: EngineSpec, runs: Sequence[MeasuredR
             break
         memory = fit_target(pred, PEAK_RESERVED, with_memory, time_values, only, leave_one_out=False)
     if leave_one_out:
-        memory = fit_target(pred, PEAK_RESERVED, with_memory, time_values, only, leave_one_out)
-    time = fit_target(pred, STEP_TIME, every, memory.values, only, leave_one_out)
+        memory = fit_target(pred, PEAK_RESERVED, with_memory, time_values, only, leave_one_out,
+                            on_fold=follow("peak memory"))
+    time = fit_target(pred, STEP_TIME, every, memory.values, only, leave_one_out, on_fold=follow("step time"))
     pred.thaw_layer_splits()      # what the written spec predicts: the split the cost model picks with it
     values = {**memory.values, **time.values}
     skipped = time.selection.skipped + memory.selection.skipped
