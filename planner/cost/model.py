@@ -1139,7 +1139,8 @@ class CostModel:
                                                     expert_call))
                 eshare = edp if cfg.zero >= erecipe.moments_sharded_from else 1
                 opt += experts / eshare * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
-            opt = launched(opt, self.optimizer_host_seconds(cfg, self.model.num_layers / cfg.pp), self.gpu)
+            # (the host's seconds per parameter tensor are left out: the device that ends the step need not hold
+            # the mean device's tensors, e.g. 1F1B's stage 0 without the head's)
             per_cycle = kappa * (comm.fwd_each + comm.bwd_each) + comm.fwd_blocking + comm.bwd_blocking
             once = kappa * (comm.first_fwd + comm.last_bwd) + comm.after + opt
             hit = self._state_bounds_cache[key] = (per_cycle, once)
