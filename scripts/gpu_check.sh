@@ -5,7 +5,8 @@
 #
 #   1. profile model: one Llama-3-8B block at tp 1, 2, 4, 8 and micro-batch 1, 2 (seq 4096, bf16);
 #   2. profile cluster on this device (GEMM curve, copy bandwidth, kernel overhead, flash attention at head
-#      dimensions 128 and 64, the host's seconds per eager kernel into engine_overrides), and the
+#      dimensions 128 and 64, the host's seconds per eager kernel and per optimizer parameter tensor, plain
+#      and DTensor, into engine_overrides: the engine files' 0 and 20 us are CPU-derived), and the
 #      host seconds of FSDP2's hooks per block (scripts/measure_fsdp_host.py --device cuda) and of DTensor TP
 #      per block on the host's CPU (scripts/measure_tp_host.py);
 #   3. 20-step `meshplan run`s of llama3.2-1b and gpt3-1.3b on one GPU, eager and with --compile, each
