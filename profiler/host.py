@@ -126,7 +126,8 @@ def measure_optimizer_host(device: torch.device) -> dict:
 
 def measure_host(device: torch.device, kernel_overhead_s: float) -> dict:
     """Host seconds per forward and per backward kernel of eager PyTorch on this host and device, with the
-    measured blocks, and of the optimizer step per parameter tensor (`measure_optimizer_host`). `kernel_overhead_s`: the device's shortest op, taken off where the device runs its own ops."""
+    measured blocks, and of the optimizer step per parameter tensor (`measure_optimizer_host`).
+    `kernel_overhead_s`: the device's shortest op, taken off where the device runs its own ops."""
     own_ops = device.type != "cuda"
     blocks, fwd_rows, bwd_rows = {}, [], []
     for name in BLOCKS:

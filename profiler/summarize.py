@@ -17,8 +17,8 @@ Choices (see docs/profiler.md):
   nics_per_node is set to the devices per node, so inter_node.bandwidth is one device's share of the
   node's network as measured with all pairs of a round busy.
 * Host: the seconds per forward and backward kernel of eager PyTorch and of the optimizer step per plain and
-  per DTensor parameter tensor (profiler/host.py), medians over the ranks, go to `engine_overrides` of the engines that run eager PyTorch (HOST_ENGINES), replacing the engine
-  files' figures of another host.
+  per DTensor parameter tensor (profiler/host.py), medians over the ranks, go to `engine_overrides` of the
+  engines that run eager PyTorch (HOST_ENGINES), replacing the engine files' figures of another host.
 """
 
 from __future__ import annotations

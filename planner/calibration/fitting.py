@@ -11,12 +11,13 @@ moves no run's prediction by EXERCISED, or when its effect on the runs is, to wi
 effects of the parameters chosen before it. The order is that of orthogonal matching pursuit over the vectors of
 log-prediction changes: next comes the parameter whose effect, less what those chosen explain, lines up best with
 the misfit still unexplained; so of two parameters with nearly the same effect, the one that explains the
-measurements is fitted (ties keep the candidates' order, most physical first). The leave-one-out check makes
-the choice again without the run it predicts: a choice the full fit made (first or second) refits the full fit's
-parameters from its point, another is fitted as a whole (second choice included). Once fitted, the choice is made again at the fitted point (where the
-probes see the runs as the fit does); its parameters, fitted from the same start, replace the first ones when they
-fit the runs better. When the choice takes as many parameters as there are runs and others
-are left, the runs cannot tell them apart: that is an error naming how many runs the exercised parameters need.
+measurements is fitted (ties keep the candidates' order, most physical first). Once fitted, the choice is made
+again at the fitted point (where the probes see the runs as the fit does); its parameters, fitted from the same
+start, replace the first ones when they fit the runs better. The leave-one-out check makes the choice again
+without the run it predicts: a choice the full fit made (first or second) refits the full fit's parameters from
+its point, another is fitted as a whole (second choice included). When the choice takes as many parameters as
+there are runs and others are left, the runs cannot tell them apart: that is an error naming how many runs the
+exercised parameters need.
 """
 
 from __future__ import annotations

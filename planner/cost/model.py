@@ -312,12 +312,17 @@ class CostModel:
         unit = hooks.for_stage(cfg.zero, reshard_after_forward=False) if hooks and cfg.dp > 1 else None
         if unit is None:
             return 0.0, 0.0, 0.0, 0.0
-        m = self.model
-        embedding = 1 + (1 if position_params(m) else 0)
-        head = norm_tensors(m) + (0 if m.tied_embeddings and cfg.pp == 1 else 1)
+        embedding, head = self.end_tensors(cfg)
         if cfg.pp == 1:
             return (*unit.seconds(embedding + head), 0.0, 0.0)
         return (*unit.seconds(embedding), *unit.seconds(head))
+
+    def end_tensors(self, cfg: ParallelConfig) -> tuple[int, int]:
+        """Parameter tensors of the embedding (tokens, learned positions) and of the head (final norm, and the
+        output projection unless tied to the embedding on the same stage)."""
+        m = self.model
+        embedding = 1 + (1 if position_params(m) else 0)
+        return embedding, norm_tensors(m) + (0 if m.tied_embeddings and cfg.pp == 1 else 1)
 
     def accumulation_bytes(self, cfg: ParallelConfig, nmb: int) -> float:
         """Bytes per weight-gradient element one micro-batch's backward moves, on average over the step, to add
@@ -1257,16 +1262,16 @@ class CostModel:
                                                cfg.dp // cfg.ep))
         return comm
 
-    def optimizer_seconds(self, cfg: ParallelConfig, params: float, layers: int, mix: Mix | None = None,
-                          device: int | None = None) -> float:
-        """One device's optimizer step over its `params` and its `layers` blocks' experts, as sharded: their
-        arithmetic, against the host's time to issue it per parameter tensor (`optimizer_host_seconds`) for
-        pipeline device `device` (None: the mean device)."""
+    def optimizer_seconds(self, cfg: ParallelConfig, params: float, layers: int, mix: Mix | None = None, *,
+                          device: int) -> float:
+        """Pipeline device `device`'s optimizer step over its `params` and its `layers` blocks' experts, as
+        sharded: their arithmetic, against the host's time to issue it per parameter tensor
+        (`optimizer_host_seconds`)."""
         sharded = cfg.zero >= self.recipe(cfg.zero, cfg.dp).moments_sharded_from
         arithmetic = (params / (cfg.dp if sharded else 1)
                       + self.expert_params(cfg, layers, mix) / (cfg.dp // cfg.ep if sharded else 1)
                       ) * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
-        return launched(arithmetic, self.optimizer_host_seconds(cfg, layers, mix, device), self.gpu)
+        return launched(arithmetic, self.optimizer_host_seconds(cfg, layers, mix, device=device), self.gpu)
 
     def dtensor_parameters(self, cfg: ParallelConfig) -> bool:
         """Whether the engine's data parallelism holds this configuration's parameters as DTensors: FSDP2 wraps
@@ -1275,21 +1280,17 @@ class CostModel:
         return cfg.dp > 1 and hooks is not None and \
             hooks.for_stage(cfg.zero, self.engine.overlap.reshard_after_forward) is not None
 
-    def optimizer_tensors(self, cfg: ParallelConfig, layers: float, mix: Mix | None = None,
-                          device: int | None = None) -> tuple[float, float]:
-        """(plain, DTensor) parameter tensors of `layers` blocks and of pipeline device `device`'s ends (None: the
-        mean device) as the engine holds them: all DTensors under FSDP2, the sharded ones under DTensor tensor
+    def optimizer_tensors(self, cfg: ParallelConfig, layers: float, mix: Mix | None = None, *,
+                          device: int) -> tuple[float, float]:
+        """(plain, DTensor) parameter tensors of `layers` blocks and of pipeline device `device`'s ends as the
+        engine holds them: all DTensors under FSDP2, the sharded ones under DTensor tensor
         parallelism (the norms and learned positions stay plain without sequence parallelism,
         runtime/parallelize.py), all plain otherwise."""
         m, fused = self.model, "projections" in self.opts.fused
         kinds = mix or self.mix
         blocks = sum(tensors_per_block(m, fused, moe) * n for (moe, _), n in kinds) / sum(n for _, n in kinds)
-        embedding = 1 + (1 if position_params(m) else 0)
-        head = norm_tensors(m) + (0 if m.tied_embeddings and cfg.pp == 1 else 1)
-        if device is None:
-            first, last = 1 / cfg.pp, 1 / cfg.pp
-        else:
-            first, last = float(device == 0), float(device == cfg.pp - 1)
+        embedding, head = self.end_tensors(cfg)
+        first, last = float(device == 0), float(device == cfg.pp - 1)
         tensors = layers * blocks + embedding * first + head * last
         if self.dtensor_parameters(cfg):
             return 0.0, tensors
@@ -1299,14 +1300,14 @@ class CostModel:
             return plain, tensors - plain
         return tensors, 0.0
 
-    def optimizer_host_seconds(self, cfg: ParallelConfig, layers: float, mix: Mix | None = None,
-                               device: int | None = None) -> float:
+    def optimizer_host_seconds(self, cfg: ParallelConfig, layers: float, mix: Mix | None = None, *,
+                               device: int) -> float:
         """Host seconds of the optimizer step over `optimizer_tensors`, engine.host.optimizer_per_tensor_s per
         plain tensor and optimizer_per_dtensor_s per DTensor."""
         host = self.engine.host
         if not (host.optimizer_per_tensor_s or host.optimizer_per_dtensor_s):
             return 0.0
-        plain, dtensor = self.optimizer_tensors(cfg, layers, mix, device)
+        plain, dtensor = self.optimizer_tensors(cfg, layers, mix, device=device)
         return plain * host.optimizer_per_tensor_s + dtensor * host.optimizer_per_dtensor_s
 
     def evaluate_core(self, cfg: ParallelConfig, order: tuple[str, str, str] = DEFAULT_ORDER,
@@ -1389,7 +1390,7 @@ class CostModel:
         """Device `device` holding `layers` blocks of the kinds `mix` counts, `blk` their mean block."""
         params = self.device_params(cfg, device, layers, mix)
         return DeviceWork(layers, blk, ends, self.stage_comm(cfg, params, layers, dp_group, edp_group, mix), tied,
-                          self.optimizer_seconds(cfg, params, layers, mix, device))
+                          self.optimizer_seconds(cfg, params, layers, mix, device=device))
 
     def dp_overlap_slowdown(self, zero: int) -> float:
         """Share of overlapped data-parallel communication time still lost to compute: the cluster's, or all of it
