@@ -99,6 +99,12 @@ def apply_tensor_parallel(chunk: ModelChunk, tp_mesh: DeviceMesh, sp: bool, loss
                                           desired_input_layouts=(seq_shard if moe else Replicate(),),
                                           use_local_output=moe),
             })
+        else:
+            # attention's and the MLP's input enter as one replicated DTensor each, so that q, k, v (gate, up)
+            # share it and its gradient is all-reduced once in the backward (Megatron's `f`), not once per
+            # projection as each ColwiseParallel would on a plain tensor
+            plan.update({name: PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),))
+                         for name in ("attn", "mlp")})
         parallelize_module(block, tp_mesh, plan)
     if chunk.embed is not None:
         plan = {"tok": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
@@ -162,6 +168,36 @@ def _wrap_experts(chunk: ModelChunk, ep: int, edp_mesh: DeviceMesh, zero: int, p
             replicate(experts, mesh=edp_mesh, mp_policy=policy)
         else:
             fully_shard(experts, mesh=edp_mesh, reshard_after_forward=(zero == 3), mp_policy=policy)
+
+
+def reduce_partial_grads(params: list[nn.Parameter]) -> int:
+    """Sum, in one all-reduce per device-mesh dimension, the gradients tensor parallelism leaves as partial
+    sums over its ranks (sequence parallelism's norm weights, each rank's share from its sequence shard), and
+    hand them on replicated. Left partial, every foreach op of the optimizer that reads one reduces it again (three
+    all-reduces per tensor for AdamW); Megatron-LM reduces them in one flat buffer likewise
+    (`_allreduce_layernorm_grads`). Returns the all-reduces issued."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    pending: dict[tuple, list[nn.Parameter]] = {}
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor):
+            dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_partial())
+            if dims:
+                pending.setdefault((g.device_mesh, g.placements, dims), []).append(p)
+    calls = 0
+    for (mesh, placements, dims), group in pending.items():
+        local = [p.grad.to_local() for p in group]
+        flat = torch.cat([t.reshape(-1) for t in local])
+        for d in dims:
+            op = dist.ReduceOp.AVG if placements[d].reduce_op == "avg" else dist.ReduceOp.SUM
+            dist.all_reduce(flat, op=op, group=mesh.get_group(d))
+            calls += 1
+        done = tuple(Replicate() if i in dims else pl for i, pl in enumerate(placements))
+        for p, t, piece in zip(group, local, flat.split([t.numel() for t in local])):
+            p.grad = DTensor.from_local(piece.view_as(t), mesh, done, run_check=False, shape=p.grad.shape,
+                                        stride=p.grad.stride())
+    return calls
 
 
 def set_gradient_sync(chunk: nn.Module, enabled: bool) -> None:

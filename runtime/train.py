@@ -169,7 +169,8 @@ def run_plan(plan, args: argparse.Namespace, rank: int, device, resume_from=None
     from runtime.data import TokenData
     from runtime.metrics import StepTimer
     from runtime.models import lm_loss
-    from runtime.parallelize import RankModel, TiedEmbeddingSync, build_chunks, build_mesh, my_coords
+    from runtime.parallelize import (RankModel, TiedEmbeddingSync, build_chunks, build_mesh, my_coords,
+                                     reduce_partial_grads)
     from runtime.pipeline import StepRunner
     from runtime.report import median_excluding_first
 
@@ -231,6 +232,7 @@ def run_plan(plan, args: argparse.Namespace, rank: int, device, resume_from=None
         if fault == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         tied()
+        reduce_partial_grads(params)
         if scaler.unscale_and_check(params, device):
             optimizer.step()
         # the step's loss: mean over all micro-batches of all data-parallel ranks (one TP rank each)
