@@ -135,6 +135,13 @@ class HostCosts(_Spec):
                          "through DTensor's dispatch.")
     compiled_kernel_factor: float = Field(
         1.0, gt=0, le=1, description="Host cost per kernel under --compile, as a fraction of eager's.")
+    recompute_kernel_factor: float = Field(
+        1.0, ge=0, description="Host seconds per recomputed kernel, as a multiple of a forward kernel's: "
+                               "torch.utils.checkpoint replays a block from the autograd engine's unpack hook, "
+                               "recording its graph again (1: a replay costs the host what a forward does).")
+    checkpoint_forward_s: NonNegativeFloat = Field(
+        0.0, description="Host seconds of entering one checkpointed region in the forward (torch.utils.checkpoint: "
+                         "its saved-tensor hooks, the RNG state it keeps for the replay).")
     fsdp_hooks: FsdpHooks | None = Field(
         None, description="Host seconds of FSDP2's hooks around each wrapped block when dp > 1 (not reduced by "
                           "--compile: the hooks stay eager); none: the engine's data parallelism adds no per-block "

@@ -32,16 +32,17 @@ def _sync(device: torch.device) -> None:
 
 
 def block_pass_seconds(name: str, device: torch.device, prepare=None, steps: int = STEPS,
-                       warmup: int = WARMUP) -> tuple[float, float]:
+                       warmup: int = WARMUP, recompute: str = "none") -> tuple[float, float]:
     """Median (forward, backward) seconds per block of a chunk of LAYERS blocks of preset `name` on TOKENS tokens:
     the forward as long as the host takes to issue it, the backward until the device is done. `prepare(chunk)`
-    parallelises the chunk first (scripts/measure_tp_host.py: DTensor TP)."""
+    parallelises the chunk first (scripts/measure_tp_host.py: DTensor TP); `recompute`: the blocks' mode."""
     from planner.presets import PRESETS
     from runtime.models import ModelChunk
     spec = PRESETS[name].model_copy(update={"num_layers": LAYERS})
     torch.manual_seed(0)
     dtype = DTYPES[main_dtype(device)]
-    chunk = ModelChunk(spec, list(range(LAYERS)), first=False, last=False).to(device=device, dtype=dtype)
+    chunk = ModelChunk(spec, list(range(LAYERS)), first=False, last=False, recompute=recompute).to(
+        device=device, dtype=dtype)
     if prepare is not None:
         prepare(chunk)
     x = torch.randn(1, TOKENS, spec.hidden_size, device=device, dtype=dtype, requires_grad=True)
@@ -124,19 +125,39 @@ def measure_optimizer_host(device: torch.device) -> dict:
     return out
 
 
+def fit_checkpoint(blocks: dict, per_kernel_s: float, overhead_s: float) -> dict:
+    """What full recomputation (torch.utils.checkpoint of each block, as the runtime runs it) costs the host, from
+    the blocks timed with and without it: the forward's extra seconds per block (the mean,
+    `checkpoint_forward_s`), and the backward's extra seconds, the replay, through the origin over the blocks'
+    forward kernels, per replayed kernel as a multiple of a forward kernel's host seconds
+    (`recompute_kernel_factor`; on a device that runs its own ops each replayed op's own `overhead_s` taken off)."""
+    rows = [(b["checkpointed_forward_s"] - b["forward_s"], b["checkpointed_backward_s"] - b["backward_s"],
+             b["forward_kernels"]) for b in blocks.values()]
+    if per_kernel_s <= 0 or not rows:
+        return {}
+    entry = statistics.mean(f for f, _, _ in rows)                             # per block
+    replay = sum(b * n for _, b, n in rows) / sum(n * n for *_, n in rows)    # per replayed kernel
+    return {"checkpoint_forward_s": max(0.0, entry),
+            "recompute_kernel_factor": max(0.0, (replay - overhead_s) / per_kernel_s)}
+
+
 def measure_host(device: torch.device, kernel_overhead_s: float) -> dict:
     """Host seconds per forward and per backward kernel of eager PyTorch on this host and device, with the
-    measured blocks, and of the optimizer step per parameter tensor (`measure_optimizer_host`).
-    `kernel_overhead_s`: the device's shortest op, taken off where the device runs its own ops."""
+    measured blocks, what checkpointing them costs (`fit_checkpoint`), and the optimizer step's per parameter
+    tensor (`measure_optimizer_host`). `kernel_overhead_s`: the device's shortest op, taken off where the device
+    runs its own ops."""
     own_ops = device.type != "cuda"
     blocks, fwd_rows, bwd_rows = {}, [], []
+    block_pass_seconds(BLOCKS[0], device)       # the first blocks built and run in this process run slower
     for name in BLOCKS:
         f, b = block_pass_seconds(name, device)
+        cf, cb = block_pass_seconds(name, device, recompute="full")
         nf, nb = kernels_per_block(name, device)
-        blocks[name] = {"forward_s": f, "backward_s": b, "forward_kernels": nf, "backward_kernels": nb}
+        blocks[name] = {"forward_s": f, "backward_s": b, "forward_kernels": nf, "backward_kernels": nb,
+                        "checkpointed_forward_s": cf, "checkpointed_backward_s": cb}
         fwd_rows.append((f, nf))
         bwd_rows.append((b, nb))
     overhead = kernel_overhead_s if own_ops else 0.0
-    return {"per_kernel_s": fit_per_kernel(fwd_rows, overhead),
-            "per_backward_kernel_s": fit_per_kernel(bwd_rows, overhead), **measure_optimizer_host(device),
-            "blocks": blocks}
+    per_kernel = fit_per_kernel(fwd_rows, overhead)
+    return {"per_kernel_s": per_kernel, "per_backward_kernel_s": fit_per_kernel(bwd_rows, overhead),
+            **fit_checkpoint(blocks, per_kernel, overhead), **measure_optimizer_host(device), "blocks": blocks}

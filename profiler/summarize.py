@@ -32,7 +32,8 @@ from planner.cost.kernels import shape_efficiency
 from planner.specs import ClusterSpec
 from profiler.fit import bus_bandwidth, fit_alpha_beta, fit_gemm, overlap_slowdown
 
-HOST_FIGURES = ("per_kernel_s", "per_backward_kernel_s", "optimizer_per_tensor_s", "optimizer_per_dtensor_s")
+HOST_FIGURES = ("per_kernel_s", "per_backward_kernel_s", "optimizer_per_tensor_s", "optimizer_per_dtensor_s",
+                "checkpoint_forward_s", "recompute_kernel_factor")
 HOST_ENGINES = ("meshplan", "torchtitan")   # eager PyTorch, the runtime's stack: the measured host figures apply
 CLUSTER_DIR = Path(__file__).resolve().parent.parent / "cluster_specs"
 

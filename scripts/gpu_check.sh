@@ -9,7 +9,9 @@
 #      and DTensor, into engine_overrides: the engine files' 0 and 20 us are CPU-derived), and the
 #      host seconds of FSDP2's hooks per block (scripts/measure_fsdp_host.py --device cuda) and of DTensor TP
 #      per block on the host's CPU (scripts/measure_tp_host.py);
-#   3. 20-step `meshplan run`s of llama3.2-1b and gpt3-1.3b on one GPU, eager and with --compile, each
+#   3. 20-step `meshplan run`s of llama3.2-1b and gpt3-1.3b on one GPU, eager and with --compile, and of
+#      gpt3-1.3b at micro-batch 1 (launch-bound) without and with full recomputation (what checkpointing costs
+#      the host: the engine files' recompute_kernel_factor and checkpoint_forward_s are CPU-measured), each
 #      against the plan's prediction (step time, tokens/s, peak allocated and reserved memory).
 # Afterwards: fold $OUT/cluster.json's efficiencies into cluster_specs/hgx-h200.yaml (with this script named
 # as their source), and calibrate the meshplan engine's host costs on the runs:
@@ -51,5 +53,12 @@ for model in llama3.2-1b gpt3-1.3b; do
         timeout 150 $M run "$OUT/plan_$name.json" --steps 20 --"$compile" --report "$OUT/run_$name.json" --force \
             2>&1 | tail -12 | tee -a "$OUT/gpu_check.log"
     done
+done
+for recompute in none full; do
+    name="gpt3-1.3b_mbs1_${recompute}"
+    $M estimate -m gpt3-1.3b -c hgx-h200 --nodes 1 --gpus-per-node 1 -b 8 --seq 2048 --mbs 1 --precision bf16 \
+        --recompute "$recompute" -o "$OUT/plan_$name.json" --force > /dev/null || continue
+    timeout 150 $M run "$OUT/plan_$name.json" --steps 20 --report "$OUT/run_$name.json" --force \
+        2>&1 | tail -12 | tee -a "$OUT/gpu_check.log"
 done
 log "done"

@@ -441,14 +441,16 @@ class CostModel:
         plain, issued = self._plain_kind(tp, mbs, sp, recompute, tp_group, dt, ep, ep_group, moe, windowed)
         tp_host = (self.engine.tp_host_seconds(sharded_projections(self.model, "projections" in self.opts.fused, moe),
                                                sp) if tp > 1 else (0.0, 0.0))
-        if traffic == NO_TRAFFIC and not any(tp_host):
+        w = self._block_work(tp, mbs, sp, recompute, dt, ep, moe, windowed)[0]
+        # entering the block's checkpointed region (one per block: the block, or its attention core)
+        checkpoint = self.engine.host.checkpoint_forward_s if w.recompute.kernels else 0.0
+        if traffic == NO_TRAFFIC and not any(tp_host) and not checkpoint:
             return plain
         # added to the priced passes (after a profile's factors: it times one pass without them)
-        w = self._block_work(tp, mbs, sp, recompute, dt, ep, moe, windowed)[0]
         params = layer_params(self.model, moe).per_tp_rank(tp, ep)
         tensors = tensors_per_block(self.model, "projections" in self.opts.fused, moe)
         hooks = traffic.moe_hooks_s if moe else (traffic.hooks_forward_s, traffic.hooks_backward_s)
-        hooks = (hooks[0] + tp_host[0], hooks[1] + tp_host[1])
+        hooks = (hooks[0] + tp_host[0] + checkpoint, hooks[1] + tp_host[1])
         fwd = self._with_traffic(plain.forward, w.forward, self.host_fwd, dt,
                                  parameter_traffic(params, 1, traffic.gather_forward), issued[0], hooks[0])
         bwd = self._with_traffic(plain.backward, w.backward, self.host_bwd, dt,
@@ -472,7 +474,8 @@ class CostModel:
         w, acts, transient = self._block_work(tp, mbs, sp, recompute, dt, ep, moe, windowed)
         fwd = self._pass_cost(w.forward, tp_group, dt, self.host_fwd, ep_group)
         bwd = self._pass_cost(w.backward, tp_group, dt, self.host_bwd, ep_group)
-        rec = self._pass_cost(w.recompute, tp_group, dt, self.host_fwd, ep_group)
+        rec = self._pass_cost(w.recompute, tp_group, dt, self.host_fwd * self.engine.host.recompute_kernel_factor,
+                              ep_group)
         factors = self.measured.block(tp, mbs, recompute, moe) if self.measured else None
         if factors is not None:   # measured kernels; TP collectives stay on the cluster's links
             fwd, bwd, rec = (PassCost(pc.compute * k, pc.comm, pc.ep) for pc, k in
