@@ -20,9 +20,11 @@ TRAINING = TrainingSpec(global_batch=64, seq_len=2048, precision="bf16")
 
 
 ENGINE = load_engine("meshplan")
-# DTensor's host seconds under TP are added to a measured block (`profile model` times plain shards): left out
-# where a test checks the replacement itself (tests/test_tp_host.py prices them)
-NO_DTENSOR = ENGINE.model_copy(update={"host": ENGINE.host.model_copy(update={"tp_dtensor": None})})
+# DTensor's host seconds under TP and a checkpointed region's entry are added to a measured block (`profile
+# model` times plain shards without checkpointing): left out where a test checks the replacement itself
+# (tests/test_tp_host.py and tests/test_checkpoint_host.py price them)
+NO_DTENSOR = ENGINE.model_copy(update={"host": ENGINE.host.model_copy(update={"tp_dtensor": None,
+                                                                           "checkpoint_forward_s": 0.0})})
 BF16 = Dtypes.of("bf16")
 
 
@@ -31,14 +33,15 @@ def analytical(tp, mbs, recompute="none", alone=False):
     the profiles below scale them, so the test checks the replacement, not the kernel model. `alone`: each pass
     timed by itself from an idle device, as `profile model` times it; otherwise the steady state of the step."""
     opts, (host_f, host_b) = KernelOptions.of(ENGINE), ENGINE.host_per_kernel
+    host_r = host_f * ENGINE.host.recompute_kernel_factor          # the replay of a checkpointed block
     w = block_work(MODEL, mbs, 2048, tp, False, recompute, BF16, opts)
     gpu = CLUSTER.gpu
     if alone:
         times = (isolated_time([(w.forward, host_f)], gpu, "bf16"),
-                 isolated_time([(w.recompute, host_f), (w.backward, host_b)], gpu, "bf16"))
+                 isolated_time([(w.recompute, host_r), (w.backward, host_b)], gpu, "bf16"))
     else:
         times = (pass_time(w.forward, gpu, "bf16", host_f),
-                 pass_time(w.backward, gpu, "bf16", host_b) + pass_time(w.recompute, gpu, "bf16", host_f))
+                 pass_time(w.backward, gpu, "bf16", host_b) + pass_time(w.recompute, gpu, "bf16", host_r))
     return (*times, block_activation_bytes(MODEL, mbs, 2048, tp, False, recompute, BF16, opts))
 
 

@@ -46,7 +46,8 @@ class MeasuredCosts:
     """Correction factors for blocks, embedding and head from one profile, for one model and training."""
 
     def __init__(self, profile: ModelProfile, model: ModelSpec, training: TrainingSpec, gpu: GPUSpec,
-                 backend: str, opts: KernelOptions = MEGATRON, host_fwd: float = 0.0, host_bwd: float = 0.0):
+                 backend: str, opts: KernelOptions = MEGATRON, host_fwd: float = 0.0, host_bwd: float = 0.0,
+                 host_replay: float | None = None):
         self.profile = profile
         self.mismatch = self._mismatch(profile, model, training, gpu, backend)
         self._blocks: dict[str, list] = {}
@@ -63,7 +64,7 @@ class MeasuredCosts:
             moe = b.layer == "moe"
             w = block_work(model, b.mbs, seq, b.tp, False, b.recompute, dt, opts, moe_layer=moe)
             fwd = timed((w.forward, host_fwd))
-            bwd = timed((w.recompute, host_fwd), (w.backward, host_bwd))
+            bwd = timed((w.recompute, host_fwd if host_replay is None else host_replay), (w.backward, host_bwd))
             act = block_activation_bytes(model, b.mbs, seq, b.tp, False, b.recompute, dt, opts, moe_layer=moe)
             self._blocks.setdefault((b.layer, b.recompute), []).append(
                 (b.tp, b.mbs, (b.forward_s / fwd, b.backward_s / bwd, b.activation_bytes / act if act else 1.0)))

@@ -208,7 +208,8 @@ class CostModel:
         self.budget_bytes = self.usable_bytes * (1.0 - memory_headroom)   # what a feasible plan may reserve
         self.margin = 1.0 + self.gpu.allocator_margin
         measured = (MeasuredCosts(profile, model, training, self.gpu, cluster.backend, self.opts, self.host_fwd,
-                                  self.host_bwd) if profile else None)
+                                  self.host_bwd, self.host_fwd * self.engine.host.recompute_kernel_factor)
+                    if profile else None)
         self.sources = self._sources(profile_name, measured)
         self.measured = measured if measured and not measured.mismatch else None
         self._blocks: dict[tuple, BlockCost] = {}
