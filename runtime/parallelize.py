@@ -184,9 +184,9 @@ def reduce_partial_grads(params: list[nn.Parameter]) -> int:
         if isinstance(g, DTensor):
             dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_partial())
             if dims:
-                pending.setdefault((g.device_mesh, g.placements, dims), []).append(p)
+                pending.setdefault((g.device_mesh, g.placements, dims, g.dtype), []).append(p)
     calls = 0
-    for (mesh, placements, dims), group in pending.items():
+    for (mesh, placements, dims, _), group in pending.items():
         local = [p.grad.to_local() for p in group]
         flat = torch.cat([t.reshape(-1) for t in local])
         for d in dims:
