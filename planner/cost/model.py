@@ -196,6 +196,7 @@ class CostModel:
         self.gpu = cluster.gpu
         self.opts = KernelOptions.of(engine)
         self.host_fwd, self.host_bwd = engine.host_per_kernel
+        self.host_replay = self.host_fwd * engine.host.recompute_kernel_factor   # per kernel a checkpoint replays
         self.host_coll = engine.host.per_collective_s
         self.net = Network(cluster)
         self.layer = mean_layer_params(model)       # the mean block (dense and MoE layers by their counts)
@@ -208,7 +209,7 @@ class CostModel:
         self.budget_bytes = self.usable_bytes * (1.0 - memory_headroom)   # what a feasible plan may reserve
         self.margin = 1.0 + self.gpu.allocator_margin
         measured = (MeasuredCosts(profile, model, training, self.gpu, cluster.backend, self.opts, self.host_fwd,
-                                  self.host_bwd, self.host_fwd * self.engine.host.recompute_kernel_factor)
+                                  self.host_bwd, self.host_replay)
                     if profile else None)
         self.sources = self._sources(profile_name, measured)
         self.measured = measured if measured and not measured.mismatch else None
@@ -475,8 +476,7 @@ class CostModel:
         w, acts, transient = self._block_work(tp, mbs, sp, recompute, dt, ep, moe, windowed)
         fwd = self._pass_cost(w.forward, tp_group, dt, self.host_fwd, ep_group)
         bwd = self._pass_cost(w.backward, tp_group, dt, self.host_bwd, ep_group)
-        rec = self._pass_cost(w.recompute, tp_group, dt, self.host_fwd * self.engine.host.recompute_kernel_factor,
-                              ep_group)
+        rec = self._pass_cost(w.recompute, tp_group, dt, self.host_replay, ep_group)
         factors = self.measured.block(tp, mbs, recompute, moe) if self.measured else None
         if factors is not None:   # measured kernels; TP collectives stay on the cluster's links
             fwd, bwd, rec = (PassCost(pc.compute * k, pc.comm, pc.ep) for pc, k in
