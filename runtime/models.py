@@ -376,7 +376,6 @@ class Embedding(nn.Module):
     def __init__(self, spec: ModelSpec, tp_degree: int = 1, vocab_tp: int | None = None):
         super().__init__()
         _check_tp(spec, tp_degree)
-        self.dropout_p = spec.dropout
         self.vocab_size = spec.vocab_size
         # `_weight` skips nn.Embedding's own normal_ init (init_weights sets the values; on the meta device
         # that init would import torch._dynamo, seconds of start-up)
@@ -386,6 +385,7 @@ class Embedding(nn.Module):
         if spec.position_embedding == "learned":
             p = spec.max_position_embeddings
             self.pos = nn.Embedding(p, h, _weight=torch.empty(p, h))
+        self.drop = Dropout(spec.dropout)       # a module: sequence parallelism shards its input
         if not _on_meta(self):
             init_weights(self, seed=0, prefix="embed.")
 
@@ -393,7 +393,18 @@ class Embedding(nn.Module):
         x = self.tok(tokens)
         if self.pos is not None:
             x = x + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
-        return dropout(x, self.dropout_p, self.training)
+        return self.drop(x)
+
+
+class Dropout(nn.Module):
+    """`dropout` as a module (1-byte mask)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
 
 
 class LMHead(nn.Module):

@@ -67,7 +67,7 @@ def apply_tensor_parallel(chunk: ModelChunk, tp_mesh: DeviceMesh, sp: bool, loss
     sequence shard as it is and shards itself (runtime.moe.MoEMLP.shard_for_tensor_parallel), its routed experts over
     the same `tp_mesh`: one device mesh holds tp and the expert-data-parallel dimension, so FSDP2 composes with it."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
                                                    RowwiseParallel, SequenceParallel, parallelize_module)
 
     from runtime.moe import MoEMLP
@@ -107,12 +107,17 @@ def apply_tensor_parallel(chunk: ModelChunk, tp_mesh: DeviceMesh, sp: bool, loss
                          for name in ("attn", "mlp")})
         parallelize_module(block, tp_mesh, plan)
     if chunk.embed is not None:
-        plan = {"tok": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
+        if sp and chunk.embed.pos is None:
+            # nothing to add to whole rows: the partial lookups are reduce-scattered onto the sequence shards
+            plan = {"tok": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq_shard)}
+        else:
+            plan = {"tok": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}
+            if sp:
+                # learned positions are added to the all-reduced rows, which are split before the dropout
+                # (as Megatron-Core does when it has position embeddings)
+                plan["drop"] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(seq_shard,),
+                                                  use_local_output=True)
         parallelize_module(chunk.embed, tp_mesh, plan)
-        if sp:
-            # positions and dropout run on the whole sequence; the residual stream leaves sharded
-            parallelize_module(chunk.embed, tp_mesh, PrepareModuleOutput(
-                output_layouts=Replicate(), desired_output_layouts=seq_shard, use_local_output=True))
     if chunk.head is not None:
         plan = {"proj": ColwiseParallel(input_layouts=seq_shard if sp else Replicate(),
                                         output_layouts=Shard(-1) if loss_parallel else Replicate(),
