@@ -488,8 +488,7 @@ def embedding_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dtyp
     local_tokens = tokens / tp if sp else tokens
     fwd, bwd = Pass(), Pass(backward=True)
     fwd.mem(tokens * h * e * 2)                                       # gather rows
-    if tp > 1:   # priced as a reduce-scatter under SP with learned positions too (the search's SP bounds
-        # assume SP moves no more bytes; the runtime's and Megatron-Core's all-reduce + split there is not priced)
+    if tp > 1:   # under SP with learned positions the runtime and Megatron-Core all-reduce, then split: not priced
         fwd.collectives.append(Collective("reduce_scatter" if sp else "all_reduce", tokens * h * e))
     if m.position_embedding == "learned":
         fwd.mem(local_tokens * h * e * 3)
