@@ -500,11 +500,37 @@ def embedding_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dtyp
     return fwd, bwd
 
 
+def cross_entropy_work(tokens: float, vocab: float, tp: int, e: int, fused: bool) -> tuple[Pass, Pass]:
+    """The loss over one rank's [tokens, vocab] logits shard (vocab already divided by tp), in fp32.
+    Fused: Megatron's vocab_parallel_cross_entropy (cast, max, exp, sum, log-softmax; backward softmax -
+    one-hot, cast). Eager, tp 1: F.cross_entropy(logits.float()): cast, log_softmax, an NLL gather; backward
+    zero fill (+ a scatter of one element per token), log_softmax backward, cast. Eager, tp > 1: torch's
+    loss_parallel (torch/distributed/tensor/parallel/loss.py) decomposes the log-softmax over the shard: cast,
+    amax, x - max, exp, sum, - log-sum-exp, gather; backward zero fill (+ scatter), exp, mul, add, cast.
+    With tp > 1: the max, sum-exp and target-logit all-reduces over the shards, b*s fp32 each."""
+    fwd, bwd = Pass(), Pass(backward=True)
+    logits = tokens * vocab
+    if fused:
+        fwd.chain(logits * (e + FP32), logits * FP32, logits * 2 * FP32, logits * FP32, logits * 2 * FP32)
+        bwd.mem(logits * (FP32 + e))                                  # softmax - one-hot, cast
+    else:
+        cast = [logits * (e + FP32)] if e < FP32 else []               # .float() copies 16-bit logits only
+        if tp == 1:
+            fwd.chain(*cast, logits * 2 * FP32, tokens * FP32)                     # log_softmax, nll
+            bwd.chain(logits * FP32, logits * 3 * FP32, *cast)                     # fill, log_softmax
+        else:
+            fwd.chain(*cast, logits * FP32, logits * 2 * FP32, logits * 2 * FP32,  # amax, sub, exp,
+                      logits * FP32, logits * 2 * FP32, tokens * FP32)             # sum, sub, gather
+            bwd.chain(logits * FP32, logits * 2 * FP32, logits * 2 * FP32,         # fill, exp, mul,
+                      logits * 3 * FP32, *cast)                                    # add
+    if tp > 1:
+        fwd.collectives += [Collective("all_reduce", tokens * FP32)] * 3
+    return fwd, bwd
+
+
 def head_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dtypes, opts: KernelOptions = MEGATRON,
               vocab: int | None = None) -> tuple[Pass, Pass]:
-    """Final norm, logits GEMM and cross entropy. Fused: Megatron's `vocab_parallel_cross_entropy` in fp32
-    (cast, max, exp, sum, log-softmax; backward softmax - one-hot); eager: F.cross_entropy(logits.float()),
-    i.e. a cast, log-softmax and NLL, and their backwards."""
+    """Final norm, logits GEMM and the loss (`cross_entropy_work`)."""
     tokens, h, e = mbs * seq, m.hidden_size, dt.act
     vocab = (vocab or m.vocab_size) / tp
     local_tokens = tokens / tp if sp else tokens
@@ -515,15 +541,9 @@ def head_work(m: ModelSpec, mbs: int, seq: int, tp: int, sp: bool, dt: Dtypes, o
     if tp > 1 and sp:
         fwd.collectives.append(Collective("all_gather", tokens * h * e))
     fwd.gemm(tokens, vocab, h, e)                                     # logits
-    logits = tokens * vocab
-    if "cross_entropy" in opts.fused:
-        fwd.chain(logits * (e + FP32), logits * FP32, logits * 2 * FP32, logits * FP32, logits * 2 * FP32)
-        bwd.mem(logits * (FP32 + e))                                  # softmax - one-hot, cast
-    else:
-        fwd.chain(logits * (e + FP32), logits * 2 * FP32, logits * FP32)          # cast, log_softmax, nll
-        bwd.chain(logits * FP32, logits * 3 * FP32, logits * (FP32 + e))          # nll, log_softmax, cast
-    if tp > 1:   # max, sum-exp and target-logit all-reduces over the vocab shards: b*s fp32 each
-        fwd.collectives += [Collective("all_reduce", tokens * FP32)] * 3
+    loss_fwd, loss_bwd = cross_entropy_work(tokens, vocab, tp, e, "cross_entropy" in opts.fused)
+    fwd.extend(loss_fwd)
+    bwd.extend(loss_bwd)
     bwd.gemm(tokens, h, vocab, e)                                     # d input
     bwd.gemm(h, vocab, tokens, e)                                     # d weight
     if tp > 1:
