@@ -1126,34 +1126,51 @@ class CostModel:
         return work
 
     def _state_bounds(self, cfg: ParallelConfig, order: tuple[str, str, str], dp_group: Group) -> tuple[float, float]:
-        """(DP seconds per micro-batch cycle, seconds once per step) for the average device, at least: the parts
-        of the time bound that depend only on the degrees and ZeRO."""
+        """(DP seconds per micro-batch cycle, seconds once per step), at least: the parts of the time bound that
+        depend only on the degrees and ZeRO. Per cycle and before the first forward, the average device's (the
+        busiest holds at least as much); after the last backward, device 0's with its fewest blocks (vpp, one per
+        chunk): it ends its backward last (step.step_times), so the step ends no sooner than its own
+        reduction and optimizer step, whichever device holds the most parameters."""
         key = (cfg.tp, cfg.pp, cfg.dp, cfg.ep, cfg.zero, order)
         hit = self._state_bounds_cache.get(key)
         if hit is None:
-            params = self._total_params_per_tp_rank(cfg) / cfg.pp
-            recipe = self.recipe(cfg.zero, cfg.dp)
             kappa = self.dp_overlap_slowdown(cfg.zero)
-            rails = self.engine.overlap.zero3_rails if cfg.zero >= 3 else 0
-            one_call = lambda op, nbytes: self.net.collective(op, nbytes, dp_group, rails)   # noqa: E731
-            comm = stage_dp_comm(self.engine, recipe, cfg.zero, cfg.dp, cfg.pp, params, 0, one_call)
-            share = cfg.dp if cfg.zero >= recipe.moments_sharded_from else 1
-            opt = params / share * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
-            if self.has_experts(cfg):
-                experts = self.expert_params(cfg, self.model.num_layers) / cfg.pp
-                edp, edp_group = cfg.dp // cfg.ep, self.group(ParallelDims.of(cfg, order), "edp")
-                erecipe = recipe         # the engine wraps the experts as the rest: its recipe, dp/ep ranks
-                expert_call = lambda op, nbytes: self.net.collective(op, nbytes, edp_group, rails)   # noqa: E731
-                comm = add_comm(comm, stage_dp_comm(self.engine, erecipe, cfg.zero, edp, cfg.pp, experts, 0,
-                                                    expert_call))
-                eshare = edp if cfg.zero >= erecipe.moments_sharded_from else 1
-                opt += experts / eshare * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
+            mean_comm, mean_opt = self._dp_state_terms(cfg, order, dp_group, self._total_params_per_tp_rank(cfg) /
+                                                       cfg.pp, self.expert_params(cfg, self.model.num_layers) / cfg.pp)
+            if cfg.pp == 1:
+                last_comm, last_opt = mean_comm, mean_opt
+            else:
+                lightest = min(self.block_params(cfg, ((kind, 1),)) for kind, _ in self.mix)
+                least_experts = min(self.expert_params(cfg, 1, ((kind, 1),)) for kind, _ in self.mix)
+                last_comm, last_opt = self._dp_state_terms(cfg, order, dp_group,
+                                                           cfg.vpp * lightest + self.end_params(cfg, 0),
+                                                           cfg.vpp * least_experts)
             # (the host's seconds per parameter tensor are left out: the device that ends the step need not hold
             # the mean device's tensors, e.g. 1F1B's stage 0 without the head's)
-            per_cycle = kappa * (comm.fwd_each + comm.bwd_each) + comm.fwd_blocking + comm.bwd_blocking
-            once = kappa * (comm.first_fwd + comm.last_bwd) + comm.after + opt
+            per_cycle = kappa * (mean_comm.fwd_each + mean_comm.bwd_each) + mean_comm.fwd_blocking + \
+                mean_comm.bwd_blocking
+            once = kappa * (mean_comm.first_fwd + last_comm.last_bwd) + last_comm.after + last_opt
             hit = self._state_bounds_cache[key] = (per_cycle, once)
         return hit
+
+    def _dp_state_terms(self, cfg: ParallelConfig, order: tuple[str, str, str], dp_group: Group, params: float,
+                        experts: float) -> tuple[DPComm, float]:
+        """(data-parallel communication, optimizer arithmetic seconds) of a device holding `params` parameters
+        reduced over the whole DP group and `experts` routed-expert parameters, issued in one call each."""
+        recipe = self.recipe(cfg.zero, cfg.dp)
+        rails = self.engine.overlap.zero3_rails if cfg.zero >= 3 else 0
+        one_call = lambda op, nbytes: self.net.collective(op, nbytes, dp_group, rails)   # noqa: E731
+        comm = stage_dp_comm(self.engine, recipe, cfg.zero, cfg.dp, cfg.pp, params, 0, one_call)
+        share = cfg.dp if cfg.zero >= recipe.moments_sharded_from else 1
+        opt = params / share * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
+        if self.has_experts(cfg):
+            edp, edp_group = cfg.dp // cfg.ep, self.group(ParallelDims.of(cfg, order), "edp")
+            expert_call = lambda op, nbytes: self.net.collective(op, nbytes, edp_group, rails)   # noqa: E731
+            # the engine wraps the experts as the rest: its recipe, over the dp/ep ranks
+            comm = add_comm(comm, stage_dp_comm(self.engine, recipe, cfg.zero, edp, cfg.pp, experts, 0, expert_call))
+            eshare = edp if cfg.zero >= recipe.moments_sharded_from else 1
+            opt += experts / eshare * self.optimizer_seconds_per_param(cfg.zero, cfg.dp)
+        return comm, opt
 
     def _forward_bytes_per_block(self, cfg: ParallelConfig, recipe, mix: Mix | None = None) -> float:
         """Bytes one more block adds to every stage's forward-phase peak besides its activations (states,
