@@ -125,7 +125,7 @@ def vtrain_set() -> Set:
     fitted = [("gpu.efficiency.gemm_max", 0.4, 0.95), ("gpu.efficiency.gemm_tile", 0.0, 512.0),
               ("gpu.efficiency.memory", 0.3, 0.95), ("engine.host.per_kernel_s", 1e-6, 200e-6),
               ("engine.host.per_backward_kernel_s", 1e-6, 200e-6), ("intra_node.latency", 1e-6, 60e-6),
-              ("engine.host.per_microbatch_s", 1e-5, 10e-3)]
+              ("engine.host.per_microbatch_s", 1e-5, 10e-3), ("engine.host.recompute_kernel_factor", 0.3, 5.0)]
     return Set("vtrain", cluster, engine, cases, fitted, folds=5)
 
 

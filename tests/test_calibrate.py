@@ -173,6 +173,26 @@ def test_fits_the_parameter_that_explains_the_runs_not_the_first_alike(tmp_path,
     assert rec["error_before_pct"] > 5 and rec["error_after_pct"] < 0.05 and rec["loo_error_pct"] < 0.1
 
 
+def test_recomputing_runs_identify_the_replay_host_cost(tmp_path):
+    """Three of the runs recompute whole blocks: their misfit is torch.utils.checkpoint's host cost per replayed
+    kernel (synthesised at 1x a forward kernel's, against the engine file's 3x measured on a CPU), which calibrate
+    fits and no other parameter absorbs."""
+    truth = with_params(load_cluster("dgx-h100"), {"engine.host.recompute_kernel_factor": 1.0}, "meshplan")
+    rows = [record(truth, m, 1, g, b, s, c, memory=False) for m, g, b, s, c in SINGLE_NODE]
+    runs = write_jsonl(tmp_path / "runs.jsonl", rows)
+    out = tmp_path / "calibrated.yaml"
+    proc = subprocess.run([sys.executable, "-m", "planner.cli", "calibrate", "--cluster", "dgx-h100", "--runs",
+                           str(runs), "-o", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    rec = yaml.safe_load(out.read_text())["calibration"]
+    after = {p["path"]: p["after"] for p in rec["parameters"]}
+    assert get_param(load_cluster("dgx-h100"), "engine.host.recompute_kernel_factor", ENGINE) == 3.0
+    assert after["engine.host.recompute_kernel_factor"] == pytest.approx(1.0, rel=2e-3)
+    assert after["gpu.efficiency.gemm_max"] == pytest.approx(get_param(load_cluster("dgx-h100"),
+                                                                       "gpu.efficiency.gemm_max", ENGINE), rel=2e-3)
+    assert rec["error_before_pct"] > 2 and rec["error_after_pct"] < 0.05 and rec["loo_error_pct"] < 0.1
+
+
 def test_multi_node_runs_identify_the_inter_node_links(tmp_path, capsys):
     """Runs over two nodes (TP inside, DP across) synthesised with half the NIC efficiency: calibrate finds it."""
     truth = with_params(load_cluster("dgx-h100"), {"inter_node.efficiency": 0.45, "gpu.efficiency.gemm_max": 0.7},

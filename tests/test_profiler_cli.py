@@ -138,7 +138,7 @@ def test_estimate_reads_the_measured_cluster_and_predicts_differently(cluster4, 
 
 def test_two_processes_a_hung_rank_is_named_and_a_rerun_resumes_to_a_valid_cluster(tmp_path):
     out = tmp_path / "cluster.yaml"
-    r = run_cli("profile", "cluster", "--nproc", "2", "-o", str(out), "--no-progress", "--timeout", "5", *SMALL,
+    r = run_cli("profile", "cluster", "--nproc", "2", "-o", str(out), "--no-progress", "--timeout", "15", *SMALL,
                 env={"MESHPLAN_PROFILE_INJECT": "1:links:hang"})
     assert r.returncode == 4, r.stderr[-2000:]
     line = r.stderr.strip().splitlines()[-1]

@@ -98,6 +98,12 @@ def needs_compiled(runs, cluster, engine) -> str | None:
     return None
 
 
+def needs_recompute(runs, cluster, engine) -> str | None:
+    if all(r.config.recompute == "none" for r in runs):
+        return "no run recomputes activations"
+    return None
+
+
 def needs_memory(runs, cluster, engine) -> str | None:
     if not any(r.peak_reserved_bytes for r in runs):
         return "no run has a measured peak_reserved_bytes"
@@ -136,6 +142,8 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("engine.host.per_step_s", "host seconds per optimizer step", 0.0, 1.0, relative_upper=True),
     Candidate("engine.host.per_backward_kernel_s", "host seconds per backward kernel", 0.0, 1e-3,
               relative_upper=True),
+    Candidate("engine.host.recompute_kernel_factor", "host cost per replayed kernel of a checkpointed block, "
+              "as a multiple of a forward kernel's", 0.3, 5.0, condition=needs_recompute),
     Candidate("engine.host.compiled_kernel_factor", "host cost per kernel under torch.compile, share of eager's",
               0.05, 1.0, condition=needs_compiled),
     Candidate("gpu.efficiency.gemm_tile", "GEMM dimension (elements) at which a GEMM runs at half its best rate",
