@@ -1047,8 +1047,9 @@ class CostModel:
         """Step seconds no layer split of `cfg` can beat. With total work W per micro-batch over p devices,
         every schedule's closed form is at least its balanced value, (m + p - 1) W/p, or (m + (p-1)/v) W/p
         interleaved, plus the least its transfers add on their hops (pipeline.p2p_on_path); data-parallel
-        communication costs at least the overlap slow-down times itself (or all of it when not overlapped); the
-        optimizer step of the device with the most parameters takes at least that of the average device."""
+        communication costs at least the overlap slow-down times itself (or all of it when not overlapped); after
+        the pipeline, device 0 (which ends its backward last) still reduces and steps at least its fewest blocks
+        (`_state_bounds`)."""
         dims = ParallelDims.of(cfg, order)
         layout, tp_group, dp_group = self.layout(dims), self.group(dims, "tp"), self.group(dims, "dp")
         dt = self.dtypes(cfg.zero, cfg.dp)
