@@ -8,7 +8,8 @@
 #      dimensions 128 and 64, the host's seconds per eager kernel and per optimizer parameter tensor, plain
 #      and DTensor, into engine_overrides: the engine files' 0 and 20 us are CPU-derived), and the
 #      host seconds of FSDP2's hooks per block (scripts/measure_fsdp_host.py --device cuda) and of DTensor TP
-#      per block on the host's CPU (scripts/measure_tp_host.py);
+#      per block on the host's CPU (scripts/measure_tp_host.py), and whether a GEMM keeps its short-burst rate
+#      over seconds of back-to-back work (scripts/measure_sustained_gemm.py);
 #   3. 20-step `meshplan run`s of llama3.2-1b and gpt3-1.3b on one GPU, eager and with --compile, and of
 #      gpt3-1.3b at micro-batch 1 (launch-bound) without and with full recomputation (what checkpointing costs
 #      the host: the engine files' recompute_kernel_factor and checkpoint_forward_s are CPU-measured), each
@@ -43,6 +44,12 @@ timeout 90 .venv/bin/python scripts/measure_fsdp_host.py --device cuda --repeats
 log "2c. DTensor tensor parallelism's host seconds per block on this GPU host's CPU (engine files' host.tp_dtensor)"
 timeout 90 .venv/bin/python scripts/measure_tp_host.py --repeats 3 2>&1 | grep -v Warn \
     | tee "$OUT/tp_dtensor.txt" | tee -a "$OUT/gpu_check.log"
+
+log "2d. sustained GEMM rate: a 3 s back-to-back run against a short burst (power and clocks over a whole step)"
+timeout 60 .venv/bin/python scripts/measure_sustained_gemm.py --size 8192 --seconds 3 2>&1 \
+    | tee "$OUT/sustained_gemm.txt" | tee -a "$OUT/gpu_check.log"
+nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu --format=csv \
+    | tee -a "$OUT/gpu_check.log"
 
 log "3. meshplan run, eager and compiled"
 for model in llama3.2-1b gpt3-1.3b; do
