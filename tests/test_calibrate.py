@@ -153,14 +153,10 @@ def test_written_cluster_reproduces_the_fitted_predictions(calibrated, capsys):
         assert "calibration" in got["sources"]
 
 
-@pytest.mark.parametrize("path, value", [
-    ("engine.host.per_backward_kernel_s", 1.5e-4),   # much like per_kernel_s, which comes first in CANDIDATES
-    ("gpu.efficiency.memory", 0.4),                   # much like gemm_max and flash_attention on these runs
-])
-def test_fits_the_parameter_that_explains_the_runs_not_the_first_alike(tmp_path, path, value):
-    """Runs synthesised with one parameter off: of candidates with nearly the same effect, calibrate fits the
-    one whose effect is the misfit (a fixed order fitted the earlier one, and missed by 2-8%)."""
-    truth = with_params(load_cluster("dgx-h100"), {path: value}, "meshplan")
+def _calibrate_single_node_runs(tmp_path: Path, truth_values: dict) -> tuple[dict, dict]:
+    """`meshplan calibrate` of dgx-h100 on the SINGLE_NODE runs synthesised with `truth_values` (no memory):
+    (its calibration record, the fitted value of each parameter)."""
+    truth = with_params(load_cluster("dgx-h100"), truth_values, "meshplan")
     rows = [record(truth, m, 1, g, b, s, c, memory=False) for m, g, b, s, c in SINGLE_NODE]
     runs = write_jsonl(tmp_path / "runs.jsonl", rows)
     out = tmp_path / "calibrated.yaml"
@@ -168,7 +164,17 @@ def test_fits_the_parameter_that_explains_the_runs_not_the_first_alike(tmp_path,
                            str(runs), "-o", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr
     rec = yaml.safe_load(out.read_text())["calibration"]
-    after = {p["path"]: p["after"] for p in rec["parameters"]}
+    return rec, {p["path"]: p["after"] for p in rec["parameters"]}
+
+
+@pytest.mark.parametrize("path, value", [
+    ("engine.host.per_backward_kernel_s", 1.5e-4),   # much like per_kernel_s, which comes first in CANDIDATES
+    ("gpu.efficiency.memory", 0.4),                   # much like gemm_max and flash_attention on these runs
+])
+def test_fits_the_parameter_that_explains_the_runs_not_the_first_alike(tmp_path, path, value):
+    """Runs synthesised with one parameter off: of candidates with nearly the same effect, calibrate fits the
+    one whose effect is the misfit (a fixed order fitted the earlier one, and missed by 2-8%)."""
+    rec, after = _calibrate_single_node_runs(tmp_path, {path: value})
     assert after[path] == pytest.approx(value, rel=2e-3)
     assert rec["error_before_pct"] > 5 and rec["error_after_pct"] < 0.05 and rec["loo_error_pct"] < 0.1
 
@@ -177,15 +183,7 @@ def test_recomputing_runs_identify_the_replay_host_cost(tmp_path):
     """Three of the runs recompute whole blocks: their misfit is torch.utils.checkpoint's host cost per replayed
     kernel (synthesised at 1x a forward kernel's, against the engine file's 3x measured on a CPU), which calibrate
     fits and no other parameter absorbs."""
-    truth = with_params(load_cluster("dgx-h100"), {"engine.host.recompute_kernel_factor": 1.0}, "meshplan")
-    rows = [record(truth, m, 1, g, b, s, c, memory=False) for m, g, b, s, c in SINGLE_NODE]
-    runs = write_jsonl(tmp_path / "runs.jsonl", rows)
-    out = tmp_path / "calibrated.yaml"
-    proc = subprocess.run([sys.executable, "-m", "planner.cli", "calibrate", "--cluster", "dgx-h100", "--runs",
-                           str(runs), "-o", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert proc.returncode == 0, proc.stderr
-    rec = yaml.safe_load(out.read_text())["calibration"]
-    after = {p["path"]: p["after"] for p in rec["parameters"]}
+    rec, after = _calibrate_single_node_runs(tmp_path, {"engine.host.recompute_kernel_factor": 1.0})
     assert get_param(load_cluster("dgx-h100"), "engine.host.recompute_kernel_factor", ENGINE) == 3.0
     assert after["engine.host.recompute_kernel_factor"] == pytest.approx(1.0, rel=2e-3)
     assert after["gpu.efficiency.gemm_max"] == pytest.approx(get_param(load_cluster("dgx-h100"),
